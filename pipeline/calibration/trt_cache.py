@@ -1,0 +1,117 @@
+"""TensorRT's calibration cache text format, both ways.
+
+    TRT-<version>-<Algorithm>
+    <tensor name>: <8 hex digits>      big-endian IEEE-754 float32 bits of scale = amax / 127
+    <tensor name>: 0                   (a tensor without a range)
+
+``version`` is major*1000 + minor*100 + patch before TensorRT 10 (8.6.1 -> 8601) and
+major*10000 + minor*100 + patch from 10 on (10.14.1 -> 101401).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import CalibrationError, fail
+
+ALGORITHMS = {
+    "entropy": "EntropyCalibration2",
+    "minmax": "MinMaxCalibration",
+    # TensorRT has no percentile or MSE calibrator; their caches are read through an
+    # IInt8EntropyCalibrator2, the calibrator most deployments use, so they carry its name.
+    "percentile": "EntropyCalibration2",
+    "mse": "EntropyCalibration2",
+}
+KNOWN_ALGORITHMS = {"EntropyCalibration", "EntropyCalibration2", "MinMaxCalibration", "LegacyCalibration"}
+
+
+def encode_version(version: str) -> int:
+    try:
+        parts = [int(p) for p in version.split(".")[:3]]
+    except ValueError:
+        fail(CalibrationError, f"TensorRT version {version!r}: expected MAJOR.MINOR.PATCH, e.g. 10.14.1.")
+    major, minor, patch = (parts + [0, 0])[:3]
+    return major * 10000 + minor * 100 + patch if major >= 10 else major * 1000 + minor * 100 + patch
+
+
+def decode_version(number: int) -> str:
+    if number >= 100000:
+        return f"{number // 10000}.{number // 100 % 100}.{number % 100}"
+    return f"{number // 1000}.{number // 100 % 10}.{number % 100}"
+
+
+def scale_to_hex(scale: float) -> str:
+    return struct.pack(">f", scale).hex()
+
+
+def hex_to_scale(text: str) -> float:
+    return float(struct.unpack(">f", bytes.fromhex(text))[0])
+
+
+@dataclass
+class CacheFile:
+    version: str  # dotted, e.g. "10.14.1"
+    algorithm: str
+    scales: dict[str, float | None] = field(default_factory=dict)  # None: no range
+
+    @property
+    def amax(self) -> dict[str, float | None]:
+        return {k: (None if s is None else s * 127.0) for k, s in self.scales.items()}
+
+    def text(self) -> str:
+        lines = [f"TRT-{encode_version(self.version)}-{self.algorithm}"]
+        for name, scale in self.scales.items():
+            lines.append(f"{name}: {scale_to_hex(scale) if scale else '0'}")
+        return "\n".join(lines) + "\n"
+
+
+def from_amax(amax: dict[str, float], version: str, method: str) -> CacheFile:
+    scales: dict[str, float | None] = {k: (v / 127.0 if v > 0 else None) for k, v in amax.items()}
+    return CacheFile(version=version, algorithm=ALGORITHMS[method], scales=scales)
+
+
+def parse(text: str, source: str = "cache") -> CacheFile:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        fail(CalibrationError, f"{source}: empty calibration cache.")
+    head = lines[0].split("-", 2)
+    if len(head) != 3 or head[0] != "TRT" or not head[1].isdigit():
+        fail(CalibrationError, f"{source}: first line {lines[0]!r} is not a TensorRT cache header (TRT-<version>-<Algorithm>).")
+    cache = CacheFile(version=decode_version(int(head[1])), algorithm=head[2])
+    for n, line in enumerate(lines[1:], start=2):
+        name, sep, value = line.rpartition(":")  # tensor names may themselves contain ':'
+        value = value.strip()
+        if not sep or not name:
+            fail(CalibrationError, f"{source}: line {n} {line!r} is not 'tensor: hex'.")
+        if value == "0":
+            cache.scales[name] = None
+            continue
+        try:
+            cache.scales[name] = hex_to_scale(value.rjust(8, "0"))
+        except ValueError:
+            fail(CalibrationError, f"{source}: line {n}: {value!r} is not 8 hex digits.")
+    return cache
+
+
+def read(path: str | Path) -> CacheFile:
+    p = Path(path)
+    if not p.is_file():
+        fail(CalibrationError, f"calibration cache not found: {p}.")
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        fail(CalibrationError, f"{p}: not a text TensorRT calibration cache (is it a serialized engine?).")
+    return parse(text, str(p))
+
+
+def portability_warning(cache_version: str, target_version: str) -> str | None:
+    """TensorRT's documented rule for reusing a cache across releases, as a warning text."""
+    if cache_version.split(".")[:2] == target_version.split(".")[:2]:
+        return None
+    return (
+        f"this cache was written for TensorRT {cache_version}, the target is {target_version}: TensorRT "
+        "documents the calibration cache as, in general, not portable across TensorRT releases; "
+        "recalibrate with the target release or check accuracy with the rebuilt engine."
+    )

@@ -1,0 +1,54 @@
+"""The exception tree, in one place.
+
+Every error a user can fix derives from :class:`Int8PipeError`; the CLI prints its message as one
+paragraph and exits non-zero. Any other exception is a bug and keeps its traceback.
+
+    Int8PipeError
+    ├── ConfigError          the YAML or a --set override is invalid
+    ├── ModelError           a model is missing, corrupt or unsupported
+    ├── DataError            calibration/validation data does not fit the model
+    ├── CalibrationError     ranges or a cache cannot be used (wrong model, bad file)
+    ├── BackendUnavailable   an optional backend (torch, TensorRT, a GPU provider) is missing
+    └── GateFailed           the INT8 model lost more accuracy than allowed
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+logger = logging.getLogger("int8pipe")
+
+
+class Int8PipeError(Exception):
+    """Root of all errors a user can act on."""
+
+
+class ConfigError(Int8PipeError):
+    """The pipeline YAML or an override is invalid."""
+
+
+class ModelError(Int8PipeError):
+    """A model is missing, corrupt or cannot be processed."""
+
+
+class DataError(Int8PipeError):
+    """Input data does not match the model, or holds NaN/Inf, or is empty."""
+
+
+class CalibrationError(Int8PipeError):
+    """Calibration ranges or a calibration cache cannot be used."""
+
+
+class BackendUnavailable(Int8PipeError):
+    """An optional dependency or execution provider is not available here."""
+
+
+class GateFailed(Int8PipeError):
+    """The accuracy gate failed: the INT8 model dropped more than ``max_drop``."""
+
+
+def fail(error: type[Int8PipeError], message: str) -> NoReturn:
+    """Log ``message`` at error level, then raise it as ``error``."""
+    logger.error(message)
+    raise error(message)

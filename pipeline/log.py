@@ -1,0 +1,42 @@
+"""Logging and progress output for long work."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+logger = logging.getLogger("int8pipe")
+
+
+def configure(verbose: bool = False) -> None:
+    """Send int8pipe's log to stderr once; repeated calls only change the level."""
+    if not any(getattr(h, "_int8pipe", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[int8pipe] %(levelname)s %(message)s"))
+        handler._int8pipe = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def progress(items: Iterable[T], label: str, total: int | None = None, every_s: float = 2.0) -> Iterator[T]:
+    """Yield ``items`` while logging a progress line at most every ``every_s`` seconds.
+
+    A log line rather than a terminal bar: the same output reads well in a TTY, in CI logs and
+    inside ``mlflow run``.
+    """
+    start = last = time.perf_counter()
+    count = 0
+    for item in items:
+        yield item
+        count += 1
+        now = time.perf_counter()
+        if now - last >= every_s:
+            last = now
+            of = f"/{total}" if total else ""
+            logger.info("%s: %d%s (%.1fs)", label, count, of, now - start)
+    logger.info("%s: done, %d in %.1fs", label, count, time.perf_counter() - start)

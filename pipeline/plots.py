@@ -1,0 +1,62 @@
+"""PNG plots for results people would rather look at than read. matplotlib is imported lazily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.log import logger
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: plots are skipped")
+        return None
+    return plt
+
+
+def histograms(items: list[tuple[str, np.ndarray, float, float, float]], path: Path, method: str) -> bool:
+    """One panel per tensor: |x| histogram (log counts), the chosen threshold and max |x|."""
+    plt = _pyplot()
+    if plt is None or not items:
+        return False
+    fig, axes = plt.subplots(len(items), 1, figsize=(8, 2.2 * len(items)), squeeze=False)
+    for ax, (name, counts, width, amax, maxabs) in zip(axes[:, 0], items):
+        centres = (np.arange(len(counts)) + 0.5) * width
+        ax.fill_between(centres, np.maximum(counts, 0.5), 0.5, step="mid", color="#4c72b0")
+        ax.set_yscale("log")
+        ax.axvline(amax, color="#c44e52", label=f"{method} amax {amax:.4g}")
+        ax.axvline(maxabs, color="#555555", linestyle=":", label=f"max |x| {maxabs:.4g}")
+        ax.set_title(name, fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("|x|")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def bars(labels: list[str], values: list[float], path: Path, title: str, xlabel: str) -> bool:
+    plt = _pyplot()
+    if plt is None or not labels:
+        return False
+    fig, ax = plt.subplots(figsize=(8, max(2.0, 0.25 * len(labels) + 1)))
+    y = np.arange(len(labels))
+    ax.barh(y, values, color="#4c72b0")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True

@@ -1,0 +1,80 @@
+"""ONNX Runtime sessions: provider selection that never hides a fallback, and timing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import BackendUnavailable, ModelError, fail
+
+# YAML name -> ONNX Runtime execution provider
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def ort() -> Any:
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    return onnxruntime
+
+
+def session(
+    model: str | Path | bytes,
+    provider: str = "cpu",
+    optimize: bool = True,
+    threads: int | None = None,
+) -> Any:
+    """An InferenceSession on ``provider`` only; raises BackendUnavailable if it would fall back.
+
+    ``optimize=False`` turns graph optimisations off, so a Q/DQ graph is executed node by node in
+    float (the exact quantised arithmetic) instead of through ORT's fused int8 kernels.
+    """
+    rt = ort()
+    wanted = PROVIDERS.get(provider)
+    if wanted is None:
+        fail(BackendUnavailable, f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}.")
+    if wanted not in rt.get_available_providers():
+        fail(
+            BackendUnavailable,
+            f"provider {provider!r} ({wanted}) is not in this onnxruntime build "
+            f"(available: {', '.join(rt.get_available_providers())}); install onnxruntime-gpu on a GPU host.",
+        )
+    so = rt.SessionOptions()
+    so.graph_optimization_level = (
+        rt.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else rt.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads:
+        so.intra_op_num_threads = threads
+    providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+    try:
+        sess = rt.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        fail(ModelError, f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}")
+    used = sess.get_providers()
+    if used[0] != wanted:
+        # onnxruntime-gpu without a usable GPU quietly registers only the CPU provider.
+        fail(BackendUnavailable, f"provider {provider!r} was requested but the session runs on {used[0]}.")
+    return sess
+
+
+def run(sess: Any, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+    return list(sess.run(outputs, feeds))
+
+
+def time_session(sess: Any, feeds: dict[str, np.ndarray], iterations: int, warmup: int) -> np.ndarray:
+    """Per-iteration latencies in milliseconds after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    out = np.empty(iterations)
+    for i in range(iterations):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        out[i] = (time.perf_counter() - start) * 1000.0
+    return out

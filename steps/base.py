@@ -1,0 +1,44 @@
+"""The one extension point for steps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pipeline.errors import ConfigError, fail
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+    from pipeline.context import StepContext
+
+
+class Step:
+    """A pipeline step: a config dataclass and ``run(ctx, cfg)``.
+
+    A step reads its inputs as local files from ``ctx.inputs`` and writes every output under
+    ``ctx.workdir``; the runner logs that folder as the run's artifacts and hands the paths a step
+    puts in ``ctx.outputs`` to later steps.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    needs_steps: ClassVar[tuple[str, ...]] = ()
+    needs_data: ClassVar[tuple[str, ...]] = ()
+    parent_metrics: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns copied onto the parent run
+    reusable: ClassVar[bool] = True
+
+    @classmethod
+    def check(cls, pipeline: PipelineConfig) -> None:
+        """Cross-section checks, run at config time so nothing starts on a config that cannot finish."""
+        for dep in cls.needs_steps:
+            if dep not in pipeline.steps:
+                fail(ConfigError, f"steps.{cls.name} needs steps.{dep}: add a steps.{dep} section (it may be empty).")
+        for which in cls.needs_data:
+            if getattr(pipeline.data, which) is None:
+                fail(ConfigError, f"steps.{cls.name} needs data.{which}: add a data.{which} source.")
+
+    def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
+        """Anything beyond the step config and input files that changes this step's result."""
+        return {}
+
+    def run(self, ctx: StepContext, cfg: Any) -> None:
+        raise NotImplementedError

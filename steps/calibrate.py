@@ -1,0 +1,173 @@
+"""calibrate: per-tensor symmetric ranges from calibration data (or a legacy TensorRT cache).
+
+Outputs, all derived from ``ranges.json``: TensorRT's ``calibration.cache``, ONNX Runtime's TensorRT
+EP table ``calibration.flatbuffers``, ``dynamic_ranges.json`` for ``setDynamicRange`` users, an MLflow
+table of every tensor and histogram plots of the tensors clipped most.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pipeline import data, plots
+from pipeline import model as onnx_model
+from pipeline.calibration import flatbuffers_table, trt_cache
+from pipeline.calibration.calibrator import Calibration, calibrate
+from pipeline.calibration.ranges import Ranges, TensorRange
+from pipeline.context import StepContext
+from pipeline.errors import CalibrationError, ConfigError, fail
+from pipeline.log import logger
+from steps.base import Step
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+
+DEFAULT_TRT_VERSION = "10.14.1"
+CLIPPED_RATIO = 0.9  # a tensor counts as clipped when amax < 0.9 * max |x|
+
+
+@dataclass
+class Config:
+    method: Literal["minmax", "entropy", "percentile", "mse"] = "entropy"
+    batch_size: int = 32
+    num_bins: int = 2048
+    percentile: float = 99.99
+    from_cache: str | None = None
+    trt_version: str = DEFAULT_TRT_VERSION
+    plots: int = 6
+    minmax_inputs: bool = True  # graph inputs keep max |x| (see calibrator.calibrate)
+
+
+def _from_cache(path: Path, model_path: Path, trt_version: str) -> Calibration:
+    start = time.perf_counter()
+    cache = trt_cache.read(path)
+    warning = trt_cache.portability_warning(cache.version, trt_version)
+    if warning:
+        logger.warning("calibrate: %s", warning)
+    model = onnx_model.load(model_path, check=False)
+    sha = onnx_model.sha256(model_path)
+    sidecar = path.parent / "ranges.json"
+    if sidecar.is_file():  # written by int8pipe: it knows which model the cache belongs to
+        Ranges.read(sidecar).check_model(sha, f"steps.calibrate.from_cache ({path})")
+    tensors = onnx_model.activation_tensors(model)
+    producer = onnx_model.producers(model)
+    amax = {k: v for k, v in cache.amax.items() if v is not None}
+    covered = [t for t in tensors if t in amax]
+    if len(covered) < len([a for a in amax if a]) / 2:
+        fail(
+            CalibrationError,
+            f"steps.calibrate.from_cache: only {len(covered)} of the cache's {len(amax)} tensors exist in this "
+            "model; the cache was made for a different model or export.",
+        )
+    missing = [t for t in tensors if t not in amax]
+    if missing:
+        logger.warning("calibrate: %d tensors have no range in the cache and stay FP32: %s", len(missing), missing[:8])
+    ranges = Ranges(
+        method="from_cache",
+        params={"cache": str(path), "cache_version": cache.version, "algorithm": cache.algorithm, "missing": missing},
+        model_sha256=sha,
+        data_digest=onnx_model.sha256(path),
+        num_samples=0,
+        environment={},
+    )
+    for t in covered:
+        ranges.tensors[t] = TensorRange(-amax[t], amax[t], amax[t], amax[t], 0.0, producer.get(t, ""))
+    return Calibration(ranges, {}, time.perf_counter() - start)
+
+
+class Calibrate(Step):
+    name = "calibrate"
+    Config = Config
+    needs_steps = ("export",)
+    parent_metrics = ("calibration_seconds",)
+
+    @classmethod
+    def check(cls, pipeline: PipelineConfig) -> None:
+        super().check(pipeline)
+        cfg: Config = pipeline.steps["calibrate"]
+        trt_cache.encode_version(cfg.trt_version)
+        if cfg.from_cache:
+            p = (pipeline.base_dir / cfg.from_cache).resolve()
+            if not p.is_file():
+                fail(ConfigError, f"steps.calibrate.from_cache: file not found: {p}.")
+            cfg.from_cache = str(p)
+        elif pipeline.data.calibration is None:
+            fail(ConfigError, "steps.calibrate needs data.calibration (or steps.calibrate.from_cache).")
+        if cfg.batch_size <= 0 or cfg.num_bins < 128:
+            fail(ConfigError, "steps.calibrate: batch_size must be positive and num_bins at least 128.")
+        if not 0 < cfg.percentile <= 100:
+            fail(ConfigError, f"steps.calibrate.percentile: expected 0 < p <= 100, got {cfg.percentile}.")
+
+    def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
+        src = ctx.pipeline.data.calibration
+        if cfg.from_cache:
+            return {"cache": onnx_model.sha256(cfg.from_cache)}
+        assert src is not None
+        return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
+
+    def run(self, ctx: StepContext, cfg: Config) -> None:
+        model_path = ctx.input("fp32_model")
+        if cfg.from_cache:
+            cal = _from_cache(Path(cfg.from_cache), model_path, cfg.trt_version)
+            algorithm = trt_cache.parse(Path(cfg.from_cache).read_text()).algorithm
+        else:
+            src = ctx.pipeline.data.calibration
+            assert src is not None
+            specs = onnx_model.input_specs(onnx_model.load(model_path, check=False))
+            batches = data.batches(src, cfg.batch_size, specs, data.search_dirs(ctx.pipeline.base_dir), "data.calibration")
+            cal = calibrate(model_path, batches, cfg.method, cfg.num_bins, cfg.percentile, minmax_inputs=cfg.minmax_inputs)
+            algorithm = trt_cache.ALGORITHMS[cfg.method]
+        self._write(ctx, cfg, cal, algorithm)
+
+    def _write(self, ctx: StepContext, cfg: Config, cal: Calibration, algorithm: str) -> None:
+        ranges = cal.ranges
+        ranges.write(ctx.output("ranges", "calibration/ranges.json"))
+        amax = ranges.amax()
+        cache = trt_cache.from_amax(amax, cfg.trt_version, "entropy")
+        cache.algorithm = algorithm
+        ctx.output("trt_cache", "calibration/calibration.cache").write_text(cache.text())
+        flatbuffers_table.write(amax, ctx.output("ort_trt_table", "calibration/calibration.flatbuffers"))
+        ctx.output("dynamic_ranges", "calibration/dynamic_ranges.json").write_text(json.dumps(amax, indent=1))
+        rows = [
+            {
+                "tensor": name,
+                "producer": r.producer,
+                "min": r.min,
+                "max": r.max,
+                "amax": r.amax,
+                "minmax_amax": r.minmax_amax,
+                "amax_ratio": r.amax / r.minmax_amax if r.minmax_amax else 1.0,
+                "clipped_fraction": r.clipped_fraction,
+            }
+            for name, r in ranges.tensors.items()
+        ]
+        if rows:
+            ctx.log_table(rows, "calibration/ranges_table.json")
+        clipped = [r for r in rows if r["amax_ratio"] < CLIPPED_RATIO]
+        worst = sorted(rows, key=lambda r: r["amax_ratio"])[: cfg.plots]
+        items = [
+            (r["tensor"], cal.histograms[r["tensor"]].counts, cal.histograms[r["tensor"]].width, r["amax"], r["minmax_amax"])
+            for r in worst
+            if r["tensor"] in cal.histograms
+        ]
+        plot_path = ctx.workdir / "calibration" / "histograms.png"
+        plots.histograms(items, plot_path, ranges.method)
+        logger.info(
+            "calibrate: %s over %d samples, %d tensors, %d clipped below %.0f%% of max |x|, %.1fs",
+            ranges.method, ranges.num_samples, len(rows), len(clipped), CLIPPED_RATIO * 100, cal.seconds,
+        )
+        ctx.log_metrics(
+            {
+                "num_samples": ranges.num_samples,
+                "num_tensors": len(rows),
+                "calibration_seconds": cal.seconds,
+                "tensors_clipped": len(clipped),
+            }
+        )
+
+
+STEP = Calibrate

@@ -1,0 +1,118 @@
+"""export: bring the FP32 model in (ONNX file, MLflow registry, or PyTorch) and prepare it.
+
+Preparation: ONNX checker, opset raised to one with per-channel Q/DQ (13+), a dynamic batch axis,
+and BatchNorm folded into the preceding convolutions by ONNX Runtime's basic graph optimiser (the
+same folding TensorRT does, so calibrated tensor names match what gets deployed).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from pipeline import model as onnx_model
+from pipeline import runtime
+from pipeline.context import StepContext
+from pipeline.data import import_object, search_dirs
+from pipeline.errors import BackendUnavailable, ModelError, fail
+from pipeline.log import logger
+from steps.base import Step
+
+MIN_QDQ_OPSET = 13
+
+
+@dataclass
+class Config:
+    opset: int = 17
+    dynamic_batch: bool = True
+    fold_batchnorm: bool = True
+
+
+def _from_pytorch(ctx: StepContext, cfg: Config, dst: Path) -> None:
+    src = ctx.pipeline.model.pytorch
+    assert src is not None
+    try:
+        import torch
+    except ImportError:
+        fail(BackendUnavailable, "model.pytorch needs PyTorch: pip install 'int8pipe[torch]'.")
+    factory = import_object(src.factory, search_dirs(ctx.pipeline.base_dir), "model.pytorch.factory")
+    module = factory(**src.args)
+    module.eval()
+    dummy = tuple(torch.zeros(shape) for shape in src.inputs.values())
+    names = list(src.inputs)
+    axes = {n: {0: "batch"} for n in names} if cfg.dynamic_batch else None
+    torch.onnx.export(
+        module, dummy, str(dst), input_names=names, opset_version=cfg.opset,
+        dynamic_axes=axes, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+    )
+
+
+def _fold(src: Path, dst: Path) -> None:
+    rt = runtime.ort()
+    so = rt.SessionOptions()
+    so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable ONNX ops only
+    so.optimized_model_filepath = str(dst)
+    try:
+        rt.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        fail(ModelError, f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}")
+
+
+class Export(Step):
+    name = "export"
+    Config = Config
+    parent_metrics = ()
+
+    def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
+        src = ctx.pipeline.model
+        if src.onnx:
+            return {"onnx": onnx_model.sha256(src.onnx)}
+        if src.pytorch:
+            module = src.pytorch.factory.partition(":")[0].replace(".", "/") + ".py"
+            files = [d / module for d in search_dirs(ctx.pipeline.base_dir) if (d / module).is_file()]
+            return {"pytorch": repr(src.pytorch), "code": onnx_model.sha256(files[0]) if files else None}
+        return {"mlflow": src.mlflow}
+
+    def run(self, ctx: StepContext, cfg: Config) -> None:
+        src = ctx.pipeline.model
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "source.onnx"
+            if src.onnx:
+                raw = Path(src.onnx)
+            elif src.mlflow:
+                raw = ctx.tracker.download_onnx(src.mlflow, Path(tmp))
+            else:
+                _from_pytorch(ctx, cfg, raw)
+            model = onnx_model.load(raw)
+            before = onnx_model.op_counts(model)
+            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+            if opset < MIN_QDQ_OPSET:
+                target = max(cfg.opset, MIN_QDQ_OPSET)
+                logger.info("export: converting opset %d -> %d (per-channel Q/DQ needs %d+)", opset, target, MIN_QDQ_OPSET)
+                model = onnx.version_converter.convert_version(model, target)
+            if cfg.dynamic_batch:
+                onnx_model.set_dynamic_batch(model)
+            staged = Path(tmp) / "staged.onnx"
+            onnx.save(model, str(staged))
+            out = ctx.output("fp32_model", "model/model.onnx")
+            if cfg.fold_batchnorm:
+                _fold(staged, out)
+            else:
+                out.write_bytes(staged.read_bytes())
+        prepared = onnx_model.load(out)
+        summary = onnx_model.summary(prepared)
+        summary["source"] = {"onnx": src.onnx, "mlflow": src.mlflow, "pytorch": src.pytorch and src.pytorch.factory}
+        summary["source_op_counts"] = before
+        summary["sha256"] = onnx_model.sha256(out)
+        ctx.output("fp32_summary", "model/summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        folded = before.get("BatchNormalization", 0) - summary["op_counts"].get("BatchNormalization", 0)
+        logger.info("export: %d nodes, %d parameters, %d BatchNorm folded", summary["num_nodes"], summary["num_params"], folded)
+        ctx.log_metrics({"num_nodes": summary["num_nodes"], "num_params": summary["num_params"], "batchnorm_folded": folded})
+
+
+STEP = Export
