@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,7 +48,10 @@ class StepTracker:
         for row in rows:
             for k in columns:
                 columns[k].append(row.get(k))
-        mlflow.log_table(columns, artifact_file=artifact_file, run_id=self.run_id)
+        with warnings.catch_warnings():
+            # MLflow's table logging trips pandas 3's string-dtype migration warning; not ours to fix
+            warnings.filterwarnings("ignore", message=".*select_dtypes.*")
+            mlflow.log_table(columns, artifact_file=artifact_file, run_id=self.run_id)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():

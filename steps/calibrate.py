@@ -40,6 +40,7 @@ class Config:
     trt_version: str = DEFAULT_TRT_VERSION
     plots: int = 6
     minmax_inputs: bool = True  # graph inputs keep max |x| (see calibrator.calibrate)
+    passes: Literal[1, 2] = 2  # 2: exact histograms; 1: one streaming pass, for read-once sources
 
 
 def _from_cache(path: Path, model_path: Path, trt_version: str) -> Calibration:
@@ -118,8 +119,11 @@ class Calibrate(Step):
             src = ctx.pipeline.data.calibration
             assert src is not None
             specs = onnx_model.input_specs(onnx_model.load(model_path, check=False))
-            batches = data.batches(src, cfg.batch_size, specs, data.search_dirs(ctx.pipeline.base_dir), "data.calibration")
-            cal = calibrate(model_path, batches, cfg.method, cfg.num_bins, cfg.percentile, minmax_inputs=cfg.minmax_inputs)
+            dirs = data.search_dirs(ctx.pipeline.base_dir)
+            cal = calibrate(
+                model_path, lambda: data.batches(src, cfg.batch_size, specs, dirs, "data.calibration"),
+                cfg.method, cfg.num_bins, cfg.percentile, cfg.passes, cfg.minmax_inputs,
+            )
             algorithm = trt_cache.ALGORITHMS[cfg.method]
         self._write(ctx, cfg, cal, algorithm)
 

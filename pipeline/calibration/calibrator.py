@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import environment
+from pipeline import environment, runtime
 from pipeline import model as onnx_model
 from pipeline.calibration import methods
-from pipeline.calibration.collect import Batch, collect
+from pipeline.calibration.collect import Batch, collect, expose
 from pipeline.calibration.histogram import FinalHistogram
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.errors import CalibrationError, fail
@@ -48,11 +48,11 @@ def clipped_fraction(hist: FinalHistogram, amax: float) -> float:
 
 def calibrate(
     model_path: Path,
-    batches: Iterable[Batch],
+    batches: Callable[[], Iterable[Batch]],
     method: str = "entropy",
     num_bins: int = 2048,
     percentile: float = 99.99,
-    total_batches: int | None = None,
+    passes: int = 2,
     minmax_inputs: bool = True,
 ) -> Calibration:
     """Ranges for every activation tensor of the model at ``model_path``.
@@ -60,6 +60,9 @@ def calibrate(
     With ``minmax_inputs`` the graph inputs keep their full range whatever the method: their range
     is fixed by preprocessing, and their histograms are often a comb of discrete levels (8-bit
     pixels) on which KL minimisation degenerates and clips real signal.
+
+    ``batches`` is called once per pass. With ``passes=2`` (histogram methods) the first pass finds
+    max |x| and the second builds exact histograms; ``passes=1`` streams once (see histogram.py).
     """
     if method not in METHODS:
         fail(CalibrationError, f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}.")
@@ -67,8 +70,20 @@ def calibrate(
     model = onnx_model.load(model_path, check=False)
     tensors = onnx_model.activation_tensors(model)
     producer = onnx_model.producers(model)
-    got = collect(model, tensors, batches, histogram=method != "minmax", num_bins=num_bins, total=total_batches)
-    params: dict[str, object] = {"num_bins": num_bins, "minmax_inputs": minmax_inputs} if method != "minmax" else {}
+    sess = runtime.session(expose(model, tensors), "cpu")
+    two_pass = method != "minmax" and passes == 2
+    got = collect(sess, tensors, batches(), histogram=method != "minmax" and not two_pass, num_bins=num_bins,
+                  label="calibration pass 1/2" if two_pass else "calibration batches")
+    if two_pass:
+        first = got
+        got = collect(sess, tensors, batches(), histogram=True, num_bins=num_bins,
+                      known_amax={k: v.amax for k, v in first.stats.items()}, label="calibration pass 2/2")
+        if got.data_digest != first.data_digest:
+            fail(CalibrationError, "the calibration data changed between the two passes (a python: source that is "
+                 "not deterministic?); make it repeatable or set steps.calibrate.passes: 1.")
+    params: dict[str, object] = {}
+    if method != "minmax":
+        params = {"num_bins": num_bins, "passes": passes, "minmax_inputs": minmax_inputs}
     inputs = {vi.name for vi in onnx_model.graph_inputs(model)}
     if method == "percentile":
         params["percentile"] = percentile

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 
-from pipeline import runtime
 from pipeline.calibration.histogram import TensorStats
 from pipeline.log import logger, progress
 
@@ -39,20 +39,22 @@ def expose(model: onnx.ModelProto, tensors: list[str]) -> bytes:
 
 
 def collect(
-    model: onnx.ModelProto,
+    sess: Any,
     tensors: list[str],
     batches: Iterable[Batch],
     histogram: bool,
     num_bins: int = 2048,
-    total: int | None = None,
+    known_amax: dict[str, float] | None = None,
+    label: str = "calibration batches",
 ) -> Collected:
-    sess = runtime.session(expose(model, tensors), "cpu")
+    """One pass over ``batches`` through ``sess`` (a session of the model with ``tensors`` exposed)."""
     outputs = [o.name for o in sess.get_outputs()]
     wanted = [n for n in outputs if n in set(tensors)]
-    stats = {n: TensorStats(num_bins, histogram) for n in wanted}
+    known = known_amax or {}
+    stats = {n: TensorStats(num_bins, histogram, known.get(n)) for n in wanted}
     digest = hashlib.sha256()
     samples = 0
-    for batch in progress(batches, "calibration batches", total=total):
+    for batch in progress(batches, label):
         feeds = {k: v for k, v in batch.items() if k != "labels"}
         for k in sorted(feeds):
             digest.update(k.encode())

@@ -1,6 +1,11 @@
 """Streaming statistics of one tensor: signed min/max and a mergeable histogram of |x|.
 
-Histogram scheme (how growth keeps every count):
+Two-pass calibration (the default) first measures max |x| and then builds each histogram with
+that range known (``known_amax``): the result is exactly TensorRT's num_bins histogram over
+[0, max |x|], independent of batch size and order. The single-pass scheme below serves sources
+that can only be read once.
+
+Single-pass histogram scheme (how growth keeps every count):
   * The histogram has ``num_bins * OVERSAMPLE`` fine bins of equal width starting at 0. The width
     is set by the first batch with a non-zero value, so that batch's max |x| sits on the top edge.
   * When a later batch exceeds the covered range, the width doubles as often as needed and adjacent
@@ -9,9 +14,10 @@ Histogram scheme (how growth keeps every count):
   * ``finalize`` re-expresses the fine histogram as exactly ``num_bins`` bins over [0, max |x|],
     TensorRT's layout. If the first batch already held the global max (or there was one batch),
     every final edge falls on a fine edge and the result equals a direct ``num_bins`` histogram.
-    Otherwise a final edge may fall inside a fine bin whose count is then split in proportion to the
-    overlap; fine bins are 1/OVERSAMPLE to 2/OVERSAMPLE of a final bin wide, so batch size and
-    order move the final counts by less than one final bin's worth at each edge.
+    Otherwise each fine bin goes whole to the final bin holding its centre: counts stay integers
+    (empty bins stay empty, which the entropy method's masks depend on) and a value moves by at most
+    half a fine bin, 1/16 to 1/8 of a final bin. That is how batch size and order can change the
+    result; tests/test_calibration_methods.py measures it against the exact histogram.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ class FinalHistogram:
 class TensorStats:
     """min, max and (optionally) the |x| histogram of one tensor, updated batch by batch."""
 
-    def __init__(self, num_bins: int = 2048, histogram: bool = True):
+    def __init__(self, num_bins: int = 2048, histogram: bool = True, known_amax: float | None = None):
         self.num_bins = num_bins
         self.fine_bins = num_bins * OVERSAMPLE
         self.histogram = histogram
@@ -46,6 +52,8 @@ class TensorStats:
         self.width = 0.0  # fine bin width; 0 until a non-zero value is seen
         self.zeros = 0  # values counted while width was still unknown (all exactly 0)
         self.fine = np.zeros(self.fine_bins, np.int64) if histogram else None
+        if known_amax:  # range known from a first pass: edges final from the start, no growth
+            self.width = known_amax / self.fine_bins
 
     @property
     def amax(self) -> float:
@@ -99,9 +107,8 @@ class TensorStats:
             counts = np.zeros(self.num_bins)
             counts[0] = self.count
             return FinalHistogram(counts, 0.0)
-        cum = np.concatenate([[0.0], np.cumsum(self.fine, dtype=np.float64)])
-        fine_edges = np.arange(self.fine_bins + 1) * self.width
-        edges = np.linspace(0.0, amax, self.num_bins + 1)
-        at = np.interp(edges, fine_edges, cum)
-        at[-1] = cum[-1]  # everything at or below amax belongs in the last bin
-        return FinalHistogram(np.diff(at), amax / self.num_bins)
+        width = amax / self.num_bins
+        centres = (np.arange(self.fine_bins) + 0.5) * self.width
+        target = np.minimum((centres / width).astype(np.int64), self.num_bins - 1)
+        counts = np.bincount(target, weights=self.fine, minlength=self.num_bins).astype(np.float64)
+        return FinalHistogram(counts, width)

@@ -1,0 +1,167 @@
+"""The digits pipeline end to end, against a real sqlite MLflow store and real ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.calibration import flatbuffers_table, trt_cache
+from pipeline.cli import main
+from tests.conftest import DIGITS
+
+STEPS = ["export", "calibrate", "quantize", "validate", "benchmark", "promote"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("digits")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    summary_path = tmp / "s.json"
+    code = main(["run", str(DIGITS / "pipeline.yaml"), "--tracking-uri", uri, "--summary-json", str(summary_path),
+                 "--set", "steps.benchmark.iterations=10"])
+    assert code == 0
+    summary = json.loads(summary_path.read_text())
+    client = MlflowClient(uri)
+    artifacts = {}
+    for step, run_id in summary["steps"].items():
+        if step != "promote":
+            artifacts[step] = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp / step), tracking_uri=uri))
+    return {"uri": uri, "summary": summary, "client": client, "artifacts": artifacts, "tmp": tmp}
+
+
+def test_run_tree(digits_run: dict[str, Any]) -> None:
+    client, summary = digits_run["client"], digits_run["summary"]
+    parent = client.get_run(summary["run_id"])
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "digits-int8"
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(STEPS)
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["int8pipe.step"] == run.info.run_name
+    assert list(summary["steps"]) == STEPS
+    assert summary["gate"] == "passed"
+    assert parent.data.params["steps.calibrate.method"] == "entropy"
+    assert "config/pipeline.resolved.json" in [a.path for a in client.list_artifacts(parent.info.run_id, "config")]
+
+
+def test_artifacts_and_metrics_follow_design_table(digits_run: dict[str, Any]) -> None:
+    art, client, summary = digits_run["artifacts"], digits_run["client"], digits_run["summary"]
+    expected = {
+        "export": ["model/model.onnx", "model/summary.json"],
+        "calibrate": ["calibration/ranges.json", "calibration/calibration.cache", "calibration/calibration.flatbuffers",
+                      "calibration/ranges_table.json", "calibration/histograms.png", "calibration/dynamic_ranges.json"],
+        "quantize": ["model/model_int8.onnx", "quantize/nodes_table.json"],
+        "validate": ["validation/report.json", "validation/layer_errors_table.json", "validation/layer_sqnr.png"],
+        "benchmark": ["benchmark/report.json", "benchmark/environment.json", "benchmark/latency.png"],
+    }
+    for step, files in expected.items():
+        for f in files:
+            assert (art[step] / f).is_file(), f"{step}: {f} missing"
+    metrics = {
+        "export": ["num_nodes", "num_params"],
+        "calibrate": ["num_samples", "num_tensors", "calibration_seconds"],
+        "quantize": ["int8_nodes", "fp_nodes", "size_mb_fp32", "size_mb_int8"],
+        "validate": ["fp32_top1", "int8_top1", "accuracy_drop", "cosine_min", "sqnr_db_min"],
+        "benchmark": ["cpu.fp32.latency_p50_ms", "cpu.int8.latency_p50_ms", "cpu.fp32.latency_p99_ms",
+                      "cpu.int8.throughput", "cpu.speedup", "cpu.int8.bs8.latency_p50_ms"],
+    }
+    for step, names in metrics.items():
+        got = client.get_run(summary["steps"][step]).data.metrics
+        for name in names:
+            assert name in got, f"{step}: metric {name} missing"
+    parent = client.get_run(summary["run_id"]).data.metrics
+    for starred in ["calibration_seconds", "size_mb_fp32", "size_mb_int8", "fp32_top1", "int8_top1", "accuracy_drop",
+                    "cpu.fp32.latency_p50_ms", "cpu.int8.latency_p50_ms", "cpu.speedup"]:
+        assert starred in parent, f"parent run lacks {starred}"
+    assert parent["calibration_seconds"] == summary["metrics"]["calibration_seconds"]
+
+
+def test_export_folds_batchnorm_and_makes_batch_dynamic(digits_run: dict[str, Any]) -> None:
+    source = onnx.load(str(DIGITS / "model.onnx"))
+    assert any(n.op_type == "BatchNormalization" for n in source.graph.node)  # shipped unfolded
+    prepared = onnx.load(str(digits_run["artifacts"]["export"] / "model/model.onnx"))
+    assert not any(n.op_type == "BatchNormalization" for n in prepared.graph.node)
+    assert prepared.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    summary = json.loads((digits_run["artifacts"]["export"] / "model/summary.json").read_text())
+    assert summary["source_op_counts"]["BatchNormalization"] == 6 and "BatchNormalization" not in summary["op_counts"]
+
+
+def test_cache_and_flatbuffers_decode_to_ranges(digits_run: dict[str, Any]) -> None:
+    cal = digits_run["artifacts"]["calibrate"] / "calibration"
+    ranges = json.loads((cal / "ranges.json").read_text())
+    assert ranges["method"] == "entropy" and ranges["num_samples"] == 512
+    assert len(ranges["model_sha256"]) == 64 and ranges["data_digest"] and ranges["environment"]["onnxruntime"]
+    lines = (cal / "calibration.cache").read_text().splitlines()
+    assert lines[0] == "TRT-101401-EntropyCalibration2"
+    decoded = {}
+    for line in lines[1:]:
+        name, _, hex8 = line.rpartition(": ")
+        decoded[name] = int(hex8, 16)
+    assert set(decoded) == set(ranges["tensors"])
+    for name, t in ranges["tensors"].items():
+        scale = np.frombuffer(decoded[name].to_bytes(4, "big"), dtype=">f4")[0]
+        assert float(scale) * 127 == pytest.approx(t["amax"], rel=1e-6), name
+        assert t["amax"] <= t["minmax_amax"] + 1e-9
+    table = flatbuffers_table.read(cal / "calibration.flatbuffers")
+    assert table == pytest.approx({k: v["amax"] for k, v in ranges["tensors"].items()})
+    assert trt_cache.read(cal / "calibration.cache").algorithm == "EntropyCalibration2"
+    # the real net has tensors whose entropy threshold clips their outliers
+    assert sum(t["amax"] < 0.9 * t["minmax_amax"] for t in ranges["tensors"].values()) >= 1
+
+
+def test_qdq_model_structure(digits_run: dict[str, Any]) -> None:
+    qdq = onnx.load(str(digits_run["artifacts"]["quantize"] / "model/model_int8.onnx"))
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    inits = {i.name: i for i in qdq.graph.initializer}
+    compute = [n for n in qdq.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(compute) == 7
+    for node in compute:
+        assert producer[node.input[0]].op_type == "DequantizeLinear", node.name
+        dq_w = producer[node.input[1]]
+        assert dq_w.op_type == "DequantizeLinear"
+        scale = onnx.numpy_helper.to_array(inits[dq_w.input[1]])
+        assert scale.ndim == 1 and scale.size > 1  # per output channel
+        if len(node.input) > 2:
+            assert node.input[2] in inits and inits[node.input[2]].data_type == onnx.TensorProto.FLOAT
+
+
+def test_accuracy_and_registry(digits_run: dict[str, Any]) -> None:
+    summary, client = digits_run["summary"], digits_run["client"]
+    m = summary["metrics"]
+    assert m["fp32_top1"] > 0.97
+    assert m["accuracy_drop"] <= 0.01 and m["int8_top1"] > 0.96
+    reg = summary["registered_model"]
+    assert reg["name"] == "digits-int8" and reg["alias"] == "candidate"
+    version = client.get_model_version_by_alias("digits-int8", "candidate")
+    assert str(version.version) == reg["version"]
+    assert version.tags["int8pipe.calibration_method"] == "entropy"
+    assert version.tags["int8pipe.run.calibrate"] == summary["steps"]["calibrate"]
+    assert "accuracy drop" in version.description
+    mlflow.set_tracking_uri(digits_run["uri"])
+    model = mlflow.pyfunc.load_model("models:/digits-int8@candidate")
+    x = np.load(DIGITS / "data/validation.npz")["input"][:4]
+    out = model.predict(x)
+    logits = out["logits"] if isinstance(out, dict) else np.asarray(out)
+    assert np.asarray(logits).shape == (4, 10)
+
+
+def test_second_identical_run_reuses(digits_run: dict[str, Any]) -> None:
+    uri, client = digits_run["uri"], digits_run["client"]
+    s2 = digits_run["tmp"] / "s2.json"
+    assert main(["run", str(DIGITS / "pipeline.yaml"), "--tracking-uri", uri, "--summary-json", str(s2),
+                 "--set", "steps.benchmark.iterations=10"]) == 0
+    second = json.loads(s2.read_text())
+    first = digits_run["summary"]
+    export = client.get_run(second["steps"]["export"])
+    assert export.data.tags["int8pipe.reused"] == "true"
+    assert export.data.tags["int8pipe.reused_from"] == first["steps"]["export"]
+    assert client.get_run(second["steps"]["promote"]).data.tags.get("int8pipe.reused") is None
+    assert second["registered_model"]["version"] != first["registered_model"]["version"]
+    assert second["metrics"]["accuracy_drop"] == first["metrics"]["accuracy_drop"]

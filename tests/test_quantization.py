@@ -1,0 +1,89 @@
+"""The Q/DQ model against an INT8 forward pass computed independently in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline import runtime
+from pipeline.quantization import QuantizeOptions, node_table, quantize
+from tests.models import build
+
+
+def fake_quant(x: np.ndarray, scale: np.ndarray | float, lo: int = -128, hi: int = 127) -> np.ndarray:
+    return np.clip(np.round(x / scale), lo, hi) * scale  # np.round: half to even, as QuantizeLinear
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.ndarray:
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    n, _, h, wd = x.shape
+    out = np.zeros((n, w.shape[0], h, wd))
+    for i in range(h):
+        for j in range(wd):
+            patch = xp[:, :, i : i + 3, j : j + 3]
+            out[:, :, i, j] = np.einsum("nchw,ochw->no", patch, w)
+    return out + b[None, :, None, None]
+
+
+def reference(model: onnx.ModelProto, x: np.ndarray, amax: dict[str, float]) -> np.ndarray:
+    init = {i.name: onnx.numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    w, fc = init["w"], init["fc"]
+    w_scale = np.abs(w).reshape(len(w), -1).max(axis=1) / 127  # per output channel, max |w|
+    fc_scale = np.abs(fc).max(axis=1) / 127  # Gemm with transB=1: rows are output channels
+    wq = fake_quant(w, w_scale[:, None, None, None], -127, 127)
+    fcq = fake_quant(fc, fc_scale[:, None], -127, 127)
+    xq = fake_quant(x.astype(np.float64), amax["x"] / 127)
+    h = np.maximum(conv2d(xq, wq, init["b"], pad=1), 0.0)  # bias stays float
+    flat = h.mean(axis=(2, 3))
+    return fake_quant(flat, amax["flat"] / 127) @ fcq.T + init["fb"]
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.5])  # 0.5: ranges below max |x|, so values saturate
+def test_tensorrt_qdq_matches_independent_int8_arithmetic(clip: float) -> None:
+    model = build("conv_relu_gemm")
+    x = np.random.default_rng(0).normal(size=(6, 2, 4, 4)).astype(np.float32)
+    sess = runtime.session(model.SerializeToString())
+    amax = {"x": float(np.abs(x).max()) * clip, "flat": 2.5 * clip}
+    qdq = quantize(model, amax, QuantizeOptions(target="tensorrt"))
+    exact = runtime.session(qdq.SerializeToString(), optimize=False)
+    (got,) = exact.run(None, {"x": x})
+    np.testing.assert_allclose(got, reference(model, x, amax), rtol=1e-4, atol=1e-4)
+    (fp32,) = sess.run(None, {"x": x})
+    assert not np.allclose(got, fp32, atol=1e-6)  # quantisation really happened
+
+
+def test_tensorrt_placement_per_channel_and_float_bias() -> None:
+    model = build("conv_relu_gemm")
+    qdq = quantize(model, {"x": 3.0, "conv": 5.0, "relu": 5.0, "flat": 2.0}, QuantizeOptions(target="tensorrt"))
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    inits = {i.name: i for i in qdq.graph.initializer}
+    for node in qdq.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            act, weight = node.input[0], node.input[1]
+            assert producer[act].op_type == "DequantizeLinear"
+            dq_w = producer[weight]
+            assert dq_w.op_type == "DequantizeLinear"
+            assert inits[dq_w.input[0]].data_type == onnx.TensorProto.INT8  # weights stored as int8
+            scale = onnx.numpy_helper.to_array(inits[dq_w.input[1]])
+            assert scale.shape == (3,) if node.op_type == "Conv" else (4,)  # one scale per output channel
+            bias = node.input[2]
+            assert bias in inits and inits[bias].data_type == onnx.TensorProto.FLOAT  # not quantized
+        if node.op_type == "QuantizeLinear":
+            zp = onnx.numpy_helper.to_array(inits[node.input[2]])
+            assert np.all(zp == 0)  # symmetric
+    # TensorRT placement: the outputs of Conv/Gemm are not quantized
+    consumers = {i for n in qdq.graph.node if n.op_type == "QuantizeLinear" for i in n.input[:1]}
+    assert "conv" not in consumers and "y" not in consumers
+    rows = {r["node"]: r for r in node_table(model, qdq)}
+    assert rows["conv"]["precision"] == "int8" and rows["conv"]["weights"] == "per-channel"
+    assert rows["relu"]["precision"] == "fp32"
+
+
+def test_activation_scale_is_amax_over_127() -> None:
+    model = build("conv_relu_gemm")
+    qdq = quantize(model, {"x": 2.54, "flat": 1.27}, QuantizeOptions(target="tensorrt"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    scales = {n.input[0]: float(inits[n.input[1]]) for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    assert scales["x"] == pytest.approx(0.02, rel=1e-6)
+    assert scales["flat"] == pytest.approx(0.01, rel=1e-6)
