@@ -21,9 +21,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a pipeline YAML")
     run.add_argument("config")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a YAML key, e.g. steps.calibrate.method=percentile (repeatable)")
-    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then MLflow's)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a YAML key, e.g. steps.calibrate.method=percentile (repeatable)",
+    )
+    run.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then MLflow's)"
+    )
     run.add_argument("--no-reuse", action="store_true", help="rerun steps even when a finished run matches")
     run.add_argument("--summary-json", default=None, metavar="PATH", help="write the run summary as JSON")
     run.add_argument("--only", default=None, metavar="STEP", help="run one step, reusing the earlier steps' runs")
@@ -48,8 +56,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.summary_json and summary.run_id:
             Path(args.summary_json).write_text(json.dumps(summary.to_json(), indent=2))
     reg = summary.registered_model
-    print(f"pipeline run {summary.run_id}: gate {summary.gate}"
-          + (f"; registered {reg['name']} v{reg['version']}" + (f" @{reg['alias']}" if reg["alias"] else "") if reg else ""))
+    print(
+        f"pipeline run {summary.run_id}: gate {summary.gate}"
+        + (
+            f"; registered {reg['name']} v{reg['version']}" + (f" @{reg['alias']}" if reg["alias"] else "")
+            if reg
+            else ""
+        )
+    )
     return 0
 
 

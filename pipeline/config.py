@@ -155,6 +155,14 @@ def _check_data(src: DataSource, base: Path, path: str) -> None:
         src.images.dir = _check_path(base, src.images.dir, f"{path}.images.dir", kind="folder")
         if len(src.images.size) != 2:
             fail(ConfigError, f"{path}.images.size: expected [height, width], got {src.images.size}.")
+        channels = 1 if src.images.channels == "L" else 3
+        for key in ("mean", "std"):
+            if len(getattr(src.images, key)) != channels:
+                fail(
+                    ConfigError,
+                    f"{path}.images.{key}: expected {channels} values for channels {src.images.channels}, "
+                    f"got {getattr(src.images, key)}.",
+                )
     if src.args and which != "python":
         fail(ConfigError, f"{path}.args: only used with python:, not with {which}:.")
     if src.limit is not None and src.limit <= 0:
@@ -176,7 +184,7 @@ def parse(raw: Any, base_dir: Path, source: Path | None = None) -> PipelineConfi
     unknown = [k for k in top.steps if k not in STEP_ORDER]
     if unknown:
         fail(ConfigError, f"steps.{unknown[0]}: unknown step; the steps are {', '.join(STEP_ORDER)}.")
-    steps = {}
+    steps: dict[str, Any] = {}
     for name in STEP_ORDER:
         if name in top.steps:
             step = get_step(name)

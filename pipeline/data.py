@@ -33,7 +33,11 @@ def import_object(spec: str, search_dirs: Iterable[Path], what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        fail(ConfigError, f"{what}: cannot import module {module_name!r} ({exc}); it is looked up next to the YAML file and in the working directory.")
+        fail(
+            ConfigError,
+            f"{what}: cannot import module {module_name!r} ({exc}); "
+            "it is looked up next to the YAML file and in the working directory.",
+        )
     obj = getattr(module, attr, None)
     if obj is None:
         fail(ConfigError, f"{what}: module {module_name!r} has no attribute {attr!r}.")
@@ -74,12 +78,12 @@ def _images(src: ImagesSource, batch_size: int, input_name: str) -> Iterator[Bat
     for start in range(0, len(files), batch_size):
         chunk = []
         for f in files[start : start + batch_size]:
-            img = Image.open(f).convert("L" if src.channels == "L" else "RGB").resize((w, h), Image.BILINEAR)
+            img = Image.open(f).convert("L" if src.channels == "L" else "RGB").resize((w, h), Image.Resampling.BILINEAR)
             a = np.asarray(img, np.float32)
             a = a[:, :, None] if a.ndim == 2 else a
             if src.channels == "BGR":
                 a = a[:, :, ::-1]
-            a = (a / src.scale - mean[: a.shape[2]]) / std[: a.shape[2]]
+            a = (a / src.scale - mean) / std
             chunk.append(a.transpose(2, 0, 1) if src.layout == "NCHW" else a)
         yield {input_name: np.ascontiguousarray(np.stack(chunk), dtype=np.float32)}
 
@@ -88,7 +92,10 @@ def _python(src: DataSource, search_dirs: list[Path]) -> Iterator[Batch]:
     fn: Callable[..., Iterable[Batch]] = import_object(src.python or "", search_dirs, "python data source")
     for i, batch in enumerate(fn(**src.args)):
         if not isinstance(batch, dict):
-            fail(DataError, f"{src.python} yielded a {type(batch).__name__} as batch {i}; yield {{input_name: ndarray}} mappings.")
+            fail(
+                DataError,
+                f"{src.python} yielded a {type(batch).__name__} as batch {i}; yield {{input_name: ndarray}} mappings.",
+            )
         yield {k: np.asarray(v) for k, v in batch.items()}
 
 
@@ -136,9 +143,19 @@ def check_batch(batch: Batch, specs: Specs, where: str) -> None:
     for name, (dims, dtype) in specs.items():
         arr = batch[name]
         if arr.dtype != dtype:
-            fail(DataError, f"{where}: input {name!r} has dtype {arr.dtype}, the model expects {dtype}; convert it with .astype(np.{dtype}).")
-        if arr.ndim != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims[1:], arr.shape[1:])):
-            fail(DataError, f"{where}: input {name!r} has shape {list(arr.shape)}, the model expects {dims} (first axis = samples).")
+            fail(
+                DataError,
+                f"{where}: input {name!r} has dtype {arr.dtype}, the model expects {dtype}; "
+                f"convert it with .astype(np.{dtype}).",
+            )
+        if arr.ndim != len(dims) or any(
+            isinstance(d, int) and d > 0 and d != s for d, s in zip(dims[1:], arr.shape[1:])
+        ):
+            fail(
+                DataError,
+                f"{where}: input {name!r} has shape {list(arr.shape)}, "
+                f"the model expects {dims} (first axis = samples).",
+            )
         if arr.shape[0] == 0:
             fail(DataError, f"{where}: input {name!r} is empty.")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():

@@ -49,6 +49,10 @@ class GateFailed(Int8PipeError):
 
 
 def fail(error: type[Int8PipeError], message: str) -> NoReturn:
-    """Log ``message`` at error level, then raise it as ``error``."""
-    logger.error(message)
+    """Log ``message``, then raise it as ``error``.
+
+    Logged at debug level: the CLI prints the message once as the final paragraph; with ``-v`` the
+    log shows where in the run it was raised.
+    """
+    logger.debug("raising %s: %s", error.__name__, message)
     raise error(message)

@@ -12,12 +12,21 @@ T = TypeVar("T")
 logger = logging.getLogger("int8pipe")
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (test runners and notebooks swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 def configure(verbose: bool = False) -> None:
     """Send int8pipe's log to stderr once; repeated calls only change the level."""
-    if not any(getattr(h, "_int8pipe", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[int8pipe] %(levelname)s %(message)s"))
-        handler._int8pipe = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -28,8 +28,8 @@ def promote_model(
         registered_model_name=registered_model,
         save_as_external_data=False,
     )
-    for key, value in metrics.items():  # linked to the LoggedModel, so the model page shows them
-        mlflow.log_metric(key, value, model_id=info.model_id, run_id=run_id)
+    for key, metric in metrics.items():  # linked to the LoggedModel, so the model page shows them
+        mlflow.log_metric(key, metric, model_id=info.model_id, run_id=run_id)
     version = str(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(registered_model, version, key, value)

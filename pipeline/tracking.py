@@ -107,7 +107,16 @@ class Tracker:
 
     @contextmanager
     def child_run(self, step: str, cache_key: str) -> Iterator[StepTracker]:
-        run = mlflow.start_run(run_name=step, nested=True, tags={STEP_TAG: step, KEY_TAG: cache_key})
+        parent = mlflow.active_run()
+        assert parent is not None
+        # Created explicitly: under `mlflow run`, start_run() without a run id would resume the
+        # outer run named by MLFLOW_RUN_ID instead of creating a child.
+        created = self.client.create_run(
+            self.experiment_id,
+            run_name=step,
+            tags={STEP_TAG: step, KEY_TAG: cache_key, "mlflow.parentRunId": parent.info.run_id},
+        )
+        run = mlflow.start_run(run_id=created.info.run_id, nested=True)
         status = "FAILED"
         try:
             yield StepTracker(self.client, run.info.run_id)
@@ -151,7 +160,9 @@ def download_onnx(uri: str, dst: Path, tracking_uri: str) -> Path:
     from pipeline.errors import ModelError, fail
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
+        )
     except Exception as exc:  # MlflowException for unknown names/versions/aliases
         fail(ModelError, f"model.mlflow: cannot fetch {uri!r}: {str(exc).splitlines()[0]}")
     mlmodel = local / "MLmodel"

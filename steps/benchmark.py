@@ -22,7 +22,7 @@ from steps.base import Step
 
 
 @dataclass
-class Config:
+class BenchmarkConfig:
     providers: list[Literal["cpu", "cuda", "tensorrt"]] = field(default_factory=lambda: ["cpu"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     iterations: int = 100
@@ -41,7 +41,7 @@ def random_feeds(specs: dict[str, Any], batch: int, seed: int = 0) -> dict[str, 
 
 class Benchmark(Step):
     name = "benchmark"
-    Config = Config
+    Config = BenchmarkConfig
     needs_steps = ("export", "quantize")
     parent_metrics = ("*.latency_p50_ms", "*.speedup")
 
@@ -49,7 +49,7 @@ class Benchmark(Step):
         env = environment.fingerprint()
         return {"cpu": env["cpu"]["model"], "ort": env["onnxruntime"], "gpus": env["gpus"]}
 
-    def run(self, ctx: StepContext, cfg: Config) -> None:
+    def run(self, ctx: StepContext, cfg: BenchmarkConfig) -> None:
         if not cfg.batch_sizes or min(cfg.batch_sizes) <= 0 or cfg.iterations <= 0:
             fail(ConfigError, "steps.benchmark: batch_sizes must be positive and iterations > 0.")
         env = environment.fingerprint()
@@ -65,14 +65,23 @@ class Benchmark(Step):
                 logger.warning("benchmark: %s skipped: %s", provider, exc)
                 report["providers"][provider] = {"status": "unavailable", "reason": str(exc)}
                 continue
-            entry: dict[str, Any] = {"status": "ok", "session_providers": sessions["fp32"].get_providers(), "results": []}
+            entry: dict[str, Any] = {
+                "status": "ok",
+                "session_providers": sessions["fp32"].get_providers(),
+                "results": [],
+            }
             for i, bs in enumerate(cfg.batch_sizes):
                 feeds = random_feeds(specs, bs)
                 p50 = {}
                 for precision, sess in sessions.items():
                     lat = runtime.time_session(sess, feeds, cfg.iterations, cfg.warmup)
-                    row = {"precision": precision, "batch_size": bs, "latency_p50_ms": float(np.median(lat)),
-                           "latency_p99_ms": float(np.percentile(lat, 99)), "latency_mean_ms": float(lat.mean())}
+                    row: dict[str, Any] = {
+                        "precision": precision,
+                        "batch_size": bs,
+                        "latency_p50_ms": float(np.median(lat)),
+                        "latency_p99_ms": float(np.percentile(lat, 99)),
+                        "latency_mean_ms": float(lat.mean()),
+                    }
                     row["throughput"] = bs * 1000.0 / row["latency_p50_ms"]
                     entry["results"].append(row)
                     p50[precision] = row["latency_p50_ms"]
@@ -87,8 +96,13 @@ class Benchmark(Step):
             report["providers"][provider] = entry
         ctx.output("benchmark_report", "benchmark/report.json").write_text(json.dumps(report, indent=1))
         labels = [k.removesuffix(".latency_p50_ms") for k in metrics if ".bs" in k and k.endswith("latency_p50_ms")]
-        plots.bars(labels, [metrics[f"{k}.latency_p50_ms"] for k in labels], ctx.workdir / "benchmark" / "latency.png",
-                   "median latency", "ms")
+        plots.bars(
+            labels,
+            [metrics[f"{k}.latency_p50_ms"] for k in labels],
+            ctx.workdir / "benchmark" / "latency.png",
+            "median latency",
+            "ms",
+        )
         ctx.log_metrics(metrics)
 
 

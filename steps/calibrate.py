@@ -31,7 +31,7 @@ CLIPPED_RATIO = 0.9  # a tensor counts as clipped when amax < 0.9 * max |x|
 
 
 @dataclass
-class Config:
+class CalibrateConfig:
     method: Literal["minmax", "entropy", "percentile", "mse"] = "entropy"
     batch_size: int = 32
     num_bins: int = 2048
@@ -82,14 +82,14 @@ def _from_cache(path: Path, model_path: Path, trt_version: str) -> Calibration:
 
 class Calibrate(Step):
     name = "calibrate"
-    Config = Config
+    Config = CalibrateConfig
     needs_steps = ("export",)
     parent_metrics = ("calibration_seconds",)
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
         super().check(pipeline)
-        cfg: Config = pipeline.steps["calibrate"]
+        cfg: CalibrateConfig = pipeline.steps["calibrate"]
         trt_cache.encode_version(cfg.trt_version)
         if cfg.from_cache:
             p = (pipeline.base_dir / cfg.from_cache).resolve()
@@ -110,7 +110,7 @@ class Calibrate(Step):
         assert src is not None
         return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
 
-    def run(self, ctx: StepContext, cfg: Config) -> None:
+    def run(self, ctx: StepContext, cfg: CalibrateConfig) -> None:
         model_path = ctx.input("fp32_model")
         if cfg.from_cache:
             cal = _from_cache(Path(cfg.from_cache), model_path, cfg.trt_version)
@@ -121,13 +121,18 @@ class Calibrate(Step):
             specs = onnx_model.input_specs(onnx_model.load(model_path, check=False))
             dirs = data.search_dirs(ctx.pipeline.base_dir)
             cal = calibrate(
-                model_path, lambda: data.batches(src, cfg.batch_size, specs, dirs, "data.calibration"),
-                cfg.method, cfg.num_bins, cfg.percentile, cfg.passes, cfg.minmax_inputs,
+                model_path,
+                lambda: data.batches(src, cfg.batch_size, specs, dirs, "data.calibration"),
+                cfg.method,
+                cfg.num_bins,
+                cfg.percentile,
+                cfg.passes,
+                cfg.minmax_inputs,
             )
             algorithm = trt_cache.ALGORITHMS[cfg.method]
         self._write(ctx, cfg, cal, algorithm)
 
-    def _write(self, ctx: StepContext, cfg: Config, cal: Calibration, algorithm: str) -> None:
+    def _write(self, ctx: StepContext, cfg: CalibrateConfig, cal: Calibration, algorithm: str) -> None:
         ranges = cal.ranges
         ranges.write(ctx.output("ranges", "calibration/ranges.json"))
         amax = ranges.amax()
@@ -136,7 +141,7 @@ class Calibrate(Step):
         ctx.output("trt_cache", "calibration/calibration.cache").write_text(cache.text())
         flatbuffers_table.write(amax, ctx.output("ort_trt_table", "calibration/calibration.flatbuffers"))
         ctx.output("dynamic_ranges", "calibration/dynamic_ranges.json").write_text(json.dumps(amax, indent=1))
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "tensor": name,
                 "producer": r.producer,
@@ -154,7 +159,13 @@ class Calibrate(Step):
         clipped = [r for r in rows if r["amax_ratio"] < CLIPPED_RATIO]
         worst = sorted(rows, key=lambda r: r["amax_ratio"])[: cfg.plots]
         items = [
-            (r["tensor"], cal.histograms[r["tensor"]].counts, cal.histograms[r["tensor"]].width, r["amax"], r["minmax_amax"])
+            (
+                r["tensor"],
+                cal.histograms[r["tensor"]].counts,
+                cal.histograms[r["tensor"]].width,
+                r["amax"],
+                r["minmax_amax"],
+            )
             for r in worst
             if r["tensor"] in cal.histograms
         ]
@@ -162,7 +173,12 @@ class Calibrate(Step):
         plots.histograms(items, plot_path, ranges.method)
         logger.info(
             "calibrate: %s over %d samples, %d tensors, %d clipped below %.0f%% of max |x|, %.1fs",
-            ranges.method, ranges.num_samples, len(rows), len(clipped), CLIPPED_RATIO * 100, cal.seconds,
+            ranges.method,
+            ranges.num_samples,
+            len(rows),
+            len(clipped),
+            CLIPPED_RATIO * 100,
+            cal.seconds,
         )
         ctx.log_metrics(
             {

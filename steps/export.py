@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,13 @@ MIN_QDQ_OPSET = 13
 
 
 @dataclass
-class Config:
+class ExportConfig:
     opset: int = 17
     dynamic_batch: bool = True
     fold_batchnorm: bool = True
 
 
-def _from_pytorch(ctx: StepContext, cfg: Config, dst: Path) -> None:
+def _from_pytorch(ctx: StepContext, cfg: ExportConfig, dst: Path) -> None:
     src = ctx.pipeline.model.pytorch
     assert src is not None
     try:
@@ -46,10 +47,22 @@ def _from_pytorch(ctx: StepContext, cfg: Config, dst: Path) -> None:
     dummy = tuple(torch.zeros(shape) for shape in src.inputs.values())
     names = list(src.inputs)
     axes = {n: {0: "batch"} for n in names} if cfg.dynamic_batch else None
-    torch.onnx.export(
-        module, dummy, str(dst), input_names=names, opset_version=cfg.opset,
-        dynamic_axes=axes, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-    )
+    with warnings.catch_warnings():
+        # The TorchScript exporter keeps BatchNormalization visible (the dynamo exporter folds it
+        # silently); folding is then done, and reported, by onnxruntime below. Its deprecation
+        # notices and its PRESERVE-mode advice (meant for modules in training mode) are expected.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*constant folding be turned off.*")
+        torch.onnx.export(
+            module,
+            dummy,
+            str(dst),
+            input_names=names,
+            opset_version=cfg.opset,
+            dynamic_axes=axes,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+        )
 
 
 def _fold(src: Path, dst: Path) -> None:
@@ -65,7 +78,7 @@ def _fold(src: Path, dst: Path) -> None:
 
 class Export(Step):
     name = "export"
-    Config = Config
+    Config = ExportConfig
     parent_metrics = ()
 
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
@@ -78,7 +91,7 @@ class Export(Step):
             return {"pytorch": repr(src.pytorch), "code": onnx_model.sha256(files[0]) if files else None}
         return {"mlflow": src.mlflow}
 
-    def run(self, ctx: StepContext, cfg: Config) -> None:
+    def run(self, ctx: StepContext, cfg: ExportConfig) -> None:
         src = ctx.pipeline.model
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "source.onnx"
@@ -93,7 +106,9 @@ class Export(Step):
             opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
             if opset < MIN_QDQ_OPSET:
                 target = max(cfg.opset, MIN_QDQ_OPSET)
-                logger.info("export: converting opset %d -> %d (per-channel Q/DQ needs %d+)", opset, target, MIN_QDQ_OPSET)
+                logger.info(
+                    "export: converting opset %d -> %d (per-channel Q/DQ needs %d+)", opset, target, MIN_QDQ_OPSET
+                )
                 model = onnx.version_converter.convert_version(model, target)
             if cfg.dynamic_batch:
                 onnx_model.set_dynamic_batch(model)
@@ -111,8 +126,12 @@ class Export(Step):
         summary["sha256"] = onnx_model.sha256(out)
         ctx.output("fp32_summary", "model/summary.json").write_text(json.dumps(summary, indent=1, default=str))
         folded = before.get("BatchNormalization", 0) - summary["op_counts"].get("BatchNormalization", 0)
-        logger.info("export: %d nodes, %d parameters, %d BatchNorm folded", summary["num_nodes"], summary["num_params"], folded)
-        ctx.log_metrics({"num_nodes": summary["num_nodes"], "num_params": summary["num_params"], "batchnorm_folded": folded})
+        logger.info(
+            "export: %d nodes, %d parameters, %d BatchNorm folded", summary["num_nodes"], summary["num_params"], folded
+        )
+        ctx.log_metrics(
+            {"num_nodes": summary["num_nodes"], "num_params": summary["num_params"], "batchnorm_folded": folded}
+        )
 
 
 STEP = Export

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Config:
+class PromoteConfig:
     registered_model: str
     alias: str | None = "candidate"
     description: str | None = None
@@ -32,7 +32,7 @@ def signature(model: onnx.ModelProto) -> ModelSignature:
     """The tensor signature straight from the graph: dynamic axes become -1."""
 
     def specs(vis: list) -> Schema:
-        out = []
+        out: list[Any] = []
         for vi in vis:
             tt = vi.type.tensor_type
             shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
@@ -45,18 +45,22 @@ def signature(model: onnx.ModelProto) -> ModelSignature:
 
 class Promote(Step):
     name = "promote"
-    Config = Config
+    Config = PromoteConfig
     needs_steps = ("export", "calibrate", "quantize")
     reusable = False  # a registry side effect is never replayed from a cache
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
         super().check(pipeline)
-        cfg: Config = pipeline.steps["promote"]
+        cfg: PromoteConfig = pipeline.steps["promote"]
         if cfg.alias and "validate" not in pipeline.steps:
-            fail(ConfigError, "steps.promote.alias is set only when the accuracy gate passes: add steps.validate, or set alias: null.")
+            fail(
+                ConfigError,
+                "steps.promote.alias is set only when the accuracy gate passes: "
+                "add steps.validate, or set alias: null.",
+            )
 
-    def run(self, ctx: StepContext, cfg: Config) -> None:
+    def run(self, ctx: StepContext, cfg: PromoteConfig) -> None:
         int8 = onnx_model.load(ctx.input("int8_model"), check=False)
         ranges = Ranges.read(ctx.input("ranges"))
         up = ctx.upstream_metrics
@@ -78,12 +82,21 @@ class Promote(Step):
         )
         linked = {k: v for k, v in up.items() if k.startswith(("fp32_", "int8_")) or k == "accuracy_drop"}
         result = ctx.tracker.promote(
-            model=int8, signature=signature(int8), registered_model=cfg.registered_model, alias=cfg.alias,
-            tags=tags, description=description, metrics=linked,
+            model=int8,
+            signature=signature(int8),
+            registered_model=cfg.registered_model,
+            alias=cfg.alias,
+            tags=tags,
+            description=description,
+            metrics=linked,
         )
         ctx.results["registered_model"] = result
-        logger.info("promote: %s version %s%s", result["name"], result["version"],
-                    f" @{result['alias']}" if result["alias"] else "")
+        logger.info(
+            "promote: %s version %s%s",
+            result["name"],
+            result["version"],
+            f" @{result['alias']}" if result["alias"] else "",
+        )
 
 
 STEP = Promote

@@ -22,7 +22,7 @@ class Exclude:
 
 
 @dataclass
-class Config:
+class QuantizeConfig:
     target: Literal["tensorrt", "onnxruntime"] = "tensorrt"
     per_channel: bool = True
     exclude: Exclude = field(default_factory=Exclude)
@@ -30,11 +30,11 @@ class Config:
 
 class Quantize(Step):
     name = "quantize"
-    Config = Config
+    Config = QuantizeConfig
     needs_steps = ("export", "calibrate")
     parent_metrics = ("size_mb_fp32", "size_mb_int8")
 
-    def run(self, ctx: StepContext, cfg: Config) -> None:
+    def run(self, ctx: StepContext, cfg: QuantizeConfig) -> None:
         fp32_path = ctx.input("fp32_model")
         ranges = Ranges.read(ctx.input("ranges"))
         ranges.check_model(onnx_model.sha256(fp32_path), "steps.quantize")

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from pipeline import data, evaluation, plots, runtime
 from pipeline import model as onnx_model
 from pipeline.calibration.collect import expose
@@ -28,7 +26,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Config:
+class ValidateConfig:
     metric: str = "top1"  # top1 | top5 | agreement | cosine | "pkg.mod:fn"
     max_drop: float = 0.01
     batch_size: int = 64
@@ -38,7 +36,7 @@ class Config:
 
 class Validate(Step):
     name = "validate"
-    Config = Config
+    Config = ValidateConfig
     needs_steps = ("export", "calibrate", "quantize")
     needs_data = ("validation",)
     parent_metrics = ("fp32_*", "int8_*", "accuracy_drop")
@@ -46,9 +44,13 @@ class Validate(Step):
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
         super().check(pipeline)
-        cfg: Config = pipeline.steps["validate"]
+        cfg: ValidateConfig = pipeline.steps["validate"]
         if cfg.metric not in evaluation.BUILTIN_METRICS and ":" not in cfg.metric:
-            fail(ConfigError, f"steps.validate.metric: {cfg.metric!r} is neither one of {', '.join(evaluation.BUILTIN_METRICS)} nor 'pkg.mod:function'.")
+            fail(
+                ConfigError,
+                f"steps.validate.metric: {cfg.metric!r} is neither one of "
+                f"{', '.join(evaluation.BUILTIN_METRICS)} nor 'pkg.mod:function'.",
+            )
         if cfg.max_drop < 0:
             fail(ConfigError, f"steps.validate.max_drop: expected >= 0, got {cfg.max_drop}.")
 
@@ -58,12 +60,12 @@ class Validate(Step):
         target = ctx.pipeline.steps["quantize"].target
         return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir)), "target": target}
 
-    def _batches(self, ctx: StepContext, cfg: Config, specs: data.Specs) -> Iterator[data.Batch]:
+    def _batches(self, ctx: StepContext, cfg: ValidateConfig, specs: data.Specs) -> Iterator[data.Batch]:
         src = ctx.pipeline.data.validation
         assert src is not None
         return data.batches(src, cfg.batch_size, specs, data.search_dirs(ctx.pipeline.base_dir), "data.validation")
 
-    def run(self, ctx: StepContext, cfg: Config) -> None:
+    def run(self, ctx: StepContext, cfg: ValidateConfig) -> None:
         fp32_path, int8_path = ctx.input("fp32_model"), ctx.input("int8_model")
         exact = ctx.pipeline.steps["quantize"].target == "tensorrt"
         fp32_model = onnx_model.load(fp32_path, check=False)
@@ -83,7 +85,11 @@ class Validate(Step):
         metric = cfg.metric
         if metric in evaluation.BUILTIN_METRICS:
             if metric in ("top1", "top5") and labels is None:
-                fail(DataError, f"steps.validate.metric {metric} needs labels: add a 'labels' array to data.validation, or use metric: agreement.")
+                fail(
+                    DataError,
+                    f"steps.validate.metric {metric} needs labels: add a 'labels' array to data.validation, "
+                    "or use metric: agreement.",
+                )
             fp32_score = evaluation.score(metric, ref, labels, ref)
             int8_score = evaluation.score(metric, out, labels, ref)
         else:
@@ -105,20 +111,44 @@ class Validate(Step):
             "sqnr_db_min": sqnr_min if math.isfinite(sqnr_min) else 999.0,
         }
         passed = drop <= cfg.max_drop
-        report = {"metric": metric, "max_drop": cfg.max_drop, "passed": passed, "samples": len(ref),
-                  "int8_execution": "exact Q/DQ in float (graph optimisations off)" if exact else "onnxruntime optimised",
-                  "metrics": metrics, "layers": layers}
+        report = {
+            "metric": metric,
+            "max_drop": cfg.max_drop,
+            "passed": passed,
+            "samples": len(ref),
+            "int8_execution": "exact Q/DQ in float (graph optimisations off)" if exact else "onnxruntime optimised",
+            "metrics": metrics,
+            "layers": layers,
+        }
         ctx.output("validation_report", "validation/report.json").write_text(json.dumps(report, indent=1))
         ctx.log_metrics(metrics)
-        logger.info("validate: fp32 %s %.4f, int8 %.4f, drop %.4f (max %.4f)", metric, fp32_score, int8_score, drop, cfg.max_drop)
+        logger.info(
+            "validate: fp32 %s %.4f, int8 %.4f, drop %.4f (max %.4f)",
+            metric,
+            fp32_score,
+            int8_score,
+            drop,
+            cfg.max_drop,
+        )
         if not passed:
-            fail(GateFailed, f"accuracy gate failed: {metric} dropped by {drop:.4f} (FP32 {fp32_score:.4f} -> INT8 "
-                 f"{int8_score:.4f}), more than steps.validate.max_drop={cfg.max_drop}. Try another "
-                 "steps.calibrate.method, or keep the layers with the lowest SQNR in validation/layer_errors_table.json "
-                 "in FP32 with steps.quantize.exclude.")
+            fail(
+                GateFailed,
+                f"accuracy gate failed: {metric} dropped by {drop:.4f} (FP32 {fp32_score:.4f} -> INT8 "
+                f"{int8_score:.4f}), more than steps.validate.max_drop={cfg.max_drop}. Try another "
+                "steps.calibrate.method, or keep the layers with the lowest SQNR in validation/layer_errors_table.json "
+                "in FP32 with steps.quantize.exclude.",
+            )
 
-    def _layer_errors(self, ctx: StepContext, cfg: Config, fp32_model: Any, fp32_path: Any, int8_path: Any,
-                      exact: bool, specs: data.Specs) -> list[dict[str, Any]]:
+    def _layer_errors(
+        self,
+        ctx: StepContext,
+        cfg: ValidateConfig,
+        fp32_model: Any,
+        fp32_path: Any,
+        int8_path: Any,
+        exact: bool,
+        specs: data.Specs,
+    ) -> list[dict[str, Any]]:
         int8_model = onnx_model.load(int8_path, check=False)
         int8_tensors = {o for n in int8_model.graph.node for o in n.output}
         tensors = [t for t in onnx_model.activation_tensors(fp32_model) if t in int8_tensors]
@@ -134,13 +164,26 @@ class Validate(Step):
             seen += len(next(iter(feeds.values())))
             for t, x, y in zip(tensors, a.run(tensors, feeds), b.run(tensors, feeds)):
                 acc[t].update(x, y)
-        rows = [{"tensor": t, "producer": producer.get(t, ""), "sqnr_db": acc[t].sqnr_db, "cosine": acc[t].cosine,
-                 "max_abs_err": acc[t].max_abs_err} for t in tensors]
+        rows: list[dict[str, Any]] = [
+            {
+                "tensor": t,
+                "producer": producer.get(t, ""),
+                "sqnr_db": acc[t].sqnr_db,
+                "cosine": acc[t].cosine,
+                "max_abs_err": acc[t].max_abs_err,
+            }
+            for t in tensors
+        ]
         finite = [dict(r, sqnr_db=min(r["sqnr_db"], 999.0)) for r in rows]
         if finite:
             ctx.log_table(finite, "validation/layer_errors_table.json")
-            plots.bars([r["tensor"] for r in finite], [r["sqnr_db"] for r in finite],
-                       ctx.workdir / "validation" / "layer_sqnr.png", "FP32 vs INT8 per tensor (higher is better)", "SQNR (dB)")
+            plots.bars(
+                [r["tensor"] for r in finite],
+                [r["sqnr_db"] for r in finite],
+                ctx.workdir / "validation" / "layer_sqnr.png",
+                "FP32 vs INT8 per tensor (higher is better)",
+                "SQNR (dB)",
+            )
         return finite
 
 

@@ -24,15 +24,27 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("digits")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     summary_path = tmp / "s.json"
-    code = main(["run", str(DIGITS / "pipeline.yaml"), "--tracking-uri", uri, "--summary-json", str(summary_path),
-                 "--set", "steps.benchmark.iterations=10"])
+    code = main(
+        [
+            "run",
+            str(DIGITS / "pipeline.yaml"),
+            "--tracking-uri",
+            uri,
+            "--summary-json",
+            str(summary_path),
+            "--set",
+            "steps.benchmark.iterations=10",
+        ]
+    )
     assert code == 0
     summary = json.loads(summary_path.read_text())
     client = MlflowClient(uri)
     artifacts = {}
     for step, run_id in summary["steps"].items():
         if step != "promote":
-            artifacts[step] = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp / step), tracking_uri=uri))
+            artifacts[step] = Path(
+                mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp / step), tracking_uri=uri)
+            )
     return {"uri": uri, "summary": summary, "client": client, "artifacts": artifacts, "tmp": tmp}
 
 
@@ -55,8 +67,14 @@ def test_artifacts_and_metrics_follow_design_table(digits_run: dict[str, Any]) -
     art, client, summary = digits_run["artifacts"], digits_run["client"], digits_run["summary"]
     expected = {
         "export": ["model/model.onnx", "model/summary.json"],
-        "calibrate": ["calibration/ranges.json", "calibration/calibration.cache", "calibration/calibration.flatbuffers",
-                      "calibration/ranges_table.json", "calibration/histograms.png", "calibration/dynamic_ranges.json"],
+        "calibrate": [
+            "calibration/ranges.json",
+            "calibration/calibration.cache",
+            "calibration/calibration.flatbuffers",
+            "calibration/ranges_table.json",
+            "calibration/histograms.png",
+            "calibration/dynamic_ranges.json",
+        ],
         "quantize": ["model/model_int8.onnx", "quantize/nodes_table.json"],
         "validate": ["validation/report.json", "validation/layer_errors_table.json", "validation/layer_sqnr.png"],
         "benchmark": ["benchmark/report.json", "benchmark/environment.json", "benchmark/latency.png"],
@@ -69,16 +87,31 @@ def test_artifacts_and_metrics_follow_design_table(digits_run: dict[str, Any]) -
         "calibrate": ["num_samples", "num_tensors", "calibration_seconds"],
         "quantize": ["int8_nodes", "fp_nodes", "size_mb_fp32", "size_mb_int8"],
         "validate": ["fp32_top1", "int8_top1", "accuracy_drop", "cosine_min", "sqnr_db_min"],
-        "benchmark": ["cpu.fp32.latency_p50_ms", "cpu.int8.latency_p50_ms", "cpu.fp32.latency_p99_ms",
-                      "cpu.int8.throughput", "cpu.speedup", "cpu.int8.bs8.latency_p50_ms"],
+        "benchmark": [
+            "cpu.fp32.latency_p50_ms",
+            "cpu.int8.latency_p50_ms",
+            "cpu.fp32.latency_p99_ms",
+            "cpu.int8.throughput",
+            "cpu.speedup",
+            "cpu.int8.bs8.latency_p50_ms",
+        ],
     }
     for step, names in metrics.items():
         got = client.get_run(summary["steps"][step]).data.metrics
         for name in names:
             assert name in got, f"{step}: metric {name} missing"
     parent = client.get_run(summary["run_id"]).data.metrics
-    for starred in ["calibration_seconds", "size_mb_fp32", "size_mb_int8", "fp32_top1", "int8_top1", "accuracy_drop",
-                    "cpu.fp32.latency_p50_ms", "cpu.int8.latency_p50_ms", "cpu.speedup"]:
+    for starred in [
+        "calibration_seconds",
+        "size_mb_fp32",
+        "size_mb_int8",
+        "fp32_top1",
+        "int8_top1",
+        "accuracy_drop",
+        "cpu.fp32.latency_p50_ms",
+        "cpu.int8.latency_p50_ms",
+        "cpu.speedup",
+    ]:
         assert starred in parent, f"parent run lacks {starred}"
     assert parent["calibration_seconds"] == summary["metrics"]["calibration_seconds"]
 
@@ -155,8 +188,21 @@ def test_accuracy_and_registry(digits_run: dict[str, Any]) -> None:
 def test_second_identical_run_reuses(digits_run: dict[str, Any]) -> None:
     uri, client = digits_run["uri"], digits_run["client"]
     s2 = digits_run["tmp"] / "s2.json"
-    assert main(["run", str(DIGITS / "pipeline.yaml"), "--tracking-uri", uri, "--summary-json", str(s2),
-                 "--set", "steps.benchmark.iterations=10"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(DIGITS / "pipeline.yaml"),
+                "--tracking-uri",
+                uri,
+                "--summary-json",
+                str(s2),
+                "--set",
+                "steps.benchmark.iterations=10",
+            ]
+        )
+        == 0
+    )
     second = json.loads(s2.read_text())
     first = digits_run["summary"]
     export = client.get_run(second["steps"]["export"])

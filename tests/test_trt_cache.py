@@ -46,7 +46,9 @@ def test_headers(header: str, version: str, algorithm: str) -> None:
 
 
 def test_no_range_lines_and_names_with_colons() -> None:
-    cache = trt_cache.parse("TRT-8601-EntropyCalibration2\nimport/input:0: 3f800000\n(Unnamed Layer* 3) [Constant]_output: 0\n")
+    cache = trt_cache.parse(
+        "TRT-8601-EntropyCalibration2\nimport/input:0: 3f800000\n(Unnamed Layer* 3) [Constant]_output: 0\n"
+    )
     assert cache.scales == {"import/input:0": 1.0, "(Unnamed Layer* 3) [Constant]_output": None}
     assert "(Unnamed Layer* 3) [Constant]_output: 0" in cache.text()
 
@@ -61,8 +63,16 @@ def test_round_trip_is_bit_exact() -> None:
     assert again.text() == cache.text()
 
 
-@pytest.mark.parametrize("text", ["", "hello\n", "TRT-xx-Entropy\n", "TRT-8601-EntropyCalibration2\nbad line\n",
-                                  "TRT-8601-EntropyCalibration2\nx: zzzz\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello\n",
+        "TRT-xx-Entropy\n",
+        "TRT-8601-EntropyCalibration2\nbad line\n",
+        "TRT-8601-EntropyCalibration2\nx: zzzz\n",
+    ],
+)
 def test_malformed_caches_are_refused(text: str) -> None:
     with pytest.raises(CalibrationError):
         trt_cache.parse(text)

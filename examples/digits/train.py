@@ -49,9 +49,14 @@ def build():  # type: ignore[no-untyped-def]
         def __init__(self) -> None:
             super().__init__()
             self.features = nn.Sequential(
-                *conv_bn(1, 16), nn.ReLU(), Residual(16),
-                *conv_bn(16, 32, stride=2), nn.ReLU(), Residual(32),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                *conv_bn(1, 16),
+                nn.ReLU(),
+                Residual(16),
+                *conv_bn(16, 32, stride=2),
+                nn.ReLU(),
+                Residual(32),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
             )
             self.fc = nn.Linear(32, 10)
 
@@ -77,7 +82,7 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     gen = torch.Generator().manual_seed(args.seed)
-    for epoch in range(args.epochs):
+    for _ in range(args.epochs):
         net.train()
         perm = torch.randperm(len(xt), generator=gen)
         for i in range(0, len(xt), 64):
@@ -93,10 +98,15 @@ def main() -> None:
     print(f"FP32 test accuracy (PyTorch): {acc:.4f} on {len(y_te)} images")
 
     torch.onnx.export(
-        net, torch.zeros(1, 1, 16, 16), str(HERE / "model.onnx"),
-        input_names=["input"], output_names=["logits"], opset_version=17,
+        net,
+        torch.zeros(1, 1, 16, 16),
+        str(HERE / "model.onnx"),
+        input_names=["input"],
+        output_names=["logits"],
+        opset_version=17,
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,  # keep BatchNormalization as exported
+        dynamo=False,
+        training=torch.onnx.TrainingMode.PRESERVE,  # keep BatchNormalization as exported
     )
     (HERE / "data").mkdir(exist_ok=True)
     np.savez_compressed(HERE / "data" / "calibration.npz", input=x_tr)

@@ -72,15 +72,31 @@ def calibrate(
     producer = onnx_model.producers(model)
     sess = runtime.session(expose(model, tensors), "cpu")
     two_pass = method != "minmax" and passes == 2
-    got = collect(sess, tensors, batches(), histogram=method != "minmax" and not two_pass, num_bins=num_bins,
-                  label="calibration pass 1/2" if two_pass else "calibration batches")
+    got = collect(
+        sess,
+        tensors,
+        batches(),
+        histogram=method != "minmax" and not two_pass,
+        num_bins=num_bins,
+        label="calibration pass 1/2" if two_pass else "calibration batches",
+    )
     if two_pass:
         first = got
-        got = collect(sess, tensors, batches(), histogram=True, num_bins=num_bins,
-                      known_amax={k: v.amax for k, v in first.stats.items()}, label="calibration pass 2/2")
+        got = collect(
+            sess,
+            tensors,
+            batches(),
+            histogram=True,
+            num_bins=num_bins,
+            known_amax={k: v.amax for k, v in first.stats.items()},
+            label="calibration pass 2/2",
+        )
         if got.data_digest != first.data_digest:
-            fail(CalibrationError, "the calibration data changed between the two passes (a python: source that is "
-                 "not deterministic?); make it repeatable or set steps.calibrate.passes: 1.")
+            fail(
+                CalibrationError,
+                "the calibration data changed between the two passes (a python: source that is "
+                "not deterministic?); make it repeatable or set steps.calibrate.passes: 1.",
+            )
     params: dict[str, object] = {}
     if method != "minmax":
         params = {"num_bins": num_bins, "passes": passes, "minmax_inputs": minmax_inputs}
@@ -105,7 +121,11 @@ def calibrate(
                 amax = min(choose_amax(method, hist, percentile), maxabs)
                 clipped = clipped_fraction(hist, amax)
         ranges.tensors[name] = TensorRange(
-            min=float(st.min), max=float(st.max), amax=float(amax), minmax_amax=float(maxabs),
-            clipped_fraction=clipped, producer=producer.get(name, ""),
+            min=float(st.min),
+            max=float(st.max),
+            amax=float(amax),
+            minmax_amax=float(maxabs),
+            clipped_fraction=clipped,
+            producer=producer.get(name, ""),
         )
     return Calibration(ranges, hists, time.perf_counter() - start)

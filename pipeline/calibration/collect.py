@@ -60,7 +60,7 @@ def collect(
             digest.update(k.encode())
             digest.update(np.ascontiguousarray(feeds[k]).tobytes())
         samples += len(next(iter(feeds.values())))
-        values = dict(zip(outputs, sess.run(outputs, feeds)))
+        values: dict[str, np.ndarray] = dict(zip(outputs, sess.run(outputs, feeds)))
         for name in wanted:
             v = values[name]
             # graph inputs come back as the caller's arrays; never overwrite those

@@ -76,7 +76,11 @@ class TensorStats:
             self.width = batch_amax / self.fine_bins
             self.fine[0] += self.zeros
         self._grow_to(batch_amax)
-        a = np.abs(x.reshape(-1), out=x.reshape(-1)) if x.flags.writeable and x.flags.c_contiguous else np.abs(x.reshape(-1))
+        a = (
+            np.abs(x.reshape(-1), out=x.reshape(-1))
+            if x.flags.writeable and x.flags.c_contiguous
+            else np.abs(x.reshape(-1))
+        )
         a *= np.float32(1.0 / self.width)
         idx = a.astype(np.int32)
         np.minimum(idx, self.fine_bins - 1, out=idx)

@@ -78,7 +78,10 @@ def parse(text: str, source: str = "cache") -> CacheFile:
         fail(CalibrationError, f"{source}: empty calibration cache.")
     head = lines[0].split("-", 2)
     if len(head) != 3 or head[0] != "TRT" or not head[1].isdigit():
-        fail(CalibrationError, f"{source}: first line {lines[0]!r} is not a TensorRT cache header (TRT-<version>-<Algorithm>).")
+        fail(
+            CalibrationError,
+            f"{source}: first line {lines[0]!r} is not a TensorRT cache header (TRT-<version>-<Algorithm>).",
+        )
     cache = CacheFile(version=decode_version(int(head[1])), algorithm=head[2])
     for n, line in enumerate(lines[1:], start=2):
         name, sep, value = line.rpartition(":")  # tensor names may themselves contain ':'

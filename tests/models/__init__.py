@@ -1,7 +1,7 @@
 """A registry of tiny ONNX models built in code, each small enough to reason about by hand.
 
-    from tests.models import build
-    model = build("conv_relu_gemm")
+from tests.models import build
+model = build("conv_relu_gemm")
 """
 
 from __future__ import annotations
@@ -78,5 +78,9 @@ def matmul_two_inputs() -> onnx.ModelProto:
         helper.make_node("Add", ["a", "b"], ["s"], name="add"),
         helper.make_node("MatMul", ["s", "w"], ["y"], name="mm"),
     ]
-    return _model(nodes, [_t("a", ["batch", 3]), _t("b", ["batch", 3])], [_t("y", ["batch", 2])],
-                  [numpy_helper.from_array(w, "w")])
+    return _model(
+        nodes,
+        [_t("a", ["batch", 3]), _t("b", ["batch", 3])],
+        [_t("y", ["batch", 2])],
+        [numpy_helper.from_array(w, "w")],
+    )

@@ -1,0 +1,159 @@
+"""Bad input ends in one clear paragraph and exit code 2 (3 for a failed gate), and loses nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.cli import main
+from pipeline.config import load
+
+
+def write_yaml(folder: Path, data: dict) -> Path:
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def base(folder: Path) -> dict:
+    return yaml.safe_load((folder / "pipeline.yaml").read_text())
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["steps"]["calibrate"].update(methd="entropy"), "steps.calibrate: unknown key 'methd'"),
+        (lambda d: d["steps"]["calibrate"].update(method="kl"), "steps.calibrate.method: expected one of"),
+        (lambda d: d["steps"]["calibrate"].update(batch_size="big"), "steps.calibrate.batch_size: expected an integer"),
+        (lambda d: d["steps"].update(calibrat={}), "steps.calibrat: unknown step"),
+        (lambda d: d["model"].update(onnx="missing.onnx"), "model.onnx: file not found"),
+        (lambda d: d["model"].update(mlflow="models:/x/1"), "model: give exactly one of onnx, mlflow, pytorch"),
+        (lambda d: d["data"]["calibration"].update(npz="nope.npz"), "data.calibration.npz: file not found"),
+        (lambda d: d.pop("name"), "name: required key is missing"),
+        (lambda d: d["steps"].pop("validate"), "steps.promote.alias is set only when the accuracy gate passes"),
+        (lambda d: d["data"].pop("validation"), "steps.validate needs data.validation"),
+        (lambda d: d["steps"]["promote"].pop("registered_model"), "steps.promote.registered_model: required key"),
+    ],
+)
+def test_config_errors_name_the_key(
+    digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str], mutate, expected: str
+) -> None:  # type: ignore[no-untyped-def]
+    data = base(digits_copy)
+    mutate(data)
+    path = write_yaml(digits_copy, data)
+    code, err = run_cli(["run", str(path), "--tracking-uri", tracking_uri], capsys)
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (digits_copy / "mlflow.db").exists()  # nothing ran
+
+
+def test_set_overrides_and_bad_override(digits_copy: Path) -> None:
+    cfg = load(digits_copy / "pipeline.yaml", ["steps.calibrate.method=percentile", "steps.calibrate.percentile=99.9"])
+    assert cfg.steps["calibrate"].method == "percentile" and cfg.steps["calibrate"].percentile == 99.9
+    assert cfg.steps["export"].opset == 17 and cfg.experiment == "int8-digits"
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load(digits_copy / "pipeline.yaml", ["steps.calibrate.method"])
+    with pytest.raises(ConfigError, match=r"steps.calibrate.nbins|unknown key 'nbins'"):
+        load(digits_copy / "pipeline.yaml", ["steps.calibrate.nbins=10"])
+
+
+def test_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("name: [unclosed\n")
+    code, err = run_cli(["run", str(path)], capsys)
+    assert code == 2 and "not valid YAML" in err
+
+
+def _calibration_with(folder: Path, **arrays: np.ndarray) -> None:
+    np.savez(folder / "data" / "calibration.npz", **arrays)
+
+
+def _good_input(folder: Path) -> np.ndarray:
+    return np.load(folder / "data" / "validation.npz")["input"]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "expected"),
+    [
+        (lambda x: {"image": x}, "do not match the model's inputs ['input']"),
+        (lambda x: {"input": x.astype(np.float64)}, "has dtype float64, the model expects float32"),
+        (lambda x: {"input": x[:, :, :8, :8]}, "has shape [32, 1, 8, 8], the model expects"),
+        (
+            lambda x: {"input": np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x).astype(np.float32)},
+            "contains 1 NaN/Inf values",
+        ),
+        (lambda x: {"input": x[:0]}, "produced no samples"),
+    ],
+)
+def test_data_errors_fail_the_step_and_keep_earlier_runs(
+    digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str], arrays, expected: str
+) -> None:  # type: ignore[no-untyped-def]
+    _calibration_with(digits_copy, **arrays(_good_input(digits_copy)))
+    summary = digits_copy / "s.json"
+    code, err = run_cli(
+        ["run", str(digits_copy / "pipeline.yaml"), "--tracking-uri", tracking_uri, "--summary-json", str(summary)],
+        capsys,
+    )
+    assert code == 2, err
+    assert expected in err and "Traceback" not in err
+    s = json.loads(summary.read_text())
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(s["steps"]["export"]).info.status == "FINISHED"
+    assert client.get_run(s["steps"]["calibrate"]).info.status == "FAILED"
+    assert client.get_run(s["run_id"]).info.status == "FAILED"
+    assert "quantize" not in s["steps"]
+    exported = [a.path for a in client.list_artifacts(s["steps"]["export"], "model")]
+    assert "model/model.onnx" in exported
+
+
+def test_corrupt_model(digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (digits_copy / "model.onnx").write_bytes(b"\x08\x07garbage" * 50)
+    code, err = run_cli(["run", str(digits_copy / "pipeline.yaml"), "--tracking-uri", tracking_uri], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "model.onnx" in err and ("not a readable ONNX model" in err or "empty graph" in err or "checker" in err)
+
+
+def test_failed_gate(digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 50th-percentile range clips half of every activation: the gate must stop the pipeline."""
+    summary = digits_copy / "s.json"
+    code, err = run_cli(
+        [
+            "run",
+            str(digits_copy / "pipeline.yaml"),
+            "--tracking-uri",
+            tracking_uri,
+            "--summary-json",
+            str(summary),
+            "--set",
+            "steps.calibrate.method=percentile",
+            "--set",
+            "steps.calibrate.percentile=50",
+            "--set",
+            "steps.calibrate.minmax_inputs=false",
+        ],
+        capsys,
+    )
+    assert code == 3, err
+    assert "accuracy gate failed" in err and "FP32 0.99" in err and "max_drop=0.01" in err
+    s = json.loads(summary.read_text())
+    assert s["gate"] == "failed" and s["registered_model"] is None
+    client = MlflowClient(tracking_uri)
+    statuses = {step: client.get_run(rid).info.status for step, rid in s["steps"].items()}
+    assert statuses == {"export": "FINISHED", "calibrate": "FINISHED", "quantize": "FINISHED", "validate": "FAILED"}
+    validate = client.get_run(s["steps"]["validate"])
+    assert validate.data.metrics["accuracy_drop"] > 0.01  # the numbers are kept on the failed run
+    assert client.get_run(s["run_id"]).info.status == "FAILED"
+    assert client.search_registered_models() == []
