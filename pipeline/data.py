@@ -124,6 +124,15 @@ def batches(src: DataSource, batch_size: int, specs: Specs, search_dirs: list[Pa
         fail(DataError, f"{what}: the data source produced no samples.")
 
 
+def rechunk(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
+    """Model inputs (labels dropped) in contiguous chunks of at most ``size`` samples."""
+    for batch in batches:
+        feeds = {k: v for k, v in batch.items() if k != LABELS}
+        n = len(next(iter(feeds.values())))
+        for start in range(0, n, size):
+            yield {k: np.ascontiguousarray(v[start : start + size]) for k, v in feeds.items()}
+
+
 def check_batch(batch: Batch, specs: Specs, where: str) -> None:
     """Names, dtypes, shapes and finiteness of a batch against the model's inputs."""
     names = [k for k in batch if k != LABELS]

@@ -74,15 +74,21 @@ def set_dynamic_batch(model: onnx.ModelProto, name: str = "batch") -> None:
         pass
 
 
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """tensor name -> ONNX element type, as far as shape inference knows."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.input})
+    types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.output})
+    return types
+
+
 def activation_tensors(model: onnx.ModelProto) -> list[str]:
     """Float tensors computed at run time (graph inputs and node outputs), in graph order.
 
     These are what calibration measures; weights and constant subgraphs are excluded.
     """
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
-    types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.input})
-    types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.output})
+    types = tensor_types(model)
     constant = {i.name for i in model.graph.initializer}
     names = [vi.name for vi in graph_inputs(model) if types.get(vi.name) in FLOAT_TYPES]
     for node in model.graph.node:

@@ -106,3 +106,16 @@ def node_table(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[dict[str, An
             }
         )
     return rows
+
+
+def quantized_activations(model: onnx.ModelProto, target: str) -> list[str] | None:
+    """The activation tensors the Q/DQ model will quantize for ``target`` (None: all of them)."""
+    if target != "tensorrt":
+        return None
+    inits = {i.name for i in model.graph.initializer}
+    out: list[str] = []
+    for node in model.graph.node:
+        if node.op_type in TENSORRT_OPS:
+            inputs = node.input[:2] if node.op_type == "MatMul" else node.input[:1]
+            out.extend(i for i in inputs if i and i not in inits and i not in out)
+    return out

@@ -21,6 +21,7 @@ from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
 from pipeline.errors import CalibrationError, ConfigError, fail
 from pipeline.log import logger
+from pipeline.quantization import quantized_activations
 from steps.base import Step
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class CalibrateConfig:
     plots: int = 6
     minmax_inputs: bool = True  # graph inputs keep max |x| (see calibrator.calibrate)
     passes: Literal[1, 2] = 2  # 2: exact histograms; 1: one streaming pass, for read-once sources
+    tensors: Literal["quantized", "all"] = "quantized"  # which tensors get the histogram method
 
 
 def _from_cache(path: Path, model_path: Path, trt_version: str) -> Calibration:
@@ -108,7 +110,11 @@ class Calibrate(Step):
         if cfg.from_cache:
             return {"cache": onnx_model.sha256(cfg.from_cache)}
         assert src is not None
-        return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
+        quantize = ctx.pipeline.steps.get("quantize")
+        return {
+            "data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir)),
+            "target": quantize.target if quantize is not None else "tensorrt",
+        }
 
     def run(self, ctx: StepContext, cfg: CalibrateConfig) -> None:
         model_path = ctx.input("fp32_model")
@@ -118,8 +124,11 @@ class Calibrate(Step):
         else:
             src = ctx.pipeline.data.calibration
             assert src is not None
-            specs = onnx_model.input_specs(onnx_model.load(model_path, check=False))
+            model = onnx_model.load(model_path, check=False)
+            specs = onnx_model.input_specs(model)
             dirs = data.search_dirs(ctx.pipeline.base_dir)
+            quantize = ctx.pipeline.steps.get("quantize")
+            target = quantize.target if quantize is not None else "tensorrt"
             cal = calibrate(
                 model_path,
                 lambda: data.batches(src, cfg.batch_size, specs, dirs, "data.calibration"),
@@ -128,6 +137,7 @@ class Calibrate(Step):
                 cfg.percentile,
                 cfg.passes,
                 cfg.minmax_inputs,
+                None if cfg.tensors == "all" else quantized_activations(model, target),
             )
             algorithm = trt_cache.ALGORITHMS[cfg.method]
         self._write(ctx, cfg, cal, algorithm)

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
 
+LAYER_CHUNK = 2  # samples per call while comparing every tensor
+
+
 @dataclass
 class ValidateConfig:
     metric: str = "top1"  # top1 | top5 | agreement | cosine | "pkg.mod:fn"
@@ -157,10 +160,11 @@ class Validate(Step):
         b = runtime.session(expose(int8_model, tensors), optimize=not exact)
         acc = {t: evaluation.ErrorAccumulator() for t in tensors}
         seen = 0
-        for batch in self._batches(ctx, cfg, specs):
+        # tiny chunks: every tensor of both models is alive at once here
+        for feeds in data.rechunk(self._batches(ctx, cfg, specs), LAYER_CHUNK):
             if seen >= cfg.layer_samples:
                 break
-            feeds = {k: v[: cfg.layer_samples - seen] for k, v in batch.items() if k != data.LABELS}
+            feeds = {k: v[: cfg.layer_samples - seen] for k, v in feeds.items()}
             seen += len(next(iter(feeds.values())))
             for t, x, y in zip(tensors, a.run(tensors, feeds), b.run(tensors, feeds)):
                 acc[t].update(x, y)

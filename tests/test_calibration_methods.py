@@ -142,10 +142,14 @@ def _rising_laplace() -> np.ndarray:
     return np.concatenate([rng.laplace(scale=s, size=20_000) for s in (0.1, 0.5, 2.0, 3.0)]).astype(np.float32)
 
 
-def _stream(x: np.ndarray, batch: int, known_amax: float | None = None) -> TensorStats:
-    st = TensorStats(known_amax=known_amax)
-    for i in range(0, len(x), batch):
-        st.update(x[i : i + batch].copy())
+def _stream(x: np.ndarray, batch: int, two_pass: bool = False) -> TensorStats:
+    st = TensorStats(histogram=not two_pass)
+    passes = 2 if two_pass else 1
+    for p in range(passes):
+        if p == 1:
+            st.start_histogram_pass()
+        for i in range(0, len(x), batch):
+            st.update(x[i : i + batch].copy())
     return st
 
 
@@ -156,7 +160,9 @@ def test_two_pass_histogram_is_exact_for_any_batch_size_and_order() -> None:
     rng = np.random.default_rng(8)
     for batch in (256, 4096, 20_000):
         for data in (x, rng.permutation(x)):
-            h = _stream(data, batch, known_amax=amax).finalize()
+            st = _stream(data, batch, two_pass=True)
+            assert st.count == len(x) and st.amax == amax
+            h = st.finalize()
             # float32 binning may move a value that sits on an edge by one bin
             assert np.abs(h.counts - direct).sum() <= 4
             assert entropy_amax(h.counts, h.width) == pytest.approx(entropy_amax(direct, amax / 2048), abs=h.width)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import environment, runtime
+from pipeline import environment
 from pipeline import model as onnx_model
 from pipeline.calibration import methods
-from pipeline.calibration.collect import Batch, collect, expose
-from pipeline.calibration.histogram import FinalHistogram
+from pipeline.calibration.collect import Batch, run_pass
+from pipeline.calibration.histogram import FinalHistogram, TensorStats
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.errors import CalibrationError, fail
 
@@ -54,72 +54,73 @@ def calibrate(
     percentile: float = 99.99,
     passes: int = 2,
     minmax_inputs: bool = True,
+    histogram_tensors: list[str] | None = None,
 ) -> Calibration:
     """Ranges for every activation tensor of the model at ``model_path``.
+
+    ``batches`` is called once per pass. With ``passes=2`` (histogram methods) the first pass finds
+    each tensor's min and max and the second builds exact histograms; ``passes=1`` streams once (see
+    histogram.py). ``histogram_tensors`` limits the histogram method to those tensors (the ones the
+    Q/DQ model quantizes); the others get max |x|, marked ``minmax`` in their entry.
 
     With ``minmax_inputs`` the graph inputs keep their full range whatever the method: their range
     is fixed by preprocessing, and their histograms are often a comb of discrete levels (8-bit
     pixels) on which KL minimisation degenerates and clips real signal.
-
-    ``batches`` is called once per pass. With ``passes=2`` (histogram methods) the first pass finds
-    max |x| and the second builds exact histograms; ``passes=1`` streams once (see histogram.py).
     """
     if method not in METHODS:
         fail(CalibrationError, f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}.")
     start = time.perf_counter()
     model = onnx_model.load(model_path, check=False)
     tensors = onnx_model.activation_tensors(model)
-    producer = onnx_model.producers(model)
-    sess = runtime.session(expose(model, tensors), "cpu")
-    two_pass = method != "minmax" and passes == 2
-    got = collect(
-        sess,
-        tensors,
-        batches(),
-        histogram=method != "minmax" and not two_pass,
-        num_bins=num_bins,
-        label="calibration pass 1/2" if two_pass else "calibration batches",
-    )
-    if two_pass:
-        first = got
-        got = collect(
-            sess,
-            tensors,
-            batches(),
-            histogram=True,
-            num_bins=num_bins,
-            known_amax={k: v.amax for k, v in first.stats.items()},
-            label="calibration pass 2/2",
+    inputs = {vi.name for vi in onnx_model.graph_inputs(model)}
+    wanted = set(tensors if histogram_tensors is None else histogram_tensors)
+    if method == "minmax":
+        wanted = set()
+    elif minmax_inputs:
+        wanted -= inputs
+    stats = {t: TensorStats(num_bins, histogram=passes == 1 and t in wanted) for t in tensors}
+    label = "calibration pass 1/2" if passes == 2 and wanted else "calibration batches"
+    first = run_pass(model, stats, batches(), label)
+    if passes == 2 and wanted:
+        hist = {t: stats[t] for t in tensors if t in wanted}
+        for st in hist.values():
+            st.start_histogram_pass()
+        second = run_pass(
+            model, {t: st for t, st in hist.items() if st.fine is not None}, batches(), "calibration pass 2/2"
         )
-        if got.data_digest != first.data_digest:
+        if second.data_digest != first.data_digest:
             fail(
                 CalibrationError,
-                "the calibration data changed between the two passes (a python: source that is "
-                "not deterministic?); make it repeatable or set steps.calibrate.passes: 1.",
+                "the calibration data changed between the two passes (a python: source that is not "
+                "deterministic?); make it repeatable or set steps.calibrate.passes: 1.",
             )
     params: dict[str, object] = {}
     if method != "minmax":
-        params = {"num_bins": num_bins, "passes": passes, "minmax_inputs": minmax_inputs}
-    inputs = {vi.name for vi in onnx_model.graph_inputs(model)}
+        params = {
+            "num_bins": num_bins,
+            "passes": passes,
+            "minmax_inputs": minmax_inputs,
+            "histogram_tensors": "all" if histogram_tensors is None else len(wanted),
+        }
     if method == "percentile":
         params["percentile"] = percentile
     ranges = Ranges(
         method=method,
         params=params,
         model_sha256=onnx_model.sha256(model_path),
-        data_digest=got.data_digest,
-        num_samples=got.num_samples,
+        data_digest=first.data_digest,
+        num_samples=first.num_samples,
         environment=environment.fingerprint(),
     )
+    producer = onnx_model.producers(model)
     hists: dict[str, FinalHistogram] = {}
-    for name, st in got.stats.items():
+    for name, st in stats.items():
         maxabs = st.amax
-        amax, clipped = maxabs, 0.0
-        if method != "minmax":
-            hist = hists[name] = st.finalize()
-            if not (minmax_inputs and name in inputs):
-                amax = min(choose_amax(method, hist, percentile), maxabs)
-                clipped = clipped_fraction(hist, amax)
+        amax, clipped, how = maxabs, 0.0, "minmax"
+        if name in wanted:
+            final = hists[name] = st.finalize()
+            amax = min(choose_amax(method, final, percentile), maxabs)
+            clipped, how = clipped_fraction(final, amax), method
         ranges.tensors[name] = TensorRange(
             min=float(st.min),
             max=float(st.max),
@@ -127,5 +128,6 @@ def calibrate(
             minmax_amax=float(maxabs),
             clipped_fraction=clipped,
             producer=producer.get(name, ""),
+            method=how,
         )
     return Calibration(ranges, hists, time.perf_counter() - start)

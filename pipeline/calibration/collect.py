@@ -1,72 +1,80 @@
 """Run an FP32 model over calibration batches and gather per-tensor statistics.
 
-Every activation tensor is exposed as an extra graph output, so one ONNX Runtime call per batch
-yields them all; only that batch's activations are alive at any time.
+The calibrated tensors are exposed as extra graph outputs, so one ONNX Runtime call per chunk of at
+most ``CHUNK`` samples yields them all; only that chunk's activations are alive, so memory depends
+on the model and the chunk, never on the number of samples. While numpy digests chunk k in worker
+threads, ONNX Runtime already computes chunk k+1 (both release the GIL for most of their loops).
+(Reducing inside the ONNX graph instead was measured slower: ORT's ReduceMin/Max and Abs/Mul/Cast
+chains cost more than numpy's passes over the copied outputs.)
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper
 
+from pipeline import runtime
 from pipeline.calibration.histogram import TensorStats
-from pipeline.log import logger, progress
+from pipeline.data import rechunk
+from pipeline.log import progress
 
 Batch = dict[str, np.ndarray]
+CHUNK = 8  # samples per ONNX Runtime call while calibrating
+WORKERS = 2  # threads digesting a chunk while ONNX Runtime computes the next
 
 
 @dataclass
-class Collected:
-    stats: dict[str, TensorStats]
+class Pass:
     num_samples: int
-    data_digest: str  # SHA-256 of the samples actually seen, in order
+    data_digest: str  # SHA-256 of the samples seen, in order
 
 
 def expose(model: onnx.ModelProto, tensors: list[str]) -> bytes:
-    """A copy of ``model`` whose graph outputs include ``tensors``."""
+    """A copy of ``model`` whose graph outputs are exactly ``tensors``."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    present = {o.name for o in m.graph.output}
-    for name in tensors:
-        if name not in present:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    del m.graph.output[:]
+    m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors)
     return m.SerializeToString()
 
 
-def collect(
-    sess: Any,
-    tensors: list[str],
-    batches: Iterable[Batch],
-    histogram: bool,
-    num_bins: int = 2048,
-    known_amax: dict[str, float] | None = None,
-    label: str = "calibration batches",
-) -> Collected:
-    """One pass over ``batches`` through ``sess`` (a session of the model with ``tensors`` exposed)."""
-    outputs = [o.name for o in sess.get_outputs()]
-    wanted = [n for n in outputs if n in set(tensors)]
-    known = known_amax or {}
-    stats = {n: TensorStats(num_bins, histogram, known.get(n)) for n in wanted}
+def run_pass(
+    model: onnx.ModelProto, stats: dict[str, TensorStats], batches: Iterable[Batch], label: str, chunk: int = CHUNK
+) -> Pass:
+    """Feed ``batches`` through ``model`` and update ``stats`` (tensor name -> statistics)."""
+    names = list(stats)
+    sess = runtime.session(expose(model, names), "cpu")
     digest = hashlib.sha256()
     samples = 0
-    for batch in progress(batches, label):
-        feeds = {k: v for k, v in batch.items() if k != "labels"}
-        for k in sorted(feeds):
-            digest.update(k.encode())
-            digest.update(np.ascontiguousarray(feeds[k]).tobytes())
-        samples += len(next(iter(feeds.values())))
-        values: dict[str, np.ndarray] = dict(zip(outputs, sess.run(outputs, feeds)))
-        for name in wanted:
-            v = values[name]
-            # graph inputs come back as the caller's arrays; never overwrite those
-            stats[name].update(v if v is not feeds.get(name) else v.copy())
-        del values
-    missing = sorted(set(tensors) - set(wanted))
-    if missing:
-        logger.warning("%d tensors could not be exposed and have no range: %s", len(missing), missing[:5])
-    return Collected(stats, samples, digest.hexdigest())
+    pending: list[Future[None]] = []
+
+    scratch = [np.empty(0, np.int32) for _ in range(WORKERS)]
+
+    def consume(values: list[np.ndarray], part: int) -> None:
+        mine = [(n, v) for i, (n, v) in enumerate(zip(names, values)) if i % WORKERS == part]
+        largest = max((v.size for _, v in mine), default=0)
+        if len(scratch[part]) < largest:
+            scratch[part] = np.empty(largest, np.int32)
+        for name, value in mine:
+            stats[name].update(value, scratch[part])
+
+    with ThreadPoolExecutor(max_workers=WORKERS) as workers:
+        for feeds in progress(rechunk(batches, chunk), label):
+            for k in sorted(feeds):
+                digest.update(k.encode())
+                digest.update(feeds[k].tobytes())
+            samples += len(next(iter(feeds.values())))
+            values = sess.run(names, feeds)
+            for job in pending:
+                job.result()  # at most two chunks of activations alive: one computed, one digested
+            pending = [workers.submit(consume, values, part) for part in range(WORKERS)]
+            del values
+        for job in pending:
+            job.result()
+    return Pass(samples, digest.hexdigest())

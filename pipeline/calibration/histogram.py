@@ -1,9 +1,9 @@
 """Streaming statistics of one tensor: signed min/max and a mergeable histogram of |x|.
 
-Two-pass calibration (the default) first measures max |x| and then builds each histogram with
-that range known (``known_amax``): the result is exactly TensorRT's num_bins histogram over
-[0, max |x|], independent of batch size and order. The single-pass scheme below serves sources
-that can only be read once.
+Two-pass calibration (the default) first measures min and max and then, after
+``start_histogram_pass``, builds each histogram with that range known: the result is exactly
+TensorRT's num_bins histogram over [0, max |x|], independent of batch size and order. The
+single-pass scheme below serves sources that can only be read once.
 
 Single-pass histogram scheme (how growth keeps every count):
   * The histogram has ``num_bins * OVERSAMPLE`` fine bins of equal width starting at 0. The width
@@ -42,49 +42,68 @@ class FinalHistogram:
 class TensorStats:
     """min, max and (optionally) the |x| histogram of one tensor, updated batch by batch."""
 
-    def __init__(self, num_bins: int = 2048, histogram: bool = True, known_amax: float | None = None):
+    def __init__(self, num_bins: int = 2048, histogram: bool = True):
         self.num_bins = num_bins
         self.fine_bins = num_bins * OVERSAMPLE
-        self.histogram = histogram
         self.min = np.inf
         self.max = -np.inf
         self.count = 0
         self.width = 0.0  # fine bin width; 0 until a non-zero value is seen
         self.zeros = 0  # values counted while width was still unknown (all exactly 0)
         self.fine = np.zeros(self.fine_bins, np.int64) if histogram else None
-        if known_amax:  # range known from a first pass: edges final from the start, no growth
-            self.width = known_amax / self.fine_bins
+        self.range_final = False  # True in a second pass: min/max known, histogram over [0, amax]
 
     @property
     def amax(self) -> float:
         return float(max(abs(self.min), abs(self.max))) if self.count else 0.0
 
-    def update(self, x: np.ndarray) -> None:
-        """Add a batch. ``x`` may be overwritten (it is a scratch buffer from the runtime)."""
+    def start_histogram_pass(self) -> None:
+        """Second pass: keep min/max, histogram exactly ``num_bins`` bins over [0, max |x|]."""
+        self.range_final = True
+        self.fine_bins = self.num_bins
+        self.fine = np.zeros(self.num_bins, np.int64)
+        self.width = self.amax / self.num_bins
+        if self.width == 0.0:
+            self.fine[0] = self.count
+            self.fine = None  # nothing to learn: every value is 0
+
+    def update(self, x: np.ndarray, scratch: np.ndarray | None = None) -> None:
+        """Add a batch. ``x`` may be overwritten (it is a scratch buffer from the runtime).
+
+        ``scratch`` is an optional reusable int32 buffer for the bin indices: reusing it instead of
+        allocating gigabytes of fresh index arrays per pass saves the page faults, and numpy
+        converts float32 to int32 several times faster than to int64.
+        """
         if x.size == 0:
             return
-        lo, hi = float(x.min()), float(x.max())
-        self.min, self.max = min(self.min, lo), max(self.max, hi)
-        self.count += x.size
+        if not self.range_final:
+            lo, hi = float(x.min()), float(x.max())
+            self.min, self.max = min(self.min, lo), max(self.max, hi)
+            self.count += x.size
         if self.fine is None:
             return
-        batch_amax = max(-lo, hi)
-        if batch_amax == 0.0 and self.width == 0.0:
-            self.zeros += x.size
-            return
-        if self.width == 0.0:
-            self.width = batch_amax / self.fine_bins
-            self.fine[0] += self.zeros
-        self._grow_to(batch_amax)
-        a = (
-            np.abs(x.reshape(-1), out=x.reshape(-1))
-            if x.flags.writeable and x.flags.c_contiguous
-            else np.abs(x.reshape(-1))
-        )
-        a *= np.float32(1.0 / self.width)
-        idx = a.astype(np.int32)
-        np.minimum(idx, self.fine_bins - 1, out=idx)
-        self.fine += np.bincount(idx, minlength=self.fine_bins)
+        if not self.range_final:
+            batch_amax = max(-lo, hi)
+            if batch_amax == 0.0 and self.width == 0.0:
+                self.zeros += x.size
+                return
+            if self.width == 0.0:
+                self.width = batch_amax / self.fine_bins
+                self.fine[0] += self.zeros
+            self._grow_to(batch_amax)
+        flat = x.reshape(-1) if x.flags.c_contiguous and x.flags.writeable else x.flatten()
+        np.abs(flat, out=flat)
+        flat *= np.float32(1.0 / self.width)
+        if scratch is not None and len(scratch) >= len(flat):
+            idx = scratch[: len(flat)]
+            np.copyto(idx, flat, casting="unsafe")  # truncation: floor for |x|
+        else:
+            idx = flat.astype(np.int32)
+        counts = np.bincount(idx, minlength=self.fine_bins)
+        if len(counts) > self.fine_bins:  # values on (or rounding past) the top edge
+            counts[self.fine_bins - 1] += counts[self.fine_bins :].sum()
+            counts = counts[: self.fine_bins]
+        self.fine += counts
 
     def _grow_to(self, amax: float) -> None:
         assert self.fine is not None
@@ -105,12 +124,13 @@ class TensorStats:
 
     def finalize(self) -> FinalHistogram:
         """``num_bins`` bins over [0, max |x|] (see the module docstring for exactness)."""
-        assert self.fine is not None, "histogram statistics were not collected"
         amax = self.amax
-        if amax == 0.0 or self.width == 0.0:
+        if amax == 0.0 or self.width == 0.0 or self.fine is None:
             counts = np.zeros(self.num_bins)
             counts[0] = self.count
             return FinalHistogram(counts, 0.0)
+        if self.range_final:
+            return FinalHistogram(self.fine.astype(np.float64), self.width)
         width = amax / self.num_bins
         centres = (np.arange(self.fine_bins) + 0.5) * self.width
         target = np.minimum((centres / width).astype(np.int64), self.num_bins - 1)

@@ -21,6 +21,7 @@ class TensorRange:
     minmax_amax: float = 0.0  # max |x|, for comparison
     clipped_fraction: float = 0.0  # share of values with |x| > amax
     producer: str = ""
+    method: str = ""  # which method produced amax (minmax for tensors kept out of the histogram)
 
 
 @dataclass

@@ -1,0 +1,74 @@
+"""The calibration engine on real ONNX Runtime sessions: tensor selection, passes, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.calibration.calibrator import calibrate
+from pipeline.errors import CalibrationError
+from pipeline.quantization import quantized_activations
+from tests.models import build
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "m.onnx"
+    onnx.save(build("conv_relu_gemm"), str(path))
+    return path
+
+
+def batches(n: int = 40, size: int = 8, seed: int = 0):  # type: ignore[no-untyped-def]
+    x = np.random.default_rng(seed).laplace(size=(n, 2, 4, 4)).astype(np.float32)
+    return lambda: ({"x": x[i : i + size]} for i in range(0, n, size))
+
+
+def test_minmax_ranges_equal_numpy(model_path: Path) -> None:
+    import onnxruntime
+
+    cal = calibrate(model_path, batches(), "minmax")
+    x = np.concatenate(list(b["x"] for b in batches()()))
+    sess = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": x})
+    t = cal.ranges.tensors
+    assert t["x"].min == x.min() and t["x"].max == x.max()
+    assert t["y"].amax == pytest.approx(float(np.abs(y).max()), rel=1e-6)
+    assert cal.ranges.num_samples == 40 and set(t) == {"x", "conv", "relu", "gap", "flat", "y"}
+
+
+def test_histogram_only_on_quantized_tensors(model_path: Path) -> None:
+    chosen = quantized_activations(build("conv_relu_gemm"), "tensorrt")
+    assert chosen == ["x", "flat"]
+    cal = calibrate(model_path, batches(), "entropy", histogram_tensors=chosen)
+    methods = {k: v.method for k, v in cal.ranges.tensors.items()}
+    assert methods == {
+        "x": "minmax",
+        "conv": "minmax",
+        "relu": "minmax",
+        "gap": "minmax",
+        "flat": "entropy",
+        "y": "minmax",
+    }  # x: graph inputs keep their full range
+    assert set(cal.histograms) == {"flat"}
+    every = calibrate(model_path, batches(), "entropy", minmax_inputs=False)
+    assert set(every.histograms) == {"x", "conv", "relu", "gap", "flat", "y"}
+    assert every.ranges.tensors["x"].amax < every.ranges.tensors["x"].minmax_amax  # Laplace input gets clipped
+
+
+def test_two_pass_does_not_depend_on_batch_size(model_path: Path) -> None:
+    a = calibrate(model_path, batches(size=8), "entropy", minmax_inputs=False)
+    b = calibrate(model_path, batches(size=40), "entropy", minmax_inputs=False)
+    assert a.ranges.data_digest == b.ranges.data_digest  # same samples, same order
+    for name in a.ranges.tensors:
+        assert a.ranges.tensors[name].amax == pytest.approx(b.ranges.tensors[name].amax, rel=1e-6), name
+
+
+def test_non_repeatable_source_is_refused(model_path: Path) -> None:
+    calls = iter(range(10))
+    with pytest.raises(CalibrationError, match="changed between the two passes"):
+        calibrate(model_path, lambda: batches(seed=next(calls))(), "entropy")
+    one_pass = calibrate(model_path, lambda: batches(seed=next(calls))(), "entropy", passes=1)
+    assert one_pass.ranges.params["passes"] == 1
