@@ -51,7 +51,8 @@ def bars(labels: list[str], values: list[float], path: Path, title: str, xlabel:
     fig, ax = plt.subplots(figsize=(8, max(2.0, 0.25 * len(labels) + 1)))
     y = np.arange(len(labels))
     ax.barh(y, values, color="#4c72b0")
-    ax.set_yticks(y, labels, fontsize=7)
+    short = [lab if len(lab) <= 48 else "…" + lab[-47:] for lab in labels]  # tensor names run long
+    ax.set_yticks(y, short, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     ax.set_title(title)

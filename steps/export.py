@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,10 @@ from typing import Any
 import onnx
 
 from pipeline import model as onnx_model
-from pipeline import runtime
+from pipeline import runtime, torch_export
 from pipeline.context import StepContext
-from pipeline.data import import_object, search_dirs
-from pipeline.errors import BackendUnavailable, ModelError, fail
+from pipeline.data import search_dirs
+from pipeline.errors import ModelError, fail
 from pipeline.log import logger
 from steps.base import Step
 
@@ -37,32 +36,9 @@ class ExportConfig:
 def _from_pytorch(ctx: StepContext, cfg: ExportConfig, dst: Path) -> None:
     src = ctx.pipeline.model.pytorch
     assert src is not None
-    try:
-        import torch
-    except ImportError:
-        fail(BackendUnavailable, "model.pytorch needs PyTorch: pip install 'int8pipe[torch]'.")
-    factory = import_object(src.factory, search_dirs(ctx.pipeline.base_dir), "model.pytorch.factory")
-    module = factory(**src.args)
-    module.eval()
-    dummy = tuple(torch.zeros(shape) for shape in src.inputs.values())
-    names = list(src.inputs)
-    axes = {n: {0: "batch"} for n in names} if cfg.dynamic_batch else None
-    with warnings.catch_warnings():
-        # The TorchScript exporter keeps BatchNormalization visible (the dynamo exporter folds it
-        # silently); folding is then done, and reported, by onnxruntime below. Its deprecation
-        # notices and its PRESERVE-mode advice (meant for modules in training mode) are expected.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*constant folding be turned off.*")
-        torch.onnx.export(
-            module,
-            dummy,
-            str(dst),
-            input_names=names,
-            opset_version=cfg.opset,
-            dynamic_axes=axes,
-            dynamo=False,
-            training=torch.onnx.TrainingMode.PRESERVE,
-        )
+    torch_export.export(
+        src.factory, src.args, src.inputs, cfg.opset, cfg.dynamic_batch, dst, search_dirs(ctx.pipeline.base_dir)
+    )
 
 
 def _fold(src: Path, dst: Path) -> None:

@@ -114,7 +114,9 @@ def test_image_folder_source(tmp_path: Path, tracking_uri: str) -> None:
     assert r["tensors"]["x"]["min"] >= -2.0 and r["tensors"]["x"]["max"] <= 2.0  # (v/255 - 0.5) / 0.25
 
 
-def test_from_cache_reproduces_ranges_and_refuses_other_models(tiny: Path, tracking_uri: str) -> None:
+def test_from_cache_reproduces_ranges_and_refuses_other_models(
+    tiny: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     first = run(tiny_pipeline(tiny, {"onnx": "model.onnx"}, {"npz": "cal.npz"}), tracking_uri)
     cal_dir = Path(
         mlflow.artifacts.download_artifacts(
@@ -130,7 +132,9 @@ def test_from_cache_reproduces_ranges_and_refuses_other_models(tiny: Path, track
     text = (cal_dir / "calibration.cache").read_text().replace("TRT-101401", "TRT-8601")
     (legacy / "model.cache").write_text(text)
     steps = {"export": {}, "calibrate": {"from_cache": "legacy/model.cache"}}
+    capsys.readouterr()
     second = run(tiny_pipeline(tiny, {"onnx": "model.onnx"}, {"npz": "cal.npz"}, steps), tracking_uri)
+    assert "not portable across TensorRT releases" in capsys.readouterr().err  # 8.6.1 cache, 10.14.1 target
     got = ranges_of(tracking_uri, second["steps"]["calibrate"], tiny / "second")
     assert got["method"] == "from_cache" and got["params"]["cache_version"] == "8.6.1"
     for name, t in original["tensors"].items():
@@ -142,6 +146,7 @@ def test_from_cache_reproduces_ranges_and_refuses_other_models(tiny: Path, track
     steps = {"export": {}, "calibrate": {"from_cache": str(cal_dir / "calibration.cache")}}
     path = tiny_pipeline(tiny, {"onnx": "model.onnx"}, {"npz": "cal.npz"}, steps)
     assert main(["run", str(path), "--tracking-uri", tracking_uri]) == 2
+    assert "calibrate again on this model" in capsys.readouterr().err
 
 
 def test_mlflow_registry_model_source(tiny: Path, tracking_uri: str) -> None:
@@ -156,7 +161,7 @@ def test_mlflow_registry_model_source(tiny: Path, tracking_uri: str) -> None:
     assert main(["run", str(path), "--tracking-uri", tracking_uri]) == 2
 
 
-def test_pytorch_source(tmp_path: Path, tracking_uri: str) -> None:
+def test_pytorch_source(tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch", reason="the [torch] extra is not installed")
     (tmp_path / "net.py").write_text(
         "import torch\n"
@@ -170,3 +175,9 @@ def test_pytorch_source(tmp_path: Path, tracking_uri: str) -> None:
     s = run(tiny_pipeline(tmp_path, model, {"npz": "cal.npz"}), tracking_uri)
     export = MlflowClient(tracking_uri).get_run(s["steps"]["export"]).data.metrics
     assert export["batchnorm_folded"] == 1 and export["num_nodes"] >= 4
+    (tmp_path / "broken.py").write_text("def build():\n    raise RuntimeError('weights missing')\n")
+    path = tiny_pipeline(
+        tmp_path, {"pytorch": {"factory": "broken:build", "inputs": {"input": [1, 1, 4, 4]}}}, {"npz": "cal.npz"}
+    )
+    assert main(["run", str(path), "--tracking-uri", tracking_uri]) == 2
+    assert "exporting broken:build to ONNX failed: RuntimeError: weights missing" in capsys.readouterr().err
