@@ -25,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "efficientnet_lite0"
-OURS = ["minmax", "entropy", "percentile", "mse"]
+OURS = ["minmax", "entropy", "entropy/1", "percentile", "mse"]  # "/1": steps.calibrate.passes=1
 PEERS = ["MinMax", "Entropy", "Percentile"]
 
 
@@ -46,23 +46,25 @@ def measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, 
     return got["wall"], got["rss"], got["out"]
 
 
-def pipeline_yaml(folder: Path, method: str, samples: int, steps: str = "calibrate") -> Path:
-    path = folder / f"{method}-{samples}-{steps}.yaml"
-    calibrate = f"  calibrate: {{method: {method}, batch_size: 32}}\n" if steps == "calibrate" else ""
+def pipeline_yaml(folder: Path, method: str, samples: int) -> Path:
+    algo, _, passes = method.partition("/")
+    tag = f"{algo}-p{passes or 2}-{samples}"
+    path = folder / f"{tag}.yaml"
+    calibrate = f"  calibrate: {{method: {algo}, batch_size: 32, passes: {passes or 2}}}\n"
     path.write_text(
-        f"name: bench-{method}-{samples}\n"
+        f"name: bench-{tag}\n"
         'model:\n  pytorch: {factory: "model:build", inputs: {input: [1, 3, 224, 224]}}\n'
         f'data:\n  calibration:\n    python: "data:crops"\n    args: {{n: {samples}, batch_size: 32}}\n'
         f"steps:\n  export: {{opset: 17}}\n{calibrate}"
     )
-    for name in ("model.py", "data.py"):
-        (folder / name).write_text((EXAMPLE / name).read_text())
+    for helper in ("model.py", "data.py"):
+        (folder / helper).write_text((EXAMPLE / helper).read_text())
     return path
 
 
 def run_ours(folder: Path, method: str, samples: int) -> dict:
     yaml_path = pipeline_yaml(folder, method, samples)
-    summary = folder / f"{method}-{samples}.json"
+    summary = folder / f"{method.replace('/', '-')}-{samples}.json"
     uri = f"sqlite:///{folder / 'bench.db'}"
     wall, rss, _ = measured(
         [
@@ -84,7 +86,7 @@ def run_ours(folder: Path, method: str, samples: int) -> dict:
     local = mlflow.artifacts.download_artifacts(
         run_id=s["steps"]["calibrate"],
         artifact_path="calibration/ranges.json",
-        dst_path=str(folder / f"r-{method}-{samples}-{time.time_ns()}"),
+        dst_path=str(folder / f"r-{time.time_ns()}"),
         tracking_uri=uri,
     )
     ranges = json.loads(Path(local).read_text())
@@ -183,7 +185,8 @@ def main() -> None:
                 f"export+calibrate peak {runs[-1]['rss']:.2f} GiB",
                 flush=True,
             )
-        rows[f"int8pipe {method}"] = {
+        label = f"int8pipe {method.replace('/1', ' (passes: 1)')}"
+        rows[label] = {
             "seconds": statistics.median(r["seconds"] for r in runs),
             "rss": statistics.median(r["rss"] for r in runs),
             "amax": runs[0]["amax"],

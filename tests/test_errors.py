@@ -157,3 +157,26 @@ def test_failed_gate(digits_copy: Path, tracking_uri: str, capsys: pytest.Captur
     assert validate.data.metrics["accuracy_drop"] > 0.01  # the numbers are kept on the failed run
     assert client.get_run(s["run_id"]).info.status == "FAILED"
     assert client.search_registered_models() == []
+
+
+def test_only_runs_one_step_on_reused_earlier_runs(
+    digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What each MLproject step entry point does: one step, earlier steps taken from finished runs."""
+    path = str(digits_copy / "pipeline.yaml")
+    quick = ["--set", "steps.calibrate.method=minmax"]
+    code, err = run_cli(["run", path, "--tracking-uri", tracking_uri, "--only", "calibrate", *quick], capsys)
+    assert code == 2 and "run the pipeline up to 'export' first" in err
+    assert main(["run", path, "--tracking-uri", tracking_uri, "--only", "export", *quick]) == 0
+    summary = digits_copy / "s.json"
+    assert (
+        main(
+            ["run", path, "--tracking-uri", tracking_uri, "--only", "calibrate", "--summary-json", str(summary), *quick]
+        )
+        == 0
+    )
+    s = json.loads(summary.read_text())
+    assert list(s["steps"]) == ["export", "calibrate"]
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(s["steps"]["export"]).data.tags["int8pipe.reused"] == "true"
+    assert client.get_run(s["steps"]["calibrate"]).data.tags.get("int8pipe.reused") is None

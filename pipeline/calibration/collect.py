@@ -11,9 +11,12 @@ chains cost more than numpy's passes over the copied outputs.)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -44,6 +47,38 @@ def expose(model: onnx.ModelProto, tensors: list[str]) -> bytes:
     return m.SerializeToString()
 
 
+def prefetched(items: Iterable[Batch], digest: Any) -> Iterator[Batch]:
+    """``items`` produced (and hashed) one ahead in a background thread.
+
+    Data sources often cost real time (decoding and resizing images); this overlaps that work with
+    the inference of the previous chunk. At most one extra batch is held.
+    """
+    done = object()
+    q: queue.Queue[Any] = queue.Queue(maxsize=1)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                for k in sorted(item):
+                    digest.update(k.encode())
+                    digest.update(np.ascontiguousarray(item[k]).tobytes())
+                q.put(item)
+            q.put(done)
+        except BaseException as exc:  # re-raised in the consumer, with its type (DataError etc.)
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    while True:
+        item = q.get()
+        if item is done:
+            break
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    thread.join()
+
+
 def run_pass(
     model: onnx.ModelProto, stats: dict[str, TensorStats], batches: Iterable[Batch], label: str, chunk: int = CHUNK
 ) -> Pass:
@@ -65,10 +100,7 @@ def run_pass(
             stats[name].update(value, scratch[part])
 
     with ThreadPoolExecutor(max_workers=WORKERS) as workers:
-        for feeds in progress(rechunk(batches, chunk), label):
-            for k in sorted(feeds):
-                digest.update(k.encode())
-                digest.update(feeds[k].tobytes())
+        for feeds in progress(prefetched(rechunk(batches, chunk), digest), label):
             samples += len(next(iter(feeds.values())))
             values = sess.run(names, feeds)
             for job in pending:
