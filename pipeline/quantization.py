@@ -85,8 +85,13 @@ def quantize(model: onnx.ModelProto, amax: dict[str, float], opts: QuantizeOptio
 
 
 def node_table(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[dict[str, Any]]:
-    """Per original node: whether it is fed through DequantizeLinear (runs in INT8) and how."""
+    """Per original node: how many of its runtime inputs arrive through DequantizeLinear.
+
+    ``int8``: all of them (weights included), ``partial``: some (e.g. a residual Add whose skip
+    branch shares a quantized tensor), ``fp32``: none.
+    """
     producer = {o: n for n in qdq.graph.node for o in n.output}
+    inits = {i.name for i in qdq.graph.initializer}
     sizes = {i.name: int(np.prod(i.dims)) for i in qdq.graph.initializer}
     by_name = {n.name: n for n in qdq.graph.node}
     rows = []
@@ -95,12 +100,14 @@ def node_table(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[dict[str, An
         if q is None:
             continue
         dqs = [producer[i] for i in q.input if i in producer and producer[i].op_type == "DequantizeLinear"]
+        runtime_inputs = [i for i in q.input if i and (i not in inits or i in producer)]
+        precision = "fp32" if not dqs else ("int8" if len(dqs) == len(runtime_inputs) else "partial")
         per_channel = [dq for dq in dqs if sizes.get(dq.input[1], 1) > 1]
         rows.append(
             {
                 "node": node.name,
                 "op_type": node.op_type,
-                "precision": "int8" if dqs else "fp32",
+                "precision": precision,
                 "quantized_inputs": len(dqs),
                 "weights": "per-channel" if per_channel else ("per-tensor" if len(dqs) > 1 else ""),
             }

@@ -146,8 +146,7 @@ class Calibrate(Step):
         ranges = cal.ranges
         ranges.write(ctx.output("ranges", "calibration/ranges.json"))
         amax = ranges.amax()
-        cache = trt_cache.from_amax(amax, cfg.trt_version, "entropy")
-        cache.algorithm = algorithm
+        cache = trt_cache.from_amax(amax, cfg.trt_version, algorithm)
         ctx.output("trt_cache", "calibration/calibration.cache").write_text(cache.text())
         flatbuffers_table.write(amax, ctx.output("ort_trt_table", "calibration/calibration.flatbuffers"))
         ctx.output("dynamic_ranges", "calibration/dynamic_ranges.json").write_text(json.dumps(amax, indent=1))
@@ -155,6 +154,7 @@ class Calibrate(Step):
             {
                 "tensor": name,
                 "producer": r.producer,
+                "method": r.method,
                 "min": r.min,
                 "max": r.max,
                 "amax": r.amax,

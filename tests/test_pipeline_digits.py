@@ -155,6 +155,11 @@ def test_qdq_model_structure(digits_run: dict[str, Any]) -> None:
     inits = {i.name: i for i in qdq.graph.initializer}
     compute = [n for n in qdq.graph.node if n.op_type in ("Conv", "Gemm")]
     assert len(compute) == 7
+    assert digits_run["summary"]["metrics"]["int8_nodes"] == 7  # the 6 Conv and the Gemm
+    table = json.loads((digits_run["artifacts"]["quantize"] / "quantize/nodes_table.json").read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    # the residual Adds: their skip input shares the Conv input's DequantizeLinear, the other is float
+    assert [r["precision"] for r in rows if r["op_type"] == "Add"] == ["partial", "partial"]
     for node in compute:
         assert producer[node.input[0]].op_type == "DequantizeLinear", node.name
         dq_w = producer[node.input[1]]

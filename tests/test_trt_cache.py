@@ -55,7 +55,7 @@ def test_no_range_lines_and_names_with_colons() -> None:
 
 def test_round_trip_is_bit_exact() -> None:
     amax = {"a": 1.0, "b": 6.0270357, "c": 0.0}
-    cache = trt_cache.from_amax(amax, "10.14.1", "entropy")
+    cache = trt_cache.from_amax(amax, "10.14.1", trt_cache.ALGORITHMS["entropy"])
     again = trt_cache.parse(cache.text())
     assert again.version == "10.14.1" and again.algorithm == "EntropyCalibration2"
     assert again.scales["a"] == pytest.approx(1.0 / 127, rel=1e-7)

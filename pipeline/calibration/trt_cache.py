@@ -67,9 +67,10 @@ class CacheFile:
         return "\n".join(lines) + "\n"
 
 
-def from_amax(amax: dict[str, float], version: str, method: str) -> CacheFile:
+def from_amax(amax: dict[str, float], version: str, algorithm: str) -> CacheFile:
+    """A cache for ``amax`` per tensor; ``algorithm`` as in the header (see ALGORITHMS)."""
     scales: dict[str, float | None] = {k: (v / 127.0 if v > 0 else None) for k, v in amax.items()}
-    return CacheFile(version=version, algorithm=ALGORITHMS[method], scales=scales)
+    return CacheFile(version=version, algorithm=algorithm, scales=scales)
 
 
 def parse(text: str, source: str = "cache") -> CacheFile:
