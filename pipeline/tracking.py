@@ -96,8 +96,7 @@ class Tracker:
             self.client.log_artifact(run_id, str(cfg_path), "config")
         params: dict[str, str] = {}
         _flatten("", resolved_config, params)
-        for key, value in params.items():
-            mlflow.log_param(key, value[:6000])
+        mlflow.log_params({key: value[:6000] for key, value in params.items()})
         status = "FAILED"
         try:
             yield run_id
