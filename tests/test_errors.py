@@ -180,3 +180,53 @@ def test_only_runs_one_step_on_reused_earlier_runs(
     client = MlflowClient(tracking_uri)
     assert client.get_run(s["steps"]["export"]).data.tags["int8pipe.reused"] == "true"
     assert client.get_run(s["steps"]["calibrate"]).data.tags.get("int8pipe.reused") is None
+
+
+@pytest.mark.parametrize(
+    ("prepare", "overrides", "expected"),
+    [
+        (None, ["--only", "nothing"], "--only nothing: that step is not in this pipeline"),
+        ("no_labels", [], "steps.validate.metric top1 needs labels"),
+        (None, ["--set", "steps.validate.output=probs"], "steps.validate.output: the model has no output 'probs'"),
+        (None, ["--set", "steps.benchmark.batch_sizes=[0]"], "steps.benchmark: batch_sizes must be positive"),
+        ("python_list", [], "yielded a list as batch 0"),
+        ("empty_images", [], "no images"),
+    ],
+)
+def test_more_user_errors(
+    digits_copy: Path,
+    tracking_uri: str,
+    capsys: pytest.CaptureFixture[str],
+    prepare: str | None,
+    overrides: list[str],
+    expected: str,
+) -> None:
+    data = base(digits_copy)
+    if prepare == "no_labels":
+        np.savez(digits_copy / "data" / "validation.npz", input=_good_input(digits_copy))
+    elif prepare == "python_list":
+        (digits_copy / "src.py").write_text("def batches():\n    yield [1, 2, 3]\n")
+        data["data"]["calibration"] = {"python": "src:batches"}
+    elif prepare == "empty_images":
+        (digits_copy / "imgs").mkdir()
+        data["data"]["calibration"] = {
+            "images": {"dir": "imgs", "size": [16, 16], "mean": [0.0], "std": [1.0], "channels": "L"}
+        }
+    path = write_yaml(digits_copy, data)
+    quick = ["--set", "steps.calibrate.method=minmax", "--set", "steps.benchmark.iterations=2"]
+    code, err = run_cli(["run", str(path), "--tracking-uri", tracking_uri, *quick, *overrides], capsys)
+    assert code == 2, err
+    assert expected in err and "Traceback" not in err
+
+
+def test_malformed_ranges_file(tmp_path: Path) -> None:
+    from pipeline.calibration.ranges import Ranges
+    from pipeline.errors import CalibrationError
+
+    bad = tmp_path / "ranges.json"
+    bad.write_text('{"format": "something else"}')
+    with pytest.raises(CalibrationError, match="not an int8pipe ranges.json"):
+        Ranges.read(bad)
+    bad.write_text("{not json")
+    with pytest.raises(CalibrationError, match="not a readable ranges.json"):
+        Ranges.read(bad)
