@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pipeline.calibration import methods
 from pipeline.calibration.collect import Batch, run_pass
 from pipeline.calibration.histogram import FinalHistogram, TensorStats
 from pipeline.calibration.ranges import Ranges, TensorRange
+from pipeline.calibration.spill import Spill
 from pipeline.errors import CalibrationError, fail
 
 METHODS = ("minmax", "entropy", "percentile", "mse")
@@ -58,9 +60,10 @@ def calibrate(
 ) -> Calibration:
     """Ranges for every activation tensor of the model at ``model_path``.
 
-    ``batches`` is called once per pass. With ``passes=2`` (histogram methods) the first pass finds
-    each tensor's min and max and the second builds exact histograms; ``passes=1`` streams once (see
-    histogram.py). ``histogram_tensors`` limits the histogram method to those tensors (the ones the
+    ``batches`` is called once. With ``passes=2`` (histogram methods) the first pass finds each
+    tensor's min and max and the second, replaying the same inputs from a temporary file (see
+    spill.py), builds exact histograms; ``passes=1`` streams once (see histogram.py).
+    ``histogram_tensors`` limits the histogram method to those tensors (the ones the
     Q/DQ model quantizes); the others get max |x|, marked ``minmax`` in their entry.
 
     With ``minmax_inputs`` the graph inputs keep their full range whatever the method: their range
@@ -79,21 +82,17 @@ def calibrate(
     elif minmax_inputs:
         wanted -= inputs
     stats = {t: TensorStats(num_bins, histogram=passes == 1 and t in wanted) for t in tensors}
-    label = "calibration pass 1/2" if passes == 2 and wanted else "calibration batches"
-    first = run_pass(model, stats, batches(), label)
-    if passes == 2 and wanted:
-        hist = {t: stats[t] for t in tensors if t in wanted}
-        for st in hist.values():
-            st.start_histogram_pass()
-        second = run_pass(
-            model, {t: st for t, st in hist.items() if st.fine is not None}, batches(), "calibration pass 2/2"
-        )
-        if second.data_digest != first.data_digest:
-            fail(
-                CalibrationError,
-                "the calibration data changed between the two passes (a python: source that is not "
-                "deterministic?); make it repeatable or set steps.calibrate.passes: 1.",
-            )
+    two_pass = passes == 2 and bool(wanted)
+    with tempfile.TemporaryDirectory(prefix="int8pipe-calibration-") as tmp:
+        spill = Spill(Path(tmp))
+        source = spill.record(batches()) if two_pass else batches()
+        first = run_pass(model, stats, source, "calibration pass 1/2" if two_pass else "calibration batches")
+        if two_pass:
+            hist = {t: stats[t] for t in tensors if t in wanted}
+            for st in hist.values():
+                st.start_histogram_pass()
+            live = {t: st for t, st in hist.items() if st.fine is not None}
+            run_pass(model, live, spill.replay(), "calibration pass 2/2", digest=False)
     params: dict[str, object] = {}
     if method != "minmax":
         params = {

@@ -59,9 +59,10 @@ def prefetched(items: Iterable[Batch], digest: Any) -> Iterator[Batch]:
     def produce() -> None:
         try:
             for item in items:
-                for k in sorted(item):
-                    digest.update(k.encode())
-                    digest.update(np.ascontiguousarray(item[k]).tobytes())
+                if digest is not None:
+                    for k in sorted(item):
+                        digest.update(k.encode())
+                        digest.update(np.ascontiguousarray(item[k]).tobytes())
                 q.put(item)
             q.put(done)
         except BaseException as exc:  # re-raised in the consumer, with its type (DataError etc.)
@@ -122,12 +123,20 @@ class BoundOutputs:
 
 
 def run_pass(
-    model: onnx.ModelProto, stats: dict[str, TensorStats], batches: Iterable[Batch], label: str, chunk: int = CHUNK
+    model: onnx.ModelProto,
+    stats: dict[str, TensorStats],
+    batches: Iterable[Batch],
+    label: str,
+    chunk: int = CHUNK,
+    digest: bool = True,
 ) -> Pass:
-    """Feed ``batches`` through ``model`` and update ``stats`` (tensor name -> statistics)."""
+    """Feed ``batches`` through ``model`` and update ``stats`` (tensor name -> statistics).
+
+    With ``digest`` the samples are hashed on the way (the data digest recorded in ranges.json).
+    """
     names = list(stats)
     outputs = BoundOutputs(runtime.session(expose(model, names), "cpu"), names)
-    digest = hashlib.sha256()
+    hasher = hashlib.sha256() if digest else None
     samples = 0
     pending: list[Future[None]] = []
 
@@ -142,7 +151,7 @@ def run_pass(
             stats[name].update(value, scratch[part])
 
     with ThreadPoolExecutor(max_workers=WORKERS) as workers:
-        for feeds in progress(prefetched(rechunk(batches, chunk), digest), label):
+        for feeds in progress(prefetched(rechunk(batches, chunk), hasher), label):
             samples += len(next(iter(feeds.values())))
             values = outputs.run(feeds)
             for job in pending:
@@ -151,4 +160,4 @@ def run_pass(
             del values
         for job in pending:
             job.result()
-    return Pass(samples, digest.hexdigest())
+    return Pass(samples, hasher.hexdigest() if hasher else "")

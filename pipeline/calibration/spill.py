@@ -1,0 +1,64 @@
+"""Pass 1's model inputs kept in a temporary folder and read back for pass 2.
+
+Memory stays bounded (the inputs live on disk, not in RAM), the data source is read and decoded
+once, and pass 2 is guaranteed to see exactly the samples pass 1 saw, even from a source that
+would not repeat itself. The folder holds one raw file per model input, as large as that input's
+calibration data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from pipeline.data import LABELS
+
+Batch = dict[str, np.ndarray]
+
+
+class Spill:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.paths: dict[str, Path] = {}
+        self.index: list[dict[str, tuple[int, tuple[int, ...], np.dtype]]] = []
+
+    def record(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        """Yield ``batches`` unchanged while appending their model inputs to disk."""
+        files: dict[str, BinaryIO] = {}
+        offsets: dict[str, int] = {}
+        try:
+            for batch in batches:
+                entry = {}
+                for name, value in batch.items():
+                    if name == LABELS:
+                        continue
+                    if name not in files:
+                        self.paths[name] = self.folder / f"input{len(self.paths)}.bin"
+                        files[name] = open(self.paths[name], "wb")  # noqa: SIM115  # closed below
+                        offsets[name] = 0
+                    array = np.ascontiguousarray(value)
+                    files[name].write(array.tobytes())
+                    entry[name] = (offsets[name], array.shape, array.dtype)
+                    offsets[name] += array.nbytes
+                self.index.append(entry)
+                yield batch
+        finally:
+            for f in files.values():
+                f.close()
+
+    def replay(self) -> Iterator[Batch]:
+        """The recorded batches again, read back one at a time.
+
+        Read, not memory-mapped: mapped pages that were touched count towards the process's
+        resident memory until the end, and would grow it with the number of samples.
+        """
+        for entry in self.index:
+            yield {
+                name: np.fromfile(self.paths[name], dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(
+                    shape
+                )
+                for name, (offset, shape, dtype) in entry.items()
+            }
