@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from pipeline.errors import ModelError, fail
 
@@ -133,10 +133,3 @@ def summary(model: onnx.ModelProto) -> dict[str, Any]:
         "outputs": io(model.graph.output),
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
     }
-
-
-def initializer(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    return None

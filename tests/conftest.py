@@ -25,3 +25,11 @@ def digits_copy(tmp_path: Path) -> Path:
     dst = tmp_path / "digits"
     shutil.copytree(DIGITS, dst, ignore=shutil.ignore_patterns("train.py", "__pycache__"))
     return dst
+
+
+def run_args(config: Path, tracking_uri: str, summary: Path, *overrides: str) -> list[str]:
+    """CLI arguments for `int8pipe run` with a summary file and ``--set`` overrides."""
+    args = ["run", str(config), "--tracking-uri", tracking_uri, "--summary-json", str(summary)]
+    for override in overrides:
+        args += ["--set", override]
+    return args

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from pipeline.cli import main
 from pipeline.config import load
+from tests.conftest import run_args
 
 
 def write_yaml(folder: Path, data: dict) -> Path:
@@ -129,23 +130,15 @@ def test_corrupt_model(digits_copy: Path, tracking_uri: str, capsys: pytest.Capt
 def test_failed_gate(digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     """A 50th-percentile range clips half of every activation: the gate must stop the pipeline."""
     summary = digits_copy / "s.json"
-    code, err = run_cli(
-        [
-            "run",
-            str(digits_copy / "pipeline.yaml"),
-            "--tracking-uri",
-            tracking_uri,
-            "--summary-json",
-            str(summary),
-            "--set",
-            "steps.calibrate.method=percentile",
-            "--set",
-            "steps.calibrate.percentile=50",
-            "--set",
-            "steps.calibrate.minmax_inputs=false",
-        ],
-        capsys,
+    args = run_args(
+        digits_copy / "pipeline.yaml",
+        tracking_uri,
+        summary,
+        "steps.calibrate.method=percentile",
+        "steps.calibrate.percentile=50",
+        "steps.calibrate.minmax_inputs=false",
     )
+    code, err = run_cli(args, capsys)
     assert code == 3, err
     assert "accuracy gate failed" in err and "FP32 0.99" in err and "max_drop=0.01" in err
     s = json.loads(summary.read_text())

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_args
 
 MISSING = [
     m
@@ -23,18 +23,13 @@ MISSING = [
 def test_efficientnet_lite0_example(tmp_path: Path, tracking_uri: str) -> None:
     summary = tmp_path / "s.json"
     code = main(
-        [
-            "run",
-            str(ROOT / "examples/efficientnet_lite0/pipeline.yaml"),
-            "--tracking-uri",
+        run_args(
+            ROOT / "examples/efficientnet_lite0/pipeline.yaml",
             tracking_uri,
-            "--summary-json",
-            str(summary),
-            "--set",
+            summary,
             "data.calibration.args={n: 16, batch_size: 8}",
-            "--set",
             "data.validation.args={n: 8, batch_size: 8, seed: 1}",
-        ]
+        )
     )
     assert code == 0
     s = json.loads(summary.read_text())

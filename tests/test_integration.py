@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from pipeline import runtime
 from pipeline.cli import main
 from pipeline.errors import BackendUnavailable
-from tests.conftest import DIGITS, ROOT
+from tests.conftest import DIGITS, ROOT, run_args
 from tests.models import build
 
 BIN = Path(sys.executable).parent
@@ -84,18 +84,13 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 def test_pipeline_against_a_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
     summary = tmp_path / "s.json"
     code = main(
-        [
-            "run",
-            str(DIGITS / "pipeline.yaml"),
-            "--tracking-uri",
+        run_args(
+            DIGITS / "pipeline.yaml",
             mlflow_server,
-            "--summary-json",
-            str(summary),
-            "--set",
+            summary,
             "steps.benchmark.iterations=5",
-            "--set",
             "steps.benchmark.batch_sizes=[1]",
-        ]
+        )
     )
     assert code == 0
     s = json.loads(summary.read_text())
@@ -146,20 +141,14 @@ def test_benchmark_reports_unavailable_providers(digits_copy: Path, tracking_uri
         pytest.skip("CUDA provider present: nothing is unavailable here")
     summary = digits_copy / "s.json"
     code = main(
-        [
-            "run",
-            str(digits_copy / "pipeline.yaml"),
-            "--tracking-uri",
+        run_args(
+            digits_copy / "pipeline.yaml",
             tracking_uri,
-            "--summary-json",
-            str(summary),
-            "--set",
+            summary,
             "steps.benchmark={providers: [cpu, cuda], batch_sizes: [2], iterations: 3}",
-            "--set",
             "steps.promote.alias=null",
-            "--set",
             "steps.calibrate.method=minmax",
-        ]
+        )
     )
     assert code == 0
     s = json.loads(summary.read_text())

@@ -24,7 +24,6 @@ ALGORITHMS = {
     "percentile": "EntropyCalibration2",
     "mse": "EntropyCalibration2",
 }
-KNOWN_ALGORITHMS = {"EntropyCalibration", "EntropyCalibration2", "MinMaxCalibration", "LegacyCalibration"}
 
 
 def encode_version(version: str) -> int:
