@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--big", type=int, default=1024, help="sample count for the memory-growth check (0: skip)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ours", default=",".join(OURS), help="int8pipe methods; '/1' = passes: 1")
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--worker")
     ap.add_argument("--model")
@@ -176,7 +177,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-bench-"))
     print(f"# EfficientNet-Lite0, {args.samples} samples, median of {args.repeats}; work dir {folder}", flush=True)
     rows: dict[str, dict] = {}
-    for method in OURS:
+    for method in [m for m in args.ours.split(",") if m]:
         runs = []
         for i in range(args.repeats):
             runs.append(run_ours(folder, method, args.samples))

@@ -30,11 +30,15 @@ def session(
     provider: str = "cpu",
     optimize: bool = True,
     threads: int | None = None,
+    spin: bool = True,
 ) -> Any:
     """An InferenceSession on ``provider`` only; raises BackendUnavailable if it would fall back.
 
     ``optimize=False`` turns graph optimisations off, so a Q/DQ graph is executed node by node in
     float (the exact quantised arithmetic) instead of through ORT's fused int8 kernels.
+    ``spin=False`` stops ORT's idle worker threads from busy-waiting between operators: right when
+    other threads share the cores (calibration digests activations while ORT runs), wrong for
+    latency measurements.
     """
     rt = ort()
     wanted = PROVIDERS.get(provider)
@@ -52,6 +56,8 @@ def session(
     )
     if threads:
         so.intra_op_num_threads = threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
     try:
         sess = rt.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)

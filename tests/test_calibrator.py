@@ -75,3 +75,51 @@ def test_source_is_read_once_and_replayed(model_path: Path) -> None:
     assert cal.ranges.amax() == ref.ranges.amax()
     one_pass = calibrate(model_path, batches(), "entropy", passes=1)
     assert one_pass.ranges.params["passes"] == 1
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_non_finite_activations_are_refused_by_name(tmp_path: Path, passes: int) -> None:
+    from onnx import TensorProto, helper
+
+    from pipeline.errors import CalibrationError
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("inverse", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph([helper.make_node("Reciprocal", ["x"], ["inverse"])], "g", [x], [y])
+    path = tmp_path / "reciprocal.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    data = np.ones((16, 4), np.float32)
+    data[9, 2] = 0.0  # 1/0 = inf in one sample of the second batch
+    with pytest.raises(CalibrationError, match=r"1 tensor\(s\) took NaN or infinite values .*'inverse'"):
+        calibrate(path, lambda: ({"x": data[i : i + 8]} for i in (0, 8)), "entropy", passes=passes)
+    fine = calibrate(path, lambda: iter([{"x": data[:8]}]), "entropy", passes=passes)
+    assert fine.ranges.tensors["inverse"].max == 1.0
+
+
+def test_derived_ranges_equal_measured_ones(tmp_path: Path) -> None:
+    """Relu/Clip/Flatten ranges follow from the Conv's without being exposed, and equal the real ones."""
+    import onnxruntime
+
+    from pipeline.calibration.collect import CHUNK, expose
+    from pipeline.calibration.derived import derivable
+
+    model = build("clip_chain")
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, str(path))
+    tensors = ["x", "conv", "relu6", "relu", "flat", "y", "top", "clipped"]
+    derived = derivable(model, tensors, measure=set())
+    assert {k: v.source for k, v in derived.items()} == {"relu6": "conv", "relu": "conv", "flat": "conv"}
+    partial = derivable(model, tensors, measure={"relu"})  # a histogram tensor is measured, and can be a source
+    assert {k: v.source for k, v in partial.items()} == {"relu6": "conv", "flat": "relu"}
+
+    x = (np.random.default_rng(0).normal(size=(24, 2, 4, 4)) * 3).astype(np.float32)
+    cal = calibrate(path, lambda: ({"x": x[i : i + 8]} for i in range(0, 24, 8)), "minmax")
+    sess = onnxruntime.InferenceSession(expose(model, tensors), providers=["CPUExecutionProvider"])
+    # ReduceMax spans a whole batch, so the reference runs the chunks the calibrator runs
+    runs = [sess.run(tensors, {"x": x[i : i + CHUNK]}) for i in range(0, 24, CHUNK)]
+    for k, name in enumerate(tensors):
+        got = cal.ranges.tensors[name]
+        assert got.min == min(float(r[k].min()) for r in runs), name
+        assert got.max == max(float(r[k].max()) for r in runs), name
+    assert cal.ranges.tensors["conv"].max > 6.0 and cal.ranges.tensors["relu6"].max == 6.0  # the clip was real
+    assert cal.ranges.tensors["conv"].min < 0.0 and cal.ranges.tensors["relu"].min == 0.0

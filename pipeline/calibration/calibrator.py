@@ -14,6 +14,7 @@ from pipeline import environment
 from pipeline import model as onnx_model
 from pipeline.calibration import methods
 from pipeline.calibration.collect import Batch, run_pass
+from pipeline.calibration.derived import derivable
 from pipeline.calibration.histogram import FinalHistogram, TensorStats
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.calibration.spill import Spill
@@ -48,6 +49,18 @@ def clipped_fraction(hist: FinalHistogram, amax: float) -> float:
     return float(max(total - below, 0.0) / total)
 
 
+def check_finite(stats: dict[str, TensorStats]) -> None:
+    bad = [name for name, st in stats.items() if not st.finite]
+    if bad:
+        shown = ", ".join(repr(b) for b in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        fail(
+            CalibrationError,
+            f"{len(bad)} tensor(s) took NaN or infinite values on the calibration data ({shown}); no range "
+            "can be calibrated from them. Check that the data is preprocessed as the model expects (scale, "
+            "mean/std, layout) and that the FP32 model itself runs cleanly on it (e.g. a Log or Div of zero).",
+        )
+
+
 def calibrate(
     model_path: Path,
     batches: Callable[[], Iterable[Batch]],
@@ -63,7 +76,8 @@ def calibrate(
     ``batches`` is called once. With ``passes=2`` (histogram methods) the first pass finds each
     tensor's min and max and the second, replaying the same inputs from a temporary file (see
     spill.py), builds exact histograms; ``passes=1`` streams once (see histogram.py).
-    ``histogram_tensors`` limits the histogram method to those tensors (the ones the
+    Tensors whose range follows exactly from another's (Relu, Clip, reshapes: derived.py) are not
+    exposed in the min/max pass. ``histogram_tensors`` limits the histogram method to those tensors (the ones the
     Q/DQ model quantizes); the others get max |x|, marked ``minmax`` in their entry.
 
     With ``minmax_inputs`` the graph inputs keep their full range whatever the method: their range
@@ -86,7 +100,15 @@ def calibrate(
     with tempfile.TemporaryDirectory(prefix="int8pipe-calibration-") as tmp:
         spill = Spill(Path(tmp))
         source = spill.record(batches()) if two_pass else batches()
-        first = run_pass(model, stats, source, "calibration pass 1/2" if two_pass else "calibration batches")
+        derived = derivable(model, tensors, measure=set() if two_pass else wanted)
+        measured = {t: st for t, st in stats.items() if t not in derived}
+        first = run_pass(model, measured, source, "calibration pass 1/2" if two_pass else "calibration batches")
+        for name, rule in derived.items():
+            src, st = stats[rule.source], stats[name]
+            st.finite, st.count = src.finite, src.count
+            if src.count and src.finite:
+                st.min, st.max = rule.bounds(src.min, src.max)
+        check_finite(stats)
         if two_pass:
             hist = {t: stats[t] for t in tensors if t in wanted}
             for st in hist.values():

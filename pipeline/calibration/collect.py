@@ -135,7 +135,7 @@ def run_pass(
     With ``digest`` the samples are hashed on the way (the data digest recorded in ranges.json).
     """
     names = list(stats)
-    outputs = BoundOutputs(runtime.session(expose(model, names), "cpu"), names)
+    outputs = BoundOutputs(runtime.session(expose(model, names), "cpu", spin=False), names)
     hasher = hashlib.sha256() if digest else None
     samples = 0
     pending: list[Future[None]] = []

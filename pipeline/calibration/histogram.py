@@ -22,11 +22,48 @@ Single-pass histogram scheme (how growth keeps every count):
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+_compiled_abs_histogram: Callable[[np.ndarray, float, np.ndarray], None] | None
+try:  # built by setup.py where a C compiler exists; same counts as the numpy path, ~2.5x faster
+    from pipeline.calibration._histogram import abs_histogram as _compiled_abs_histogram
+except ImportError:  # pragma: no cover - depends on the install
+    _compiled_abs_histogram = None
+
 OVERSAMPLE = 8
+KERNEL = "compiled" if _compiled_abs_histogram is not None else "numpy"
+
+
+def add_abs_histogram(
+    x: np.ndarray, inv_width: float, counts: np.ndarray, scratch: np.ndarray | None = None, compiled: bool = True
+) -> None:
+    """``counts[min(int(|x| * inv_width), len(counts) - 1)] += 1`` for every value of float32 ``x``.
+
+    The compiled kernel (pipeline/calibration/_histogram.c) reads ``x`` once; the numpy path
+    overwrites ``x`` when it is writable and contiguous. Both compute the bin in float32 and
+    truncate, so they agree count for count. ``scratch`` is an optional reusable int32 buffer for
+    the numpy path's bin indices (reusing it saves page faults on gigabytes of index arrays).
+    """
+    if compiled and _compiled_abs_histogram is not None and x.dtype == np.float32 and x.flags.c_contiguous:
+        _compiled_abs_histogram(x, float(np.float32(inv_width)), counts)
+        return
+    bins = len(counts)
+    flat = x.reshape(-1) if x.flags.c_contiguous and x.flags.writeable else x.flatten()
+    np.abs(flat, out=flat)
+    flat *= np.float32(inv_width)
+    if scratch is not None and len(scratch) >= len(flat):
+        idx = scratch[: len(flat)]
+        np.copyto(idx, flat, casting="unsafe")  # truncation: floor for |x|
+    else:
+        idx = flat.astype(np.int32)
+    hist = np.bincount(idx, minlength=bins)
+    if len(hist) > bins:  # values on (or rounding past) the top edge
+        hist[bins - 1] += hist[bins:].sum()
+    counts += hist[:bins]
 
 
 @dataclass
@@ -52,6 +89,7 @@ class TensorStats:
         self.zeros = 0  # values counted while width was still unknown (all exactly 0)
         self.fine = np.zeros(self.fine_bins, np.int64) if histogram else None
         self.range_final = False  # True in a second pass: min/max known, histogram over [0, amax]
+        self.finite = True  # False once a NaN or inf was seen; the calibrator refuses such tensors
 
     @property
     def amax(self) -> float:
@@ -70,14 +108,15 @@ class TensorStats:
     def update(self, x: np.ndarray, scratch: np.ndarray | None = None) -> None:
         """Add a batch. ``x`` may be overwritten (it is a scratch buffer from the runtime).
 
-        ``scratch`` is an optional reusable int32 buffer for the bin indices: reusing it instead of
-        allocating gigabytes of fresh index arrays per pass saves the page faults, and numpy
-        converts float32 to int32 several times faster than to int64.
+        ``scratch``: see :func:`add_abs_histogram`.
         """
         if x.size == 0:
             return
         if not self.range_final:
             lo, hi = float(x.min()), float(x.max())
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                self.finite = False  # min() would silently drop a NaN; no histogram can hold either
+                return
             self.min, self.max = min(self.min, lo), max(self.max, hi)
             self.count += x.size
         if self.fine is None:
@@ -91,19 +130,7 @@ class TensorStats:
                 self.width = batch_amax / self.fine_bins
                 self.fine[0] += self.zeros
             self._grow_to(batch_amax)
-        flat = x.reshape(-1) if x.flags.c_contiguous and x.flags.writeable else x.flatten()
-        np.abs(flat, out=flat)
-        flat *= np.float32(1.0 / self.width)
-        if scratch is not None and len(scratch) >= len(flat):
-            idx = scratch[: len(flat)]
-            np.copyto(idx, flat, casting="unsafe")  # truncation: floor for |x|
-        else:
-            idx = flat.astype(np.int32)
-        counts = np.bincount(idx, minlength=self.fine_bins)
-        if len(counts) > self.fine_bins:  # values on (or rounding past) the top edge
-            counts[self.fine_bins - 1] += counts[self.fine_bins :].sum()
-            counts = counts[: self.fine_bins]
-        self.fine += counts
+        add_abs_histogram(x, 1.0 / self.width, self.fine, scratch)
 
     def _grow_to(self, amax: float) -> None:
         assert self.fine is not None

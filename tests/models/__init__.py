@@ -84,3 +84,33 @@ def matmul_two_inputs() -> onnx.ModelProto:
         [_t("y", ["batch", 2])],
         [numpy_helper.from_array(w, "w")],
     )
+
+
+@register
+def clip_chain() -> onnx.ModelProto:
+    """x[N,2,4,4] -> Conv -> Clip(0, 6) -> Relu -> Flatten -> Gemm(3) -> y, plus Clip(x, 0, lo) with lo = -Gemm.
+
+    The Clip/Relu/Flatten chain has ranges that follow from the Conv's; the second Clip's upper bound
+    is computed at run time, so its range must be measured. Conv weights are large enough that the
+    Clip(0, 6) really clips.
+    """
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(3, 2, 3, 3)).astype(np.float32) * 2.0
+    fc = rng.normal(size=(3, 48)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["conv", "zero", "six"], ["relu6"], name="relu6"),
+        helper.make_node("Relu", ["relu6"], ["relu"], name="relu"),
+        helper.make_node("Flatten", ["relu"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc"], ["y"], name="fc", transB=1),
+        helper.make_node("ReduceMax", ["y"], ["top"], name="top", keepdims=0),
+        helper.make_node("Clip", ["x", "zero", "top"], ["clipped"], name="runtime_clip"),
+    ]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(fc, "fc"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+    ]
+    outputs = [_t("y", ["batch", 3]), _t("clipped", ["batch", 2, 4, 4])]
+    return _model(nodes, [_t("x", ["batch", 2, 4, 4])], outputs, inits)

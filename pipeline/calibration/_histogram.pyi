@@ -1,0 +1,3 @@
+from typing import Any
+
+def abs_histogram(values: Any, inv_width: float, counts: Any, /) -> None: ...
