@@ -13,6 +13,7 @@ approximations, and a derived range must be the measured one exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,12 +32,12 @@ class Derived:
 
 
 def _clip_bounds(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> Bounds | None:
-    lo, hi = -np.inf, np.inf
+    lo, hi = -math.inf, math.inf
     for attr in node.attribute:  # opset < 11 keeps the bounds as attributes
         if attr.name == "min":
-            lo = attr.f
+            lo = float(attr.f)
         elif attr.name == "max":
-            hi = attr.f
+            hi = float(attr.f)
     for position, name in ((1, "min"), (2, "max")):
         if len(node.input) > position and node.input[position]:
             value = constants.get(node.input[position])
@@ -48,8 +49,8 @@ def _clip_bounds(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> Boun
                 hi = float(value.reshape(()))
     if lo > hi:
         return None
-    a, b = np.float32(lo), np.float32(hi)
-    return lambda mn, mx: (float(min(max(np.float32(mn), a), b)), float(min(max(np.float32(mx), a), b)))
+    # Python floats hold float16/32/64 values exactly, so comparing them is the runtime's comparison
+    return lambda mn, mx: (min(max(mn, lo), hi), min(max(mx, lo), hi))
 
 
 def _bounds(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> Bounds | None:

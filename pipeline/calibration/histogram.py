@@ -2,7 +2,9 @@
 
 Two-pass calibration (the default) first measures min and max and then, after
 ``start_histogram_pass``, builds each histogram with that range known: the result is exactly
-TensorRT's num_bins histogram over [0, max |x|], independent of batch size and order. The
+the num_bins histogram over [0, max |x|] that TensorRT builds from one batch holding all the data,
+independent of batch size and order. (TensorRT itself, fed several batches, doubles its range when a
+batch exceeds it and keeps the half-empty result: order-dependent, as its developer guide warns.) The
 single-pass scheme below serves sources that can only be read once.
 
 Single-pass histogram scheme (how growth keeps every count):
@@ -115,7 +117,7 @@ class TensorStats:
         if not self.range_final:
             lo, hi = float(x.min()), float(x.max())
             if not (math.isfinite(lo) and math.isfinite(hi)):
-                self.finite = False  # min() would silently drop a NaN; no histogram can hold either
+                self.finite = False  # Python's min() below would drop a NaN; no histogram can hold inf
                 return
             self.min, self.max = min(self.min, lo), max(self.max, hi)
             self.count += x.size
