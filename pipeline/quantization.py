@@ -1,8 +1,10 @@
 """Build the Q/DQ model from precomputed ranges with ONNX Runtime's quantization tooling.
 
 No calibration happens here: ranges come from ``ranges.json`` and are handed to ORT's
-``QDQQuantizer`` as ``TensorsData``. Activations are INT8, symmetric, per tensor (scale = amax/127,
-zero point 0, TensorRT's convention); weights are INT8, symmetric, per output channel (max |w|).
+``QDQQuantizer`` as ``TensorsData``. Weights are INT8, symmetric, per output channel (max |w|).
+Activations are per tensor, either symmetric INT8 (scale = amax/127, zero point 0: TensorRT's only
+scheme) or asymmetric UINT8 over the observed [min, max] clipped to [-amax, amax] (ONNX Runtime's
+default: a ReLU output that never goes negative gets all 256 levels instead of 128).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class QuantizeOptions:
     per_channel: bool = True
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
+    activations: str = "symmetric"  # symmetric (s8, zero point 0) | asymmetric (u8 with a zero point)
 
 
 def _op_types(model: onnx.ModelProto, opts: QuantizeOptions) -> list[str]:
@@ -39,18 +42,40 @@ def _op_types(model: onnx.ModelProto, opts: QuantizeOptions) -> list[str]:
     return [o for o in ops if o not in opts.exclude_op_types]
 
 
-def quantize(model: onnx.ModelProto, amax: dict[str, float], opts: QuantizeOptions) -> onnx.ModelProto:
-    """The Q/DQ model for ``model`` with symmetric ranges ``amax`` (tensor name -> threshold)."""
+def activation_bounds(
+    amax: dict[str, float], observed: dict[str, tuple[float, float]] | None, symmetric: bool
+) -> dict[str, tuple[float, float]]:
+    """Per tensor (lowest, highest) for the quantizer: [-amax, amax], or the observed [min, max]
+    clipped to it (the calibration method's threshold still decides what saturates)."""
+    if symmetric:
+        return {k: (-a, a) for k, a in amax.items() if a > 0}
+    if observed is None:
+        raise ValueError("asymmetric activations need the observed min and max of each tensor")
+    return {k: (max(observed[k][0], -a), min(observed[k][1], a)) for k, a in amax.items() if a > 0 and k in observed}
+
+
+def quantize(
+    model: onnx.ModelProto,
+    amax: dict[str, float],
+    opts: QuantizeOptions,
+    observed: dict[str, tuple[float, float]] | None = None,
+) -> onnx.ModelProto:
+    """The Q/DQ model for ``model`` with thresholds ``amax`` (tensor name -> symmetric threshold).
+
+    ``observed`` (tensor name -> calibration min, max) is needed for asymmetric activations.
+    """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
+    symmetric = opts.activations == "symmetric"
+    bounds = activation_bounds(amax, observed, symmetric)
     ranges = TensorsData(
         CalibrationMethod.MinMax,
-        {k: TensorData(lowest=np.float32(-v), highest=np.float32(v)) for k, v in amax.items() if v > 0},
+        {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in bounds.items()},
     )
     op_types = _op_types(model, opts)
-    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    extra: dict[str, Any] = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
     if opts.target == "tensorrt":
         extra.update(
             {
@@ -70,8 +95,8 @@ def quantize(model: onnx.ModelProto, amax: dict[str, float], opts: QuantizeOptio
             model,
             opts.per_channel,
             False,  # reduce_range: a workaround for pre-VNNI x86 kernels, not what TensorRT wants
-            QuantType.QInt8,
-            QuantType.QInt8,
+            QuantType.QInt8,  # weights
+            QuantType.QInt8 if symmetric else QuantType.QUInt8,  # activations
             ranges,
             [],
             list(opts.exclude_nodes),
@@ -113,6 +138,18 @@ def node_table(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[dict[str, An
             }
         )
     return rows
+
+
+def dequantized_names(qdq: onnx.ModelProto) -> dict[str, str]:
+    """tensor -> output of the DequantizeLinear behind its QuantizeLinear: the value its consumers see.
+
+    Per-layer error compares FP32 tensors against these. The float tensor of the same name can mean
+    something else: for asymmetric activations ORT deletes a Relu/Clip whose range the quantizer's
+    saturation already applies, and the convolution before it takes over the name, unclipped.
+    """
+    quantized = {n.input[0]: n.output[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    dequantized = {n.input[0]: n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    return {t: dequantized[q] for t, q in quantized.items() if q in dequantized}
 
 
 def quantized_activations(model: onnx.ModelProto, target: str) -> list[str] | None:

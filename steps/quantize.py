@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import onnx
 
 from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges
 from pipeline.context import StepContext
+from pipeline.errors import ConfigError, fail
 from pipeline.log import logger
 from pipeline.quantization import QuantizeOptions, node_table, quantize
 from steps.base import Step
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 
 @dataclass
@@ -26,6 +30,14 @@ class QuantizeConfig:
     target: Literal["tensorrt", "onnxruntime"] = "tensorrt"
     per_channel: bool = True
     exclude: Exclude = field(default_factory=Exclude)
+    # auto: symmetric for tensorrt (its only INT8 scheme), asymmetric uint8 for onnxruntime (its default)
+    activations: Literal["auto", "symmetric", "asymmetric"] = "auto"
+
+    @property
+    def activation_scheme(self) -> str:
+        if self.activations != "auto":
+            return self.activations
+        return "symmetric" if self.target == "tensorrt" else "asymmetric"
 
 
 class Quantize(Step):
@@ -34,20 +46,40 @@ class Quantize(Step):
     needs_steps = ("export", "calibrate")
     parent_metrics = ("size_mb_fp32", "size_mb_int8")
 
+    @classmethod
+    def check(cls, pipeline: PipelineConfig) -> None:
+        super().check(pipeline)
+        cfg: QuantizeConfig = pipeline.steps["quantize"]
+        if cfg.target == "tensorrt" and cfg.activations == "asymmetric":
+            fail(
+                ConfigError,
+                "steps.quantize.activations: asymmetric needs target: onnxruntime; TensorRT runs INT8 "
+                "activations only with zero point 0. Use activations: symmetric (or auto).",
+            )
+
     def run(self, ctx: StepContext, cfg: QuantizeConfig) -> None:
         fp32_path = ctx.input("fp32_model")
         ranges = Ranges.read(ctx.input("ranges"))
         ranges.check_model(onnx_model.sha256(fp32_path), "steps.quantize")
         fp32 = onnx_model.load(fp32_path, check=False)
-        opts = QuantizeOptions(cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types))
-        qdq = quantize(fp32, ranges.amax(), opts)
+        opts = QuantizeOptions(
+            cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types), cfg.activation_scheme
+        )
+        observed = {k: (v.min, v.max) for k, v in ranges.tensors.items()}
+        qdq = quantize(fp32, ranges.amax(), opts, observed)
         out = ctx.output("int8_model", "model/model_int8.onnx")
         onnx.save(qdq, str(out))
         rows = node_table(fp32, qdq)
         if rows:
             ctx.log_table(rows, "quantize/nodes_table.json")
         int8 = sum(r["precision"] == "int8" for r in rows)
-        logger.info("quantize: %d of %d nodes run in INT8 (target %s)", int8, len(rows), cfg.target)
+        logger.info(
+            "quantize: %d of %d nodes run in INT8 (target %s, %s activations)",
+            int8,
+            len(rows),
+            cfg.target,
+            cfg.activation_scheme,
+        )
         ctx.log_metrics(
             {
                 "int8_nodes": int8,

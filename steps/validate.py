@@ -19,6 +19,7 @@ from pipeline.calibration.collect import expose
 from pipeline.context import StepContext
 from pipeline.errors import ConfigError, DataError, GateFailed, fail
 from pipeline.log import logger, progress
+from pipeline.quantization import dequantized_names
 from steps.base import Step
 
 if TYPE_CHECKING:
@@ -155,9 +156,11 @@ class Validate(Step):
         int8_model = onnx_model.load(int8_path, check=False)
         int8_tensors = {o for n in int8_model.graph.node for o in n.output}
         tensors = [t for t in onnx_model.activation_tensors(fp32_model) if t in int8_tensors]
+        seen_as = dequantized_names(int8_model)
         producer = onnx_model.producers(fp32_model)
         a = runtime.session(expose(fp32_model, tensors))
-        b = runtime.session(expose(int8_model, tensors), optimize=not exact)
+        int8_names = [seen_as.get(t, t) for t in tensors]
+        b = runtime.session(expose(int8_model, int8_names), optimize=not exact)
         acc = {t: evaluation.ErrorAccumulator() for t in tensors}
         seen = 0
         # tiny chunks: every tensor of both models is alive at once here
@@ -166,12 +169,13 @@ class Validate(Step):
                 break
             feeds = {k: v[: cfg.layer_samples - seen] for k, v in feeds.items()}
             seen += len(next(iter(feeds.values())))
-            for t, x, y in zip(tensors, a.run(tensors, feeds), b.run(tensors, feeds)):
+            for t, x, y in zip(tensors, a.run(tensors, feeds), b.run(int8_names, feeds)):
                 acc[t].update(x, y)
         rows: list[dict[str, Any]] = [
             {
                 "tensor": t,
                 "producer": producer.get(t, ""),
+                "int8_value": "dequantized" if t in seen_as else "float",
                 "sqnr_db": acc[t].sqnr_db,
                 "cosine": acc[t].cosine,
                 "max_abs_err": acc[t].max_abs_err,

@@ -44,6 +44,10 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (lambda d: d["steps"].pop("validate"), "steps.promote.alias is set only when the accuracy gate passes"),
         (lambda d: d["data"].pop("validation"), "steps.validate needs data.validation"),
         (lambda d: d["steps"]["promote"].pop("registered_model"), "steps.promote.registered_model: required key"),
+        (
+            lambda d: d["steps"]["quantize"].update(target="tensorrt", activations="asymmetric"),
+            "steps.quantize.activations: asymmetric needs target: onnxruntime",
+        ),
     ],
 )
 def test_config_errors_name_the_key(

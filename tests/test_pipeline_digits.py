@@ -216,3 +216,28 @@ def test_second_identical_run_reuses(digits_run: dict[str, Any]) -> None:
     assert client.get_run(second["steps"]["promote"]).data.tags.get("int8pipe.reused") is None
     assert second["registered_model"]["version"] != first["registered_model"]["version"]
     assert second["metrics"]["accuracy_drop"] == first["metrics"]["accuracy_drop"]
+
+
+def test_onnxruntime_target_uses_asymmetric_uint8_activations(tmp_path: Path) -> None:
+    """target: onnxruntime quantizes activations to uint8 over their observed range (ORT's own default),
+    validates through ORT's int8 kernels, and its per-layer errors read the values consumers see."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary_path = tmp_path / "s.json"
+    overrides = ["steps.quantize.target=onnxruntime", "steps.benchmark.iterations=5", "steps.promote.alias=null"]
+    args = ["run", str(DIGITS / "pipeline.yaml"), "--tracking-uri", uri, "--summary-json", str(summary_path)]
+    assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    summary = json.loads(summary_path.read_text())
+    m = summary["metrics"]
+    assert m["accuracy_drop"] <= 0.01
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=summary["steps"]["quantize"], tracking_uri=uri))
+    qdq = onnx.load(str(folder / "model/model_int8.onnx"))
+    inits = {i.name: i for i in qdq.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.data_type == onnx.TensorProto.UINT8 for z in zero_points)
+    assert any(onnx.numpy_helper.to_array(z) != 0 for z in zero_points)  # signed tensors get a real zero point
+    report = mlflow.artifacts.download_artifacts(
+        run_id=summary["steps"]["validate"], artifact_path="validation/report.json", tracking_uri=uri
+    )
+    layers = json.loads(Path(report).read_text())["layers"]
+    assert {r["int8_value"] for r in layers} == {"dequantized", "float"}
+    assert min(r["sqnr_db"] for r in layers) > 10  # no layer compared against a renamed, unclipped tensor

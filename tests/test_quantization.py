@@ -87,3 +87,56 @@ def test_activation_scale_is_amax_over_127() -> None:
     scales = {n.input[0]: float(inits[n.input[1]]) for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
     assert scales["x"] == pytest.approx(0.02, rel=1e-6)
     assert scales["flat"] == pytest.approx(0.01, rel=1e-6)
+
+
+def _q_params(qdq: onnx.ModelProto, tensor: str) -> tuple[float, int, int]:
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    (q,) = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor]
+    zp = inits[q.input[2]]
+    return float(inits[q.input[1]]), int(zp), zp.dtype.itemsize * (1 if zp.dtype.kind == "u" else -1)
+
+
+def test_asymmetric_activations_use_the_observed_range_clipped_to_amax() -> None:
+    model = build("conv_relu_gemm")
+    # x is signed: [-2, 3] clipped by amax 2.5 to [-2, 2.5]; flat never goes negative: [0, 1.5]
+    observed = {"x": (-2.0, 3.0), "flat": (0.0, 1.5)}
+    amax = {"x": 2.5, "flat": 4.0}
+    opts = QuantizeOptions(target="tensorrt", activations="asymmetric")
+    qdq = quantize(model, amax, opts, observed)
+    scale, zp, kind = _q_params(qdq, "x")
+    assert kind == 1  # uint8
+    assert scale == pytest.approx(4.5 / 255, rel=1e-6) and zp == round(2.0 / (4.5 / 255))
+    scale, zp, _ = _q_params(qdq, "flat")
+    assert scale == pytest.approx(1.5 / 255, rel=1e-6) and zp == 0  # all 256 levels on [0, 1.5]
+    symmetric = quantize(model, amax, QuantizeOptions(target="tensorrt"))
+    assert _q_params(symmetric, "flat") == (pytest.approx(4.0 / 127, rel=1e-6), 0, -1)  # int8, zero point 0
+    with pytest.raises(ValueError, match="observed"):
+        quantize(model, amax, opts)
+
+
+def test_layer_error_reads_the_dequantized_value_when_ort_drops_a_clip() -> None:
+    """ORT's asymmetric Q/DQ deletes Clip(0, 6) and Relu (its quantizer saturates there instead) and
+    the Conv takes over the last output name, unclipped: only the DequantizeLinear behind it holds what
+    the next layer sees, and per-layer error must compare that."""
+    from pipeline.calibration.collect import expose
+    from pipeline.quantization import dequantized_names
+
+    model = build("clip_chain")
+    x = (np.random.default_rng(0).normal(size=(16, 2, 4, 4)) * 3).astype(np.float32)
+    tensors = ["conv", "relu6", "relu", "flat", "y", "top", "clipped"]
+    values = dict(zip(tensors, runtime.session(expose(model, tensors)).run(tensors, {"x": x})))
+    observed = {t: (float(v.min()), float(v.max())) for t, v in values.items()}
+    observed["x"] = (float(x.min()), float(x.max()))
+    amax = {t: max(abs(lo), abs(hi)) for t, (lo, hi) in observed.items()}
+    qdq = quantize(model, amax, QuantizeOptions(target="onnxruntime", activations="asymmetric"), observed)
+    producers = {o: n.op_type for n in qdq.graph.node for o in n.output}
+    assert producers["relu"] == "Conv" and "relu6" not in producers  # Clip and Relu are gone
+    names = [dequantized_names(qdq)["relu"], "relu"]
+    dq, raw = runtime.session(expose(qdq, names), optimize=False).run(names, {"x": x})
+    ref = values["relu"]
+
+    def sqnr(y: np.ndarray) -> float:
+        return float(10 * np.log10((ref**2).sum() / ((ref - y) ** 2).sum()))
+
+    assert raw.min() < 0 and raw.max() > 6  # the float tensor of that name is the unclipped Conv
+    assert sqnr(dq) > 30 and sqnr(raw) < 10
