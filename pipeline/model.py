@@ -99,6 +99,25 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed node a unique name (op type and position); returns how many were named.
+
+    Exclusion lists, ORT's quantizer and the per-node tables all address nodes by name.
+    """
+    taken = {n.name for n in model.graph.node if n.name}
+    named = 0
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name, k = f"{node.op_type}_{i}", 0
+            while name in taken:
+                k += 1
+                name = f"{node.op_type}_{i}_{k}"
+            node.name = name
+            taken.add(name)
+            named += 1
+    return named
+
+
 def producers(model: onnx.ModelProto) -> dict[str, str]:
     """tensor name -> op type of the node that produces it ('input' for graph inputs)."""
     out = {vi.name: "input" for vi in graph_inputs(model)}

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 
 from pipeline.errors import ModelError, fail
+from pipeline.log import logger
+from pipeline.model import name_nodes
 
 # TensorRT's recommended placement: Q/DQ on the inputs of these ops, not on their outputs.
 TENSORRT_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
@@ -54,6 +56,29 @@ def activation_bounds(
     return {k: (max(observed[k][0], -a), min(observed[k][1], a)) for k, a in amax.items() if a > 0 and k in observed}
 
 
+def _without_ranges(
+    model: onnx.ModelProto, bounds: dict[str, tuple[float, float]], op_types: list[str], target: str
+) -> tuple[onnx.ModelProto, list[str]]:
+    """Names of the nodes that would quantize a tensor without a range (ORT's quantizer raises on
+    those), after naming unnamed nodes in a copy so they can be excluded one by one."""
+    inits = {i.name for i in model.graph.initializer}
+    missing = []
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        tensors = [t for t in node.input if t and t not in inits]
+        if target != "tensorrt":  # there ORT quantizes outputs too
+            tensors += [t for t in node.output if t]
+        if any(t not in bounds for t in tensors):
+            missing.append(node)
+    if any(not n.name for n in missing):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        name_nodes(copy)
+        return _without_ranges(copy, bounds, op_types, target)
+    return model, [n.name for n in missing]
+
+
 def quantize(
     model: onnx.ModelProto,
     amax: dict[str, float],
@@ -88,6 +113,14 @@ def quantize(
     unknown = [n for n in opts.exclude_nodes if n not in known]
     if unknown:
         fail(ModelError, f"steps.quantize.exclude.nodes: no node named {unknown[0]!r} in the model.")
+    model, unranged = _without_ranges(model, bounds, op_types, opts.target)
+    if unranged:
+        logger.warning(
+            "quantize: %d node(s) stay FP32 because a tensor they would quantize has no range "
+            "(e.g. a calibration cache without it): %s",
+            len(unranged),
+            unranged[:8],
+        )
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs advice at WARNING on every call
     try:
@@ -99,7 +132,7 @@ def quantize(
             QuantType.QInt8 if symmetric else QuantType.QUInt8,  # activations
             ranges,
             [],
-            list(opts.exclude_nodes),
+            [*opts.exclude_nodes, *unranged],
             op_types,
             extra,
         )

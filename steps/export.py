@@ -96,6 +96,8 @@ class Export(Step):
             else:
                 out.write_bytes(staged.read_bytes())
         prepared = onnx_model.load(out)
+        if onnx_model.name_nodes(prepared):  # exclude lists and per-node tables address nodes by name
+            onnx.save(prepared, str(out))
         summary = onnx_model.summary(prepared)
         summary["source"] = {"onnx": src.onnx, "mlflow": src.mlflow, "pytorch": src.pytorch and src.pytorch.factory}
         summary["source_op_counts"] = before

@@ -140,3 +140,23 @@ def test_layer_error_reads_the_dequantized_value_when_ort_drops_a_clip() -> None
 
     assert raw.min() < 0 and raw.max() > 6  # the float tensor of that name is the unclipped Conv
     assert sqnr(dq) > 30 and sqnr(raw) < 10
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+@pytest.mark.parametrize("named", [True, False])  # unnamed nodes must still be excludable one by one
+def test_nodes_without_ranges_stay_fp32(target: str, named: bool) -> None:
+    model = build("conv_relu_gemm")
+    if not named:
+        for node in model.graph.node:
+            node.name = ""
+    ranged = {"x": 3.0, "conv": 1.0, "relu": 1.0, "gap": 1.0}  # nothing for flat (Flatten out, Gemm in) or y
+    observed = {k: (-v, v) for k, v in ranged.items()}
+    qdq = quantize(model, ranged, QuantizeOptions(target=target, activations="symmetric"), observed)
+    producer = {o: n.op_type for n in qdq.graph.node for o in n.output}
+    (conv,) = [n for n in qdq.graph.node if n.op_type == "Conv"]
+    (gemm,) = [n for n in qdq.graph.node if n.op_type == "Gemm"]
+    assert producer[conv.input[0]] == "DequantizeLinear"  # ranged: INT8
+    assert producer.get(gemm.input[0]) != "DequantizeLinear" and gemm.input[1] == "fc"  # float weights, FP32
+    x = np.random.default_rng(1).normal(size=(2, 2, 4, 4)).astype(np.float32)
+    (y,) = runtime.session(qdq.SerializeToString(), optimize=False).run(None, {"x": x})
+    assert y.shape == (2, 4) and np.isfinite(y).all()

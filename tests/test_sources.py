@@ -149,6 +149,49 @@ def test_from_cache_reproduces_ranges_and_refuses_other_models(
     assert "calibrate again on this model" in capsys.readouterr().err
 
 
+def test_cache_missing_a_tensor_keeps_its_node_fp32(
+    tiny: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A legacy cache without a tensor's line: calibrate reports it, quantize keeps its consumer in FP32
+    instead of failing inside ORT's quantizer."""
+    lines = ["TRT-8601-EntropyCalibration2", "a: 3c010a14", "b: 3c010a14", "y: 3c810a14"]  # no "s"
+    (tiny / "legacy.cache").write_text("\n".join(lines) + "\n")
+    steps = {"export": {}, "calibrate": {"from_cache": "legacy.cache"}, "quantize": {}}
+    capsys.readouterr()
+    s = run(tiny_pipeline(tiny, {"onnx": "model.onnx"}, {"npz": "cal.npz"}, steps), tracking_uri)
+    err = capsys.readouterr().err
+    assert "1 tensors have no range in the cache" in err and "'s'" in err
+    assert "1 node(s) stay FP32" in err and "'mm'" in err  # the MatMul whose input is s
+    table = mlflow.artifacts.download_artifacts(
+        run_id=s["steps"]["quantize"], artifact_path="quantize/nodes_table.json", tracking_uri=tracking_uri
+    )
+    data = json.loads(Path(table).read_text())
+    precision = {r[data["columns"].index("node")]: r[data["columns"].index("precision")] for r in data["data"]}
+    assert precision["mm"] == "fp32"
+
+
+def test_unnamed_nodes_are_named_at_export(tmp_path: Path, tracking_uri: str) -> None:
+    model = build("conv_relu_gemm")
+    for node in model.graph.node:
+        node.name = ""
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).normal(size=(16, 2, 4, 4)).astype(np.float32))
+    steps = {"export": {}, "calibrate": {}, "quantize": {"exclude": {"nodes": ["Gemm_4"]}}}
+    s = run(tiny_pipeline(tmp_path, {"onnx": "model.onnx"}, {"npz": "cal.npz"}, steps), tracking_uri)
+    table = mlflow.artifacts.download_artifacts(
+        run_id=s["steps"]["quantize"], artifact_path="quantize/nodes_table.json", tracking_uri=tracking_uri
+    )
+    data = json.loads(Path(table).read_text())
+    rows = {r[data["columns"].index("node")]: r[data["columns"].index("precision")] for r in data["data"]}
+    assert rows == {
+        "Conv_0": "int8",
+        "Relu_1": "fp32",
+        "GlobalAveragePool_2": "fp32",
+        "Flatten_3": "fp32",
+        "Gemm_4": "fp32",
+    }
+
+
 def test_mlflow_registry_model_source(tiny: Path, tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("fp32-models")
