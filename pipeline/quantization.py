@@ -23,6 +23,7 @@ from pipeline.model import name_nodes
 # TensorRT's recommended placement: Q/DQ on the inputs of these ops, not on their outputs.
 TENSORRT_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+SHAPE_ONLY = {"Shape", "Size"}
 
 
 @dataclass
@@ -158,6 +159,8 @@ def node_table(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[dict[str, An
         if q is None:
             continue
         dqs = [producer[i] for i in q.input if i in producer and producer[i].op_type == "DequantizeLinear"]
+        if node.op_type in SHAPE_ONLY:
+            dqs = []  # reads a quantized tensor's shape, never its values: not INT8 compute
         runtime_inputs = [i for i in q.input if i and (i not in inits or i in producer)]
         precision = "fp32" if not dqs else ("int8" if len(dqs) == len(runtime_inputs) else "partial")
         per_channel = [dq for dq in dqs if sizes.get(dq.input[1], 1) > 1]
