@@ -54,7 +54,12 @@ def activation_bounds(
         return {k: (-a, a) for k, a in amax.items() if a > 0}
     if observed is None:
         raise ValueError("asymmetric activations need the observed min and max of each tensor")
-    return {k: (max(observed[k][0], -a), min(observed[k][1], a)) for k, a in amax.items() if a > 0 and k in observed}
+    out = {}
+    for k, a in amax.items():
+        if a > 0 and k in observed:
+            hi = min(observed[k][1], a)
+            out[k] = (min(max(observed[k][0], -a), hi), hi)  # lo <= hi even when amax cuts below min
+    return out
 
 
 def _without_ranges(
