@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +35,12 @@ def run_args(config: Path, tracking_uri: str, summary: Path, *overrides: str) ->
     for override in overrides:
         args += ["--set", override]
     return args
+
+
+def run_pipeline(config: Path, tracking_uri: str, folder: Path, *overrides: str) -> dict[str, Any]:
+    """Run `int8pipe run` in-process, check it succeeded, and return its --summary-json."""
+    from pipeline.cli import main
+
+    summary = folder / "s.json"
+    assert main(run_args(config, tracking_uri, summary, *overrides)) == 0
+    return json.loads(summary.read_text())

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.cli import main
-from tests.conftest import ROOT, run_args
+from tests.conftest import ROOT, run_pipeline
 
 MISSING = [
     m
@@ -21,18 +20,13 @@ MISSING = [
 
 @pytest.mark.skipif(bool(MISSING), reason=f"needs pip install -e '.[torch,bench]' (missing: {', '.join(MISSING)})")
 def test_efficientnet_lite0_example(tmp_path: Path, tracking_uri: str) -> None:
-    summary = tmp_path / "s.json"
-    code = main(
-        run_args(
-            ROOT / "examples/efficientnet_lite0/pipeline.yaml",
-            tracking_uri,
-            summary,
-            "data.calibration.args={n: 16, batch_size: 8}",
-            "data.validation.args={n: 8, batch_size: 8, seed: 1}",
-        )
+    s = run_pipeline(
+        ROOT / "examples/efficientnet_lite0/pipeline.yaml",
+        tracking_uri,
+        tmp_path,
+        "data.calibration.args={n: 16, batch_size: 8}",
+        "data.validation.args={n: 8, batch_size: 8, seed: 1}",
     )
-    assert code == 0
-    s = json.loads(summary.read_text())
     assert s["metrics"]["batchnorm_folded"] == 49  # every BatchNorm of the net folded into its conv
     assert s["metrics"]["num_samples"] == 16 and s["metrics"]["int8_nodes"] == 50  # the 49 Conv and the Gemm
     assert s["metrics"]["accuracy_drop"] <= 0.05  # output cosine against FP32

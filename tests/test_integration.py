@@ -18,9 +18,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import runtime
-from pipeline.cli import main
 from pipeline.errors import BackendUnavailable
-from tests.conftest import DIGITS, ROOT, run_args
+from tests.conftest import DIGITS, ROOT, run_pipeline
 from tests.models import build
 
 BIN = Path(sys.executable).parent
@@ -82,18 +81,13 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 
 
 def test_pipeline_against_a_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
-    summary = tmp_path / "s.json"
-    code = main(
-        run_args(
-            DIGITS / "pipeline.yaml",
-            mlflow_server,
-            summary,
-            "steps.benchmark.iterations=5",
-            "steps.benchmark.batch_sizes=[1]",
-        )
+    s = run_pipeline(
+        DIGITS / "pipeline.yaml",
+        mlflow_server,
+        tmp_path,
+        "steps.benchmark.iterations=5",
+        "steps.benchmark.batch_sizes=[1]",
     )
-    assert code == 0
-    s = json.loads(summary.read_text())
     client = MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias("digits-int8", "candidate")
     assert str(version.version) == s["registered_model"]["version"]
@@ -139,19 +133,14 @@ def test_benchmark_reports_unavailable_providers(digits_copy: Path, tracking_uri
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("CUDA provider present: nothing is unavailable here")
-    summary = digits_copy / "s.json"
-    code = main(
-        run_args(
-            digits_copy / "pipeline.yaml",
-            tracking_uri,
-            summary,
-            "steps.benchmark={providers: [cpu, cuda], batch_sizes: [2], iterations: 3}",
-            "steps.promote.alias=null",
-            "steps.calibrate.method=minmax",
-        )
+    s = run_pipeline(
+        digits_copy / "pipeline.yaml",
+        tracking_uri,
+        digits_copy,
+        "steps.benchmark={providers: [cpu, cuda], batch_sizes: [2], iterations: 3}",
+        "steps.promote.alias=null",
+        "steps.calibrate.method=minmax",
     )
-    assert code == 0
-    s = json.loads(summary.read_text())
     assert "cpu.int8.latency_p50_ms" in s["metrics"]
     assert not any(k.startswith("cuda.") for k in s["metrics"])
     client = MlflowClient(tracking_uri)

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from pipeline.calibration import flatbuffers_table, trt_cache
 from pipeline.cli import main
-from tests.conftest import DIGITS
+from tests.conftest import DIGITS, run_pipeline
 
 STEPS = ["export", "calibrate", "quantize", "validate", "benchmark", "promote"]
 
@@ -222,11 +222,8 @@ def test_onnxruntime_target_uses_asymmetric_uint8_activations(tmp_path: Path) ->
     """target: onnxruntime quantizes activations to uint8 over their observed range (ORT's own default),
     validates through ORT's int8 kernels, and its per-layer errors read the values consumers see."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary_path = tmp_path / "s.json"
     overrides = ["steps.quantize.target=onnxruntime", "steps.benchmark.iterations=5", "steps.promote.alias=null"]
-    args = ["run", str(DIGITS / "pipeline.yaml"), "--tracking-uri", uri, "--summary-json", str(summary_path)]
-    assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
-    summary = json.loads(summary_path.read_text())
+    summary = run_pipeline(DIGITS / "pipeline.yaml", uri, tmp_path, *overrides)
     m = summary["metrics"]
     assert m["accuracy_drop"] <= 0.01
     folder = Path(mlflow.artifacts.download_artifacts(run_id=summary["steps"]["quantize"], tracking_uri=uri))
