@@ -125,3 +125,20 @@ def test_derived_ranges_equal_measured_ones(tmp_path: Path) -> None:
         assert got.max == max(float(r[k].max()) for r in runs), name
     assert cal.ranges.tensors["conv"].max > 6.0 and cal.ranges.tensors["relu6"].max == 6.0  # the clip was real
     assert cal.ranges.tensors["conv"].min < 0.0 and cal.ranges.tensors["relu"].min == 0.0
+
+
+def test_numpy_fallback_gives_the_same_ranges_and_says_so(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An install without a C compiler: same ranges, a warning, and ranges.json records the path."""
+    from pipeline import log
+
+    log.configure()
+    compiled = calibrate(model_path, batches(), "entropy", minmax_inputs=False)
+    monkeypatch.setattr(histogram, "_compiled_abs_histogram", None)
+    monkeypatch.setattr(histogram, "KERNEL", "numpy")
+    capsys.readouterr()
+    fallback = calibrate(model_path, batches(), "entropy", minmax_inputs=False)
+    assert "compiled histogram kernel is not built" in capsys.readouterr().err
+    assert fallback.ranges.environment["histogram_kernel"] == "numpy"
+    assert fallback.ranges.amax() == compiled.ranges.amax()

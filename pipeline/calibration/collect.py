@@ -23,6 +23,7 @@ import onnx
 from onnx import helper
 
 from pipeline import runtime
+from pipeline.calibration import histogram
 from pipeline.calibration.histogram import TensorStats
 from pipeline.data import rechunk
 from pipeline.log import progress
@@ -141,11 +142,12 @@ def run_pass(
     pending: list[Future[None]] = []
 
     scratch = [np.empty(0, np.int32) for _ in range(WORKERS)]
+    numpy_bins = histogram.KERNEL != "compiled"  # only numpy's path needs bin-index buffers
 
     def consume(values: list[np.ndarray], part: int) -> None:
         mine = [(n, v) for i, (n, v) in enumerate(zip(names, values)) if i % WORKERS == part]
         largest = max((v.size for _, v in mine), default=0)
-        if len(scratch[part]) < largest:
+        if numpy_bins and len(scratch[part]) < largest:
             scratch[part] = np.empty(largest, np.int32)
         for name, value in mine:
             stats[name].update(value, scratch[part])
