@@ -99,7 +99,7 @@ def calibrate(
     if wanted and histogram.KERNEL != "compiled":
         logger.warning(
             "calibrate: the compiled histogram kernel is not built (no C compiler when int8pipe was installed); "
-            "numpy gives the same histograms about 2.5x slower. Install a C compiler and reinstall int8pipe."
+            "numpy gives the same histograms several times slower. Install a C compiler and reinstall int8pipe."
         )
     stats = {t: TensorStats(num_bins, histogram=passes == 1 and t in wanted) for t in tensors}
     two_pass = passes == 2 and bool(wanted)
