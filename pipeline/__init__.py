@@ -14,7 +14,9 @@ from pipeline.errors import (  # noqa: E402
     DataError,
     GateFailed,
     Int8PipeError,
+    Interrupted,
     ModelError,
+    TrackingError,
 )
 
 
@@ -43,9 +45,11 @@ __all__ = [
     "DataError",
     "GateFailed",
     "Int8PipeError",
+    "Interrupted",
     "ModelError",
     "Ranges",
     "Summary",
+    "TrackingError",
     "__version__",
     "calibrate",
     "load_config",

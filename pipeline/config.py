@@ -51,6 +51,9 @@ class DataSource:
     args: dict[str, Any] = field(default_factory=dict)
     images: ImagesSource | None = None
     limit: int | None = None
+    # python: files or folders the function reads. Declared, their content (with the module's) proves
+    # the data unchanged without running the function; undeclared, the samples themselves are hashed.
+    deps: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -60,12 +63,21 @@ class DataConfig:
 
 
 @dataclass
+class SweepConfig:
+    grid: dict[str, list[Any]]  # dotted key (as --set takes it) -> the values to try
+    parallel: int = 1  # trials at once on this machine
+    time_budget_s: float | None = None  # no trial starts after this; the best so far is kept
+    executor: Literal["local"] = "local"
+
+
+@dataclass
 class RawPipeline:
     name: str
     model: ModelSource
     experiment: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     steps: dict[str, Any] = field(default_factory=dict)
+    sweep: SweepConfig | None = None
 
 
 @dataclass
@@ -79,19 +91,115 @@ class PipelineConfig:
     steps: dict[str, Any]  # step name -> that step's Config object, in pipeline order
     base_dir: Path
     source: Path | None = None
+    sweep: SweepConfig | None = None
+    trials: list[tuple[dict[str, Any], PipelineConfig]] = field(default_factory=list)  # a sweep's, validated
+    overrides: list[str] = field(default_factory=list)  # the --set items it was loaded with
 
     def step(self, name: str) -> Any:
         return self.steps.get(name)
 
     def resolved(self) -> dict[str, Any]:
-        """The fully resolved configuration, defaults included (logged with every pipeline run)."""
-        return {
-            "name": self.name,
-            "experiment": self.experiment,
-            "model": to_mapping(self.model),
-            "data": to_mapping(self.data),
-            "steps": {k: to_mapping(v) for k, v in self.steps.items()},
-        }
+        """The fully resolved configuration, defaults included (logged with every pipeline run).
+
+        Paths inside the YAML's folder are given relative to it, so runs from two checkouts compare.
+        """
+        base = str(self.base_dir) + "/"
+
+        def rel(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: rel(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [rel(v) for v in value]
+            return value[len(base) :] if isinstance(value, str) and value.startswith(base) else value
+
+        return rel(
+            {
+                "name": self.name,
+                "experiment": self.experiment,
+                "model": to_mapping(self.model),
+                "data": to_mapping(self.data),
+                "steps": {k: to_mapping(v) for k, v in self.steps.items()},
+            }
+        )
+
+    def label(self) -> str:
+        """What tells this pipeline's runs apart in the runs table: method and target."""
+        parts = []
+        calibrate, quantize = self.steps.get("calibrate"), self.steps.get("quantize")
+        if calibrate is not None:
+            method = "from_cache" if calibrate.from_cache else calibrate.method
+            parts.append(f"{method} {calibrate.percentile}" if method == "percentile" else method)
+        if quantize is not None:
+            parts.append(quantize.target)
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name
+
+
+class ExcessiveAliasing(yaml.YAMLError):
+    """Anchors and aliases that expand to far more than was written (a "billion laughs" document)."""
+
+
+ALIAS_EXPANSION_FLOOR = 10_000  # nodes aliases may add, whatever the document's size ...
+ALIAS_EXPANSION_RATIO = 10  # ... or this many times the nodes written, if that is more
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses alias expansion beyond a sane size before constructing anything.
+
+    Aliases share one composed node, so composing is cheap; it is constructing and then walking the
+    expanded structure (deep copies, validation, digests) that explodes. Like go-yaml's "excessive
+    aliasing" check, the expanded size is computed from the node graph first (linear in the nodes
+    written) and the document is refused when aliases would add more than
+    max(ALIAS_EXPANSION_FLOOR, ALIAS_EXPANSION_RATIO x written) nodes, or refer to themselves.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_aliasing(node)
+        return super().construct_document(node)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_aliasing(root: yaml.Node) -> None:
+    expanded: dict[int, int] = {}  # id(node) -> nodes in its expanded tree
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order walk over distinct nodes: deep documents do not recurse here
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            expanded[key] = 1 + sum(expanded[id(c)] for c in _children(node))
+            continue
+        if key in expanded:
+            continue
+        if key in on_path:
+            raise ExcessiveAliasing(
+                f"an alias refers to a node that contains it (line {node.start_mark.line + 1}); "
+                "a pipeline file has no recursive structures"
+            )
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in expanded)
+    written = len(expanded)
+    added = expanded[id(root)] - written
+    limit = max(ALIAS_EXPANSION_FLOOR, ALIAS_EXPANSION_RATIO * written)
+    if added > limit:
+        raise ExcessiveAliasing(
+            f"excessive aliasing: its anchors and aliases expand {written:,} written YAML nodes to "
+            f"{expanded[id(root)]:,} (at most {limit:,} more are allowed). A pipeline file never needs "
+            "this; write the values out or alias smaller parts"
+        )
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`_SafeLoader`'s alias-expansion limit."""
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -102,20 +210,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key.strip():
             fail(ConfigError, f"--set {item!r}: expected KEY=VALUE, e.g. --set steps.calibrate.method=percentile.")
         try:
-            value = yaml.safe_load(text)
+            value = _yaml_load(text)
+        except ExcessiveAliasing as exc:
+            fail(ConfigError, f"--set {item!r}: {exc}.")
         except yaml.YAMLError as exc:
             fail(ConfigError, f"--set {item!r}: the value is not valid YAML ({exc}).")
-        node = out
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                fail(ConfigError, f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a mapping.")
-            node = nxt
-        node[parts[-1]] = value
+        set_key(out, key.strip(), value, f"--set {item!r}")
     return out
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set the dotted ``key`` of ``raw`` to ``value`` in place, creating mappings on the way."""
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            fail(ConfigError, f"{where}: {'.'.join(parts[: i + 1])} is not a mapping.")
+        node = nxt
+    node[parts[-1]] = value
 
 
 def _exactly_one(obj: Any, names: tuple[str, ...], path: str) -> str:
@@ -165,6 +280,15 @@ def _check_data(src: DataSource, base: Path, path: str) -> None:
                 )
     if src.args and which != "python":
         fail(ConfigError, f"{path}.args: only used with python:, not with {which}:.")
+    if src.deps and which != "python":
+        fail(ConfigError, f"{path}.deps: only used with python: (other sources are hashed file by file).")
+    resolved = []
+    for i, dep in enumerate(src.deps):
+        p = (base / dep).resolve()
+        if not p.exists():
+            fail(ConfigError, f"{path}.deps[{i}]: not found: {p} (paths are relative to the YAML file's folder).")
+        resolved.append(str(p))
+    src.deps = resolved
     if src.limit is not None and src.limit <= 0:
         fail(ConfigError, f"{path}.limit: expected a positive integer, got {src.limit}.")
 
@@ -197,10 +321,40 @@ def parse(raw: Any, base_dir: Path, source: Path | None = None) -> PipelineConfi
         steps=steps,
         base_dir=base_dir,
         source=source,
+        sweep=top.sweep,
     )
     for name in steps:
         get_step(name).check(cfg)
+    if top.sweep is not None:
+        cfg.trials = _trials(raw, top.sweep, base_dir, source)
     return cfg
+
+
+def _trials(
+    raw: dict[str, Any], sweep: SweepConfig, base_dir: Path, source: Path | None
+) -> list[tuple[dict[str, Any], PipelineConfig]]:
+    """Every combination of the grid, each validated as a whole pipeline before anything runs."""
+    import itertools
+
+    if not sweep.grid or any(not values for values in sweep.grid.values()):
+        fail(ConfigError, "sweep.grid: give at least one key with a non-empty list of values.")
+    if sweep.parallel < 1:
+        fail(ConfigError, f"sweep.parallel: expected a positive integer, got {sweep.parallel}.")
+    for key in sweep.grid:
+        if key.split(".")[0] in ("sweep", "name", "experiment"):
+            fail(ConfigError, f"sweep.grid.{key}: a trial cannot change the sweep, the name or the experiment.")
+    base = {k: v for k, v in raw.items() if k != "sweep"}
+    out = []
+    for combo in itertools.product(*sweep.grid.values()):
+        overrides = dict(zip(sweep.grid, combo))
+        trial = copy.deepcopy(base)
+        for key, value in overrides.items():
+            set_key(trial, key, value, f"sweep.grid.{key}")
+        try:
+            out.append((overrides, parse(trial, base_dir, source)))
+        except ConfigError as exc:
+            fail(ConfigError, f"sweep trial {overrides}: {exc}")
+    return out
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -209,8 +363,12 @@ def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig
     if not p.is_file():
         fail(ConfigError, f"pipeline file not found: {p.resolve()}.")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = _yaml_load(p.read_text())
+    except ExcessiveAliasing as exc:
+        fail(ConfigError, f"{p}: {exc}.")
     except yaml.YAMLError as exc:
         fail(ConfigError, f"{p}: not valid YAML: {exc}")
     raw = apply_overrides(raw if raw is not None else {}, overrides or [])
-    return parse(raw, p.resolve().parent, source=p.resolve())
+    cfg = parse(raw, p.resolve().parent, source=p.resolve())
+    cfg.overrides = list(overrides or [])
+    return cfg

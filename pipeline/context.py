@@ -19,6 +19,7 @@ class StepContext:
     upstream_metrics: dict[str, float]  # metrics of earlier steps in this pipeline
     upstream_runs: dict[str, str]  # step name -> run id
     tracker: StepTracker
+    source_model: Path | None = None  # the user's model as a local ONNX file (None for a PyTorch factory)
     outputs: dict[str, Path] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)  # non-file results for the summary

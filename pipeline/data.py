@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import sys
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,41 @@ Specs = dict[str, tuple[list[int | str], np.dtype]]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
 
 
+def _forget_stale(module_name: str, search_dirs: Iterable[Path]) -> None:
+    """Drop a cached import of ``module_name`` that is not the file the YAML's folders hold today.
+
+    Within one process (a sweep, a notebook, the test suite) two pipelines may name modules alike
+    in different folders, or the file may have been edited: the cached module would be stale.
+    """
+    rel = module_name.replace(".", "/")
+    here = next(
+        (f for d in search_dirs for f in (Path(d) / f"{rel}.py", Path(d) / rel / "__init__.py") if f.is_file()), None
+    )
+    cached = sys.modules.get(module_name)
+    if here is None or cached is None:
+        return
+    loaded = getattr(cached, "__file__", None)
+    stamp = getattr(cached, "__int8pipe_mtime__", None)
+    if loaded and Path(loaded).resolve() == here.resolve() and stamp == here.stat().st_mtime_ns:
+        return
+    top = module_name.split(".")[0]
+    for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+        del sys.modules[name]
+
+
 def import_object(spec: str, search_dirs: Iterable[Path], what: str) -> Any:
-    """Import ``pkg.mod:name`` with ``search_dirs`` (the YAML folder, the cwd) on the path."""
+    """Import ``pkg.mod:name`` with ``search_dirs`` (the YAML folder, the cwd) on the path.
+
+    The folders are on ``sys.path`` only while that module is imported (so it may import files
+    beside it at its top level), and ``sys.path`` is restored exactly afterwards: a file next to the
+    YAML that happens to share a library's name (``pyparsing.py``, ``json.py``) must never stand in
+    for that library when something imports it later in the run.
+    """
     module_name, _, attr = spec.partition(":")
-    for d in search_dirs:
-        if str(d) not in sys.path:
-            sys.path.insert(0, str(d))
+    saved = list(sys.path)
+    sys.path[:0] = [str(d) for d in dict.fromkeys(search_dirs) if str(d) not in saved]
+    importlib.invalidate_caches()  # a module file written moments ago (tests, generated code)
+    _forget_stale(module_name, search_dirs)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -38,6 +69,14 @@ def import_object(spec: str, search_dirs: Iterable[Path], what: str) -> Any:
             f"{what}: cannot import module {module_name!r} ({exc}); "
             "it is looked up next to the YAML file and in the working directory.",
         )
+    finally:
+        sys.path[:] = saved
+    loaded = getattr(module, "__file__", None)
+    if loaded:
+        try:
+            module.__int8pipe_mtime__ = Path(loaded).stat().st_mtime_ns  # type: ignore[attr-defined]
+        except OSError:
+            pass
     obj = getattr(module, attr, None)
     if obj is None:
         fail(ConfigError, f"{what}: module {module_name!r} has no attribute {attr!r}.")
@@ -50,16 +89,84 @@ def _sliced(arrays: dict[str, Any], batch_size: int) -> Iterator[Batch]:
         yield {k: np.asarray(v[start : start + batch_size]) for k, v in arrays.items()}
 
 
+NPZ_HINT = (
+    "save numeric arrays with np.savez(path, input_name=array, ...), one array per model input (samples "
+    "along the first axis, e.g. np.stack(samples).astype(np.float32)), plus an optional 'labels' array"
+)
+NPY_HINT = "save each model input as one numeric array with np.save(path, array), samples along the first axis"
+
+
+def _file_kind(path: str) -> str:
+    """``npz``, ``npy`` or ``other``, from the file's first bytes (numpy would try unpickling ``other``)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        fail(DataError, f"{path} cannot be read ({exc.strerror or exc}).")
+    if magic[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "npz"
+    return "npy" if magic == b"\x93NUMPY" else "other"
+
+
+def _checked_array(arr: np.ndarray, path: str, name: str | None, hint: str) -> np.ndarray:
+    where = f"{path}: array {name!r}" if name is not None else path
+    if arr.dtype.hasobject:
+        fail(DataError, f"{where} holds Python objects (dtype {arr.dtype}), which int8pipe does not unpickle; {hint}.")
+    if arr.ndim == 0:
+        fail(DataError, f"{where} is a single value (shape ()), not an array of samples; {hint}.")
+    return arr
+
+
 def _npz(path: str, batch_size: int) -> Iterator[Batch]:
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    kind = _file_kind(path)
+    if kind == "npy":
+        fail(
+            DataError,
+            f"{path} is a single .npy array, not an .npz archive: give it as npy: {{input_name: file}}, or {NPZ_HINT}.",
+        )
+    if kind != "npz":
+        fail(DataError, f"{path} is not an .npz archive (it is neither a zip file nor a numpy array file); {NPZ_HINT}.")
+    arrays: dict[str, np.ndarray] = {}
+    with open(path, "rb") as fh:  # opened here: numpy leaks the file when the zip is corrupt
+        try:
+            z = np.load(fh, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            fail(DataError, f"{path} is not a readable .npz archive ({type(exc).__name__}: {exc}); {NPZ_HINT}.")
+        with z:
+            for k in z.files:
+                try:
+                    arrays[k] = _checked_array(z[k], path, k, NPZ_HINT)
+                except ValueError as exc:  # numpy refuses object arrays without allow_pickle
+                    if "Object arrays" in str(exc):
+                        fail(
+                            DataError,
+                            f"{path}: array {k!r} holds Python objects (dtype object), which int8pipe does not "
+                            f"unpickle; {NPZ_HINT}.",
+                        )
+                    fail(DataError, f"{path}: array {k!r} cannot be read ({exc}); {NPZ_HINT}.")
+                except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                    fail(DataError, f"{path}: array {k!r} cannot be read ({type(exc).__name__}: {exc}); {NPZ_HINT}.")
     if not arrays:
         fail(DataError, f"{path} holds no arrays.")
     yield from _sliced(arrays, batch_size)
 
 
+def _load_npy(path: str, name: str) -> np.ndarray:
+    kind = _file_kind(path)
+    if kind != "npy":
+        what = "an .npz archive; give it as npz: file" if kind == "npz" else "not a numpy array file"
+        fail(DataError, f"{path} (npy input {name!r}) is {what}; {NPY_HINT}.")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:  # an object array cannot be memory-mapped nor loaded without pickle
+        fail(DataError, f"{path} (npy input {name!r}) cannot be read ({exc}); {NPY_HINT}.")
+    except (OSError, EOFError) as exc:
+        fail(DataError, f"{path} (npy input {name!r}) cannot be read ({type(exc).__name__}: {exc}); {NPY_HINT}.")
+    return _checked_array(arr, path, None, NPY_HINT)
+
+
 def _npy(paths: dict[str, str], batch_size: int) -> Iterator[Batch]:
-    arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}
+    arrays = {k: _load_npy(p, k) for k, p in paths.items()}
     lengths = {k: len(a) for k, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         fail(DataError, f"npy arrays differ in length along the sample axis: {lengths}.")
@@ -172,26 +279,78 @@ def check_batch(batch: Batch, specs: Specs, where: str) -> None:
             fail(DataError, f"{where}: input {name!r} contains {bad} NaN/Inf values; clean or drop those samples.")
 
 
-def source_digest(src: DataSource, search_dirs: list[Path]) -> str:
-    """A digest of a source's definition and files, known before reading it (for step reuse)."""
-    h = hashlib.sha256(repr((src.python, sorted(src.args.items()), src.limit)).encode())
-    files: list[Path] = []
-    if src.npz:
-        files = [Path(src.npz)]
-    elif src.npy:
-        files = [Path(p) for _, p in sorted(src.npy.items())]
-    elif src.images:
-        h.update(repr(src.images).encode())
-        files = sorted(p for p in Path(src.images.dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    elif src.python:
-        module = src.python.partition(":")[0].replace(".", "/") + ".py"
-        files = [d / module for d in search_dirs if (d / module).is_file()][:1]
+def _hash_files(h: Any, files: Iterable[Path]) -> None:
     for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
+
+
+def _dep_files(deps: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for dep in deps:
+        p = Path(dep)
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    return files
+
+
+def sample_digest(src: DataSource, search_dirs: list[Path]) -> str:
+    """SHA-256 of the samples a source yields (names, dtypes, shapes, bytes), up to its ``limit``."""
+    h = hashlib.sha256()
+    seen = 0
+    for batch in _python(src, search_dirs):
+        if src.limit is not None:
+            if seen >= src.limit:
+                break
+            batch = {k: v[: src.limit - seen] for k, v in batch.items()}
+        for k in sorted(batch):
+            arr = np.ascontiguousarray(batch[k])
+            h.update(f"{k}:{arr.dtype}:{arr.shape}".encode())
+            h.update(arr.tobytes())
+        seen += len(next(iter(batch.values()))) if batch else 0
     return h.hexdigest()
+
+
+def source_digest(src: DataSource, search_dirs: list[Path]) -> str:
+    """A digest that changes whenever the samples a source yields could have changed (for step reuse).
+
+    Files are hashed by content: an npz or npy file, every image of a folder. A ``python:`` source
+    with ``deps:`` is hashed as its module file plus those files; without ``deps:`` nothing short of
+    running it proves what it returns (it may read any file, database or service), so it is run
+    and the samples themselves are hashed.
+    """
+    h = hashlib.sha256(repr((src.python, sorted(src.args.items()), src.limit)).encode())
+    if src.npz:
+        _hash_files(h, [Path(src.npz)])
+    elif src.npy:
+        _hash_files(h, [Path(p) for _, p in sorted(src.npy.items())])
+    elif src.images:
+        h.update(repr(src.images).encode())
+        _hash_files(h, sorted(p for p in Path(src.images.dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+    elif src.python:
+        module = src.python.partition(":")[0].replace(".", "/") + ".py"
+        _hash_files(h, [d / module for d in search_dirs if (d / module).is_file()][:1])
+        if src.deps:
+            _hash_files(h, _dep_files(src.deps))
+        else:
+            h.update(sample_digest(src, search_dirs).encode())
+    return h.hexdigest()
+
+
+def preflight(src: DataSource, specs: Specs, search_dirs: list[Path], what: str) -> None:
+    """Check a source against the model's inputs before any run starts: names, dtypes, shapes.
+
+    An npz is checked by its member names (its arrays load whole, so reading one costs the full
+    file); other sources by their first batch.
+    """
+    if src.npz:
+        with np.load(src.npz, allow_pickle=False) as z:
+            names = [n for n in z.files if n != LABELS]
+        if sorted(names) != sorted(specs):
+            check_batch({n: np.zeros(1) for n in names}, specs, what)  # raises the naming error
+        return
+    next(batches(src, 1, specs, search_dirs, what), None)
 
 
 def search_dirs(base_dir: Path) -> list[Path]:

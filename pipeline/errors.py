@@ -9,7 +9,11 @@ paragraph and exits non-zero. Any other exception is a bug and keeps its traceba
     ├── DataError            calibration/validation data does not fit the model
     ├── CalibrationError     ranges or a cache cannot be used (wrong model, bad file)
     ├── BackendUnavailable   an optional backend (torch, TensorRT, a GPU provider) is missing
+    ├── TrackingError        the MLflow tracking store cannot be reached or stopped answering
     └── GateFailed           the INT8 model lost more accuracy than allowed
+
+    Interrupted (a KeyboardInterrupt, not a user error): SIGTERM or SIGINT arrived; open runs are
+    marked KILLED on the way out and the CLI exits 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ class CalibrationError(Int8PipeError):
 
 class BackendUnavailable(Int8PipeError):
     """An optional dependency or execution provider is not available here."""
+
+
+class TrackingError(Int8PipeError):
+    """The MLflow tracking store cannot be reached, or stopped answering during a run."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process received SIGTERM or SIGINT; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class GateFailed(Int8PipeError):

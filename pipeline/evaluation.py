@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 BUILTIN_METRICS = ("top1", "top5", "agreement", "cosine")
+CLASS_SCORE_METRICS = ("top1", "top5", "agreement")  # these read an [N, C] array of class scores
+
+# What a metric scores: one output's array, or {output name: array} when it scores several outputs.
+Outputs = np.ndarray | dict[str, np.ndarray]
+
+
+def gate_passed(drop: float, max_drop: float) -> bool:
+    """The accuracy gate: a drop (FP32 score - INT8 score) of at most ``max_drop`` passes; equal passes."""
+    return drop <= max_drop
+
+
+def class_scores(x: np.ndarray) -> np.ndarray | None:
+    """``x`` as [N, C] when it holds class scores, else None.
+
+    Class scores are 2-D after dropping trailing singleton axes ([N, C, 1, 1] is [N, C]) with C >= 2.
+    A detector's [N, 4 + C, A] or a single logit [N, 1] are not: their argmax means nothing.
+    """
+    shape = list(x.shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape.pop()
+    if len(shape) == 2 and shape[1] >= 2:
+        return x.reshape(shape)
+    return None
 
 
 def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -16,11 +42,18 @@ def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per sample cosine of ``a`` and ``b`` (flattened); exactly 1 for identical rows."""
     a = a.reshape(len(a), -1).astype(np.float64)
     b = b.reshape(len(b), -1).astype(np.float64)
     num = (a * b).sum(axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+    cos = np.clip(np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0), -1.0, 1.0)
+    return np.where((a == b).all(axis=1), 1.0, cos)
+
+
+def relative_noise(sqnr_db: float) -> float:
+    """Noise power over signal power for an SQNR in dB (0 for an exact tensor)."""
+    return 0.0 if math.isinf(sqnr_db) and sqnr_db > 0 else float(10.0 ** (-sqnr_db / 10.0))
 
 
 @dataclass
@@ -61,36 +94,70 @@ class ErrorAccumulator:
 
 @dataclass
 class Comparison:
-    """FP32 and INT8 model outputs over a validation set, accumulated batch by batch."""
+    """FP32 and INT8 outputs (by output name) over a validation set, accumulated batch by batch."""
 
     labels: list[np.ndarray] = field(default_factory=list)
-    fp32: list[np.ndarray] = field(default_factory=list)
-    int8: list[np.ndarray] = field(default_factory=list)
+    fp32: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    int8: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
-    def add(self, fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray | None) -> None:
-        self.fp32.append(fp32)
-        self.int8.append(int8)
+    def add(self, fp32: Mapping[str, np.ndarray], int8: Mapping[str, np.ndarray], labels: np.ndarray | None) -> None:
+        for name, value in fp32.items():
+            self.fp32.setdefault(name, []).append(value)
+            self.int8.setdefault(name, []).append(int8[name])
         if labels is not None:
             self.labels.append(np.asarray(labels))
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
+        """FP32 outputs, INT8 outputs (each {output name: all samples}) and the labels, if any."""
         labels = np.concatenate(self.labels) if self.labels else None
-        return np.concatenate(self.fp32), np.concatenate(self.int8), labels
+        fp32 = {k: np.concatenate(v) for k, v in self.fp32.items()}
+        return fp32, {k: np.concatenate(v) for k, v in self.int8.items()}, labels
 
 
 def score(metric: str, outputs: np.ndarray, labels: np.ndarray | None, reference: np.ndarray) -> float:
-    """``metric`` for ``outputs``; ``reference`` (the FP32 outputs) serves agreement and cosine."""
-    if metric == "top1":
-        return float(topk_hits(outputs, labels, 1).mean())  # type: ignore[arg-type]
-    if metric == "top5":
-        return float(topk_hits(outputs, labels, 5).mean())  # type: ignore[arg-type]
-    if metric == "agreement":
-        ref = np.argmax(reference.reshape(len(reference), -1), axis=1)
-        return float(topk_hits(outputs, ref, 1).mean())
+    """Built-in ``metric`` of ``outputs``; ``reference`` (the FP32 outputs) serves agreement and cosine.
+
+    Higher is better. For the FP32 score pass ``outputs=reference``. top1, top5 and agreement need
+    class scores (see :func:`class_scores`) and raise ValueError otherwise.
+    """
     if metric == "cosine":
-        return float(cosine_rows(reference, outputs).mean())
+        return float(cosine_rows(reference, outputs).mean())  # INT8 (outputs) against FP32 (reference)
+    scores, ref = class_scores(outputs), class_scores(reference)
+    if scores is None or ref is None:
+        raise ValueError(f"{metric} needs class scores [N, C] with C >= 2, got shape {list(outputs.shape)}")
+    if metric == "top1":
+        return float(topk_hits(scores, labels, 1).mean())  # type: ignore[arg-type]
+    if metric == "top5":
+        return float(topk_hits(scores, labels, 5).mean())  # type: ignore[arg-type]
+    if metric == "agreement":
+        return float(topk_hits(scores, np.argmax(ref, axis=1), 1).mean())
     raise ValueError(metric)
 
 
-def custom_score(fn: Callable[..., float], outputs: np.ndarray, labels: np.ndarray | None) -> float:
-    return float(fn(outputs, labels))
+def metric_arity(fn: Callable[..., Any]) -> int:
+    """3 when a custom metric takes the FP32 reference (a third positional parameter, or ``*args``),
+    2 for ``fn(outputs, labels)``; ValueError when it cannot be called either way."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature (some builtins): the two-argument form
+        return 2
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 3
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD]
+    if len(positional) < 2 or len(required) > 3 or any(p.kind is p.KEYWORD_ONLY for p in required):
+        raise ValueError(
+            f"takes ({', '.join(p.name for p in params)}); a metric is called as fn(outputs, labels) or "
+            "fn(outputs, labels, reference)"
+        )
+    return 3 if len(positional) >= 3 else 2
+
+
+def call_metric(fn: Callable[..., Any], outputs: Outputs, labels: np.ndarray | None, reference: Outputs) -> Any:
+    """``fn(outputs, labels, reference)``, or ``fn(outputs, labels)`` for a two-parameter metric."""
+    return fn(outputs, labels, reference) if metric_arity(fn) == 3 else fn(outputs, labels)
+
+
+def custom_score(fn: Callable[..., Any], outputs: Outputs, labels: np.ndarray | None, reference: Outputs) -> float:
+    """A custom metric's score of ``outputs``; for the FP32 score pass ``outputs=reference``."""
+    return float(call_metric(fn, outputs, labels, reference))

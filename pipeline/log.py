@@ -30,6 +30,25 @@ def configure(verbose: bool = False) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # MLflow retries a failing tracking request silently for up to minutes; urllib3 logs each retry,
+    # and showing those lines makes an outage visible while it lasts.
+    retries = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(h, _StderrHandler) for h in retries.handlers):
+        handler = _StderrHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(_RetryFormatter())
+        retries.addHandler(handler)
+
+
+class _RetryFormatter(logging.Formatter):
+    """urllib3's retry record in one short line: which request, how many tries are left."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        args = record.args if isinstance(record.args, tuple) else ()
+        retry, url = (args[0], args[-1]) if len(args) >= 3 else (None, record.getMessage())
+        left = getattr(retry, "total", "?")
+        path = str(url).split("?", 1)[0]
+        return f"[int8pipe] WARNING tracking server not answering; retrying {path} ({left} tries left)"
 
 
 def progress(items: Iterable[T], label: str, total: int | None = None, every_s: float = 2.0) -> Iterator[T]:

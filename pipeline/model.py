@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,24 +16,146 @@ from pipeline.errors import ModelError, fail
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
+# Ops that only appear in a model that is already quantized: re-quantizing one would stack a second
+# set of scales on the first and report the result as a fresh INT8 model.
+QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    # com.microsoft contrib ops written by ONNX Runtime's quantizers
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearAveragePool",
+    "QLinearGlobalAveragePool",
+    "QLinearConcat",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+    "QLinearSoftmax",
+    "QLinearWhere",
+    "QGemm",
+    "QAttention",
+    "QEmbedLayerNormalization",
+    "DynamicQuantizeMatMul",
+    "DynamicQuantizeLSTM",
+    "MatMulIntegerToFloat",
+    "MatMulNBits",
+    "GatherBlockQuantized",
+}
 
-def load(path: str | Path, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model, turning every way it can be unreadable into a ModelError."""
+
+def load(path: str | Path, check: bool = True, label: str | None = None) -> onnx.ModelProto:
+    """Load an ONNX model, turning every way it can be unreadable into a ModelError.
+
+    ``label`` names the model in messages when ``path`` is a temporary download (e.g. its URI).
+    """
     p = Path(path)
+    name = label or str(p)
     if not p.is_file():
-        fail(ModelError, f"model file not found: {p}.")
+        fail(ModelError, f"model file not found: {name}.")
     try:
         model = onnx.load(str(p))
     except Exception as exc:  # protobuf raises several unrelated types on corrupt bytes
-        fail(ModelError, f"{p} is not a readable ONNX model ({type(exc).__name__}: {exc}). Re-export it.")
+        fail(ModelError, f"{name} is not a readable ONNX model ({type(exc).__name__}: {exc}). Re-export it.")
     if not model.graph.node:
-        fail(ModelError, f"{p} has an empty graph: is it really an ONNX model?")
+        fail(ModelError, f"{name} has an empty graph: is it really an ONNX model?")
     if check:
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
-            fail(ModelError, f"{p} fails the ONNX checker: {str(exc).splitlines()[0]}")
+            fail(ModelError, f"{name} fails the ONNX checker: {str(exc).splitlines()[0]}")
     return model
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    out = []
+    for node in graph.node:
+        out.append(node)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                out.extend(_all_nodes(sub))
+    return out
+
+
+def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count of the ops (subgraphs included) that mark ``model`` as already quantized."""
+    return dict(sorted(Counter(n.op_type for n in _all_nodes(model.graph) if n.op_type in QUANTIZED_OPS).items()))
+
+
+def refuse_quantized(model: onnx.ModelProto, label: str, where: str) -> None:
+    """A ModelError naming the quantization ops when ``model`` is not an FP32 model."""
+    found = quantized_ops(model)
+    if found:
+        ops = ", ".join(f"{op} ×{n}" for op, n in found.items())
+        fail(
+            ModelError,
+            f"{where}: {label} is already quantized (it contains {ops}). int8pipe quantizes FP32 models: "
+            "point model: at the FP32 model this one was made from (its original ONNX export, registry "
+            "version or PyTorch factory).",
+        )
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names a node's subgraphs (If/Loop/Scan bodies) read: they order it like inputs."""
+    used: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            local = {i.name for i in sub.input} | {i.name for i in sub.initializer}
+            for n in sub.node:
+                local.update(n.output)
+            for n in sub.node:
+                used.update(i for i in n.input if i and i not in local)
+                used.update(_subgraph_inputs(n) - local)
+    return used
+
+
+def toposort(model: onnx.ModelProto) -> None:
+    """Order ``model.graph.node`` so every node follows the producers of its inputs, in place.
+
+    Stable: nodes already in order keep their relative order. ONNX Runtime's quantizer appends the
+    Quantize/DequantizeLinear nodes it creates at the end of the graph, which ONNX Runtime accepts
+    but the ONNX checker (and so ``mlflow.onnx.load_model``) rejects.
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [
+        {producer[t] for t in (set(n.input) | _subgraph_inputs(n)) if t in producer and producer[t] != i}
+        for i, n in enumerate(nodes)
+    ]
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(i)
+    waiting = [len(ds) for ds in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle; it cannot be sorted topologically")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def save_checked(model: onnx.ModelProto, path: str | Path) -> None:
+    """Write a model int8pipe produced, sorted and passing the full ONNX checker.
+
+    Every model int8pipe writes must load with ``onnx.checker.check_model(full_check=True)`` and
+    so with ``mlflow.onnx.load_model``; a failure here is a bug in int8pipe, not a user error.
+    """
+    toposort(model)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)  # by path: models over 2 GB are checked too
 
 
 def sha256(path: str | Path) -> str:

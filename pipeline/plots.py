@@ -61,3 +61,23 @@ def bars(labels: list[str], values: list[float], path: Path, title: str, xlabel:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
+
+
+def tradeoff(labels: list[str], coverage: list[float], drops: list[float], best: list[bool], path: Path) -> bool:
+    """Sweep trials: INT8 nodes against accuracy drop, the selected trial marked."""
+    plt = _pyplot()
+    if plt is None or not labels:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = ["#c44e52" if b else "#4c72b0" for b in best]
+    ax.scatter(coverage, drops, c=colours, s=40)
+    for x, y, label in zip(coverage, drops, labels):
+        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("INT8 nodes")
+    ax.set_ylabel("accuracy drop (FP32 - INT8)")
+    ax.set_title("sweep trials (selected in red)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

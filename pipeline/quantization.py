@@ -10,15 +10,17 @@ default: a ReLU output that never goes negative gets all 256 levels instead of 1
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto, numpy_helper
 
 from pipeline.errors import ModelError, fail
 from pipeline.log import logger
-from pipeline.model import name_nodes
+from pipeline.model import FLOAT_TYPES, name_nodes, tensor_types
 
 # TensorRT's recommended placement: Q/DQ on the inputs of these ops, not on their outputs.
 TENSORRT_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
@@ -57,16 +59,33 @@ def activation_bounds(
     out = {}
     for k, a in amax.items():
         if a > 0 and k in observed:
-            hi = min(observed[k][1], a)
-            out[k] = (min(max(observed[k][0], -a), hi), hi)  # lo <= hi even when amax cuts below min
+            lo, hi = (min(max(v, -a), a) for v in observed[k])
+            out[k] = (min(lo, hi), hi)  # inside [-amax, amax], lo <= hi even when amax cuts below min
     return out
 
 
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """tensor -> ONNX element type where shape inference knows it (empty if it cannot run)."""
+    try:
+        return tensor_types(model)
+    except Exception:  # shape inference is an aid here: unknown types count as float
+        return {}
+
+
 def _without_ranges(
-    model: onnx.ModelProto, bounds: dict[str, tuple[float, float]], op_types: list[str], target: str
+    model: onnx.ModelProto,
+    bounds: dict[str, tuple[float, float]],
+    op_types: list[str],
+    target: str,
+    types: dict[str, int] | None = None,
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """Names of the nodes that would quantize a tensor without a range (ORT's quantizer raises on
-    those), after naming unnamed nodes in a copy so they can be excluded one by one."""
+    """Names of the nodes that would quantize a float tensor without a range (ORT's quantizer
+    raises on those), after naming unnamed nodes in a copy so they can be excluded one by one.
+
+    Tensors that are not float (int64 indices, shape tensors) are never quantized, so they need no
+    range: a Gather reading int64 indices is not missing anything.
+    """
+    types = _element_types(model) if types is None else types
     inits = {i.name for i in model.graph.initializer}
     missing = []
     for node in model.graph.node:
@@ -75,14 +94,69 @@ def _without_ranges(
         tensors = [t for t in node.input if t and t not in inits]
         if target != "tensorrt":  # there ORT quantizes outputs too
             tensors += [t for t in node.output if t]
+        tensors = [t for t in tensors if types.get(t, TensorProto.FLOAT) in FLOAT_TYPES]
         if any(t not in bounds for t in tensors):
             missing.append(node)
     if any(not n.name for n in missing):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         name_nodes(copy)
-        return _without_ranges(copy, bounds, op_types, target)
+        return _without_ranges(copy, bounds, op_types, target, types)
     return model, [n.name for n in missing]
+
+
+def _vector_gemm_biases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy whose Gemm biases that broadcast along rows are stored as vectors [N].
+
+    ORT's basic optimiser (the export step) fuses MatMul + Add into a Gemm keeping the Add's bias
+    shape, often [1, N]; ORT's QDQQuantizer indexes a per-channel bias one channel per element and
+    fails on such a bias ("truth value of an array ... is ambiguous") although Gemm broadcasts
+    [1, N], [1], [1, 1] and [N] alike. Rewritten here to the equivalent [N]; a bias that differs per
+    row ([M, N]) is left alone.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    fixes: list[tuple[int, str, np.ndarray]] = []  # node index, bias name, bias as a vector
+    for k, node in enumerate(model.graph.node):
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits or node.input[1] not in inits:
+            continue
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        b_dims = list(inits[node.input[1]].dims)
+        if len(b_dims) != 2:
+            continue
+        n = b_dims[0] if trans_b else b_dims[1]
+        c = numpy_helper.to_array(inits[node.input[2]])
+        if c.shape == (n,) or c.ndim > 2 or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
+            continue
+        fixes.append((k, node.input[2], np.broadcast_to(c.reshape(-1), (n,)).copy()))
+    if not fixes:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    taken = {i.name for i in out.graph.initializer} | {t for n in out.graph.node for t in [*n.input, *n.output]}
+    for k, name, vector in fixes:
+        new = name
+        while new in taken:
+            new += "_vector"
+        taken.add(new)
+        out.graph.initializer.append(numpy_helper.from_array(vector, new))
+        out.graph.node[k].input[2] = new
+    return out
+
+
+def _failing_node(exc: BaseException) -> str | None:
+    """The node ORT's quantizer was working on when it raised, read from its stack frames."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:  # outermost to innermost: the innermost node wins
+        local = tb.tb_frame.f_locals
+        node = local.get("node")
+        if isinstance(node, onnx.NodeProto) and node.name:
+            found = node.name
+        name = getattr(local.get("bias_info"), "node_name", None)
+        if isinstance(name, str) and name:
+            found = name
+        tb = tb.tb_next
+    return found
 
 
 def quantize(
@@ -111,6 +185,8 @@ def quantize(
         extra.update(
             {
                 "QuantizeBias": False,  # TensorRT keeps biases in float
+                # so no weight scale is raised to fit an INT32 bias: weight scales stay max |w| / 127
+                "QDQDisableWeightAdjustForInt32Bias": True,
                 "OpTypesToExcludeOutputQuantization": op_types,
                 "DedicatedQDQPair": False,
             }
@@ -121,12 +197,15 @@ def quantize(
         fail(ModelError, f"steps.quantize.exclude.nodes: no node named {unknown[0]!r} in the model.")
     model, unranged = _without_ranges(model, bounds, op_types, opts.target)
     if unranged:
+        shown = ", ".join(unranged[:8]) + (f" (the first 8 of {len(unranged)})" if len(unranged) > 8 else "")
         logger.warning(
-            "quantize: %d node(s) stay FP32 because a tensor they would quantize has no range "
+            "quantize: %d node(s) stay FP32 because a float tensor they would quantize has no range "
             "(e.g. a calibration cache without it): %s",
             len(unranged),
-            unranged[:8],
+            shown,
         )
+    if opts.per_channel:
+        model = _vector_gemm_biases(model)
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs advice at WARNING on every call
     try:
@@ -143,6 +222,15 @@ def quantize(
             extra,
         )
         out: onnx.ModelProto = quantizer.quantize_model()
+    except Exception as exc:  # ORT's quantizer has no error contract: name the node and the way around
+        node = _failing_node(exc)
+        where = f"node {node!r}" if node else "this model"
+        keep = f'steps.quantize.exclude.nodes: ["{node}"]' if node else "steps.quantize.exclude.nodes"
+        fail(
+            ModelError,
+            f"ONNX Runtime's QDQ quantizer failed on {where} ({type(exc).__name__}: {exc}). Keep that node in "
+            f"FP32 with {keep}, or quantize weights per tensor with steps.quantize.per_channel: false.",
+        )
     finally:
         logging.getLogger().setLevel(level)
     return out
@@ -204,3 +292,123 @@ def quantized_activations(model: onnx.ModelProto, target: str) -> list[str] | No
             inputs = node.input[:2] if node.op_type == "MatMul" else node.input[:1]
             out.extend(i for i in inputs if i and i not in inits and i not in out)
     return out
+
+
+def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterable[str]) -> onnx.ModelProto:
+    """Make the excluded ``nodes`` of ``qdq`` read float values again, in place; returns ``qdq``.
+
+    ORT's quantizer leaves an excluded node reading a DequantizeLinear output when its input tensor
+    is shared with a quantized sibling (x -> Conv A, x -> Conv B with B excluded: B still reads
+    DQ(Q(x))), and when a shared weight was stored as INT8. Each input of an excluded node that comes
+    from a DequantizeLinear is rewired to the float tensor the FP32 model computes there: the output
+    of the same-named node in ``qdq``, a graph input, or the FP32 initializer (copied from ``fp32``
+    when ``qdq`` only holds the INT8 one). Nodes ORT deleted because a quantizer's saturation replaced
+    them (a Relu or Clip before an asymmetric QuantizeLinear) are re-created from ``fp32`` for the
+    float path. Quantize/DequantizeLinear nodes left without consumers, and their initializers, are
+    removed.
+    """
+    from pipeline.model import toposort
+
+    graph = qdq.graph
+    wanted = list(dict.fromkeys(nodes))  # in the given order: the names of re-created nodes are stable
+    fp32_nodes = {n.name: n for n in fp32.graph.node if n.name}
+    fp32_producer = {o: n for n in fp32.graph.node for o in n.output if o}
+    fp32_inits = {i.name: i for i in fp32.graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output if o}
+    by_name = {n.name: n for n in graph.node if n.name}
+    inits = {i.name: i for i in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    used_tensors = set(producer) | set(inits) | graph_inputs | {i for n in graph.node for i in n.input}
+    used_nodes = {n.name for n in graph.node}
+    added: list[onnx.NodeProto] = []
+    memo: dict[str, str] = {}
+
+    def fresh(base: str, used: set[str]) -> str:
+        name, k = base, 0
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        return name
+
+    def float_of(tensor: str) -> str | None:
+        """A tensor of ``qdq`` holding the FP32 model's value of ``tensor`` (None: not found)."""
+        if tensor in memo:
+            return memo[tensor]
+        out: str | None = None
+        if tensor in fp32_inits:
+            init = inits.get(tensor)
+            if init is not None and init.data_type == fp32_inits[tensor].data_type:
+                out = tensor
+            else:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(fp32_inits[tensor])
+                copy.name = out = fresh(tensor if init is None else f"{tensor}_float", used_tensors)
+                graph.initializer.append(copy)
+                inits[copy.name] = copy
+        elif tensor in graph_inputs:
+            out = tensor
+        elif tensor in fp32_producer:
+            src = fp32_producer[tensor]
+            index = list(src.output).index(tensor)
+            twin = by_name.get(src.name) if src.name else None
+            if twin is not None and twin.op_type == src.op_type:
+                out = twin.output[index]
+            elif src.name and twin is None:  # deleted by ORT (a Relu/Clip folded into a quantizer)
+                inputs = [float_of(i) if i else "" for i in src.input]
+                if all(i is not None for i in inputs):
+                    node = onnx.NodeProto()
+                    node.CopyFrom(src)
+                    node.name = fresh(f"{src.name}_float", used_nodes)
+                    del node.input[:]
+                    node.input.extend(i or "" for i in inputs)
+                    del node.output[:]
+                    node.output.extend(fresh(f"{o}_float", used_tensors) if o else "" for o in src.output)
+                    added.append(node)
+                    for o, n in zip(src.output, node.output):
+                        if o:
+                            memo[o] = n
+                    out = node.output[index]
+        if out is not None:
+            memo[tensor] = out
+        return out
+
+    for name in wanted:
+        node, original = by_name.get(name), fp32_nodes.get(name)
+        if node is None or original is None:
+            continue
+        for k, tensor in enumerate(node.input):
+            dq = producer.get(tensor)
+            if dq is None or dq.op_type != "DequantizeLinear" or k >= len(original.input):
+                continue
+            src = float_of(original.input[k])
+            if src is None:  # no float twin: fall back to the QuantizeLinear's input for activations
+                q = producer.get(dq.input[0])
+                if q is None or q.op_type != "QuantizeLinear":
+                    logger.warning("quantize: %s input %s stays dequantized (no float value found)", name, tensor)
+                    continue
+                src = q.input[0]
+            node.input[k] = src
+    graph.node.extend(added)
+    _drop_unused_qdq(qdq)
+    if added:
+        toposort(qdq)
+    return qdq
+
+
+def _drop_unused_qdq(model: onnx.ModelProto) -> None:
+    """Remove Quantize/DequantizeLinear nodes nobody reads, then initializers only they read."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    dropped_inputs: set[str] = set()
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in QDQ_OPS and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            dropped_inputs.update(n.input)
+            graph.node.remove(n)
+    read = {i for n in graph.node for i in n.input} | outputs
+    for init in [i for i in graph.initializer if i.name in dropped_inputs and i.name not in read]:
+        graph.initializer.remove(init)

@@ -1,11 +1,160 @@
-"""Promotion into the MLflow Model Registry: log the ONNX model, register a version, tag it, alias it."""
+"""Promotion into the MLflow Model Registry: what the registry says is true, and what it holds loads.
+
+- A version is complete or absent: it is created with its tags and description in one call.
+- The alias moves under a registry-wide lock, so concurrent pipelines cannot overwrite a better
+  holder with a stale decision; policy ``better`` moves it only when the new version scores at least
+  as well as the holder on the same validation data and metric.
+- The caller reports the alias as it stands after the lock is released, never as it meant it to be.
+"""
 
 from __future__ import annotations
 
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline.log import logger
+
+LOCK_SUFFIX = ".int8pipe-lock"
+LOCK_LEASE_S = 120.0  # a lock older than this was left by a process that died; it is broken
+LOCK_TIMEOUT_S = 300.0
+
+GATE_TAG = "int8pipe.gate"
+METRIC_TAG = "int8pipe.metric"
+VALUE_TAG = "int8pipe.metric_value"
+DATA_TAG = "int8pipe.validation_digest"
+DECISION_TAG = "int8pipe.alias_decision"
+INCOMPLETE_TAG = "int8pipe.incomplete"
+
+
+@dataclass
+class Score:
+    """A version's validated metric and the data it was measured on: comparable only as a whole."""
+
+    metric: str
+    value: float
+    data_digest: str
+
+    def tags(self) -> dict[str, str]:
+        return {METRIC_TAG: self.metric, VALUE_TAG: repr(self.value), DATA_TAG: self.data_digest}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Score | None:
+        try:
+            return cls(tags[METRIC_TAG], float(tags[VALUE_TAG]), tags[DATA_TAG])
+        except (KeyError, ValueError):
+            return None
+
+
+def _already_exists(exc: MlflowException) -> bool:
+    return exc.error_code == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc).lower()
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if not _already_exists(exc):
+            raise
+
+
+@contextmanager
+def registry_lock(client: MlflowClient, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Mutual exclusion between promotions of one registered model, through the tracking server.
+
+    MLflow has no compare-and-set on aliases, but creating a registered model is atomic (the name
+    is unique), so a registered model ``<name>.int8pipe-lock`` is the lock. A lock older than
+    ``LOCK_LEASE_S`` belonged to a process that died and is broken.
+    """
+    lock = name + LOCK_SUFFIX
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"owner": owner, "acquired": repr(time.time())},
+                description=f"int8pipe: held while a pipeline decides the aliases of '{name}'. "
+                "Deleted when it is done; safe to delete when no int8pipe is promoting.",
+            )
+            break
+        except MlflowException as exc:
+            if not _already_exists(exc):
+                raise
+        try:
+            held = client.get_registered_model(lock)
+            age = time.time() - float(held.tags.get("acquired", "0"))
+            if age > LOCK_LEASE_S:
+                logger.warning("promote: breaking a registry lock held for %.0fs by %s", age, held.tags.get("owner"))
+                client.delete_registered_model(lock)
+                continue
+        except MlflowException:
+            continue  # released between our two calls
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"registry lock {lock!r} still held after {timeout_s:.0f}s")
+        time.sleep(random.uniform(0.1, 0.4))
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model(lock)
+        except MlflowException:
+            logger.warning("promote: could not release the registry lock %r; it expires in %.0fs", lock, LOCK_LEASE_S)
+
+
+def mark_incomplete_versions(client: MlflowClient, name: str) -> list[str]:
+    """Tag versions without int8pipe's gate tag: left by an interrupted promotion of an older int8pipe,
+    or registered by hand. They are never alias candidates; returns their version numbers."""
+    marked = []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        tags = mv.tags or {}
+        if GATE_TAG in tags or INCOMPLETE_TAG in tags:
+            continue
+        client.set_model_version_tag(
+            name,
+            mv.version,
+            INCOMPLETE_TAG,
+            "no int8pipe gate or metric tags: not validated by int8pipe, never given an alias by it",
+        )
+        marked.append(str(mv.version))
+    if marked:
+        logger.warning("promote: %s version(s) %s carry no validation tags; marked incomplete", name, marked)
+    return marked
+
+
+def holder(client: MlflowClient, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def decide(new: Score | None, current: Any | None, policy: str) -> tuple[bool, str]:
+    """Whether the alias moves to the new version, and why (as tagged on the version)."""
+    if new is None:
+        return False, "not validated"
+    if policy == "always" or current is None:
+        return True, "moved: " + ("policy always" if current is not None else "no previous holder")
+    old = Score.from_tags(current.tags or {})
+    if old is None:
+        return True, f"moved: v{current.version} carries no int8pipe score to compare with"
+    if (old.metric, old.data_digest) != (new.metric, new.data_digest):
+        return True, (
+            f"moved: v{current.version} was scored with {old.metric} on other validation data; "
+            "policy better compares only like with like"
+        )
+    if new.value >= old.value:
+        return True, f"moved: {new.metric} {new.value:.6g} >= v{current.version}'s {old.value:.6g}"
+    return False, f"stayed on v{current.version}: its {old.metric} {old.value:.6g} > this version's {new.value:.6g}"
 
 
 def promote_model(
@@ -14,26 +163,55 @@ def promote_model(
     *,
     model: Any,
     signature: Any,
+    input_example: Any,
     registered_model: str,
     alias: str | None,
+    policy: str,
+    score: Score | None,
     tags: dict[str, str],
     description: str,
     metrics: dict[str, float],
 ) -> dict[str, Any]:
-    """Log ``model`` under the active run ``run_id`` and register it; returns name, version, alias."""
+    """Log ``model`` under ``run_id``, register it complete, decide the alias; returns what the
+    registry holds afterwards: name, version, alias (None unless this version holds it), decision."""
     info = mlflow.onnx.log_model(
         onnx_model=model,
         name="model",
         signature=signature,
-        registered_model_name=registered_model,
+        input_example=input_example,
         save_as_external_data=False,
     )
     for key, metric in metrics.items():  # linked to the LoggedModel, so the model page shows them
         mlflow.log_metric(key, metric, model_id=info.model_id, run_id=run_id)
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_model, version, key, value)
-    client.update_model_version(registered_model, version, description=description)
+    ensure_registered_model(client, registered_model)
+    all_tags = {**tags, **(score.tags() if score else {})}
+    mv = client.create_model_version(
+        registered_model,
+        source=info.model_uri,
+        run_id=run_id,
+        tags=all_tags,
+        description=description,
+        model_id=info.model_id,
+    )
+    version = str(mv.version)
+    logger.info("promote: registered %s version %s", registered_model, version)
+    decision = "no alias requested"
     if alias:
-        client.set_registered_model_alias(registered_model, alias, version)
-    return {"name": registered_model, "version": version, "alias": alias}
+        with registry_lock(client, registered_model):
+            mark_incomplete_versions(client, registered_model)
+            current = holder(client, registered_model, alias)
+            if current is not None and str(current.version) == version:
+                current = None
+            move, decision = decide(score, current, policy)
+            if move:
+                client.set_registered_model_alias(registered_model, alias, version)
+            client.set_model_version_tag(registered_model, version, DECISION_TAG, f"@{alias} {decision}")
+    now = holder(client, registered_model, alias) if alias else None
+    held = alias if now is not None and str(now.version) == version else None
+    return {
+        "name": registered_model,
+        "version": version,
+        "alias": held,
+        "alias_version": str(now.version) if now is not None else None,
+        "decision": decision,
+    }

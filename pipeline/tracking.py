@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,14 +27,128 @@ KEY_TAG = "int8pipe.cache_key"
 OUTPUTS_TAG = "int8pipe.outputs"
 REUSED_TAG = "int8pipe.reused"
 REUSED_FROM_TAG = "int8pipe.reused_from"
+HOST_TAG = "int8pipe.host"
+PID_TAG = "int8pipe.pid"  # "<pid>:<process start time>": a reused pid is not the same process
+HEARTBEAT_TAG = "int8pipe.heartbeat"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 600.0  # a run on another host whose heartbeat is this old belongs to a dead process
+
+# MLflow retries a failing HTTP request 7 times with exponential backoff (about 4 minutes, silently);
+# int8pipe bounds one request's retries to about 7 s unless the user set these themselves.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` is the tracking server not answering (after MLflow's own retries)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(m in text for m in ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out"))
+
+
+@contextmanager
+def _closing(end: Any) -> Iterator[None]:
+    """Run ``end(status)`` after the block: FINISHED, KILLED on a signal, FAILED otherwise, and
+    nothing during an outage (each call would wait out MLflow's retries; the next run closes it)."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM turned into Interrupted by the CLI
+        status = "KILLED"
+        raise
+    except Exception as exc:
+        if is_outage(exc):
+            status = ""
+        raise
+    finally:
+        if status:
+            end(status)
+
+
+def _process_start(pid: int) -> str:
+    """The start time of ``pid`` in clock ticks since boot ('' where /proc does not tell)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid_tag: str) -> bool:
+    pid_text, _, start = pid_tag.partition(":")
+    try:
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return not start or _process_start(pid) == start
+
+
+def owner_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: f"{pid}:{_process_start(pid)}", HEARTBEAT_TAG: repr(time.time())}
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail within ``timeout_s`` when the tracking store cannot be used, before any work starts."""
+    from pipeline.errors import TrackingError, fail
+
+    if uri.startswith(("http://", "https://")):
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as r:
+                    if r.status == 200:
+                        return
+                    last = f"HTTP {r.status}"
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}"
+            except OSError as exc:
+                last = str(getattr(exc, "reason", exc))
+            time.sleep(1.0)
+        fail(
+            TrackingError,
+            f"the MLflow tracking server {uri} does not answer ({last}). Start it (mlflow server --host "
+            "127.0.0.1 --port 5000), check --tracking-uri / MLFLOW_TRACKING_URI, or use a local store "
+            "such as sqlite:///mlflow.db.",
+        )
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            fail(TrackingError, f"tracking store {uri}: the folder {folder} does not exist or is not writable.")
+
+
+@contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a sqlite store: MLflow migrates a new database's schema on first
+    use, and two processes migrating at once leave one dead ('duplicate column name')."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    fd = os.open(Path(uri[len("sqlite:///") :]).parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    """Nested config -> MLflow params; unset (null) keys are left out rather than logged as 'null'."""
     if isinstance(value, dict):
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
+    elif value is not None:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, bool)) else str(value)
 
 
 class StepTracker:
@@ -61,35 +180,109 @@ class StepTracker:
         return download_onnx(uri, dst, mlflow.get_tracking_uri())
 
     def promote(self, **kwargs: Any) -> dict[str, Any]:
+        """Register the model (see :func:`pipeline.registry.promote_model`)."""
         from pipeline.registry import promote_model
 
         return promote_model(self.client, self.run_id, **kwargs)
 
 
+def _set_experiment(name: str) -> str:
+    """``mlflow.set_experiment``, safe when several pipelines create the same experiment at once."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            return str(mlflow.set_experiment(name).experiment_id)
+        except MlflowException as exc:  # another process created it between MLflow's get and create
+            if "already exists" not in str(exc).lower() or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 class Tracker:
     """Opens the pipeline's parent run and its nested step runs."""
 
-    def __init__(self, tracking_uri: str | None, experiment: str):
+    def __init__(self, tracking_uri: str | None, experiment: str, under: str | None = None):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
         self.uri = mlflow.get_tracking_uri()
-        self.client = MlflowClient(self.uri)
-        self.outer_run_id = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`
-        if self.outer_run_id:
+        check_reachable(self.uri)
+        with _sqlite_init_lock(self.uri):
+            self.client = MlflowClient(self.uri)
+            self.client.search_experiments(max_results=1)  # creates or migrates the store, under the lock
+        # set by `mlflow run`; a run nested ``under`` another (a sweep's trial) is always created anew
+        self.outer_run_id = None if under else os.environ.get("MLFLOW_RUN_ID")
+        self.under = under
+        if under:
+            self.experiment_id = self.client.get_run(under).info.experiment_id
+        elif self.outer_run_id:
             # `mlflow run` already created our parent run in its experiment; children must sit beside it.
             self.experiment_id = self.client.get_run(self.outer_run_id).info.experiment_id
         else:
-            exp = mlflow.set_experiment(experiment)
-            self.experiment_id = exp.experiment_id
+            self.experiment_id = _set_experiment(experiment)
+        self._stop_heartbeat = threading.Event()
+
+    def step_tracker(self, run_id: str) -> StepTracker:
+        return StepTracker(self.client, run_id)
+
+    def close_abandoned(self) -> list[str]:
+        """Close the runs of this experiment left RUNNING by an int8pipe process that is gone.
+
+        On this host a run's process is checked directly (pid and start time); a run from another
+        host is abandoned when its pipeline's heartbeat is older than ``STALE_AFTER_S``. Returns
+        the run ids closed (as KILLED).
+        """
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+        )
+        by_id = {r.info.run_id: r for r in runs}
+        host, now, closed = socket.gethostname(), time.time(), []
+        for run in runs:
+            tags = run.data.tags
+            if HOST_TAG not in tags or run.info.run_id == self.outer_run_id:
+                continue
+            if tags[HOST_TAG] == host:
+                gone = not _alive(tags.get(PID_TAG, ""))
+            else:
+                parent = by_id.get(tags.get("mlflow.parentRunId", ""), run)
+                beat = float(parent.data.tags.get(HEARTBEAT_TAG, tags.get(HEARTBEAT_TAG, "0")))
+                gone = now - beat > STALE_AFTER_S
+            if gone:
+                self.client.set_tag(run.info.run_id, "int8pipe.closed_by", f"{host}:{os.getpid()} (owner gone)")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                closed.append(run.info.run_id)
+        if closed:
+            logger.warning("closed %d run(s) left RUNNING by an int8pipe process that is gone: %s", len(closed), closed)
+        return closed
+
+    def _heartbeat(self, run_id: str) -> None:
+        while not self._stop_heartbeat.wait(HEARTBEAT_S):
+            try:
+                self.client.set_tag(run_id, HEARTBEAT_TAG, repr(time.time()))
+            except Exception:  # an outage: the run itself reports it; the heartbeat just skips a beat
+                logger.debug("heartbeat for run %s failed", run_id)
 
     @contextmanager
-    def parent_run(self, name: str, resolved_config: dict[str, Any]) -> Iterator[str]:
-        if self.outer_run_id:
+    def parent_run(self, name: str, resolved_config: dict[str, Any], run_name: str | None = None) -> Iterator[str]:
+        """The pipeline's run (or a sweep's), nested under ``self.under`` when set; ``name`` is the
+        pipeline's name (tag ``int8pipe.pipeline``), ``run_name`` what the runs table shows."""
+        if self.under:
+            created = self.client.create_run(
+                self.experiment_id, run_name=run_name or name, tags={"mlflow.parentRunId": self.under}
+            )
+            run = mlflow.start_run(run_id=created.info.run_id, nested=True)
+        elif self.outer_run_id:
             run = mlflow.start_run(run_id=self.outer_run_id)
         else:
-            run = mlflow.start_run(run_name=name, experiment_id=self.experiment_id)
+            run = mlflow.start_run(run_name=run_name or name, experiment_id=self.experiment_id)
         run_id = run.info.run_id
         self.client.set_tag(run_id, "int8pipe.pipeline", name)
+        for key, value in owner_tags().items():
+            self.client.set_tag(run_id, key, value)
+        beat = threading.Thread(target=self._heartbeat, args=(run_id,), daemon=True)
+        beat.start()
         with tempfile.TemporaryDirectory() as tmp:
             cfg_path = Path(tmp) / "pipeline.resolved.json"
             cfg_path.write_text(json.dumps(resolved_config, indent=2))
@@ -97,12 +290,11 @@ class Tracker:
         params: dict[str, str] = {}
         _flatten("", resolved_config, params)
         mlflow.log_params({key: value[:6000] for key, value in params.items()})
-        status = "FAILED"
         try:
-            yield run_id
-            status = "FINISHED"
+            with _closing(lambda status: mlflow.end_run(status=status)):
+                yield run_id
         finally:
-            mlflow.end_run(status=status)
+            self._stop_heartbeat.set()
 
     @contextmanager
     def child_run(self, step: str, cache_key: str) -> Iterator[StepTracker]:
@@ -113,15 +305,11 @@ class Tracker:
         created = self.client.create_run(
             self.experiment_id,
             run_name=step,
-            tags={STEP_TAG: step, KEY_TAG: cache_key, "mlflow.parentRunId": parent.info.run_id},
+            tags={STEP_TAG: step, KEY_TAG: cache_key, "mlflow.parentRunId": parent.info.run_id, **owner_tags()},
         )
         run = mlflow.start_run(run_id=created.info.run_id, nested=True)
-        status = "FAILED"
-        try:
+        with _closing(lambda status: mlflow.end_run(status=status)):
             yield StepTracker(self.client, run.info.run_id)
-            status = "FINISHED"
-        finally:
-            mlflow.end_run(status=status)
 
     def find_reusable(self, step: str, cache_key: str) -> Run | None:
         runs = self.client.search_runs(

@@ -36,6 +36,22 @@ class Step:
             if getattr(pipeline.data, which) is None:
                 fail(ConfigError, f"steps.{cls.name} needs data.{which}: add a data.{which} source.")
 
+    def can_reuse(self, ctx: StepContext, cfg: Any) -> bool:
+        """Whether a finished run with the same cache key may stand in for this one: only when the
+        key captures everything the result depends on."""
+        return self.reusable
+
+    def cache_config(self, cfg: Any) -> Any:
+        """The part of the config that decides the result (default: all of it)."""
+        return cfg
+
+    def fallback_configs(self, cfg: Any) -> list[Any]:
+        """Other cache configs whose finished runs this step can also stand on (see ``on_reuse``)."""
+        return []
+
+    def on_reuse(self, ctx: StepContext, cfg: Any) -> None:
+        """Adapt a reused run's restored outputs to ``cfg`` (e.g. another method on the same measurements)."""
+
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
         """Anything beyond the step config and input files that changes this step's result."""
         return {}

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from pipeline import environment, plots, runtime
+from pipeline import data, environment, plots, runtime
 from pipeline import model as onnx_model
 from pipeline.context import StepContext
 from pipeline.errors import BackendUnavailable, ConfigError, fail
 from pipeline.log import logger
 from steps.base import Step
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 
 @dataclass
@@ -28,14 +31,91 @@ class BenchmarkConfig:
     iterations: int = 100
     warmup: int = 10
     threads: int | None = None
+    # input -> full shape, batch first (the batch dim is replaced by each batch size); needed for an
+    # input with symbolic dims besides the batch when there is no data to take a real shape from
+    shapes: dict[str, list[int]] = field(default_factory=dict)
 
 
-def random_feeds(specs: dict[str, Any], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+SHAPES_KEY = "steps.benchmark.shapes"
+
+
+def data_sample(pipeline: PipelineConfig, specs: data.Specs, size: int) -> tuple[data.Batch | None, str | None]:
+    """The model inputs of one real batch (at most ``size`` samples) of data.validation, else
+    data.calibration, and which source it came from; (None, None) without data."""
+    for which in ("validation", "calibration"):
+        src = getattr(pipeline.data, which)
+        if src is None:
+            continue
+        batches = data.batches(src, size, specs, data.search_dirs(pipeline.base_dir), f"data.{which}")
+        try:
+            batch = next(batches)
+        finally:
+            close = getattr(batches, "close", None)  # a generator: let the source release its files now
+            if close is not None:
+                close()
+        return {k: v for k, v in batch.items() if k != data.LABELS}, f"data.{which}"
+    return None, None
+
+
+def input_shapes(
+    specs: data.Specs, shapes: dict[str, list[int]], sample: data.Batch | None, source: str | None
+) -> dict[str, tuple[list[int], str]]:
+    """Per input: the shape of one sample (batch dim left out) and where it comes from: ``shapes``
+    (steps.benchmark.shapes), the real ``sample``, or the model when every other dim is fixed."""
+    unknown = [k for k in shapes if k not in specs]
+    if unknown:
+        fail(
+            ConfigError,
+            f"{SHAPES_KEY}.{unknown[0]}: the model has no input {unknown[0]!r}; its inputs are {list(specs)}.",
+        )
+    out: dict[str, tuple[list[int], str]] = {}
+    for name, (dims, _) in specs.items():
+        if name in shapes:
+            shape = shapes[name]
+            if (
+                len(shape) != len(dims)
+                or any(d <= 0 for d in shape)
+                or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims[1:], shape[1:]))
+            ):
+                fail(
+                    ConfigError,
+                    f"{SHAPES_KEY}.{name}: {shape} does not fit the model's input {name!r} of shape {dims}; give "
+                    f"{len(dims)} positive dims, batch first, equal to the model's where it fixes them.",
+                )
+            out[name] = (list(shape[1:]), SHAPES_KEY)
+        elif sample is not None and source is not None:
+            out[name] = (list(sample[name].shape[1:]), source)
+        elif all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            out[name] = ([int(d) for d in dims[1:]], "model")
+        else:
+            fail(
+                ConfigError,
+                f"steps.benchmark: input {name!r} has shape {dims}, whose dims besides the batch are not all "
+                "fixed, and there is no data.validation or data.calibration to take a real shape from; set "
+                f"{SHAPES_KEY}: {{{name}: [1, ...]}} (the full shape, batch first).",
+            )
+    return out
+
+
+def benchmark_feeds(
+    specs: data.Specs,
+    shapes: dict[str, tuple[list[int], str]],
+    batch: int,
+    sample: data.Batch | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Inputs of ``batch`` samples: the real ``sample`` repeated to the batch size where its shape is
+    the one benchmarked, random values of the shape otherwise."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for name, (dims, dtype) in specs.items():
-        shape = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]
-        feeds[name] = rng.standard_normal(shape).astype(dtype)
+    for name, (_, dtype) in specs.items():
+        rest = shapes[name][0]
+        real = sample.get(name) if sample is not None else None
+        if real is not None and list(real.shape[1:]) == rest:
+            reps = -(-batch // len(real))
+            feeds[name] = np.ascontiguousarray(np.concatenate([real] * reps)[:batch])
+        else:
+            feeds[name] = rng.standard_normal([batch, *rest]).astype(dtype)
     return feeds
 
 
@@ -43,11 +123,20 @@ class Benchmark(Step):
     name = "benchmark"
     Config = BenchmarkConfig
     needs_steps = ("export", "quantize")
-    parent_metrics = ("*.latency_p50_ms", "*.speedup")
+    # the first batch size's figures; the per-batch-size ones (.bs8.) stay on the step run
+    parent_metrics = tuple(
+        f"{p}.{m}"
+        for p in ("cpu", "cuda", "tensorrt")
+        for m in ("fp32.latency_p50_ms", "int8.latency_p50_ms", "speedup")
+    )
 
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
         env = environment.fingerprint()
-        return {"cpu": env["cpu"]["model"], "ort": env["onnxruntime"], "gpus": env["gpus"]}
+        key = {"cpu": env["cpu"]["model"], "ort": env["onnxruntime"], "gpus": env["gpus"]}
+        src = ctx.pipeline.data.validation or ctx.pipeline.data.calibration
+        if src is not None:  # the input shapes (and values) come from it
+            key["data"] = data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))
+        return key
 
     def run(self, ctx: StepContext, cfg: BenchmarkConfig) -> None:
         if not cfg.batch_sizes or min(cfg.batch_sizes) <= 0 or cfg.iterations <= 0:
@@ -56,7 +145,14 @@ class Benchmark(Step):
         ctx.output("environment", "benchmark/environment.json").write_text(json.dumps(env, indent=1))
         models = {"fp32": ctx.input("fp32_model"), "int8": ctx.input("int8_model")}
         specs = onnx_model.input_specs(onnx_model.load(models["fp32"], check=False))
-        report: dict[str, Any] = {"iterations": cfg.iterations, "warmup": cfg.warmup, "providers": {}}
+        sample, source = data_sample(ctx.pipeline, specs, max(cfg.batch_sizes))
+        shapes = input_shapes(specs, cfg.shapes, sample, source)
+        report: dict[str, Any] = {
+            "iterations": cfg.iterations,
+            "warmup": cfg.warmup,
+            "inputs": {k: {"shape": ["batch", *rest], "from": how} for k, (rest, how) in shapes.items()},
+            "providers": {},
+        }
         metrics: dict[str, float] = {}
         for provider in cfg.providers:
             try:
@@ -71,13 +167,14 @@ class Benchmark(Step):
                 "results": [],
             }
             for i, bs in enumerate(cfg.batch_sizes):
-                feeds = random_feeds(specs, bs)
+                feeds = benchmark_feeds(specs, shapes, bs, sample)
                 p50 = {}
                 for precision, sess in sessions.items():
                     lat = runtime.time_session(sess, feeds, cfg.iterations, cfg.warmup)
                     row: dict[str, Any] = {
                         "precision": precision,
                         "batch_size": bs,
+                        "shapes": {k: list(v.shape) for k, v in feeds.items()},
                         "latency_p50_ms": float(np.median(lat)),
                         "latency_p99_ms": float(np.percentile(lat, 99)),
                         "latency_mean_ms": float(lat.mean()),

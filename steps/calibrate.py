@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from pipeline import data, plots
 from pipeline import model as onnx_model
 from pipeline.calibration import flatbuffers_table, trt_cache
-from pipeline.calibration.calibrator import Calibration, calibrate
+from pipeline.calibration.calibrator import Calibration, calibrate, load_histograms, rethreshold, save_histograms
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
 from pipeline.errors import CalibrationError, ConfigError, fail
 from pipeline.log import logger
 from pipeline.quantization import quantized_activations
+from pipeline.schema import to_mapping
 from steps.base import Step
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class Calibrate(Step):
     name = "calibrate"
     Config = CalibrateConfig
     needs_steps = ("export",)
-    parent_metrics = ("calibration_seconds",)
+    parent_metrics = ("calibration_seconds", "tensors_clipped")
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
@@ -105,6 +106,37 @@ class Calibrate(Step):
         if not 0 < cfg.percentile <= 100:
             fail(ConfigError, f"steps.calibrate.percentile: expected 0 < p <= 100, got {cfg.percentile}.")
 
+    def cache_config(self, cfg: CalibrateConfig) -> Any:
+        # The measurements (min/max, and histograms for every method but minmax) do not depend on the
+        # method or the percentile: a run made for one histogram method serves the others.
+        if cfg.from_cache:
+            return cfg
+        m = to_mapping(cfg)
+        m.pop("percentile")
+        m.pop("plots")
+        m["method"] = "minmax" if cfg.method == "minmax" else "histogram"
+        return m
+
+    def fallback_configs(self, cfg: CalibrateConfig) -> list[Any]:
+        if cfg.from_cache or cfg.method != "minmax":
+            return []
+        return [dict(self.cache_config(cfg), method="histogram")]  # max |x| is recorded there too
+
+    def on_reuse(self, ctx: StepContext, cfg: CalibrateConfig) -> None:
+        ranges = Ranges.read(ctx.outputs["ranges"])
+        if cfg.from_cache or (ranges.method, ranges.params.get("percentile")) == (
+            cfg.method,
+            cfg.percentile if cfg.method == "percentile" else None,
+        ):
+            return
+        stored = ctx.outputs.get("histograms")
+        hists = load_histograms(stored) if stored is not None and stored.is_file() else {}
+        logger.info("calibrate: %s thresholds from the reused run's histograms (no inference)", cfg.method)
+        new = rethreshold(ranges, hists, cfg.method, cfg.percentile)
+        seconds = ctx.metrics.get("calibration_seconds", 0.0)
+        self._write(ctx, cfg, Calibration(new, hists, seconds), trt_cache.ALGORITHMS[cfg.method])
+        ctx.set_tags({"int8pipe.thresholds_from": ranges.method})
+
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
         src = ctx.pipeline.data.calibration
         if cfg.from_cache:
@@ -120,7 +152,7 @@ class Calibrate(Step):
         model_path = ctx.input("fp32_model")
         if cfg.from_cache:
             cal = _from_cache(Path(cfg.from_cache), model_path, cfg.trt_version)
-            algorithm = trt_cache.parse(Path(cfg.from_cache).read_text()).algorithm
+            algorithm = trt_cache.open_cache(cfg.from_cache)[0].algorithm  # the header line only
         else:
             src = ctx.pipeline.data.calibration
             assert src is not None
@@ -145,6 +177,8 @@ class Calibrate(Step):
     def _write(self, ctx: StepContext, cfg: CalibrateConfig, cal: Calibration, algorithm: str) -> None:
         ranges = cal.ranges
         ranges.write(ctx.output("ranges", "calibration/ranges.json"))
+        if cal.histograms:  # lets a sweep over methods rethreshold without running inference again
+            save_histograms(cal.histograms, ctx.output("histograms", "calibration/histograms.npz"))
         amax = ranges.amax()
         cache = trt_cache.from_amax(amax, cfg.trt_version, algorithm)
         ctx.output("trt_cache", "calibration/calibration.cache").write_text(cache.text())

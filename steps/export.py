@@ -57,27 +57,26 @@ class Export(Step):
     Config = ExportConfig
     parent_metrics = ()
 
+    def can_reuse(self, ctx: StepContext, cfg: Any) -> bool:
+        # A PyTorch factory's result depends on code and weights int8pipe cannot hash without running
+        # it; it is exported every time and later steps reuse through the exported file's digest.
+        return ctx.source_model is not None
+
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
-        src = ctx.pipeline.model
-        if src.onnx:
-            return {"onnx": onnx_model.sha256(src.onnx)}
-        if src.pytorch:
-            module = src.pytorch.factory.partition(":")[0].replace(".", "/") + ".py"
-            files = [d / module for d in search_dirs(ctx.pipeline.base_dir) if (d / module).is_file()]
-            return {"pytorch": repr(src.pytorch), "code": onnx_model.sha256(files[0]) if files else None}
-        return {"mlflow": src.mlflow}
+        # the model's bytes, not its path or URI: a registry alias may point at another version today
+        return {"model_sha256": onnx_model.sha256(ctx.source_model) if ctx.source_model else None}
 
     def run(self, ctx: StepContext, cfg: ExportConfig) -> None:
         src = ctx.pipeline.model
+        label = src.onnx or src.mlflow or "the exported PyTorch model"
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "source.onnx"
-            if src.onnx:
-                raw = Path(src.onnx)
-            elif src.mlflow:
-                raw = ctx.tracker.download_onnx(src.mlflow, Path(tmp))
+            if ctx.source_model is not None:
+                raw = ctx.source_model
             else:
                 _from_pytorch(ctx, cfg, raw)
-            model = onnx_model.load(raw)
+            model = onnx_model.load(raw, label=label)
+            onnx_model.refuse_quantized(model, label, "model")
             before = onnx_model.op_counts(model)
             opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
             if opset < MIN_QDQ_OPSET:
@@ -96,8 +95,8 @@ class Export(Step):
             else:
                 out.write_bytes(staged.read_bytes())
         prepared = onnx_model.load(out)
-        if onnx_model.name_nodes(prepared):  # exclude lists and per-node tables address nodes by name
-            onnx.save(prepared, str(out))
+        onnx_model.name_nodes(prepared)  # exclude lists and per-node tables address nodes by name
+        onnx_model.save_checked(prepared, out)
         summary = onnx_model.summary(prepared)
         summary["source"] = {"onnx": src.onnx, "mlflow": src.mlflow, "pytorch": src.pytorch and src.pytorch.factory}
         summary["source_op_counts"] = before

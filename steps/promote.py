@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
+from pipeline import data
 from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges
 from pipeline.context import StepContext
@@ -26,6 +27,9 @@ class PromoteConfig:
     registered_model: str
     alias: str | None = "candidate"
     description: str | None = None
+    # better: the alias moves only to a version at least as good as its holder on the same validation
+    # data and metric; always: to every version that passed the gate
+    policy: Literal["better", "always"] = "better"
 
 
 def signature(model: onnx.ModelProto) -> ModelSignature:
@@ -61,20 +65,32 @@ class Promote(Step):
             )
 
     def run(self, ctx: StepContext, cfg: PromoteConfig) -> None:
+        from pipeline.registry import Score
+
         int8 = onnx_model.load(ctx.input("int8_model"), check=False)
         ranges = Ranges.read(ctx.input("ranges"))
         up = ctx.upstream_metrics
         target = ctx.pipeline.steps["quantize"].target
+        validate = ctx.pipeline.steps.get("validate")
         tags = {
             "int8pipe.calibration_method": ranges.method,
             "int8pipe.target": target,
             "int8pipe.fp32_sha256": ranges.model_sha256,
-            "int8pipe.gate": "passed" if "validate" in ctx.pipeline.steps else "not run",
+            "int8pipe.int8_sha256": onnx_model.sha256(ctx.input("int8_model")),
+            "int8pipe.gate": "passed" if validate is not None else "not run",
+            "int8pipe.pipeline": ctx.pipeline.name,
         }
         tags.update({f"int8pipe.run.{step}": run_id for step, run_id in ctx.upstream_runs.items()})
-        for key in ("accuracy_drop", "cpu.int8.latency_p50_ms", "cpu.speedup"):
+        for key in ("accuracy_drop", "int8_nodes", "fp_nodes", "cpu.int8.latency_p50_ms", "cpu.speedup"):
             if key in up:
                 tags[f"int8pipe.{key}"] = f"{up[key]:.6g}"
+        score = None
+        if validate is not None:
+            name = validate.metric.rpartition(":")[2]
+            src = ctx.pipeline.data.validation
+            assert src is not None
+            digest = data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))
+            score = Score(validate.metric, up[f"int8_{name}"], digest)
         drop = f"accuracy drop {up['accuracy_drop']:.4f}" if "accuracy_drop" in up else "not validated"
         description = cfg.description or (
             f"INT8 Q/DQ model of pipeline '{ctx.pipeline.name}' for {target}: calibration {ranges.method} over "
@@ -84,19 +100,38 @@ class Promote(Step):
         result = ctx.tracker.promote(
             model=int8,
             signature=signature(int8),
+            input_example=input_example(ctx, int8) or None,
             registered_model=cfg.registered_model,
             alias=cfg.alias,
+            policy=cfg.policy,
+            score=score,
             tags=tags,
             description=description,
             metrics=linked,
         )
         ctx.results["registered_model"] = result
-        logger.info(
-            "promote: %s version %s%s",
-            result["name"],
-            result["version"],
-            f" @{result['alias']}" if result["alias"] else "",
+        where = (
+            f" @{result['alias']}"
+            if result["alias"]
+            else (f"; @{cfg.alias} {result['decision']}" if cfg.alias else "")
         )
+        logger.info("promote: %s version %s%s", result["name"], result["version"], where)
+
+
+def input_example(ctx: StepContext, model: onnx.ModelProto) -> dict[str, Any]:
+    """One real sample per model input: from validate's samples, else the first data batch."""
+    names = [vi.name for vi in onnx_model.graph_inputs(model)]
+    samples = ctx.inputs.get("validation_samples")
+    if samples is not None and samples.is_file():
+        with np.load(samples, allow_pickle=False) as z:
+            if all(f"input.{n}" in z.files for n in names):
+                return {n: z[f"input.{n}"][:1] for n in names}
+    src = ctx.pipeline.data.validation or ctx.pipeline.data.calibration
+    if src is None:
+        return {}
+    specs = onnx_model.input_specs(model)
+    batch = next(data.batches(src, 1, specs, data.search_dirs(ctx.pipeline.base_dir), "input example"))
+    return {n: batch[n][:1] for n in names}
 
 
 STEP = Promote

@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-import onnx
-
 from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges
 from pipeline.context import StepContext
-from pipeline.errors import ConfigError, fail
+from pipeline.errors import ConfigError, ModelError, fail
 from pipeline.log import logger
-from pipeline.quantization import QuantizeOptions, node_table, quantize
+from pipeline.quantization import QuantizeOptions, keep_float_inputs, node_table, quantize
 from steps.base import Step
 
 if TYPE_CHECKING:
@@ -44,7 +42,7 @@ class Quantize(Step):
     name = "quantize"
     Config = QuantizeConfig
     needs_steps = ("export", "calibrate")
-    parent_metrics = ("size_mb_fp32", "size_mb_int8")
+    parent_metrics = ("size_mb_fp32", "size_mb_int8", "int8_nodes", "fp_nodes")
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
@@ -67,12 +65,23 @@ class Quantize(Step):
         )
         observed = {k: (v.min, v.max) for k, v in ranges.tensors.items()}
         qdq = quantize(fp32, ranges.amax(), opts, observed)
+        # excluded means float: also where an excluded node shares an input or weight with a quantized one
+        excluded = [*opts.exclude_nodes, *(n.name for n in fp32.graph.node if n.op_type in opts.exclude_op_types)]
+        qdq = keep_float_inputs(qdq, fp32, excluded)
         out = ctx.output("int8_model", "model/model_int8.onnx")
-        onnx.save(qdq, str(out))
+        onnx_model.save_checked(qdq, out)
         rows = node_table(fp32, qdq)
         if rows:
             ctx.log_table(rows, "quantize/nodes_table.json")
         int8 = sum(r["precision"] == "int8" for r in rows)
+        if int8 == 0:
+            ops = sorted({r["op_type"] for r in rows})
+            fail(
+                ModelError,
+                f"steps.quantize: no node of the model runs in INT8 (target {cfg.target}; the model's ops: "
+                f"{', '.join(ops[:20])}). Nothing would be gained, so no INT8 model is produced: check "
+                "steps.quantize.exclude, or use target: onnxruntime, which quantizes more op types.",
+            )
         logger.info(
             "quantize: %d of %d nodes run in INT8 (target %s, %s activations)",
             int8,

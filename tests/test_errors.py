@@ -60,7 +60,8 @@ def test_config_errors_name_the_key(
     assert code == 2
     assert expected in err
     assert "Traceback" not in err
-    assert not (digits_copy / "mlflow.db").exists()  # nothing ran
+    assert tracking_uri.endswith(str(digits_copy.parent / "mlflow.db"))
+    assert not (digits_copy.parent / "mlflow.db").exists()  # nothing ran: not even the store was created
 
 
 def test_set_overrides_and_bad_override(digits_copy: Path) -> None:

@@ -66,7 +66,12 @@ def test_tensorrt_placement_per_channel_and_float_bias() -> None:
             assert dq_w.op_type == "DequantizeLinear"
             assert inits[dq_w.input[0]].data_type == onnx.TensorProto.INT8  # weights stored as int8
             scale = onnx.numpy_helper.to_array(inits[dq_w.input[1]])
-            assert scale.shape == (3,) if node.op_type == "Conv" else (4,)  # one scale per output channel
+            assert scale.shape == ((3,) if node.op_type == "Conv" else (4,))  # one scale per output channel
+            w_float = onnx.numpy_helper.to_array(
+                next(i for i in model.graph.initializer if i.name == ("w" if node.op_type == "Conv" else "fc"))
+            )
+            expected = np.abs(w_float.reshape(len(w_float), -1)).max(axis=1) / 127.0
+            np.testing.assert_allclose(scale, expected, rtol=1e-6)  # symmetric max |w| per channel
             bias = node.input[2]
             assert bias in inits and inits[bias].data_type == onnx.TensorProto.FLOAT  # not quantized
         if node.op_type == "QuantizeLinear":
@@ -160,3 +165,63 @@ def test_nodes_without_ranges_stay_fp32(target: str, named: bool) -> None:
     x = np.random.default_rng(1).normal(size=(2, 2, 4, 4)).astype(np.float32)
     (y,) = runtime.session(qdq.SerializeToString(), optimize=False).run(None, {"x": x})
     assert y.shape == (2, 4) and np.isfinite(y).all()
+
+
+def _exclude_b(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
+    from pipeline.quantization import keep_float_inputs
+
+    amax = {"x": 3.0, "a": 8.0, "b": 8.0}
+    observed = {k: (-v, v) for k, v in amax.items()}
+    qdq = quantize(model, amax, QuantizeOptions(target=target, exclude_nodes=("conv_b",)), observed)
+    return keep_float_inputs(qdq, model, ["conv_b"])
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+@pytest.mark.parametrize("name", ["shared_input_convs", "shared_weight_convs"])
+def test_excluded_node_reads_float_although_a_quantized_sibling_shares_its_input(target: str, name: str) -> None:
+    """exclude.nodes: [conv_b] while conv_a, which reads the same x (and weights), is quantized. ORT's
+    quantizer leaves conv_b reading DQ(Q(x)) (and the INT8 weight); keep_float_inputs gives it back
+    the float x and the FP32 weight, so its output is the FP32 model's, bit for bit."""
+    model = build(name)
+    qdq = _exclude_b(model, target)
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    nodes = {n.name: n for n in qdq.graph.node}
+    inits = {i.name: i for i in qdq.graph.initializer}
+    for tensor in nodes["conv_b"].input:
+        assert tensor not in producer, tensor  # the graph input or a float initializer, no DequantizeLinear
+        assert tensor == "x" or inits[tensor].data_type == onnx.TensorProto.FLOAT
+    assert {producer[t].op_type for t in nodes["conv_a"].input} == {"DequantizeLinear"}
+    rows = {r["node"]: r["precision"] for r in node_table(model, qdq)}
+    assert rows == {"conv_a": "int8", "conv_b": "fp32"}
+    x = np.random.default_rng(2).normal(size=(3, 2, 4, 4)).astype(np.float32)
+    fp32_a, fp32_b = runtime.session(model.SerializeToString(), optimize=False).run(["a", "b"], {"x": x})
+    int8_a, int8_b = runtime.session(qdq.SerializeToString(), optimize=False).run(["a", "b"], {"x": x})
+    np.testing.assert_array_equal(int8_b, fp32_b)
+    assert not np.allclose(int8_a, fp32_a, atol=1e-4)  # the sibling really is INT8
+
+
+def test_keep_float_inputs_recreates_a_relu_ort_folded_into_a_quantizer() -> None:
+    """With asymmetric activations ORT deletes Clip(0, 6) and Relu before a QuantizeLinear (the
+    quantizer saturates instead). An excluded Flatten reading that tensor gets Clip and Relu back on
+    its float path; the Q/DQ pair nobody reads any more is removed."""
+    from pipeline.calibration.collect import expose
+    from pipeline.quantization import keep_float_inputs
+
+    model = build("clip_chain")
+    amax = {"x": 6.0, "conv": 20.0, "relu6": 6.0, "relu": 6.0, "flat": 6.0, "y": 50.0, "top": 50.0, "clipped": 6.0}
+    observed = {k: (-v, v) for k, v in amax.items()} | {"relu6": (0.0, 6.0), "relu": (0.0, 6.0), "flat": (0.0, 6.0)}
+    opts = QuantizeOptions(target="onnxruntime", activations="asymmetric", exclude_nodes=("flatten",))
+    qdq = quantize(model, amax, opts, observed)
+    flatten = next(n for n in qdq.graph.node if n.name == "flatten")
+    assert "DequantizeLinear" in {n.op_type for n in qdq.graph.node if flatten.input[0] in n.output}  # the bug
+    keep_float_inputs(qdq, model, ["flatten"])
+    onnx.checker.check_model(qdq, full_check=True)
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    assert producer[flatten.input[0]].op_type == "Relu"
+    assert "relu_QuantizeLinear" not in {n.name for n in qdq.graph.node}  # no consumer left
+    assert {r["node"]: r["precision"] for r in node_table(model, qdq)}["flatten"] == "fp32"
+    x = (np.random.default_rng(3).normal(size=(4, 2, 4, 4)) * 2).astype(np.float32)
+    conv_out = next(n for n in qdq.graph.node if n.name == "conv").output[0]  # the Conv's raw output
+    raw, flat = runtime.session(expose(qdq, [conv_out, "flat"]), optimize=False).run([conv_out, "flat"], {"x": x})
+    assert raw.min() < 0 and raw.max() > 6
+    np.testing.assert_array_equal(flat, np.clip(raw, 0.0, 6.0).reshape(len(x), -1))

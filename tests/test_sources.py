@@ -150,24 +150,26 @@ def test_from_cache_reproduces_ranges_and_refuses_other_models(
 
 
 def test_cache_missing_a_tensor_keeps_its_node_fp32(
-    tiny: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A legacy cache without a tensor's line: calibrate reports it, quantize keeps its consumer in FP32
-    instead of failing inside ORT's quantizer."""
-    lines = ["TRT-8601-EntropyCalibration2", "a: 3c010a14", "b: 3c010a14", "y: 3c810a14"]  # no "s"
-    (tiny / "legacy.cache").write_text("\n".join(lines) + "\n")
+    instead of failing inside ORT's quantizer, and the other nodes still run in INT8."""
+    onnx.save(build("conv_relu_gemm"), str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).normal(size=(16, 2, 4, 4)).astype(np.float32))
+    lines = ["TRT-8601-EntropyCalibration2", "x: 3c010a14", "conv: 3c010a14", "relu: 3c010a14", "gap: 3c810a14"]
+    (tmp_path / "legacy.cache").write_text("\n".join(lines) + "\n")  # no "flat" (the Gemm's input), no "y"
     steps = {"export": {}, "calibrate": {"from_cache": "legacy.cache"}, "quantize": {}}
     capsys.readouterr()
-    s = run(tiny_pipeline(tiny, {"onnx": "model.onnx"}, {"npz": "cal.npz"}, steps), tracking_uri)
+    s = run(tiny_pipeline(tmp_path, {"onnx": "model.onnx"}, {"npz": "cal.npz"}, steps), tracking_uri)
     err = capsys.readouterr().err
-    assert "1 tensors have no range in the cache" in err and "'s'" in err
-    assert "1 node(s) stay FP32" in err and "'mm'" in err  # the MatMul whose input is s
+    assert "2 tensors have no range in the cache" in err and "['flat', 'y']" in err
+    assert "1 node(s) stay FP32" in err and "): fc" in err  # the Gemm whose input is flat
     table = mlflow.artifacts.download_artifacts(
         run_id=s["steps"]["quantize"], artifact_path="quantize/nodes_table.json", tracking_uri=tracking_uri
     )
     data = json.loads(Path(table).read_text())
     precision = {r[data["columns"].index("node")]: r[data["columns"].index("precision")] for r in data["data"]}
-    assert precision["mm"] == "fp32"
+    assert precision["fc"] == "fp32" and precision["conv"] == "int8"
 
 
 def test_unnamed_nodes_are_named_at_export(tmp_path: Path, tracking_uri: str) -> None:

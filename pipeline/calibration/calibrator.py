@@ -41,6 +41,52 @@ def choose_amax(method: str, hist: FinalHistogram, percentile: float) -> float:
     raise ValueError(method)
 
 
+def rethreshold(ranges: Ranges, histograms: dict[str, FinalHistogram], method: str, percentile: float) -> Ranges:
+    """The same measurements under another method: thresholds recomputed from the stored histograms.
+
+    Bit-identical to calibrating again with ``method``: the histograms are the whole input of every
+    histogram method, and ``minmax`` is max |x|, which every tensor records. This is how one
+    calibration pass serves a sweep over methods.
+    """
+    params = dict(ranges.params)
+    params.pop("percentile", None)
+    if method == "percentile":
+        params["percentile"] = percentile
+    if method == "minmax":
+        params = {}
+    out = Ranges(
+        method=method,
+        params=params,
+        model_sha256=ranges.model_sha256,
+        data_digest=ranges.data_digest,
+        num_samples=ranges.num_samples,
+        environment=ranges.environment,
+    )
+    for name, r in ranges.tensors.items():
+        amax, clipped, how = r.minmax_amax, 0.0, "minmax"
+        hist = histograms.get(name)
+        if hist is not None and method != "minmax":
+            amax = min(choose_amax(method, hist, percentile), r.minmax_amax)
+            clipped, how = clipped_fraction(hist, amax), method
+        out.tensors[name] = TensorRange(r.min, r.max, float(amax), r.minmax_amax, clipped, r.producer, how)
+    return out
+
+
+def save_histograms(histograms: dict[str, FinalHistogram], path: Path) -> None:
+    names = sorted(histograms)
+    bins = max((len(histograms[n].counts) for n in names), default=0)
+    counts = np.zeros((len(names), bins))
+    for i, n in enumerate(names):
+        counts[i, : len(histograms[n].counts)] = histograms[n].counts
+    widths = np.array([histograms[n].width for n in names], dtype=np.float64)
+    np.savez_compressed(path, names=np.array(names, dtype=str), counts=counts, widths=widths)
+
+
+def load_histograms(path: Path) -> dict[str, FinalHistogram]:
+    with np.load(path, allow_pickle=False) as z:
+        return {str(n): FinalHistogram(z["counts"][i].copy(), float(z["widths"][i])) for i, n in enumerate(z["names"])}
+
+
 def clipped_fraction(hist: FinalHistogram, amax: float) -> float:
     total = hist.counts.sum()
     if total == 0 or hist.width == 0:

@@ -123,6 +123,17 @@ class BoundOutputs:
         return binding, buffers
 
 
+class InputsOnly:
+    """Stands in for :class:`BoundOutputs` when every tensor a pass measures is a graph input: the
+    values are the feeds themselves, and ONNX Runtime refuses a run that requests no computed output."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def run(self, feeds: Batch) -> list[np.ndarray]:
+        return [feeds[n].copy() for n in self.names]  # copies, as BoundOutputs returns inputs
+
+
 def run_pass(
     model: onnx.ModelProto,
     stats: dict[str, TensorStats],
@@ -136,7 +147,12 @@ def run_pass(
     With ``digest`` the samples are hashed on the way (the data digest recorded in ranges.json).
     """
     names = list(stats)
-    outputs = BoundOutputs(runtime.session(expose(model, names), "cpu", spin=False), names)
+    inputs = {vi.name for vi in model.graph.input}
+    outputs: BoundOutputs | InputsOnly
+    if all(n in inputs for n in names):  # nothing to compute (e.g. only a graph input is histogrammed)
+        outputs = InputsOnly(names)
+    else:
+        outputs = BoundOutputs(runtime.session(expose(model, names), "cpu", spin=False), names)
     hasher = hashlib.sha256() if digest else None
     samples = 0
     pending: list[Future[None]] = []

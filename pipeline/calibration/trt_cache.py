@@ -11,6 +11,7 @@ major*10000 + minor*100 + patch from 10 on (10.14.1 -> 101401).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,41 +73,101 @@ def from_amax(amax: dict[str, float], version: str, algorithm: str) -> CacheFile
     return CacheFile(version=version, algorithm=algorithm, scales=scales)
 
 
-def parse(text: str, source: str = "cache") -> CacheFile:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        fail(CalibrationError, f"{source}: empty calibration cache.")
-    head = lines[0].split("-", 2)
-    if len(head) != 3 or head[0] != "TRT" or not head[1].isdigit():
+MAX_LINE = 1 << 16  # characters: a cache line is a tensor name and 8 hex digits
+SHOWN = 80  # characters of an offending line an error message quotes
+
+
+def _shown(line: str) -> str:
+    """``line`` quoted for an error message, cut to its first SHOWN characters."""
+    if len(line) <= SHOWN:
+        return repr(line)
+    return f"{line[:SHOWN]!r}... ({len(line):,} characters)"
+
+
+def _numbered(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    for n, line in enumerate(lines, start=1):
+        line = line.strip()
+        if line:
+            yield n, line
+
+
+def _file_lines(p: Path) -> Iterator[str]:
+    """The lines of ``p``, read one at a time; a line longer than MAX_LINE is refused, not loaded."""
+    n = 0
+    try:
+        with open(p, encoding="utf-8") as f:
+            while True:
+                line = f.readline(MAX_LINE + 1)
+                if not line:
+                    return
+                n += 1
+                if len(line) > MAX_LINE:
+                    fail(
+                        CalibrationError,
+                        f"{p}: line {n} {_shown(line)} is longer than {MAX_LINE:,} characters: "
+                        "not a TensorRT calibration cache (one 'tensor: hex' per line).",
+                    )
+                yield line
+    except UnicodeDecodeError:
         fail(
             CalibrationError,
-            f"{source}: first line {lines[0]!r} is not a TensorRT cache header (TRT-<version>-<Algorithm>).",
+            f"{p}: not UTF-8 text near line {n + 1}: not a text TensorRT calibration cache "
+            "(is it a serialized engine?).",
         )
-    cache = CacheFile(version=decode_version(int(head[1])), algorithm=head[2])
-    for n, line in enumerate(lines[1:], start=2):
+
+
+def _entries(lines: Iterator[tuple[int, str]], source: str) -> Iterator[tuple[str, float | None]]:
+    for n, line in lines:
         name, sep, value = line.rpartition(":")  # tensor names may themselves contain ':'
         value = value.strip()
         if not sep or not name:
-            fail(CalibrationError, f"{source}: line {n} {line!r} is not 'tensor: hex'.")
+            fail(CalibrationError, f"{source}: line {n} {_shown(line)} is not 'tensor: hex'.")
         if value == "0":
-            cache.scales[name] = None
+            yield name, None
             continue
         try:
-            cache.scales[name] = hex_to_scale(value.rjust(8, "0"))
+            yield name, hex_to_scale(value.rjust(8, "0"))
         except ValueError:
-            fail(CalibrationError, f"{source}: line {n}: {value!r} is not 8 hex digits.")
+            fail(CalibrationError, f"{source}: line {n}: {_shown(value)} is not 8 hex digits.")
+
+
+def stream(lines: Iterable[str], source: str = "cache") -> tuple[CacheFile, Iterator[tuple[str, float | None]]]:
+    """The header of a cache (scales left empty) and an iterator over its (tensor, scale) entries.
+
+    Lines are consumed as the entries are, so a cache of any size is read in constant memory;
+    a malformed line raises when the iterator reaches it.
+    """
+    numbered = _numbered(lines)
+    first = next(numbered, None)
+    if first is None:
+        fail(CalibrationError, f"{source}: empty calibration cache.")
+    head = first[1].split("-", 2)
+    if len(head) != 3 or head[0] != "TRT" or not head[1].isdigit():
+        fail(
+            CalibrationError,
+            f"{source}: first line {_shown(first[1])} is not a TensorRT cache header (TRT-<version>-<Algorithm>).",
+        )
+    return CacheFile(version=decode_version(int(head[1])), algorithm=head[2]), _entries(numbered, source)
+
+
+def parse(text: str, source: str = "cache") -> CacheFile:
+    cache, entries = stream(text.splitlines(), source)
+    cache.scales.update(entries)
     return cache
 
 
-def read(path: str | Path) -> CacheFile:
+def open_cache(path: str | Path) -> tuple[CacheFile, Iterator[tuple[str, float | None]]]:
+    """:func:`stream` over the file at ``path``, read line by line."""
     p = Path(path)
     if not p.is_file():
         fail(CalibrationError, f"calibration cache not found: {p}.")
-    try:
-        text = p.read_text()
-    except UnicodeDecodeError:
-        fail(CalibrationError, f"{p}: not a text TensorRT calibration cache (is it a serialized engine?).")
-    return parse(text, str(p))
+    return stream(_file_lines(p), str(p))
+
+
+def read(path: str | Path) -> CacheFile:
+    cache, entries = open_cache(path)
+    cache.scales.update(entries)
+    return cache
 
 
 def portability_warning(cache_version: str, target_version: str) -> str | None:

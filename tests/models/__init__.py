@@ -114,3 +114,184 @@ def clip_chain() -> onnx.ModelProto:
     ]
     outputs = [_t("y", ["batch", 3]), _t("clipped", ["batch", 2, 4, 4])]
     return _model(nodes, [_t("x", ["batch", 2, 4, 4])], outputs, inits)
+
+
+@register
+def shared_input_convs() -> onnx.ModelProto:
+    """x[N,2,4,4] -> Conv a (3 ch) -> a, and x -> Conv b (4 ch, bias) -> b: two convs share their input.
+
+    Excluding one of them must leave it reading the float x while its sibling reads DQ(Q(x)).
+    """
+    rng = np.random.default_rng(5)
+    wa = rng.normal(size=(3, 2, 3, 3)).astype(np.float32)
+    wb = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    bb = rng.normal(size=4).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "wb", "bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+    ]
+    inits = [numpy_helper.from_array(v, n) for v, n in [(wa, "wa"), (wb, "wb"), (bb, "bb")]]
+    outputs = [_t("a", ["batch", 3, 4, 4]), _t("b", ["batch", 4, 4, 4])]
+    return _model(nodes, [_t("x", ["batch", 2, 4, 4])], outputs, inits)
+
+
+@register
+def shared_weight_convs() -> onnx.ModelProto:
+    """x[N,2,4,4] -> Conv a and Conv b, both with the same weight initializer w: excluding b must give
+    it the float w back although the quantized model only stores w as INT8 for a."""
+    w = np.random.default_rng(6).normal(size=(3, 2, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "w"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+    ]
+    outputs = [_t("a", ["batch", 3, 4, 4]), _t("b", ["batch", 3, 4, 4])]
+    return _model(nodes, [_t("x", ["batch", 2, 4, 4])], outputs, [numpy_helper.from_array(w, "w")])
+
+
+@register
+def dynamic_hw_conv() -> onnx.ModelProto:
+    """x[N,3,h,w] -> Conv(4 ch, 3x3, pad 1) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(2): any image size."""
+    rng = np.random.default_rng(12)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    b = rng.normal(size=4).astype(np.float32)
+    fc = rng.normal(size=(2, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc"], ["y"], name="fc", transB=1),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in [(w, "w"), (b, "b"), (fc, "fc")]]
+    return _model(nodes, [_t("x", ["batch", 3, "h", "w"])], [_t("y", ["batch", 2])], inits)
+
+
+@register
+def single_matmul() -> onnx.ModelProto:
+    """x[N,4] -> MatMul(W[4,3]) -> y: the only tensor calibration histograms is the graph input."""
+    w = (np.arange(12, dtype=np.float32).reshape(4, 3) - 6.0) / 6.0
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    return _model(nodes, [_t("x", ["batch", 4])], [_t("y", ["batch", 3])], [numpy_helper.from_array(w, "w")])
+
+
+@register
+def int32_gemm_classifier() -> onnx.ModelProto:
+    """ids int32[N,8] -> Gather(embedding[16,6]) -> ReduceMean over positions -> Gemm(5, bias [1,5]) -> y.
+
+    A file-type classifier in miniature. The [1, 5] bias is what ONNX Runtime's basic optimiser (the
+    export step) makes of MatMul + Add when the Add's bias is [1, 5].
+    """
+    rng = np.random.default_rng(13)
+    emb = rng.normal(size=(16, 6)).astype(np.float32)
+    fc = rng.normal(size=(6, 5)).astype(np.float32)
+    fb = rng.normal(size=(1, 5)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+        helper.make_node("ReduceMean", ["e"], ["pooled"], name="pool", axes=[1], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "fc", "fb"], ["y"], name="fc"),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in [(emb, "emb"), (fc, "fc"), (fb, "fb")]]
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT32, ["batch", 8])
+    return _model(nodes, [ids], [_t("y", ["batch", 5])], inits)
+
+
+@register
+def gather_shape_matmul() -> onnx.ModelProto:
+    """ids int64[N,4] -> Gather(embedding[10,6]) -> Reshape to [N, 24] via Shape/Gather/Unsqueeze/Concat
+    (int64 shape path) -> MatMul(W[24,3]) -> y: integer tensors that are never quantized."""
+    rng = np.random.default_rng(14)
+    emb = rng.normal(size=(10, 6)).astype(np.float32)
+    w = rng.normal(size=(24, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+        helper.make_node("Shape", ["e"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "zero"], ["n"], name="batch_dim", axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"], name="unsqueeze"),
+        helper.make_node("Concat", ["n1", "minus_one"], ["target"], name="concat", axis=0),
+        helper.make_node("Reshape", ["e", "target"], ["flat"], name="reshape"),
+        helper.make_node("MatMul", ["flat", "w"], ["y"], name="mm"),
+    ]
+    inits = [
+        numpy_helper.from_array(emb, "emb"),
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array([0], np.int64), "axes"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+    ]
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])
+    return _model(nodes, [ids], [_t("y", ["batch", 3])], inits)
+
+
+@register
+def relu_chain() -> onnx.ModelProto:
+    """x[N,3] -> ten Relus in a row (relu0 ... relu9, outputs a0 ... a8, then y)."""
+    nodes = [
+        helper.make_node("Relu", ["x" if i == 0 else f"a{i - 1}"], ["y" if i == 9 else f"a{i}"], name=f"relu{i}")
+        for i in range(10)
+    ]
+    return _model(nodes, [_t("x", ["batch", 3])], [_t("y", ["batch", 3])], [])
+
+
+@register
+def if_branches() -> onnx.ModelProto:
+    """x[N,4] -> If(mean(x) > 0): then MatMul(W) -> Relu -> MatMul(V), else MatMul(V2) -> y.
+
+    The main graph holds 3 nodes (ReduceMean, Greater, If); the computation sits in the branches.
+    """
+    rng = np.random.default_rng(15)
+    w = rng.normal(size=(4, 4)).astype(np.float32)
+    v = rng.normal(size=(4, 2)).astype(np.float32)
+    v2 = rng.normal(size=(4, 2)).astype(np.float32)
+    then_branch = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="then_mm1"),
+            helper.make_node("Relu", ["h"], ["r"], name="then_relu"),
+            helper.make_node("MatMul", ["r", "v"], ["then_y"], name="then_mm2"),
+        ],
+        "then",
+        [],
+        [_t("then_y", ["batch", 2])],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "v2"], ["else_y"], name="else_mm")], "else", [], [_t("else_y", ["batch", 2])]
+    )
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], name="mean", keepdims=0),
+        helper.make_node("Greater", ["m", "zero"], ["c"], name="positive"),
+        helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then_branch, else_branch=else_branch),
+    ]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(v, "v"),
+        numpy_helper.from_array(v2, "v2"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ]
+    return _model(nodes, [_t("x", ["batch", 4])], [_t("y", ["batch", 2])], inits)
+
+
+@register
+def tiny_detector() -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(8, 3x3) -> Relu -> Conv(6, 1x1) -> Sigmoid -> Reshape -> det [N, 6, 64], a
+    YOLO-style output (cx, cy, w, h and 2 class scores per anchor); and Relu -> GlobalAveragePool ->
+    Flatten -> feat [N, 8]. Two outputs, neither first one class scores."""
+    rng = np.random.default_rng(13)
+    w1 = rng.normal(size=(8, 3, 3, 3)).astype(np.float32) * 0.5
+    b1 = rng.normal(size=8).astype(np.float32) * 0.1
+    w2 = rng.normal(size=(6, 8, 1, 1)).astype(np.float32) * 0.5
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="head"),
+        helper.make_node("Sigmoid", ["c2"], ["s"], name="sigmoid"),
+        helper.make_node("Reshape", ["s", "shape"], ["det"], name="reshape"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["feat"], name="flatten"),
+    ]
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(b1, "b1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(np.array([0, 6, -1], np.int64), "shape"),
+    ]
+    outputs = [_t("det", ["batch", 6, 64]), _t("feat", ["batch", 8])]
+    return _model(nodes, [_t("x", ["batch", 3, 8, 8])], outputs, inits)

@@ -1,0 +1,170 @@
+"""The YAML reference (docs/yaml-reference.md), generated from the config dataclasses.
+
+Types and defaults come from the dataclasses the YAML is parsed into, so they cannot drift; every
+key must have a line in ``DESCRIPTIONS`` (a test fails otherwise, and when the committed file is
+stale). Regenerate with ``python -m pipeline.reference > docs/yaml-reference.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline.schema import _describe
+
+DESCRIPTIONS = {
+    "name": "Name of the pipeline: its MLflow runs are named after it (with method and target).",
+    "experiment": "MLflow experiment the runs go to (default: `name`). Reuse is per experiment.",
+    "model": "The FP32 model: exactly one of `onnx`, `mlflow`, `pytorch`.",
+    "model.onnx": "Path of an ONNX file, relative to the YAML file's folder.",
+    "model.mlflow": "`models:/name@alias`, `models:/name/version` or `runs:/id/path` of an ONNX-flavour MLflow "
+    "model; resolved and downloaded before any run starts.",
+    "model.pytorch": "A PyTorch model exported with the TorchScript exporter (needs the `[torch]` extra).",
+    "model.pytorch.factory": "`package.module:function` returning a `torch.nn.Module`; looked up next to the YAML "
+    "file and in the working directory.",
+    "model.pytorch.inputs": "Input name -> shape of the example input used for tracing, e.g. "
+    "`{input: [1, 3, 224, 224]}`.",
+    "model.pytorch.args": "Keyword arguments for the factory.",
+    "data": "Calibration and validation data: `data.calibration` and `data.validation`, each a source below.",
+    "data.calibration": "Samples the ranges are measured on (needed by calibrate unless `from_cache`).",
+    "data.validation": "Samples FP32 and INT8 are compared on (needed by validate); may carry `labels`.",
+    "data.*.npz": "An `.npz` file: one array per model input, named after it, first axis = samples; "
+    "optionally `labels`.",
+    "data.*.npy": "Input name -> `.npy` file, memory-mapped (for data larger than memory); `labels` may be one.",
+    "data.*.python": "`package.module:function` yielding batches `{input_name: ndarray, 'labels': ...}`; "
+    "looked up next to the YAML file and in the working directory.",
+    "data.*.args": "Keyword arguments for the `python:` function.",
+    "data.*.images": "A folder of images, resized and normalised into the model's (single) image input.",
+    "data.*.images.dir": "The folder (jpg, png, bmp, ppm, tif, webp), relative to the YAML file.",
+    "data.*.images.size": "`[height, width]` the images are resized to (bilinear).",
+    "data.*.images.mean": "Per-channel mean subtracted after scaling.",
+    "data.*.images.std": "Per-channel standard deviation divided by after subtracting the mean.",
+    "data.*.images.scale": "Pixel values are divided by this first (255 maps 8-bit pixels to [0, 1]).",
+    "data.*.images.layout": "`NCHW` or `NHWC`.",
+    "data.*.images.channels": "`RGB`, `BGR` or `L` (grey).",
+    "data.*.images.input": "The model input fed (default: the first).",
+    "data.*.limit": "Use at most this many samples.",
+    "data.*.deps": "For `python:` sources: files or folders the function reads. Declared, their content "
+    "proves the data unchanged for step reuse without calling the function; otherwise the samples "
+    "themselves are hashed (the function runs once more).",
+    "steps": "The steps to run, in the order export, calibrate, quantize, validate, benchmark, promote; "
+    "an absent step is skipped, an empty mapping `{}` runs it with defaults.",
+    "steps.export": "Load the model, check it, raise its opset, make the batch dynamic, fold BatchNorm.",
+    "steps.calibrate": "Measure per-tensor ranges; write ranges.json, the TensorRT cache and the ORT table.",
+    "steps.quantize": "Build the explicit Q/DQ INT8 model from ranges.json.",
+    "steps.validate": "Compare FP32 and INT8 on the validation data; the accuracy gate.",
+    "steps.benchmark": "Latency and throughput of FP32 and INT8 per provider and batch size.",
+    "steps.promote": "Register the INT8 model in the MLflow Model Registry and decide its alias.",
+    "steps.export.opset": "Opset the model is converted to when its own is below 13 (per-channel Q/DQ needs 13).",
+    "steps.export.dynamic_batch": "Make the first axis of every input and output symbolic.",
+    "steps.export.fold_batchnorm": "Fold BatchNormalization into the preceding convolutions, as TensorRT does.",
+    "steps.calibrate.method": "`minmax` (max |x|), `entropy` (TensorRT's EntropyCalibration2), `percentile` or "
+    "`mse` (squared error of fake quantisation).",
+    "steps.calibrate.batch_size": "Samples per batch read from the data source.",
+    "steps.calibrate.num_bins": "Bins of the |x| histogram (at least 128).",
+    "steps.calibrate.percentile": "Percentile of |x| kept by `method: percentile`.",
+    "steps.calibrate.from_cache": "Take the ranges from an existing TensorRT calibration cache instead of data.",
+    "steps.calibrate.trt_version": "TensorRT release written into the cache header (`TRT-101401-...`).",
+    "steps.calibrate.plots": "How many of the most clipped tensors get a histogram plot.",
+    "steps.calibrate.minmax_inputs": "Graph inputs keep their full range whatever the method.",
+    "steps.calibrate.passes": "2: exact histograms over the global range (batch-order independent); 1: one "
+    "streaming pass for read-once sources.",
+    "steps.calibrate.tensors": "`quantized`: the histogram method for the tensors the Q/DQ model quantizes, "
+    "max |x| elsewhere; `all`: every tensor (for TensorRT implicit INT8 caches).",
+    "steps.quantize.target": "`tensorrt` (Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul, symmetric) or "
+    "`onnxruntime` (every op type ORT's QDQ quantizer supports).",
+    "steps.quantize.per_channel": "Weights: one scale per output channel (max |w| / 127) instead of one per tensor.",
+    "steps.quantize.exclude": "Nodes kept in float, inputs and weights included.",
+    "steps.quantize.exclude.nodes": "Node names (see `quantize/nodes_table.json`).",
+    "steps.quantize.exclude.op_types": "Op types, e.g. `[Gemm]`.",
+    "steps.quantize.activations": "`auto` (symmetric for tensorrt, asymmetric for onnxruntime), `symmetric` (int8, "
+    "zero point 0) or `asymmetric` (uint8 with a zero point; onnxruntime only).",
+    "steps.validate.metric": "`top1`, `top5` (need labels), `agreement` (top-1 agreement with FP32), `cosine`, "
+    "or `package.module:function` called as `fn(outputs, labels, reference)`; higher is better.",
+    "steps.validate.max_drop": "The gate: FP32 score - INT8 score may be at most this.",
+    "steps.validate.batch_size": "Samples per validation batch.",
+    "steps.validate.output": "Output(s) scored: a name or a list (default: the first output; all of them for a "
+    "custom metric on a multi-output model).",
+    "steps.validate.layer_samples": "Samples used for the per-tensor error table.",
+    "steps.benchmark.providers": "Execution providers timed: `cpu`, `cuda`, `tensorrt`; one that is not really "
+    "available is reported as such.",
+    "steps.benchmark.batch_sizes": "Batch sizes timed; the first also gives the unsuffixed metric names.",
+    "steps.benchmark.iterations": "Timed runs per configuration.",
+    "steps.benchmark.warmup": "Untimed runs first.",
+    "steps.benchmark.threads": "ONNX Runtime intra-op threads (default: ORT's choice).",
+    "steps.benchmark.shapes": "Input name -> full shape for inputs with symbolic dimensions besides the batch "
+    "(default: taken from the validation or calibration data).",
+    "steps.promote.registered_model": "Registered model name in the MLflow Model Registry.",
+    "steps.promote.alias": "Alias given to the version when the gate passed and the policy allows (null: none).",
+    "steps.promote.description": "Version description (default: generated from the pipeline).",
+    "steps.promote.policy": "`better`: the alias moves only to a version at least as good as its holder on the same "
+    "validation data and metric; `always`: to every version that passed the gate.",
+    "sweep": "Optional: run one trial per combination of `grid`, compare them, promote the best.",
+    "sweep.grid": "Dotted key (as `--set` takes it) -> list of values, e.g. `{steps.calibrate.method: [minmax, mse]}`.",
+    "sweep.parallel": "Trials run at once, as processes on this machine.",
+    "sweep.time_budget_s": "No trial starts after this many seconds; the finished ones are compared.",
+    "sweep.executor": "`local` (this machine).",
+}
+
+
+def _nested(tp: Any) -> type | None:
+    args = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+    if args:
+        return typing.cast(type, args[0])
+    return typing.cast(type, tp) if dataclasses.is_dataclass(tp) else None
+
+
+def keys() -> Iterator[tuple[str, str, str]]:
+    """(documented key, type, default) for every YAML key, in file order."""
+    from pipeline.config import DataSource, RawPipeline
+    from steps import STEP_ORDER, get_step
+
+    def walk(cls: type, prefix: str) -> Iterator[tuple[str, str, str]]:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            if f.default is not dataclasses.MISSING:
+                default = json.dumps(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+                default = json.dumps(value) if not dataclasses.is_dataclass(value) else "{}"
+            else:
+                default = "required"
+            yield key, _describe(hints[f.name]), default
+            inner = _nested(hints[f.name])
+            if inner is DataSource:
+                continue  # documented once, under data.*
+            if inner is not None:
+                yield from walk(inner, key)
+            if key == "steps":
+                for name in STEP_ORDER:
+                    yield f"steps.{name}", "a mapping", "absent: skipped"
+                    yield from walk(get_step(name).Config, f"steps.{name}")
+
+    yield from walk(RawPipeline, "")
+    yield from walk(DataSource, "data.*")
+
+
+def render() -> str:
+    lines = [
+        "# Pipeline YAML reference",
+        "",
+        "Generated from the configuration classes by `python -m pipeline.reference`; every key, its type",
+        "and its default. `data.*` stands for `data.calibration` and `data.validation`, which take the",
+        "same keys. Unknown keys, wrong types and missing files are errors naming the key, raised before",
+        "anything runs; `--set a.b.c=value` overrides any key (the value is read as YAML).",
+        "",
+        "| key | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, tp, default in keys():
+        text = DESCRIPTIONS.get(key, "")
+        lines.append(f"| `{key}` | {tp} | `{default}` | {text} |".replace("`required`", "required"))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")

@@ -1,0 +1,365 @@
+"""What the registry holds is loadable, current and the best: issue-level behaviour of promotion."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline import registry
+from pipeline.cli import main
+from tests.conftest import env_without_mlflow, run_args, run_pipeline
+
+
+def _drop_benchmark(folder: Path) -> Path:
+    path = folder / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["steps"].pop("benchmark")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _edit(path: Path, fn) -> None:  # type: ignore[no-untyped-def]
+    cfg = yaml.safe_load(path.read_text())
+    fn(cfg)
+    path.write_text(yaml.safe_dump(cfg))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("steps.quantize.target=onnxruntime",),
+        ('steps.quantize.exclude.nodes=["/features/features.0/Conv"]',),
+    ],
+    ids=["tensorrt", "onnxruntime", "exclusion"],
+)
+def test_registered_model_loads_with_both_loaders(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, overrides: tuple[str, ...]
+) -> None:
+    config = _drop_benchmark(digits_copy)
+    s = run_pipeline(config, tracking_uri, tmp_path, *overrides)
+    assert s["registered_model"]["alias"] == "candidate"
+    mlflow.set_tracking_uri(tracking_uri)
+    uri = "models:/digits-int8@candidate"
+
+    model = mlflow.onnx.load_model(uri)  # runs the ONNX checker
+    onnx.checker.check_model(model, full_check=True)
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+    samples_dir = mlflow.artifacts.download_artifacts(run_id=s["steps"]["validate"], artifact_path="validation")
+    with np.load(Path(samples_dir) / "samples.npz") as z:
+        inputs = {"input": z["input.input"]}
+        int8_validated = z["int8.logits"]
+    # the registered bytes, run as validate ran them, give validate's INT8 outputs exactly
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    exact = "steps.quantize.target=onnxruntime" not in overrides
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(["logits"], inputs)[0], int8_validated)
+
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    example = pyfunc.input_example
+    assert set(example) == {"input"} and example["input"].shape == (1, 1, 16, 16)
+    np.testing.assert_array_equal(example["input"], inputs["input"][:1])  # a real validation sample
+    out = pyfunc.predict(inputs)["logits"]
+    # pyfunc runs ORT's fused int8 kernels: the same classes, values within INT8 rounding
+    assert (out.argmax(1) == int8_validated.argmax(1)).all()
+    np.testing.assert_allclose(out, int8_validated, atol=0.05 * np.abs(int8_validated).max())
+
+
+def _python_source(folder: Path, deps: bool) -> Path:
+    (folder / "caldata.py").write_text(
+        "from pathlib import Path\n"
+        "import numpy as np\n"
+        "CALLS = Path(__file__).with_name('calls.txt')\n"
+        "def batches(path):\n"
+        "    CALLS.write_text(CALLS.read_text() + 'x' if CALLS.exists() else 'x')\n"
+        "    with np.load(Path(__file__).with_name(path)) as z:\n"
+        "        x = z['input']\n"
+        "    for i in range(0, len(x), 128):\n"
+        "        yield {'input': x[i : i + 128]}\n"
+    )
+    with np.load(folder / "data" / "calibration.npz") as z:
+        np.savez(folder / "cal.npz", input=z["input"][:512])
+    config = _drop_benchmark(folder)
+
+    def use(cfg: dict) -> None:
+        cfg["data"]["calibration"] = {"python": "caldata:batches", "args": {"path": "cal.npz"}}
+        if deps:
+            cfg["data"]["calibration"]["deps"] = ["cal.npz"]
+
+    _edit(config, use)
+    return config
+
+
+def _reused(client: MlflowClient, run_id: str) -> bool:
+    return client.get_run(run_id).data.tags.get("int8pipe.reused") == "true"
+
+
+def _scale_calibration_data(folder: Path, factor: float) -> None:
+    with np.load(folder / "cal.npz") as z:
+        x = z["input"] * np.float32(factor)
+    np.savez(folder / "cal.npz", input=x)
+
+
+def test_python_source_whose_data_changed_is_recalibrated(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    config = _python_source(digits_copy, deps=False)
+    client = MlflowClient(tracking_uri)
+    run_pipeline(config, tracking_uri, tmp_path)
+    again = run_pipeline(config, tracking_uri, tmp_path)
+    assert _reused(client, again["steps"]["calibrate"])  # unchanged samples: proven by hashing them
+    _scale_calibration_data(digits_copy, 50.0)
+    summary = tmp_path / "stale.json"
+    assert main(run_args(config, tracking_uri, summary)) == 3  # the new data's ranges fail the gate
+    stale = json.loads(summary.read_text())
+    assert not _reused(client, stale["steps"]["calibrate"])
+    assert stale["gate"] == "failed" and stale["registered_model"] is None
+    holder = client.get_model_version_by_alias("digits-int8", "candidate")
+    assert str(holder.version) == again["registered_model"]["version"]  # the alias did not move
+
+
+def test_python_source_with_declared_deps(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    config = _python_source(digits_copy, deps=True)
+    client = MlflowClient(tracking_uri)
+    run_pipeline(config, tracking_uri, tmp_path)
+    calls = (digits_copy / "calls.txt").read_text()
+    again = run_pipeline(config, tracking_uri, tmp_path)
+    assert _reused(client, again["steps"]["calibrate"])
+    assert (digits_copy / "calls.txt").read_text() == calls  # deps prove it: the function did not run
+    with np.load(digits_copy / "cal.npz") as z:  # other samples of the same distribution
+        np.savez(digits_copy / "cal.npz", input=z["input"][::-1].copy())
+    changed = run_pipeline(config, tracking_uri, tmp_path)
+    assert not _reused(client, changed["steps"]["calibrate"])
+
+
+def test_registry_source_alias_resolves_to_todays_version(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    """model: {mlflow: models:/m@champion} is hashed by content: moving the alias reruns export."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("fp32")
+    fp32 = onnx.load(str(digits_copy / "model.onnx"))
+    with mlflow.start_run():
+        v1 = mlflow.onnx.log_model(fp32, name="m", registered_model_name="digits-fp32")
+    client = MlflowClient(tracking_uri)
+    client.set_registered_model_alias("digits-fp32", "champion", str(v1.registered_model_version))
+    config = _drop_benchmark(digits_copy)
+
+    def registry_source(c: dict) -> None:
+        c.update(model={"mlflow": "models:/digits-fp32@champion"})
+        c["steps"].pop("promote")
+
+    _edit(config, registry_source)
+    first = run_pipeline(config, tracking_uri, tmp_path)
+    assert _reused(client, run_pipeline(config, tracking_uri, tmp_path)["steps"]["export"])
+    # a different model behind the same alias: the last Gemm's bias changed (log_model rewrote the
+    # first proto to external data in place, so start again from the file)
+    fp32 = onnx.load(str(digits_copy / "model.onnx"))
+    for init in fp32.graph.initializer:
+        if init.name.endswith("bias") and len(init.dims) == 1 and init.dims[0] == 10:
+            arr = onnx.numpy_helper.to_array(init) + np.float32(0.5)
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    with mlflow.start_run():
+        v2 = mlflow.onnx.log_model(fp32, name="m", registered_model_name="digits-fp32")
+    client.set_registered_model_alias("digits-fp32", "champion", str(v2.registered_model_version))
+    moved = run_pipeline(config, tracking_uri, tmp_path)
+    assert not _reused(client, moved["steps"]["export"])
+    assert moved["metrics"]["num_params"] == first["metrics"]["num_params"]
+
+
+def _versions(client: MlflowClient, name: str) -> dict[str, dict[str, str]]:
+    return {str(mv.version): dict(mv.tags) for mv in client.search_model_versions(f"name = '{name}'")}
+
+
+def test_alias_policy_better_and_always(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    config = _drop_benchmark(digits_copy)
+    cosine = ("steps.validate.metric=cosine", "steps.validate.max_drop=0.5")
+    best = run_pipeline(config, tracking_uri, tmp_path, *cosine, "steps.calibrate.method=minmax")
+    # percentile 95 clips hard: a worse but gate-passing version
+    worse = run_pipeline(
+        config, tracking_uri, tmp_path, *cosine, "steps.calibrate.method=percentile", "steps.calibrate.percentile=95"
+    )
+    assert worse["metrics"]["int8_cosine"] < best["metrics"]["int8_cosine"]
+    client = MlflowClient(tracking_uri)
+    holder = client.get_model_version_by_alias("digits-int8", "candidate")
+    assert str(holder.version) == best["registered_model"]["version"]
+    assert worse["registered_model"]["alias"] is None  # no false claim
+    assert worse["registered_model"]["alias_version"] == best["registered_model"]["version"]
+    tags = _versions(client, "digits-int8")[worse["registered_model"]["version"]]
+    assert tags[registry.DECISION_TAG].startswith("@candidate stayed on v" + best["registered_model"]["version"])
+    # an equal score moves it (at least as good), and policy always moves it regardless
+    tie = run_pipeline(config, tracking_uri, tmp_path, *cosine, "steps.calibrate.method=minmax")
+    assert tie["metrics"]["int8_cosine"] == best["metrics"]["int8_cosine"]
+    assert tie["registered_model"]["alias"] == "candidate"
+    forced = run_pipeline(
+        config,
+        tracking_uri,
+        tmp_path,
+        *cosine,
+        "steps.calibrate.method=percentile",
+        "steps.calibrate.percentile=95",
+        "steps.promote.policy=always",
+    )
+    assert forced["registered_model"]["alias"] == "candidate"
+
+
+def test_decide_unit() -> None:
+    score = registry.Score("top1", 0.9, "d")
+
+    class V:
+        def __init__(self, tags: dict[str, str]):
+            self.version, self.tags = "4", tags
+
+    assert registry.decide(score, None, "better")[0]
+    assert registry.decide(score, V(registry.Score("top1", 0.9, "d").tags()), "better")[0]  # equal moves
+    assert not registry.decide(score, V(registry.Score("top1", 0.91, "d").tags()), "better")[0]
+    assert registry.decide(score, V(registry.Score("top1", 0.91, "d").tags()), "always")[0]
+    assert not registry.decide(None, None, "always")[0]  # never without a validated score
+
+
+def _start(config: Path, uri: str, summary: Path, *overrides: str) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "pipeline", *run_args(config, uri, summary, *overrides)]
+    return subprocess.Popen(args, env=env_without_mlflow(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_concurrent_promotions_end_on_the_best(mlflow_server: str, digits_copy: Path, tmp_path: Path) -> None:
+    config = _drop_benchmark(digits_copy)
+    methods = {
+        "minmax": ("steps.calibrate.method=minmax",),
+        "entropy": ("steps.calibrate.method=entropy",),
+        "p95": ("steps.calibrate.method=percentile", "steps.calibrate.percentile=95"),
+        "p90": ("steps.calibrate.method=percentile", "steps.calibrate.percentile=90"),
+    }
+    cosine = ("steps.validate.metric=cosine", "steps.validate.max_drop=0.5")
+    procs = {k: _start(config, mlflow_server, tmp_path / f"{k}.json", *cosine, *o) for k, o in methods.items()}
+    for p in procs.values():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-3000:]
+    summaries = {k: json.loads((tmp_path / f"{k}.json").read_text()) for k in methods}
+    client = MlflowClient(mlflow_server)
+    scores = {s["registered_model"]["version"]: s["metrics"]["int8_cosine"] for s in summaries.values()}
+    assert len(scores) == 4 and len(set(scores.values())) > 1
+    holder = str(client.get_model_version_by_alias("digits-int8", "candidate").version)
+    assert scores[holder] == max(scores.values())
+    for s in summaries.values():
+        reg = s["registered_model"]
+        # at exit, the alias sat on a version at least as good as this one, and the claim matches
+        assert scores[reg["alias_version"]] >= scores[reg["version"]]
+        assert (reg["alias"] == "candidate") == (reg["alias_version"] == reg["version"])
+    assert not [m for m in client.search_registered_models() if m.name.endswith(registry.LOCK_SUFFIX)]
+
+
+@pytest.mark.slow
+def test_a_version_is_complete_or_absent_under_kill(mlflow_server: str, digits_copy: Path, tmp_path: Path) -> None:
+    config = _drop_benchmark(digits_copy)
+    client = MlflowClient(mlflow_server)
+    proc = _start(config, mlflow_server, tmp_path / "s.json")
+    deadline = time.monotonic() + 240
+    versions: list = []
+    while not versions and proc.poll() is None and time.monotonic() < deadline:
+        try:
+            versions = client.search_model_versions("name = 'digits-int8'")
+        except Exception:
+            versions = []
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert versions, "no version appeared"
+    tags = _versions(client, "digits-int8")["1"]
+    assert tags["int8pipe.gate"] == "passed" and tags[registry.METRIC_TAG] == "top1"  # born complete
+    assert client.get_model_version("digits-int8", "1").description
+
+
+def test_untagged_versions_are_marked_and_never_aliased(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    config = _drop_benchmark(digits_copy)
+    first = run_pipeline(config, tracking_uri, tmp_path)
+    client = MlflowClient(tracking_uri)
+    mv = client.get_model_version("digits-int8", first["registered_model"]["version"])
+    # what an interrupted promotion of an older int8pipe, or a hand registration, leaves: no tags
+    bare = client.create_model_version("digits-int8", source=mv.source, run_id=mv.run_id)
+    second = run_pipeline(config, tracking_uri, tmp_path, "steps.calibrate.method=minmax")
+    tags = _versions(client, "digits-int8")[str(bare.version)]
+    assert registry.INCOMPLETE_TAG in tags
+    assert second["registered_model"]["alias"] == "candidate"
+    assert str(client.get_model_version_by_alias("digits-int8", "candidate").version) != str(bare.version)
+
+
+def _quantized_models(folder: Path) -> dict[str, Path]:
+    """A Q/DQ model and a dynamically quantized one (MatMulInteger, DynamicQuantizeLinear)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from tests.models import build
+
+    fp32 = folder / "mm.onnx"
+    onnx.save(build("matmul_two_inputs"), str(fp32))
+    dynamic = folder / "dynamic.onnx"
+    quantize_dynamic(str(fp32), str(dynamic))
+    return {"dynamic": dynamic}
+
+
+def test_already_quantized_models_are_refused(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _drop_benchmark(digits_copy)
+    s = run_pipeline(config, tracking_uri, tmp_path)
+    client = MlflowClient(tracking_uri)
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    # the registered INT8 model as input, by URI: refused by name before any run starts
+    by_uri = ("model.onnx=null", "model.mlflow=models:/digits-int8@candidate")
+    code = main(run_args(config, tracking_uri, tmp_path / "x.json", *by_uri))
+    err = capsys.readouterr().err
+    assert code == 2 and "models:/digits-int8@candidate is already quantized" in err
+    assert "QuantizeLinear" in err and "DequantizeLinear" in err and "Traceback" not in err
+    # a dynamically quantized model from ORT, as a file
+    dynamic = _quantized_models(tmp_path)["dynamic"]
+    code = main(["run", str(config), "--tracking-uri", tracking_uri, "--set", f"model.onnx={dynamic}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "MatMulInteger" in err and "DynamicQuantizeLinear" in err and "FP32" in err
+    runs_after = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    assert runs_after == runs_before
+    assert s["registered_model"]["version"] == "1" and len(_versions(client, "digits-int8")) == 1
+
+
+def test_no_int8_node_is_no_int8_model(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _drop_benchmark(digits_copy)
+    code = main(run_args(config, tracking_uri, tmp_path / "s.json", "steps.quantize.exclude.op_types=[Conv, Gemm]"))
+    err = capsys.readouterr().err
+    assert code == 2 and "no node of the model runs in INT8" in err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(summary["steps"]["quantize"]).info.status == "FAILED"
+    assert "promote" not in summary["steps"] and not client.search_registered_models()
+
+
+def test_readme_consumer_snippet_runs_as_written(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import ROOT
+
+    run_pipeline(_drop_benchmark(digits_copy), tracking_uri, tmp_path)
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("<!-- consumer-snippet -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md consumer snippet", "exec"), namespace)
+    assert Path(namespace["onnx_file"]).is_file()
+    onnx.checker.check_model(onnx.load(namespace["onnx_file"]), full_check=True)
+    assert namespace["version"].tags["int8pipe.metric"] == "top1"

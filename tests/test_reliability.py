@@ -1,0 +1,207 @@
+"""Interruptions, dead processes, tracking outages and concurrent pipelines, with real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import env_without_mlflow, run_args, run_pipeline, server_env
+
+SLOW_SOURCE = """
+import time
+from pathlib import Path
+import numpy as np
+
+def batches(started, delay):
+    with np.load(Path(__file__).with_name("data") / "calibration.npz") as z:
+        x = z["input"][:512]
+    for i in range(0, len(x), 32):
+        Path(started).write_text("calibrating")
+        time.sleep(delay)
+        yield {"input": x[i : i + 32]}
+"""
+
+
+def _slow_pipeline(folder: Path, started: Path, delay: float = 0.5) -> Path:
+    """The digits pipeline whose calibration source takes ``delay`` seconds per batch."""
+    (folder / "slowdata.py").write_text(SLOW_SOURCE)
+    path = folder / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["steps"].pop("benchmark")
+    cfg["data"]["calibration"] = {
+        "python": "slowdata:batches",
+        "args": {"started": str(started), "delay": delay},
+        "deps": ["slowdata.py", "data/calibration.npz"],
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _start(config: Path, uri: str, tmp: Path, summary: Path) -> subprocess.Popen[bytes]:
+    env = env_without_mlflow(TMPDIR=str(tmp))
+    args = [sys.executable, "-m", "pipeline", *run_args(config, uri, summary)]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(proc.communicate()[1].decode()[-3000:])
+        assert time.monotonic() < deadline, "the pipeline never reached calibration"
+        time.sleep(0.05)
+
+
+def _runs(client: MlflowClient) -> dict[str, str]:
+    """run name -> status, for every run of every experiment."""
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return {r.info.run_name: r.info.status for r in client.search_runs(exps)}
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_marks_runs_killed_and_cleans_up(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, sig: int, code: int
+) -> None:
+    started, private_tmp = tmp_path / "started", tmp_path / "tmp"
+    private_tmp.mkdir()
+    config = _slow_pipeline(digits_copy, started)
+    proc = _start(config, tracking_uri, private_tmp, tmp_path / "s.json")
+    _wait_for(started, proc)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == code
+    lines = [ln for ln in err.decode().splitlines() if ln.startswith("int8pipe:")]
+    assert lines == [f"int8pipe: interrupted by {signal.Signals(sig).name}; open runs marked KILLED, "
+                     "temporary files removed"]
+    assert "Traceback" not in err.decode()
+    runs = _runs(MlflowClient(tracking_uri))
+    assert runs["export"] == "FINISHED" and runs["calibrate"] == "KILLED" and runs["digits-int8"] == "KILLED"
+    # work folders and the calibration spill are gone (a library's own `.ses` file may stay)
+    assert [p.name for p in private_tmp.iterdir() if p.name.startswith("int8pipe")] == []
+
+
+def test_runs_of_a_killed_process_are_closed_by_the_next_run(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    config = _slow_pipeline(digits_copy, started, delay=0.3)
+    proc = _start(config, tracking_uri, tmp_path, tmp_path / "s.json")
+    _wait_for(started, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    client = MlflowClient(tracking_uri)
+    assert _runs(client)["calibrate"] == "RUNNING"  # what kill -9 leaves
+    killed = {n: r for n, r in _runs(client).items()}
+    assert killed["digits-int8"] == "RUNNING"
+    (digits_copy / "slowdata.py").write_text(SLOW_SOURCE.replace("time.sleep(delay)", "pass"))
+    summary = run_pipeline(config, tracking_uri, tmp_path)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    statuses = [r.info.status for r in client.search_runs(exps)]
+    assert "RUNNING" not in statuses and statuses.count("KILLED") == 2
+    calibrate = client.get_run(summary["steps"]["calibrate"])
+    assert calibrate.data.tags.get("int8pipe.reused") != "true"  # a killed run is never reused
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_tracking_server_fails_fast(digits_copy: Path, tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(digits_copy / "pipeline.yaml"), "--tracking-uri", uri],
+        env=env_without_mlflow(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert time.monotonic() - start < 15 + 10  # the check itself is bounded at 10 s; python start-up aside
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and f"the MLflow tracking server {uri} does not answer" in err
+    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("int8pipe:")]) == 1
+
+
+def _wait_healthy(uri: str, server: subprocess.Popen[bytes]) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("mlflow server did not start")
+
+
+@pytest.mark.slow
+def test_tracking_server_outage_mid_run_is_bounded(digits_copy: Path, tmp_path: Path) -> None:
+    from tests.conftest import BIN
+
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env=server_env(), cwd=tmp_path,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(uri, server)
+        started = tmp_path / "started"
+        config = _slow_pipeline(digits_copy, started, delay=0.2)
+        proc = _start(config, uri, tmp_path, tmp_path / "s.json")
+        _wait_for(started, proc, timeout=120)
+        server.terminate()
+        server.wait(timeout=30)
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=240)
+        elapsed = time.monotonic() - stopped
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log.close()
+    text = err.decode()
+    assert proc.returncode == 2, text[-3000:]
+    assert "stopped answering during the run" in text and "Traceback" not in text
+    assert "tracking server not answering; retrying /api/2.0/mlflow/" in text  # visible while it lasts
+    assert elapsed < 120, elapsed
+
+
+def test_fresh_sqlite_store_shared_by_concurrent_pipelines(digits_copy: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    config = digits_copy / "pipeline.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    for step in ("benchmark", "promote", "validate"):
+        cfg["steps"].pop(step)
+    config.write_text(yaml.safe_dump(cfg))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *run_args(config, uri, tmp_path / f"s{i}.json")],
+            env=env_without_mlflow(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(3)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-3000:]
+    ids = {json.loads((tmp_path / f"s{i}.json").read_text())["run_id"] for i in range(3)}
+    assert len(ids) == 3

@@ -1,0 +1,114 @@
+"""One calibration pass serves every method: thresholds recomputed from stored histograms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.calibration.trt_cache import ALGORITHMS
+from tests.conftest import run_pipeline
+
+
+def _up_to_calibrate(folder: Path) -> Path:
+    path = folder / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["steps"] = {k: v for k, v in cfg["steps"].items() if k in ("export", "calibrate")}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _ranges(uri: str, run_id: str) -> dict:
+    mlflow.set_tracking_uri(uri)
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="calibration/ranges.json", tracking_uri=uri
+    )
+    return json.loads(Path(path).read_text())
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "minmax"])
+def test_method_change_reuses_the_measurements_bit_for_bit(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, method: str
+) -> None:
+    client = MlflowClient(tracking_uri)
+    config = _up_to_calibrate(digits_copy)
+    run_pipeline(config, tracking_uri, tmp_path)  # entropy: the default
+    over = (f"steps.calibrate.method={method}", "steps.calibrate.percentile=99.9")
+    reused = run_pipeline(config, tracking_uri, tmp_path, *over)
+    run = client.get_run(reused["steps"]["calibrate"])
+    assert run.data.tags["int8pipe.reused"] == "true" and run.data.tags["int8pipe.thresholds_from"] == "entropy"
+    fresh_uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    fresh = run_pipeline(config, fresh_uri, tmp_path, *over)
+    a, b = _ranges(tracking_uri, reused["steps"]["calibrate"]), _ranges(fresh_uri, fresh["steps"]["calibrate"])
+    assert a["method"] == b["method"] == method
+    assert a["tensors"] == b["tensors"]  # every min, max, amax and clipped fraction, exactly
+    cache = mlflow.artifacts.download_artifacts(
+        run_id=reused["steps"]["calibrate"], artifact_path="calibration", tracking_uri=tracking_uri
+    )
+    header = (Path(cache) / "calibration.cache").read_text().splitlines()[0]
+    assert header.endswith(ALGORITHMS[method])
+
+
+METHODS = ["minmax", "entropy", "percentile", "mse"]
+
+
+def _sweep_config(folder: Path, methods: list[str] = METHODS, **sweep: object) -> Path:
+    path = folder / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["steps"].pop("benchmark")
+    cfg["steps"]["validate"] = {"metric": "cosine", "max_drop": 0.5}
+    cfg["sweep"] = {"grid": {"steps.calibrate.method": methods}, **sweep}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_method_sweep_calibrates_once_and_promotes_only_the_best(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, parallel: int
+) -> None:
+    methods = METHODS if parallel == 1 else ["minmax", "percentile"]  # processes cost start-up time
+    s = run_pipeline(_sweep_config(digits_copy, methods, parallel=parallel), tracking_uri, tmp_path)
+    client = MlflowClient(tracking_uri)
+    trials = s["trials"]
+    assert [t["overrides"]["steps.calibrate.method"] for t in trials] == methods
+    assert all(t["gate"] == "passed" for t in trials)
+    best = min(trials, key=lambda t: (-t["metrics"]["int8_nodes"], t["metrics"]["accuracy_drop"]))
+    assert s["best"] == best["run_id"]
+    # trials nest under the sweep run, their steps under them
+    for t in trials:
+        assert client.get_run(t["run_id"]).data.tags["mlflow.parentRunId"] == s["run_id"]
+    calibrations = [client.get_run(t["steps"]["calibrate"]) for t in trials]
+    measured = [r for r in calibrations if r.data.tags.get("int8pipe.reused") != "true"]
+    if parallel == 1:  # in order, minmax measures once and the histogram methods share one two-pass run
+        assert len(measured) == 2
+    else:
+        assert len(measured) == 2  # at once: each measures
+    # only the best is promoted, and the registry says so
+    versions = client.search_model_versions("name = 'digits-int8'")
+    assert len(versions) == 1 and s["registered_model"]["alias"] == "candidate"
+    promote_run = client.get_run(s["steps"]["promote"])
+    assert client.get_run(promote_run.data.tags["mlflow.parentRunId"]).data.tags["mlflow.parentRunId"] == s["run_id"]
+    tags = versions[0].tags
+    assert tags["int8pipe.calibration_method"] == best["overrides"]["steps.calibrate.method"]
+    files = {a.path for a in client.list_artifacts(s["run_id"], "sweep")}
+    assert {"sweep/trials_table.json", "sweep/tradeoff.png"} <= files
+
+
+def test_sweep_time_budget_keeps_what_finished(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+    from tests.conftest import run_args
+
+    config = _sweep_config(digits_copy, time_budget_s=0)
+    assert main(run_args(config, tracking_uri, tmp_path / "s.json")) == 3
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert [t["gate"] for t in s["trials"]] == ["skipped"] * len(METHODS) and s["best"] is None
+    assert "no trial passed the accuracy gate" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(s["run_id"]).info.status == "FAILED"
+    assert "sweep/trials_table.json" in {a.path for a in client.list_artifacts(s["run_id"], "sweep")}

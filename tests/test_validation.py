@@ -1,0 +1,311 @@
+"""Task-aware validation: metrics with the FP32 reference, multi-output models, class-score checks,
+the samples hand-off, the gate message, and the detection metric example."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from examples.metrics.detection import detections, detections_kept, nms
+from pipeline import evaluation, runtime
+from pipeline.cli import main
+from pipeline.errors import ConfigError
+from steps.validate import Validate, ValidateConfig, gate_message
+from tests.models import build
+
+# --- evaluation: plain numerics ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("drop", "passed"), [(0.01, True), (0.0100001, False), (0.005, True), (-0.02, True)])
+def test_gate_passes_up_to_and_including_max_drop(drop: float, passed: bool) -> None:
+    assert evaluation.gate_passed(drop, 0.01) is passed
+
+
+def test_cosine_scores_int8_against_fp32_and_fp32_scores_exactly_one() -> None:
+    rng = np.random.default_rng(0)
+    fp32 = rng.normal(size=(16, 10)).astype(np.float32)
+    int8 = fp32 + rng.normal(size=fp32.shape).astype(np.float32) * 0.3
+    fp32_score = evaluation.score("cosine", fp32, None, fp32)
+    int8_score = evaluation.score("cosine", int8, None, fp32)
+    assert fp32_score == 1.0  # exactly: identical rows
+    assert 0.5 < int8_score < 1.0  # INT8 against FP32, not FP32 against itself
+    a, b = fp32.astype(float), int8.astype(float)
+    expected = np.mean((a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    assert int8_score == pytest.approx(expected, rel=1e-9)
+    assert fp32_score - int8_score > 0  # drop = FP32 - INT8: positive when INT8 is worse
+
+
+def test_drop_sign_is_fp32_minus_int8() -> None:
+    labels = np.array([0, 1, 2, 3])
+    fp32 = np.eye(4, dtype=np.float32) * 5  # every sample right
+    int8 = fp32.copy()
+    int8[0] = [0, 5, 0, 0]  # one sample wrong
+    fp32_score = evaluation.score("top1", fp32, labels, fp32)
+    int8_score = evaluation.score("top1", int8, labels, fp32)
+    assert (fp32_score, int8_score) == (1.0, 0.75)
+    assert fp32_score - int8_score == 0.25
+    assert evaluation.score("agreement", int8, None, fp32) == 0.75
+
+
+@pytest.mark.parametrize(
+    ("shape", "is_class"),
+    [((4, 10), True), ((4, 10, 1, 1), True), ((4, 2), True), ((4, 1), False), ((4, 6, 64), False), ((4,), False)],
+)
+def test_class_scores_are_2d_after_trailing_singletons_with_two_or_more_classes(shape: tuple, is_class: bool) -> None:
+    got = evaluation.class_scores(np.zeros(shape, np.float32))
+    assert (got is not None) is is_class
+    if got is not None:
+        assert got.shape == shape[:2]
+
+
+def test_builtin_class_metrics_refuse_a_detector_output() -> None:
+    det = np.random.default_rng(1).random((4, 6, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="class scores"):
+        evaluation.score("agreement", det, None, det)
+    assert evaluation.score("cosine", det, None, det) == 1.0
+
+
+def test_custom_metrics_with_and_without_the_reference() -> None:
+    ref, out, labels = np.ones((2, 3)), np.zeros((2, 3)), np.array([0, 1])
+    seen: list[tuple] = []
+
+    def two(outputs: Any, labels: Any) -> float:
+        seen.append(("two", outputs is out))
+        return 0.5
+
+    def three(outputs: Any, labels: Any, reference: Any) -> float:
+        seen.append(("three", outputs is out, reference is ref))
+        return 0.25
+
+    def star(*args: Any) -> float:
+        return float(len(args))
+
+    def defaulted(outputs: Any, labels: Any, reference: Any = None, *, threshold: float = 0.5) -> float:
+        return 1.0 if reference is ref else 0.0
+
+    assert evaluation.custom_score(two, out, labels, ref) == 0.5
+    assert evaluation.custom_score(three, out, labels, ref) == 0.25
+    assert evaluation.custom_score(star, out, labels, ref) == 3.0
+    assert evaluation.custom_score(defaulted, out, labels, ref) == 1.0
+    assert seen == [("two", True), ("three", True, True)]
+    for bad in (lambda outputs: 0.0, lambda a, b, c, d: 0.0):
+        with pytest.raises(ValueError, match=r"fn\(outputs, labels, reference\)"):
+            evaluation.metric_arity(bad)
+
+
+@pytest.mark.parametrize(
+    ("metric", "output", "names", "expected"),
+    [
+        ("top1", None, ["logits"], (["logits"], False)),
+        ("top1", None, ["det", "feat"], (["det"], False)),  # built-ins score the first output
+        ("m:f", None, ["logits"], (["logits"], False)),  # one output: an array, as before
+        ("m:f", None, ["det", "feat"], (["det", "feat"], True)),  # several: all of them, as a dict
+        ("m:f", "feat", ["det", "feat"], (["feat"], False)),  # a name: that array
+        ("m:f", ["feat"], ["det", "feat"], (["feat"], True)),  # a list: always a dict
+        ("cosine", ["feat"], ["det", "feat"], (["feat"], False)),
+    ],
+)
+def test_which_outputs_a_metric_receives(metric: str, output: Any, names: list[str], expected: tuple) -> None:
+    assert Validate._scored(ValidateConfig(metric=metric, output=output), names) == expected
+
+
+def test_unknown_output_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="validate.output: the model has no output 'probs'; its outputs are a, b"):
+        Validate._scored(ValidateConfig(output=["a", "probs"]), ["a", "b"])
+
+
+def test_gate_message_names_the_worst_quantized_nodes_ready_to_paste() -> None:
+    nodes = [{"node": n, "added_sqnr_db": s} for n, s in [("/head/Conv", 3.0), ("conv1", 9.0), ("fc", 20.0), ("x", 40)]]
+    msg = gate_message("cosine", 1.0, 0.9, 0.1, 0.01, nodes)
+    assert 'steps.quantize.exclude.nodes: ["/head/Conv", "conv1", "fc"]' in msg
+    assert "FP32 1.0000 -> INT8 0.9000" in msg and "max_drop=0.01" in msg
+    pasted = yaml.safe_load(msg.split("steps.quantize.exclude.nodes: ")[1].split("]")[0] + "]")
+    assert pasted == ["/head/Conv", "conv1", "fc"]
+
+
+# --- the detection metric example ---------------------------------------------------------------
+
+
+def _yolo(boxes: list[tuple[float, ...]], classes: int = 3, anchors: int = 12) -> np.ndarray:
+    """One sample [4 + C, A]: the given (cx, cy, w, h, class, score) on the first anchors, the rest empty."""
+    pred = np.zeros((4 + classes, anchors), np.float32)
+    pred[:4] = 0.1
+    for a, (cx, cy, w, h, c, s) in enumerate(boxes):
+        pred[:4, a] = cx, cy, w, h
+        pred[4 + int(c), a] = s
+    return pred
+
+
+SCENE = [(10, 10, 4, 4, 0, 0.9), (30, 10, 6, 6, 1, 0.8), (10, 30, 4, 8, 2, 0.7), (30, 30, 5, 5, 0, 0.6)]
+
+
+def test_detections_apply_threshold_and_per_class_nms() -> None:
+    # a duplicate of box 0 (same class, IoU 0.8) is suppressed; the same box of another class is not
+    pred = _yolo([*SCENE, (10.2, 10, 4, 4, 0, 0.85), (10, 10, 4, 4, 1, 0.5), (50, 50, 4, 4, 1, 0.2)])
+    boxes, scores, classes = detections(pred)
+    assert list(scores) == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.5])  # 0.85 suppressed, 0.2 below 0.25
+    assert list(classes) == [0, 1, 2, 0, 1]
+    assert boxes[0] == pytest.approx([8, 8, 12, 12])
+    assert list(nms(np.array([[0, 0, 2, 2], [0, 0, 2, 2.1], [5, 5, 6, 6]], float), np.array([0.5, 0.9, 0.1]))) == [1, 2]
+
+
+def test_detections_kept_identical_is_one() -> None:
+    ref = np.stack([_yolo(SCENE), _yolo(SCENE[:2])])
+    assert detections_kept(ref, None, ref) == 1.0
+    assert detections_kept({"det": ref.copy()}, None, {"det": ref}) == 1.0  # one output given as a dict
+    assert detections_kept(np.zeros_like(ref[:, :, :0]), None, np.zeros_like(ref[:, :, :0])) == 1.0  # nothing to keep
+
+
+def test_detections_kept_counts_dropped_detections_exactly() -> None:
+    ref = np.stack([_yolo(SCENE), _yolo(SCENE[:2])])  # 4 + 2 = 6 FP32 detections
+    out = np.stack([_yolo(SCENE[:3]), _yolo(SCENE[:1])])  # k = 2 of them missing
+    assert detections_kept(out, None, ref) == 4 / 6
+    low = ref.copy()
+    low[0, 4 + 1, 1] = 0.2  # below the score threshold: dropped
+    assert detections_kept(low, None, ref) == 5 / 6
+
+
+def test_detections_kept_shifted_or_relabelled_boxes_score_lower() -> None:
+    ref = _yolo(SCENE)[None]
+    slightly = _yolo([(10.3, 10, 4, 4, 0, 0.9), *SCENE[1:]])[None]  # IoU 0.86: still the same detection
+    assert detections_kept(slightly, None, ref) == 1.0
+    shifted = _yolo([(12, 10, 4, 4, 0, 0.9), *SCENE[1:]])[None]  # IoU 1/3 < 0.5: lost
+    assert detections_kept(shifted, None, ref) == 3 / 4
+    relabelled = _yolo([(10, 10, 4, 4, 1, 0.9), *SCENE[1:]])[None]  # right box, wrong class
+    assert detections_kept(relabelled, None, ref) == 3 / 4
+
+
+def test_detections_kept_matches_each_int8_detection_once() -> None:
+    ref = _yolo([(10, 10, 4, 4, 0, 0.9), (10, 12.5, 4, 4, 0, 0.8)])[None]  # IoU 0.23: both kept by NMS
+    out = _yolo([(10, 11.2, 4, 4, 0, 0.9)])[None]  # overlaps both with IoU >= 0.5, may match only one
+    assert detections_kept(out, None, ref) == 1 / 2
+
+
+# --- the validate step on a two-output detector ---------------------------------------------------
+
+METRIC = """
+import json
+import numpy as np
+
+def received(outputs, labels, reference):
+    kinds = {k: list(v.shape) for k, v in outputs.items()}
+    with open("calls.jsonl", "a") as f:
+        f.write(json.dumps({"outputs": kinds, "reference": sorted(reference), "same": outputs is reference}) + "\\n")
+    return -float(np.abs(outputs["det"] - reference["det"]).max())
+"""
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("detector")
+    onnx.save(build("tiny_detector"), str(folder / "model.onnx"))
+    rng = np.random.default_rng(4)
+    np.savez(folder / "cal.npz", x=rng.normal(size=(32, 3, 8, 8)).astype(np.float32))
+    np.savez(folder / "val.npz", x=rng.normal(size=(20, 3, 8, 8)).astype(np.float32))
+    (folder / "taskmetric.py").write_text(METRIC)
+    config = {
+        "name": "detector",
+        "model": {"onnx": "model.onnx"},
+        "data": {"calibration": {"npz": "cal.npz"}, "validation": {"npz": "val.npz"}},
+        "steps": {
+            "export": {},
+            "calibrate": {"method": "minmax", "batch_size": 16},
+            "quantize": {},
+            "validate": {"metric": "taskmetric:received", "max_drop": 1.0, "batch_size": 6},
+        },
+    }
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    return {"folder": folder, "uri": f"sqlite:///{folder / 'mlflow.db'}"}
+
+
+def _run(detector: dict[str, Any], *overrides: str) -> tuple[int, dict[str, Any] | None]:
+    folder = detector["folder"]
+    summary = folder / "s.json"
+    summary.unlink(missing_ok=True)
+    args = ["run", str(folder / "pipeline.yaml"), "--tracking-uri", detector["uri"], "--summary-json", str(summary)]
+    for o in overrides:
+        args += ["--set", o]
+    code = main(args)
+    return code, json.loads(summary.read_text()) if summary.exists() else None
+
+
+def test_custom_metric_gets_every_output_and_the_fp32_reference(
+    detector: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, uri = detector["folder"], detector["uri"]
+    monkeypatch.chdir(folder)
+    code, s = _run(detector)
+    assert code == 0 and s is not None
+    calls = [json.loads(line) for line in (folder / "calls.jsonl").read_text().splitlines()]
+    shapes = {"det": [20, 6, 64], "feat": [20, 8]}
+    assert calls == [  # FP32 score first (outputs are the reference), then INT8
+        {"outputs": shapes, "reference": ["det", "feat"], "same": True},
+        {"outputs": shapes, "reference": ["det", "feat"], "same": False},
+    ]
+    metrics = MlflowClient(uri).get_run(s["steps"]["validate"]).data.metrics
+    assert metrics["fp32_received"] == 0.0 and metrics["int8_received"] < 0
+    assert metrics["accuracy_drop"] == -metrics["int8_received"]  # FP32 - INT8
+    assert "top1_agreement" not in metrics  # det is no class-score output: an argmax would mean nothing
+    assert 0.9 < metrics["cosine_mean"] <= 1.0
+
+    art = Path(mlflow.artifacts.download_artifacts(run_id=s["steps"]["validate"], tracking_uri=uri))
+    report = json.loads((art / "validation/report.json").read_text())
+    assert report["outputs"] == ["det", "feat"] and report["metric_receives"] == "dict"
+    samples = np.load(art / "validation/samples.npz")
+    assert sorted(samples.files) == ["fp32.det", "fp32.feat", "input.x", "int8.det", "int8.feat"]
+    x = samples["input.x"]
+    np.testing.assert_array_equal(x, np.load(folder / "val.npz")["x"][:8])  # the first 8 samples
+    quantize = Path(mlflow.artifacts.download_artifacts(run_id=s["steps"]["quantize"], tracking_uri=uri))
+    int8 = runtime.session(quantize / "model/model_int8.onnx", optimize=False)  # as validate ran it (tensorrt)
+    fp32 = runtime.session(folder / "model.onnx")
+    for name, want in zip(["det", "feat"], int8.run(["det", "feat"], {"x": x})):
+        np.testing.assert_array_equal(samples[f"int8.{name}"], want)
+    for name, want in zip(["det", "feat"], fp32.run(["det", "feat"], {"x": x})):
+        np.testing.assert_allclose(samples[f"fp32.{name}"], want, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(samples["fp32.det"], samples["int8.det"])
+
+    table = json.loads((art / "validation/layer_errors_table.json").read_text())
+    rows = {r[0]: dict(zip(table["columns"], r)) for r in table["data"]}
+    # the nodes reading r1's dequantized value: the head conv, and the pooling that shares its Q/DQ
+    assert set(rows["r1"]["node"].split(", ")) == {"head", "gap"}
+    assert rows["x"]["node"] == "conv1" and rows["s"]["node"] == ""  # the Sigmoid output is float
+    ranked = report["quantized_nodes"]
+    assert {r["node"] for r in ranked} == {"conv1", "head", "gap"}  # the int8 rows of nodes_table
+    assert [r["added_sqnr_db"] for r in ranked] == sorted(r["added_sqnr_db"] for r in ranked)  # worst first
+    assert [r["node"] for r in ranked] == ["head", "conv1", "gap"]
+    assert ranked[-1]["added_sqnr_db"] == 999.0  # averaging adds no noise (its output is cleaner than its input)
+    conv1 = next(r for r in ranked if r["node"] == "conv1")
+    assert conv1["input_sqnr_db"] == 999.0 and conv1["added_sqnr_db"] == conv1["output_sqnr_db"]  # exact input
+
+
+def test_class_score_metric_on_a_detector_output_is_a_data_error(
+    detector: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _ = _run(detector, "steps.validate.metric=agreement")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "needs class scores" in err and "'det' has shape [20, 6, 64]" in err and "metric: cosine" in err
+    assert "Traceback" not in err
+    code, s = _run(detector, "steps.validate.metric=agreement", "steps.validate.output=feat")
+    assert code == 0 and s is not None and "top1_agreement" in s["metrics"]
+
+
+def test_failed_gate_names_quantized_nodes_not_the_sigmoid(
+    detector: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The message names nodes_table's int8 nodes, worst first, never a float node (the Sigmoid or
+    Reshape downstream carry the head's error but cannot be excluded)."""
+    code, _ = _run(detector, "steps.validate.metric=cosine", "steps.validate.max_drop=0.0")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "accuracy gate failed" in err
+    pasted = yaml.safe_load(err.split("steps.quantize.exclude.nodes: ")[1].split("]")[0] + "]")
+    assert pasted == ["head", "conv1", "gap"]  # nodes_table's int8 nodes, worst first
