@@ -34,10 +34,11 @@ class StepContext:
         self.outputs[name] = path
         return path
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log ``metrics`` on the step's run; ``step`` makes them one point of a series (e.g. an iteration)."""
         clean = {k: float(v) for k, v in metrics.items()}
         self.metrics.update(clean)
-        self.tracker.log_metrics(clean)
+        self.tracker.log_metrics(clean, step=step)
 
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         self.tracker.log_table(rows, artifact_file)

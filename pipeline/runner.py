@@ -18,7 +18,7 @@ from pipeline.context import StepContext
 from pipeline.errors import ConfigError, GateFailed, fail
 from pipeline.log import logger
 from pipeline.schema import to_mapping
-from pipeline.tracking import REUSED_FROM_TAG, REUSED_TAG, Tracker, download_onnx, is_outage
+from pipeline.tracking import REUSED_FROM_TAG, REUSED_TAG, Tracker, download_onnx, is_outage, log_dataset
 from steps import get_step
 
 
@@ -147,6 +147,27 @@ def run_pipeline(
     return summary
 
 
+# step -> the data source whose digest its cache key holds
+DATASETS = {"calibrate": "calibration", "validate": "validation"}
+
+
+def _log_datasets(cfg: PipelineConfig, step: str, material: dict[str, Any], ctx: StepContext, child: Any) -> None:
+    which = DATASETS.get(step)
+    src = getattr(cfg.data, which) if which else None
+    if which is None or src is None or "data" not in material:
+        return
+    source = src.npz or src.python or (src.images.dir if src.images else None) or next(iter((src.npy or {}).values()))
+    samples = ctx.metrics.get("num_samples") if step == "calibrate" else ctx.metrics.get("validation_samples")
+    log_dataset(
+        child.client,
+        [child.run_id, child.parent_run_id],
+        which,
+        str(source),
+        material["data"],
+        int(samples) if samples is not None else None,
+    )
+
+
 def run_tags(cfg: PipelineConfig) -> dict[str, str]:
     """Tags the runs table can filter and group pipelines by."""
     tags = {}
@@ -231,6 +252,7 @@ def _run_steps(
                 else:
                     logger.info("%s: running", name)
                     step.run(ctx, step_cfg)
+                _log_datasets(cfg, name, material, ctx, child)
             except GateFailed:
                 summary.gate = "failed"
                 raise

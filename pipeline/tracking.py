@@ -151,16 +151,45 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = json.dumps(value) if isinstance(value, (list, bool)) else str(value)
 
 
+def log_dataset(
+    client: MlflowClient, run_ids: list[str], name: str, source: str, digest: str, samples: int | None
+) -> None:
+    """Record a data source as an MLflow dataset input (the runs table's Dataset column)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    class _Counted(MetaDataset):
+        def to_dict(self) -> dict[str, str]:
+            out = super().to_dict()
+            if samples is not None:  # what the run page shows under the dataset
+                out["profile"] = json.dumps({"num_samples": samples})
+            return out
+
+    if ":" in source and not Path(source).exists():  # a python: source
+        src: Any = CodeDatasetSource({"python": source})
+    else:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+            src = resolve_dataset_source(Path(source).resolve().as_uri())
+    entity = _Counted(src, name=name, digest=digest[:16])._to_mlflow_entity()
+    for run_id in run_ids:
+        client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", name)])])
+
+
 class StepTracker:
     """Reporting for one child run, handed to a step through its context."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, parent_run_id: str | None = None):
         self.client = client
         self.run_id = run_id
+        self.parent_run_id = parent_run_id
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, value)
+            self.client.log_metric(self.run_id, key, value, step=step)
 
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         columns: dict[str, list[Any]] = {k: [] for k in (rows[0] if rows else {})}
@@ -275,6 +304,7 @@ class Tracker:
             run = mlflow.start_run(run_id=created.info.run_id, nested=True)
         elif self.outer_run_id:
             run = mlflow.start_run(run_id=self.outer_run_id)
+            self.client.set_tag(run.info.run_id, "mlflow.runName", run_name or name)
         else:
             run = mlflow.start_run(run_name=run_name or name, experiment_id=self.experiment_id)
         run_id = run.info.run_id
@@ -309,7 +339,7 @@ class Tracker:
         )
         run = mlflow.start_run(run_id=created.info.run_id, nested=True)
         with _closing(lambda status: mlflow.end_run(status=status)):
-            yield StepTracker(self.client, run.info.run_id)
+            yield StepTracker(self.client, run.info.run_id, parent.info.run_id)
 
     def find_reusable(self, step: str, cache_key: str) -> Run | None:
         runs = self.client.search_runs(

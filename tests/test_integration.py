@@ -35,10 +35,10 @@ def test_pipeline_against_a_real_mlflow_server(mlflow_server: str, tmp_path: Pat
 
 @pytest.mark.slow
 def test_mlflow_run_quick_start(tmp_path: Path) -> None:
-    """The README's quick start: `mlflow run . --env-manager local` on the bundled example."""
+    """The README's quick start, then the README's next command: one experiment, steps reused."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.run(
-        [str(BIN / "mlflow"), "run", str(ROOT), "--env-manager", "local", "--experiment-name", "quick-start"],
+        [str(BIN / "mlflow"), "run", str(ROOT), "--env-manager", "local", "--experiment-name", "int8-digits"],
         env=env_without_mlflow(MLFLOW_TRACKING_URI=uri),
         cwd=tmp_path,
         capture_output=True,
@@ -49,10 +49,14 @@ def test_mlflow_run_quick_start(tmp_path: Path) -> None:
     client = MlflowClient(uri)
     version = client.get_model_version_by_alias("digits-int8", "candidate")
     parent = client.get_run(version.tags["int8pipe.run.export"]).data.tags["mlflow.parentRunId"]
-    exp = client.get_experiment_by_name("quick-start")
+    exp = client.get_experiment_by_name("int8-digits")
     assert client.get_run(parent).info.experiment_id == exp.experiment_id
+    assert client.get_run(parent).info.run_name == "digits-int8 (entropy, tensorrt)"
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(children) == 6
+    again = run_pipeline(DIGITS / "pipeline.yaml", uri, tmp_path)  # the README's next command
+    reused = [s for s, r in again["steps"].items() if client.get_run(r).data.tags.get("int8pipe.reused") == "true"]
+    assert reused == ["export", "calibrate", "quantize", "validate", "benchmark"]  # promote never is
 
 
 def test_requested_gpu_provider_never_falls_back_silently(tmp_path: Path) -> None:

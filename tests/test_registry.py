@@ -363,3 +363,21 @@ def test_readme_consumer_snippet_runs_as_written(
     assert Path(namespace["onnx_file"]).is_file()
     onnx.checker.check_model(onnx.load(namespace["onnx_file"]), full_check=True)
     assert namespace["version"].tags["int8pipe.metric"] == "top1"
+
+
+def test_parent_run_compares_at_a_glance(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    """Run name, tags, description, datasets and the metrics people compare, on the parent run."""
+    s = run_pipeline(digits_copy / "pipeline.yaml", tracking_uri, tmp_path, "steps.calibrate.method=percentile")
+    run = MlflowClient(tracking_uri).get_run(s["run_id"])
+    assert run.info.run_name == "digits-int8 (percentile 99.99, tensorrt)"
+    tags = run.data.tags
+    assert tags["int8pipe.method"] == "percentile" and tags["int8pipe.target"] == "tensorrt"
+    assert tags["int8pipe.gate"] == "passed" and "percentile" in tags["mlflow.note.content"]
+    metrics = set(run.data.metrics)
+    assert {"int8_nodes", "accuracy_drop", "int8_top1", "size_mb_int8", "cpu.int8.latency_p50_ms"} <= metrics
+    assert not [m for m in metrics if ".bs" in m]  # no duplicates of the first batch size's figures
+    params = run.data.params
+    assert "null" not in params.values() and params["data.calibration.npz"] == "data/calibration.npz"
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"calibration", "validation"}
+    assert json.loads(inputs["calibration"].profile) == {"num_samples": 512}

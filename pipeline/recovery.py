@@ -1,0 +1,203 @@
+"""Accuracy recovery: keep the quantized nodes that hurt the task metric most in float until the
+accuracy gate passes. Graph surgery on the Q/DQ model already built (never quantizing again) and
+scoring against a cached FP32 reference; plain numerics, no tracking.
+
+1. Preselect: the worst ``max(2 * max_fp_nodes, 8)`` quantized nodes by the error their own
+   quantization adds (``added_sqnr_db``, :func:`pipeline.layers.rank_quantized_nodes`).
+2. Rank: keep each candidate alone in float and score the model on the first ``ranking_samples``
+   validation samples; sort by metric gain (ties by the gain in output cosine to FP32, then by SQNR
+   rank). One cheap evaluation per candidate instead of one full validation.
+3. Revert greedily in that order, one more node at a time, each model scored on the whole
+   validation set, until the gate passes, ``max_fp_nodes`` nodes are float, the candidates run out
+   or the time budget (checked before each evaluation) is spent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from pipeline import evaluation
+from pipeline.log import logger
+from pipeline.quantization import keep_float_inputs
+from pipeline.scoring import Scorer, Scores
+
+GATE_PASSED = "gate passed"
+MAX_FP_NODES = "max_fp_nodes"
+TIME_BUDGET = "time budget"
+EXHAUSTED = "candidates exhausted"
+MIN_CANDIDATES = 8
+
+
+@dataclass
+class Iteration:
+    reverted: list[str]  # the nodes kept in float, in the order they were reverted
+    scores: Scores  # the model with those nodes float, on the whole validation set
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reverted": self.reverted, "metric": self.scores.int8}
+
+
+@dataclass
+class Recovery:
+    """What recovery did: the nodes kept float, every model scored on the way, why it stopped."""
+
+    reverted: list[str]
+    iterations: list[Iteration]  # the first is the quantized model as built (nothing reverted)
+    passed: bool
+    stopped: str  # GATE_PASSED | MAX_FP_NODES | TIME_BUDGET | EXHAUSTED
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # preselected, with measured gains
+    ranking_samples: int = 0
+    seconds: float = 0.0
+    model: onnx.ModelProto | None = None  # the recovered model (None when nothing was reverted)
+
+    @property
+    def scores(self) -> Scores:
+        """The final model's scores on the whole validation set."""
+        return self.iterations[-1].scores
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reverted": self.reverted,
+            "iterations": [it.to_json() for it in self.iterations],
+            "passed": self.passed,
+            "stopped": self.stopped,
+            "metric": self.scores.metric.name,
+            "fp32": self.scores.fp32,
+            "ranking_samples": self.ranking_samples,
+            "candidates": self.candidates,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def revert(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
+    """A copy of ``qdq`` with ``nodes`` reading float inputs and weights (the FP32 model's values)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    return keep_float_inputs(model, fp32, nodes)
+
+
+def recover(
+    qdq: onnx.ModelProto,
+    fp32: onnx.ModelProto,
+    scorer: Scorer,
+    baseline: Scores,
+    ranked: list[dict[str, Any]],
+    max_drop: float,
+    max_fp_nodes: int = 8,
+    time_budget_s: float | None = None,
+    ranking_samples: int = 64,
+    on_iteration: Callable[[int, Iteration], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Recovery:
+    """Recover accuracy for ``qdq`` (scored ``baseline`` on the whole validation set by ``scorer``).
+
+    ``ranked`` are the quantized nodes, worst ``added_sqnr_db`` first. ``on_iteration(k, it)`` is
+    called for the baseline (k = 0) and after each model scored in the greedy phase.
+    """
+    start = clock()
+
+    def spent() -> bool:
+        return time_budget_s is not None and clock() - start >= time_budget_s
+
+    iterations = [Iteration([], baseline)]
+    if on_iteration is not None:
+        on_iteration(0, iterations[0])
+    n = min(ranking_samples, scorer.samples)
+    result = Recovery([], iterations, False, "", ranking_samples=n)
+    if max_fp_nodes <= 0:
+        result.stopped = MAX_FP_NODES
+    elif spent():
+        result.stopped = TIME_BUDGET
+    else:
+        result.candidates = _rank(qdq, fp32, scorer, baseline, ranked[: max(2 * max_fp_nodes, MIN_CANDIDATES)], n, spent)
+        result.stopped = _greedy(qdq, fp32, scorer, result, max_drop, max_fp_nodes, spent, on_iteration)
+    result.passed = result.stopped == GATE_PASSED
+    result.seconds = clock() - start
+    return result
+
+
+def _rank(
+    qdq: onnx.ModelProto,
+    fp32: onnx.ModelProto,
+    scorer: Scorer,
+    baseline: Scores,
+    pool: list[dict[str, Any]],
+    n: int,
+    spent: Callable[[], bool],
+) -> list[dict[str, Any]]:
+    """``pool`` with each node's gain when kept float alone, on the first ``n`` samples, best first
+    (unmeasured ones, when the time budget ran out, last and marked ``gain: null``)."""
+    base = scorer.evaluate({k: v[:n] for k, v in baseline.outputs.items()})
+    base_cos = float(base.cosines().mean())
+    rows = []
+    for k, cand in enumerate(pool):
+        row: dict[str, Any] = {
+            "node": cand["node"],
+            "op_type": cand["op_type"],
+            "added_sqnr_db": cand["added_sqnr_db"],
+            "gain": None,
+            "cosine_gain": None,
+        }
+        if not spent():
+            got = scorer.score(revert(qdq, fp32, [cand["node"]]), limit=n)
+            row["gain"] = got.int8 - base.int8
+            row["cosine_gain"] = float(got.cosines().mean()) - base_cos
+            logger.info(
+                "validate: recovery ranking %d/%d: %s alone in float: %s %+.4f on %d samples",
+                k + 1,
+                len(pool),
+                cand["node"],
+                base.metric.name,
+                row["gain"],
+                n,
+            )
+        rows.append((row, k))
+    measured = sorted(
+        (r for r in rows if r[0]["gain"] is not None), key=lambda r: (-r[0]["gain"], -r[0]["cosine_gain"], r[1])
+    )
+    return [r for r, _ in measured] + [r for r, _ in rows if r["gain"] is None]
+
+
+def _greedy(
+    qdq: onnx.ModelProto,
+    fp32: onnx.ModelProto,
+    scorer: Scorer,
+    result: Recovery,
+    max_drop: float,
+    max_fp_nodes: int,
+    spent: Callable[[], bool],
+    on_iteration: Callable[[int, Iteration], None] | None,
+) -> str:
+    """Revert ``result.candidates`` one more at a time in order; fills ``result``, returns why it stopped."""
+    for cand in result.candidates:
+        if len(result.reverted) >= max_fp_nodes:
+            return MAX_FP_NODES
+        if spent() or cand["gain"] is None:
+            return TIME_BUDGET
+        nodes = [*result.reverted, cand["node"]]
+        model = revert(qdq, fp32, nodes)
+        scores = scorer.score(model)
+        it = Iteration(nodes, scores)
+        result.reverted, result.model = nodes, model
+        result.iterations.append(it)
+        k = len(result.iterations) - 1
+        logger.info(
+            "validate: recovery %d: %d node(s) float (%s): %s %.4f, drop %.4f (max %.4f)",
+            k,
+            len(nodes),
+            cand["node"],
+            scores.metric.name,
+            scores.int8,
+            scores.drop,
+            max_drop,
+        )
+        if on_iteration is not None:
+            on_iteration(k, it)
+        if evaluation.gate_passed(scores.drop, max_drop):
+            return GATE_PASSED
+    return MAX_FP_NODES if len(result.reverted) >= max_fp_nodes else EXHAUSTED
