@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -45,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="TensorRT calibration caches")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     show = cache_sub.add_parser("show", help="decode a TensorRT calibration cache")
-    show.add_argument("file")
+    show.add_argument("file", help="a cache file, a calibrate run id, or runs:/<run id>/<path to a cache>")
     show.add_argument("--json", action="store_true")
+    show.add_argument("--tracking-uri", default=None, help="where a run id is looked up (default: as for run)")
     return p
 
 
@@ -124,12 +126,33 @@ def _registry_line(reg: dict | None) -> str:
     return line
 
 
+def _cache_file(spec: str, tracking_uri: str | None) -> str:
+    """A local cache path for ``spec``: a file, a calibrate run id, or a runs:/ URI (downloaded)."""
+    if Path(spec).is_file() or not (spec.startswith("runs:/") or re.fullmatch(r"[0-9a-f]{32}", spec)):
+        return spec
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = spec if spec.startswith("runs:/") else f"runs:/{spec}/calibration/calibration.cache"
+    try:
+        return str(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(), tracking_uri=tracking_uri))
+    except MlflowException as exc:
+        fail(
+            ConfigError,
+            f"cache show {spec}: cannot fetch {uri} ({str(exc).splitlines()[0][:200]}). Give a cache file, the run "
+            "id of a calibrate step (printed at the end of int8pipe run), or a runs:/ URI.",
+        )
+
+
 def _cache_show(args: argparse.Namespace) -> int:
     """Print a cache, streaming: the file is read line by line, twice (a first pass checks every line
     and measures the table, so a malformed cache prints nothing but the error), and ``--json`` is
     written tensor by tensor. Memory stays flat whatever the number of tensors."""
     from pipeline.calibration import trt_cache
 
+    args.file = _cache_file(args.file, args.tracking_uri)
     _, entries = trt_cache.open_cache(args.file)
     count, width = 0, 0
     for name, _scale in entries:

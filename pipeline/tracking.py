@@ -160,6 +160,10 @@ def log_dataset(
     from mlflow.entities import DatasetInput, InputTag
 
     class _Counted(MetaDataset):
+        @property
+        def profile(self) -> Any:
+            return {"num_samples": samples} if samples is not None else None
+
         def to_dict(self) -> dict[str, str]:
             out = super().to_dict()
             if samples is not None:  # what the run page shows under the dataset

@@ -381,3 +381,18 @@ def test_parent_run_compares_at_a_glance(digits_copy: Path, tracking_uri: str, t
     inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"calibration", "validation"}
     assert json.loads(inputs["calibration"].profile) == {"num_samples": 512}
+
+
+def test_cache_show_takes_a_run_id(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = run_pipeline(_drop_benchmark(digits_copy), tracking_uri, tmp_path)
+    printed = capsys.readouterr().out
+    calibrate = s["steps"]["calibrate"]
+    assert f"runs:/{calibrate}/calibration/calibration.cache" in printed  # the end of the run says where it is
+    for spec in (calibrate, f"runs:/{calibrate}/calibration/calibration.cache"):
+        assert main(["cache", "show", spec, "--json", "--tracking-uri", tracking_uri]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["algorithm"] == "EntropyCalibration2" and "input" in shown["tensors"]
+    assert main(["cache", "show", "0" * 32, "--tracking-uri", tracking_uri]) == 2
+    assert "the run id of a calibrate step" in capsys.readouterr().err
