@@ -74,6 +74,9 @@ DESCRIPTIONS = {
     "streaming pass for read-once sources.",
     "steps.calibrate.tensors": "`quantized`: the histogram method for the tensors the Q/DQ model quantizes, "
     "max |x| elsewhere; `all`: every tensor (for TensorRT implicit INT8 caches).",
+    "steps.calibrate.memory_mb": "Activation memory while calibrating: samples per ONNX Runtime call are sized "
+    "from the first sample's activation bytes to stay within it (at most 8). Raise it for speed on large "
+    "machines; results do not change with `passes: 2`.",
     "steps.quantize.target": "`tensorrt` (Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul, symmetric) or "
     "`onnxruntime` (every op type ORT's QDQ quantizer supports).",
     "steps.quantize.per_channel": "Weights: one scale per output channel (max |w| / 127) instead of one per tensor.",

@@ -17,6 +17,7 @@ from pipeline import data, plots
 from pipeline import model as onnx_model
 from pipeline.calibration import flatbuffers_table, trt_cache
 from pipeline.calibration.calibrator import Calibration, calibrate, load_histograms, rethreshold, save_histograms
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
 from pipeline.errors import CalibrationError, ConfigError, fail
@@ -44,6 +45,8 @@ class CalibrateConfig:
     minmax_inputs: bool = True  # graph inputs keep max |x| (see calibrator.calibrate)
     passes: Literal[1, 2] = 2  # 2: exact histograms; 1: one streaming pass, for read-once sources
     tensors: Literal["quantized", "all"] = "quantized"  # which tensors get the histogram method
+    # activation memory while calibrating: the samples per ONNX Runtime call are sized to stay within it
+    memory_mb: int = DEFAULT_MEMORY_MB
 
 
 def _from_cache(path: Path, model_path: Path, trt_version: str) -> Calibration:
@@ -101,6 +104,8 @@ class Calibrate(Step):
             cfg.from_cache = str(p)
         elif pipeline.data.calibration is None:
             fail(ConfigError, "steps.calibrate needs data.calibration (or steps.calibrate.from_cache).")
+        if cfg.memory_mb <= 0:
+            fail(ConfigError, f"steps.calibrate.memory_mb: expected a positive number of MB, got {cfg.memory_mb}.")
         if cfg.batch_size <= 0 or cfg.num_bins < 128:
             fail(ConfigError, "steps.calibrate: batch_size must be positive and num_bins at least 128.")
         if not 0 < cfg.percentile <= 100:
@@ -114,6 +119,8 @@ class Calibrate(Step):
         m = to_mapping(cfg)
         m.pop("percentile")
         m.pop("plots")
+        if cfg.passes == 2:  # exact histograms: the chunk size, so the memory budget, changes nothing
+            m.pop("memory_mb")
         m["method"] = "minmax" if cfg.method == "minmax" else "histogram"
         return m
 
@@ -170,6 +177,7 @@ class Calibrate(Step):
                 cfg.passes,
                 cfg.minmax_inputs,
                 None if cfg.tensors == "all" else quantized_activations(model, target),
+                cfg.memory_mb,
             )
             algorithm = trt_cache.ALGORITHMS[cfg.method]
         self._write(ctx, cfg, cal, algorithm)
@@ -231,6 +239,11 @@ class Calibrate(Step):
                 "calibration_seconds": cal.seconds,
                 "tensors_clipped": len(clipped),
             }
+            | (
+                {"calibration_chunk": cal.chunk, "activation_mb_per_sample": cal.sample_bytes / 1e6}
+                if cal.chunk
+                else {}
+            )
         )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline import environment
 from pipeline import model as onnx_model
 from pipeline.calibration import histogram, methods
-from pipeline.calibration.collect import Batch, run_pass
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB, Batch, run_pass
 from pipeline.calibration.derived import derivable
 from pipeline.calibration.histogram import FinalHistogram, TensorStats
 from pipeline.calibration.ranges import Ranges, TensorRange
@@ -29,6 +29,8 @@ class Calibration:
     ranges: Ranges
     histograms: dict[str, FinalHistogram] = field(default_factory=dict)
     seconds: float = 0.0
+    chunk: int = 0  # samples per ONNX Runtime call the memory budget allowed (pass 1)
+    sample_bytes: int = 0  # exposed activation bytes per sample (pass 1)
 
 
 def choose_amax(method: str, hist: FinalHistogram, percentile: float) -> float:
@@ -117,6 +119,7 @@ def calibrate(
     passes: int = 2,
     minmax_inputs: bool = True,
     histogram_tensors: list[str] | None = None,
+    memory_mb: int = DEFAULT_MEMORY_MB,
 ) -> Calibration:
     """Ranges for every activation tensor of the model at ``model_path``.
 
@@ -154,7 +157,10 @@ def calibrate(
         source = spill.record(batches()) if two_pass else batches()
         derived = derivable(model, tensors, measure=set() if two_pass else wanted)
         measured = {t: st for t, st in stats.items() if t not in derived}
-        first = run_pass(model, measured, source, "calibration pass 1/2" if two_pass else "calibration batches")
+        budget = memory_mb << 20
+        first = run_pass(
+            model, measured, source, "calibration pass 1/2" if two_pass else "calibration batches", memory_budget=budget
+        )
         for name, rule in derived.items():
             src, st = stats[rule.source], stats[name]
             st.finite, st.count = src.finite, src.count
@@ -166,7 +172,7 @@ def calibrate(
             for st in hist.values():
                 st.start_histogram_pass()
             live = {t: st for t, st in hist.items() if st.fine is not None}
-            run_pass(model, live, spill.replay(), "calibration pass 2/2", digest=False)
+            run_pass(model, live, spill.replay(), "calibration pass 2/2", digest=False, memory_budget=budget)
     params: dict[str, object] = {}
     if method != "minmax":
         params = {
@@ -203,4 +209,4 @@ def calibrate(
             producer=producer.get(name, ""),
             method=how,
         )
-    return Calibration(ranges, hists, time.perf_counter() - start)
+    return Calibration(ranges, hists, time.perf_counter() - start, first.chunk, first.sample_bytes)

@@ -11,6 +11,7 @@ chains cost more than numpy's passes over the copied outputs.)
 from __future__ import annotations
 
 import hashlib
+import itertools
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -26,17 +27,41 @@ from pipeline import runtime
 from pipeline.calibration import histogram
 from pipeline.calibration.histogram import TensorStats
 from pipeline.data import rechunk
-from pipeline.log import progress
+from pipeline.log import logger, progress
 
 Batch = dict[str, np.ndarray]
-CHUNK = 8  # samples per ONNX Runtime call while calibrating
+CHUNK = 8  # samples per ONNX Runtime call while calibrating, at most
 WORKERS = 2  # threads digesting a chunk while ONNX Runtime computes the next
+# Copies of a chunk's exposed activations alive at once: the two bound output sets, and about one
+# more inside ONNX Runtime (its arena holds the same tensors while it computes them).
+COPIES = 3
+DEFAULT_MEMORY_MB = 512
 
 
 @dataclass
 class Pass:
     num_samples: int
     data_digest: str  # SHA-256 of the samples seen, in order
+    chunk: int = CHUNK  # samples per ONNX Runtime call, as the memory budget allowed
+    sample_bytes: int = 0  # exposed activation bytes per sample, measured on the first sample
+
+
+def chunk_for(sample_bytes: int, budget_bytes: int | None) -> int:
+    """Samples per call so that ``COPIES`` chunks of activations fit ``budget_bytes``."""
+    if not budget_bytes or sample_bytes <= 0:
+        return CHUNK
+    return max(1, min(CHUNK, budget_bytes // (COPIES * sample_bytes)))
+
+
+def _measure(sess: Any, names: list[str], batches: Iterable[Batch]) -> tuple[int, Iterable[Batch]]:
+    """Exposed activation bytes of one sample (run on the first sample), and the batches untouched."""
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        return 0, []
+    feeds = {k: v[:1] for k, v in first.items() if k != "labels"}
+    size = sum(int(v.nbytes) for v in sess.run(names, feeds))
+    return size, itertools.chain([first], it)
 
 
 def expose(model: onnx.ModelProto, tensors: list[str]) -> bytes:
@@ -139,12 +164,16 @@ def run_pass(
     stats: dict[str, TensorStats],
     batches: Iterable[Batch],
     label: str,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     digest: bool = True,
+    memory_budget: int | None = DEFAULT_MEMORY_MB << 20,
 ) -> Pass:
     """Feed ``batches`` through ``model`` and update ``stats`` (tensor name -> statistics).
 
     With ``digest`` the samples are hashed on the way (the data digest recorded in ranges.json).
+    Without an explicit ``chunk``, the chunk is sized from the exposed activation bytes of the first
+    sample so that the live activations stay within ``memory_budget`` bytes (at most ``CHUNK``):
+    a 640x640 detector's activations are hundreds of MB per sample where a classifier's are a few.
     """
     names = list(stats)
     inputs = {vi.name for vi in model.graph.input}
@@ -153,6 +182,19 @@ def run_pass(
         outputs = InputsOnly(names)
     else:
         outputs = BoundOutputs(runtime.session(expose(model, names), "cpu", spin=False), names)
+    sample_bytes = 0
+    if chunk is None:
+        if isinstance(outputs, BoundOutputs):
+            sample_bytes, batches = _measure(outputs.sess, names, batches)
+        chunk = chunk_for(sample_bytes, memory_budget)
+        if chunk < CHUNK:
+            logger.info(
+                "%s: %.0f MB of activations per sample; %d sample(s) per call to stay within %.0f MB",
+                label,
+                sample_bytes / 1e6,
+                chunk,
+                (memory_budget or 0) / 2**20,
+            )
     hasher = hashlib.sha256() if digest else None
     samples = 0
     pending: list[Future[None]] = []
@@ -178,4 +220,4 @@ def run_pass(
             del values
         for job in pending:
             job.result()
-    return Pass(samples, hasher.hexdigest() if hasher else "")
+    return Pass(samples, hasher.hexdigest() if hasher else "", chunk, sample_bytes)
