@@ -7,7 +7,7 @@ Both tools calibrate on the same crops (examples/efficientnet_lite0/data.py, see
 other crops (seed 1) against the FP32 model: top-1 agreement, overall and on the samples the FP32
 model is sure of (top-1 minus top-2 probability > 0.2), and the cosine of the logits. Every Q/DQ model
 runs with ORT's graph optimisations off, i.e. the quantised arithmetic computed exactly in float (what
-TensorRT computes; ORT's own int8 kernels saturate on CPUs without VNNI, see DESIGN.md).
+TensorRT computes; ORT's own int8 kernels saturate on CPUs without VNNI).
 """
 
 from __future__ import annotations

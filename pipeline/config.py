@@ -63,11 +63,22 @@ class DataConfig:
 
 
 @dataclass
+class SweepRay:
+    """``sweep.ray``: where and how trials run with ``executor: ray`` (see pipeline/distributed.py)."""
+
+    address: str | None = None  # the cluster (host:port of `ray start --head`); default $RAY_ADDRESS
+    num_cpus: float = 1.0  # CPUs each trial reserves: the cluster's free CPUs decide how many run at once
+    num_gpus: float = 0.0  # GPUs each trial reserves (a benchmark on cuda/tensorrt needs one)
+    upload: bool = False  # ship the YAML's folder with each trial (Ray's runtime_env working_dir)
+
+
+@dataclass
 class SweepConfig:
     grid: dict[str, list[Any]]  # dotted key (as --set takes it) -> the values to try
     parallel: int = 1  # trials at once on this machine
     time_budget_s: float | None = None  # no trial starts after this; the best so far is kept
-    executor: Literal["local"] = "local"
+    executor: Literal["local", "ray"] = "local"  # ray: each trial a Ray task on the cluster
+    ray: SweepRay = field(default_factory=SweepRay)
 
 
 @dataclass
@@ -325,9 +336,28 @@ def parse(raw: Any, base_dir: Path, source: Path | None = None) -> PipelineConfi
     )
     for name in steps:
         get_step(name).check(cfg)
+    _resolve_auto_method(cfg, top)
     if top.sweep is not None:
         cfg.trials = _trials(raw, top.sweep, base_dir, source)
     return cfg
+
+
+AUTO_METHODS = ["minmax", "entropy", "percentile", "mse"]
+AUTO_FALLBACK = "mse"  # without a validate step there is nothing to choose by
+
+
+def _resolve_auto_method(cfg: PipelineConfig, top: RawPipeline) -> None:
+    """``calibrate.method: auto``: with a validate step, a sweep over the four methods (one calibration
+    serves them all; the validate metric picks); without one, the default method."""
+    calibrate = cfg.steps.get("calibrate")
+    if calibrate is None or calibrate.method != "auto" or calibrate.from_cache:
+        return
+    if "validate" not in cfg.steps:
+        calibrate.method = AUTO_FALLBACK
+        return
+    sweep = top.sweep or SweepConfig(grid={})
+    sweep.grid = {**sweep.grid, "steps.calibrate.method": sweep.grid.get("steps.calibrate.method", AUTO_METHODS)}
+    top.sweep = cfg.sweep = sweep
 
 
 def _trials(

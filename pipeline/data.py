@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import sys
 import zipfile
 import zlib
@@ -48,13 +50,35 @@ def _forget_stale(module_name: str, search_dirs: Iterable[Path]) -> None:
         del sys.modules[name]
 
 
+class _LastResortFinder(importlib.abc.MetaPathFinder):
+    """Finds top-level modules in the YAML folder / working directory that nothing on ``sys.path``
+    provides, consulted after every other finder: code imported from there may still import its
+    sibling files lazily (inside a function, a generator), while a file there that shares a library's
+    name can never stand in for the library."""
+
+    def __init__(self, dirs: list[str]):
+        self.dirs = dirs
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if path is not None:  # a submodule: its package's __path__ finds it
+            return None
+        return importlib.machinery.PathFinder.find_spec(fullname, self.dirs)
+
+
+def _add_fallback_finder(search_dirs: Iterable[Path]) -> None:
+    dirs = [str(d) for d in dict.fromkeys(search_dirs)]
+    if not any(isinstance(f, _LastResortFinder) and f.dirs == dirs for f in sys.meta_path):
+        sys.meta_path.append(_LastResortFinder(dirs))
+
+
 def import_object(spec: str, search_dirs: Iterable[Path], what: str) -> Any:
     """Import ``pkg.mod:name`` with ``search_dirs`` (the YAML folder, the cwd) on the path.
 
     The folders are on ``sys.path`` only while that module is imported (so it may import files
     beside it at its top level), and ``sys.path`` is restored exactly afterwards: a file next to the
     YAML that happens to share a library's name (``pyparsing.py``, ``json.py``) must never stand in
-    for that library when something imports it later in the run.
+    for that library when something imports it later in the run. Afterwards the folders are searched
+    last (:class:`_LastResortFinder`), for the module's lazy imports of its sibling files.
     """
     module_name, _, attr = spec.partition(":")
     saved = list(sys.path)
@@ -71,6 +95,7 @@ def import_object(spec: str, search_dirs: Iterable[Path], what: str) -> Any:
         )
     finally:
         sys.path[:] = saved
+    _add_fallback_finder(search_dirs)
     loaded = getattr(module, "__file__", None)
     if loaded:
         try:
@@ -117,7 +142,8 @@ def _checked_array(arr: np.ndarray, path: str, name: str | None, hint: str) -> n
     return arr
 
 
-def _npz(path: str, batch_size: int) -> Iterator[Batch]:
+def _open_npz(path: str, fh: Any) -> Any:
+    """``np.load`` of the npz at ``path`` through the open file ``fh``, every failure a DataError."""
     kind = _file_kind(path)
     if kind == "npy":
         fail(
@@ -126,12 +152,22 @@ def _npz(path: str, batch_size: int) -> Iterator[Batch]:
         )
     if kind != "npz":
         fail(DataError, f"{path} is not an .npz archive (it is neither a zip file nor a numpy array file); {NPZ_HINT}.")
+    try:
+        return np.load(fh, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        fail(DataError, f"{path} is not a readable .npz archive ({type(exc).__name__}: {exc}); {NPZ_HINT}.")
+
+
+def _npz_members(path: str) -> list[str]:
+    """The array names of the npz at ``path`` (a DataError for anything that is not one)."""
+    with open(path, "rb") as fh, _open_npz(path, fh) as z:
+        return list(z.files)
+
+
+def _npz(path: str, batch_size: int) -> Iterator[Batch]:
     arrays: dict[str, np.ndarray] = {}
     with open(path, "rb") as fh:  # opened here: numpy leaks the file when the zip is corrupt
-        try:
-            z = np.load(fh, allow_pickle=False)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            fail(DataError, f"{path} is not a readable .npz archive ({type(exc).__name__}: {exc}); {NPZ_HINT}.")
+        z = _open_npz(path, fh)
         with z:
             for k in z.files:
                 try:
@@ -341,16 +377,40 @@ def source_digest(src: DataSource, search_dirs: list[Path]) -> str:
 def preflight(src: DataSource, specs: Specs, search_dirs: list[Path], what: str) -> None:
     """Check a source against the model's inputs before any run starts: names, dtypes, shapes.
 
-    An npz is checked by its member names (its arrays load whole, so reading one costs the full
-    file); other sources by their first batch.
+    An npz is checked from its members' .npy headers (its arrays load whole, so reading one costs
+    the full file); other sources by their first batch.
     """
     if src.npz:
-        with np.load(src.npz, allow_pickle=False) as z:
-            names = [n for n in z.files if n != LABELS]
+        names = [n for n in _npz_members(src.npz) if n != LABELS]  # a DataError if it is no npz
+        headers = _npz_headers(src.npz)
         if sorted(names) != sorted(specs):
             check_batch({n: np.zeros(1) for n in names}, specs, what)  # raises the naming error
+        elif set(headers) == set(names) | ({LABELS} & set(headers)):  # {}: unusual headers, left to the loader
+            check_batch(headers, specs, f"{what} ({Path(src.npz).name})")
         return
     next(batches(src, 1, specs, search_dirs, what), None)
+
+
+def _npz_headers(path: str) -> Batch:
+    """The npz's arrays as zero-filled stand-ins of their real shape and dtype, read from the .npy
+    headers alone, so checking names, dtypes and shapes reads no data ({} if a header is unusual)."""
+    out: Batch = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with zf.open(member) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                if dtype.hasobject:
+                    return {}  # the loader names this error precisely when the step reads the file
+                zero = np.zeros(1, dtype)
+                out[member[: -len(".npy")]] = np.lib.stride_tricks.as_strided(zero, shape, [0] * len(shape))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return {}
+    return out
 
 
 def search_dirs(base_dir: Path) -> list[Path]:

@@ -42,12 +42,13 @@ def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per sample cosine of ``a`` and ``b`` (flattened); exactly 1 for identical rows."""
+    """Per sample cosine of ``a`` and ``b`` (flattened); exactly 1 for identical rows, 0 where one row
+    is all zeros and the other is not (an INT8 output wiped to zero is no match)."""
     a = a.reshape(len(a), -1).astype(np.float64)
     b = b.reshape(len(b), -1).astype(np.float64)
     num = (a * b).sum(axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.clip(np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0), -1.0, 1.0)
+    cos = np.clip(np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0), -1.0, 1.0)
     return np.where((a == b).all(axis=1), 1.0, cos)
 
 
@@ -89,7 +90,9 @@ class ErrorAccumulator:
     @property
     def cosine(self) -> float:
         den = np.sqrt(self.ref_sq * self.test_sq)
-        return float(self.dot / den) if den > 0 else 1.0
+        if den > 0:
+            return float(self.dot / den)
+        return 1.0 if self.ref_sq == self.test_sq else 0.0  # both all zeros: identical; one of them: no match
 
 
 @dataclass

@@ -114,8 +114,10 @@ def recover(
     elif spent():
         result.stopped = TIME_BUDGET
     else:
-        result.candidates = _rank(qdq, fp32, scorer, baseline, ranked[: max(2 * max_fp_nodes, MIN_CANDIDATES)], n, spent)
-        result.stopped = _greedy(qdq, fp32, scorer, result, max_drop, max_fp_nodes, spent, on_iteration)
+        scored: dict[tuple[str, ...], Scores] = {}  # whole-set scores already known, by nodes reverted
+        pool = ranked[: max(2 * max_fp_nodes, MIN_CANDIDATES)]
+        result.candidates = _rank(qdq, fp32, scorer, baseline, pool, n, spent, scored)
+        result.stopped = _greedy(qdq, fp32, scorer, result, max_drop, max_fp_nodes, spent, on_iteration, scored)
     result.passed = result.stopped == GATE_PASSED
     result.seconds = clock() - start
     return result
@@ -129,9 +131,11 @@ def _rank(
     pool: list[dict[str, Any]],
     n: int,
     spent: Callable[[], bool],
+    scored: dict[tuple[str, ...], Scores],
 ) -> list[dict[str, Any]]:
     """``pool`` with each node's gain when kept float alone, on the first ``n`` samples, best first
-    (unmeasured ones, when the time budget ran out, last and marked ``gain: null``)."""
+    (unmeasured ones, when the time budget ran out, last and marked ``gain: null``). When ``n`` is
+    the whole validation set the scores go to ``scored``: the greedy phase's first model is one of them."""
     base = scorer.evaluate({k: v[:n] for k, v in baseline.outputs.items()})
     base_cos = float(base.cosines().mean())
     rows = []
@@ -145,6 +149,8 @@ def _rank(
         }
         if not spent():
             got = scorer.score(revert(qdq, fp32, [cand["node"]]), limit=n)
+            if got.samples == scorer.samples:
+                scored[(cand["node"],)] = got
             row["gain"] = got.int8 - base.int8
             row["cosine_gain"] = float(got.cosines().mean()) - base_cos
             logger.info(
@@ -172,6 +178,7 @@ def _greedy(
     max_fp_nodes: int,
     spent: Callable[[], bool],
     on_iteration: Callable[[int, Iteration], None] | None,
+    scored: dict[tuple[str, ...], Scores],
 ) -> str:
     """Revert ``result.candidates`` one more at a time in order; fills ``result``, returns why it stopped."""
     for cand in result.candidates:
@@ -181,7 +188,7 @@ def _greedy(
             return TIME_BUDGET
         nodes = [*result.reverted, cand["node"]]
         model = revert(qdq, fp32, nodes)
-        scores = scorer.score(model)
+        scores = scored.get(tuple(nodes)) or scorer.score(model)
         it = Iteration(nodes, scores)
         result.reverted, result.model = nodes, model
         result.iterations.append(it)

@@ -61,8 +61,9 @@ DESCRIPTIONS = {
     "steps.export.opset": "Opset the model is converted to when its own is below 13 (per-channel Q/DQ needs 13).",
     "steps.export.dynamic_batch": "Make the first axis of every input and output symbolic.",
     "steps.export.fold_batchnorm": "Fold BatchNormalization into the preceding convolutions, as TensorRT does.",
-    "steps.calibrate.method": "`minmax` (max |x|), `entropy` (TensorRT's EntropyCalibration2), `percentile` or "
-    "`mse` (squared error of fake quantisation).",
+    "steps.calibrate.method": "`minmax` (max |x|), `entropy` (TensorRT's EntropyCalibration2), `percentile`, "
+    "`mse` (squared error of fake quantisation; the default, by measurement), or `auto`: with a validate "
+    "step, a sweep over the four from one calibration, the validate metric choosing.",
     "steps.calibrate.batch_size": "Samples per batch read from the data source.",
     "steps.calibrate.num_bins": "Bins of the |x| histogram (at least 128).",
     "steps.calibrate.percentile": "Percentile of |x| kept by `method: percentile`.",
@@ -74,6 +75,11 @@ DESCRIPTIONS = {
     "streaming pass for read-once sources.",
     "steps.calibrate.tensors": "`quantized`: the histogram method for the tensors the Q/DQ model quantizes, "
     "max |x| elsewhere; `all`: every tensor (for TensorRT implicit INT8 caches).",
+    "steps.calibrate.workers": "More than 1: that many Ray workers each calibrate a shard of the data and the "
+    "driver merges them; the ranges are identical to one process's. Needs `passes: 2` (or `minmax`).",
+    "steps.calibrate.ray": "The Ray cluster a sharded calibration (`workers` > 1) runs on.",
+    "steps.calibrate.ray.address": "Its address (default: `$RAY_ADDRESS`, which a Ray sweep sets for its trials).",
+    "steps.calibrate.ray.num_cpus": "CPUs each calibration worker reserves.",
     "steps.calibrate.memory_mb": "Activation memory while calibrating: samples per ONNX Runtime call are sized "
     "from the first sample's activation bytes to stay within it (at most 8). Raise it for speed on large "
     "machines; results do not change with `passes: 2`.",
@@ -92,6 +98,12 @@ DESCRIPTIONS = {
     "steps.validate.output": "Output(s) scored: a name or a list (default: the first output; all of them for a "
     "custom metric on a multi-output model).",
     "steps.validate.layer_samples": "Samples used for the per-tensor error table.",
+    "steps.validate.recover": "Accuracy recovery (null: off): when the gate fails, keep the quantized nodes that "
+    "hurt the metric most in float, one more at a time, until it passes; the recovered model is handed on.",
+    "steps.validate.recover.max_fp_nodes": "At most this many quantized nodes are kept in float.",
+    "steps.validate.recover.time_budget_s": "No new evaluation starts after this many seconds (null: no limit).",
+    "steps.validate.recover.ranking_samples": "Each candidate node is ranked on the first this-many validation "
+    "samples (kept float alone).",
     "steps.benchmark.providers": "Execution providers timed: `cpu`, `cuda`, `tensorrt`; one that is not really "
     "available is reported as such.",
     "steps.benchmark.batch_sizes": "Batch sizes timed; the first also gives the unsuffixed metric names.",
@@ -107,9 +119,16 @@ DESCRIPTIONS = {
     "validation data and metric; `always`: to every version that passed the gate.",
     "sweep": "Optional: run one trial per combination of `grid`, compare them, promote the best.",
     "sweep.grid": "Dotted key (as `--set` takes it) -> list of values, e.g. `{steps.calibrate.method: [minmax, mse]}`.",
-    "sweep.parallel": "Trials run at once, as processes on this machine.",
+    "sweep.parallel": "Trials run at once, as processes on this machine (`executor: local`).",
     "sweep.time_budget_s": "No trial starts after this many seconds; the finished ones are compared.",
-    "sweep.executor": "`local` (this machine).",
+    "sweep.executor": "`local` (this machine) or `ray` (each trial a Ray task on a cluster; needs the `[ray]` "
+    "extra and an http(s):// tracking server). See README, Scaling out.",
+    "sweep.ray": "Where and how trials run with `executor: ray`.",
+    "sweep.ray.address": "The Ray cluster, the address `ray start --head` prints (default: `$RAY_ADDRESS`).",
+    "sweep.ray.num_cpus": "CPUs each trial reserves; the cluster's free CPUs decide how many trials run at once.",
+    "sweep.ray.num_gpus": "GPUs each trial reserves (a benchmark on `cuda` or `tensorrt` needs one).",
+    "sweep.ray.upload": "Ship the YAML's folder with each trial (Ray's runtime_env `working_dir`) instead of "
+    "reading it at the same path on every node.",
 }
 
 

@@ -44,6 +44,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # X | None: X's own error names the exact key (an unknown key of a nested mapping)
+            return _coerce(value, arms[0], path)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -84,6 +84,13 @@ def _run_local(trial: Trial, cfg: PipelineConfig, uri: str | None, reuse: bool, 
     trial.run_id, trial.metrics, trial.steps = summary.run_id, summary.metrics, summary.steps
 
 
+def apply_result(trial: Trial, returncode: int, summary: dict[str, Any]) -> None:
+    """A trial process's outcome: its exit code (0 passed, 3 gate failed) and --summary-json."""
+    trial.run_id, trial.steps = summary.get("run_id", ""), summary.get("steps", {})
+    trial.metrics = summary.get("metrics", {})
+    trial.gate = {0: "passed", 3: "failed"}.get(returncode, "error")
+
+
 def _trial_command(cfg: PipelineConfig, trial: Trial, uri: str, sweep_run: str, out: Path) -> list[str]:
     assert cfg.source is not None
     args = [sys.executable, "-m", "pipeline", "run", str(cfg.source), "--tracking-uri", uri]
@@ -112,10 +119,7 @@ def _run_parallel(
                 time.sleep(0.2)
                 for proc in [p for p in running if p.poll() is not None]:
                     trial, out = running.pop(proc)
-                    s = json.loads(out.read_text()) if out.is_file() else {}
-                    trial.run_id, trial.steps = s.get("run_id", ""), s.get("steps", {})
-                    trial.metrics = s.get("metrics", {})
-                    trial.gate = {0: "passed", 3: "failed"}.get(proc.returncode, "error")
+                    apply_result(trial, proc.returncode, json.loads(out.read_text()) if out.is_file() else {})
         finally:
             for proc in running:  # Ctrl-C: the trials get SIGTERM and mark their own runs KILLED
                 proc.terminate()
@@ -131,6 +135,10 @@ def run_sweep(
     """Run every trial of ``cfg.trials`` under one sweep run, compare them, promote the best."""
     assert cfg.sweep is not None
     summary = summary if summary is not None else Summary()
+    if cfg.sweep.executor == "ray":  # Ray, a cluster and a tracking server every node reaches, before any run
+        from pipeline.distributed import preflight
+
+        preflight(cfg, tracking_uri)
     tracker = Tracker(tracking_uri, cfg.experiment)
     tracker.close_abandoned()
     trials = [Trial(overrides) for overrides, _ in cfg.trials]
@@ -144,7 +152,11 @@ def run_sweep(
         logger.info("sweep %r: run %s, %d trials", cfg.name, sweep_run, len(trials))
         interrupted = False
         try:
-            if cfg.sweep.parallel > 1:
+            if cfg.sweep.executor == "ray":
+                from pipeline.distributed import run_trials
+
+                run_trials(cfg, trials, tracker.uri, sweep_run, deadline, reuse, tracker.client)
+            elif cfg.sweep.parallel > 1:
                 _run_parallel(cfg, trials, tracker.uri, sweep_run, deadline, reuse)
             else:
                 for i, (trial, (_, trial_cfg)) in enumerate(zip(trials, cfg.trials)):

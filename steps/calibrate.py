@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,8 +34,18 @@ CLIPPED_RATIO = 0.9  # a tensor counts as clipped when amax < 0.9 * max |x|
 
 
 @dataclass
+class CalibrateRay:
+    """``steps.calibrate.ray``: the cluster a sharded calibration (``workers > 1``) runs on."""
+
+    address: str | None = None  # host:port of `ray start --head`; default $RAY_ADDRESS (set inside a Ray sweep)
+    num_cpus: float = 1.0  # CPUs each calibration worker reserves
+
+
+@dataclass
 class CalibrateConfig:
-    method: Literal["minmax", "entropy", "percentile", "mse"] = "entropy"
+    # mse by evidence (README, "Choosing the calibration method"); auto: every method from one calibration,
+    # the best by the validate metric (a sweep over the method)
+    method: Literal["minmax", "entropy", "percentile", "mse", "auto"] = "mse"
     batch_size: int = 32
     num_bins: int = 2048
     percentile: float = 99.99
@@ -47,6 +57,10 @@ class CalibrateConfig:
     tensors: Literal["quantized", "all"] = "quantized"  # which tensors get the histogram method
     # activation memory while calibrating: the samples per ONNX Runtime call are sized to stay within it
     memory_mb: int = DEFAULT_MEMORY_MB
+    # > 1: that many Ray workers each calibrate a shard of the data (pipeline/calibration/sharded.py);
+    # the ranges are identical to one process's
+    workers: int = 1
+    ray: CalibrateRay = field(default_factory=CalibrateRay)
 
 
 def _from_cache(path: Path, model_path: Path, trt_version: str) -> Calibration:
@@ -110,6 +124,19 @@ class Calibrate(Step):
             fail(ConfigError, "steps.calibrate: batch_size must be positive and num_bins at least 128.")
         if not 0 < cfg.percentile <= 100:
             fail(ConfigError, f"steps.calibrate.percentile: expected 0 < p <= 100, got {cfg.percentile}.")
+        if cfg.workers < 1:
+            fail(ConfigError, f"steps.calibrate.workers: expected a positive integer, got {cfg.workers}.")
+        if cfg.workers > 1 and not cfg.from_cache:
+            if cfg.passes == 1 and cfg.method != "minmax":
+                fail(
+                    ConfigError,
+                    "steps.calibrate.workers > 1 needs passes: 2 (or method: minmax): single-pass histograms "
+                    "depend on the order batches arrive in, so shards cannot be merged exactly.",
+                )
+            from pipeline.distributed import import_ray, resolve_address
+
+            import_ray("steps.calibrate.workers > 1")
+            resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
 
     def cache_config(self, cfg: CalibrateConfig) -> Any:
         # The measurements (min/max, and histograms for every method but minmax) do not depend on the
@@ -119,6 +146,8 @@ class Calibrate(Step):
         m = to_mapping(cfg)
         m.pop("percentile")
         m.pop("plots")
+        m.pop("workers")  # sharded or not, the ranges are the same
+        m.pop("ray")
         if cfg.passes == 2:  # exact histograms: the chunk size, so the memory budget, changes nothing
             m.pop("memory_mb")
         m["method"] = "minmax" if cfg.method == "minmax" else "histogram"
@@ -168,17 +197,29 @@ class Calibrate(Step):
             dirs = data.search_dirs(ctx.pipeline.base_dir)
             quantize = ctx.pipeline.steps.get("quantize")
             target = quantize.target if quantize is not None else "tensorrt"
-            cal = calibrate(
-                model_path,
-                lambda: data.batches(src, cfg.batch_size, specs, dirs, "data.calibration"),
-                cfg.method,
-                cfg.num_bins,
-                cfg.percentile,
-                cfg.passes,
-                cfg.minmax_inputs,
-                None if cfg.tensors == "all" else quantized_activations(model, target),
-                cfg.memory_mb,
-            )
+            histogram_tensors = None if cfg.tensors == "all" else quantized_activations(model, target)
+            if cfg.workers > 1:
+                from pipeline.calibration.sharded import calibrate_sharded
+                from pipeline.distributed import resolve_address
+
+                address = resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
+                cal = calibrate_sharded(
+                    model_path, src, cfg.batch_size, specs, dirs, "data.calibration", cfg.workers, address,
+                    cfg.method, cfg.num_bins, cfg.percentile, cfg.passes, cfg.minmax_inputs, histogram_tensors,
+                    cfg.memory_mb, cfg.ray.num_cpus,
+                )  # fmt: skip
+            else:
+                cal = calibrate(
+                    model_path,
+                    lambda: data.batches(src, cfg.batch_size, specs, dirs, "data.calibration"),
+                    cfg.method,
+                    cfg.num_bins,
+                    cfg.percentile,
+                    cfg.passes,
+                    cfg.minmax_inputs,
+                    histogram_tensors,
+                    cfg.memory_mb,
+                )
             algorithm = trt_cache.ALGORITHMS[cfg.method]
         self._write(ctx, cfg, cal, algorithm)
 

@@ -21,6 +21,7 @@ from pipeline.context import StepContext
 from pipeline.data import search_dirs
 from pipeline.errors import ModelError, fail
 from pipeline.log import logger
+from pipeline.subgraphs import control_flow_report
 from steps.base import Step
 
 MIN_QDQ_OPSET = 13
@@ -97,6 +98,9 @@ class Export(Step):
         prepared = onnx_model.load(out)
         onnx_model.name_nodes(prepared)  # exclude lists and per-node tables address nodes by name
         onnx_model.save_checked(prepared, out)
+        flow = control_flow_report(prepared)
+        if flow:  # otherwise "2 nodes, 1 parameters" and nothing quantized would go unexplained
+            logger.warning("export: %s", flow)
         summary = onnx_model.summary(prepared)
         summary["source"] = {"onnx": src.onnx, "mlflow": src.mlflow, "pytorch": src.pytorch and src.pytorch.factory}
         summary["source_op_counts"] = before

@@ -1,4 +1,9 @@
-"""validate: FP32 vs INT8 on the validation set, the accuracy gate, and where the error comes from.
+"""validate: FP32 vs INT8 on the validation set, the accuracy gate, and accuracy recovery.
+
+The work lives beside the numerics, free of tracking: :mod:`pipeline.scoring` (the metric, the FP32
+reference, INT8 scores), :mod:`pipeline.layers` (per-tensor error, the quantized nodes ranked) and
+:mod:`pipeline.recovery` (keeping the nodes that hurt the metric in float). This step reads the
+config, runs them, logs what they found and decides the gate.
 
 For ``target: tensorrt`` the INT8 model runs with graph optimisations off: ORT then executes each
 QuantizeLinear/DequantizeLinear in float, which is the arithmetic TensorRT performs. ORT's fused
@@ -8,29 +13,33 @@ int8 kernels on x86 without VNNI saturate and would charge TensorRT for a CPU ar
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 
-from pipeline import data, evaluation, plots, runtime
+from pipeline import data, evaluation, layers, plots, recovery, runtime, scoring
 from pipeline import model as onnx_model
-from pipeline.calibration.collect import expose
 from pipeline.context import StepContext
-from pipeline.errors import ConfigError, DataError, GateFailed, fail
-from pipeline.log import logger, progress
-from pipeline.quantization import dequantized_names, node_table
+from pipeline.errors import ConfigError, GateFailed, fail
+from pipeline.log import logger
+from pipeline.quantization import node_table
 from steps.base import Step
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
 
-LAYER_CHUNK = 2  # samples per call while comparing every tensor
-SAMPLES = 8  # validation samples handed on in validation/samples.npz
 WORST_NODES = 3  # quantized nodes the gate message names
+
+
+@dataclass
+class RecoverConfig:
+    max_fp_nodes: int = 8  # at most this many quantized nodes are kept in float
+    time_budget_s: float | None = None  # no new evaluation starts after this long (null: no limit)
+    ranking_samples: int = 64  # the first validation samples each candidate is ranked on
 
 
 @dataclass
@@ -41,6 +50,7 @@ class ValidateConfig:
     # model output(s) to score; default: the first for built-in metrics, all of them for a custom metric
     output: str | list[str] | None = None
     layer_samples: int = 64  # samples used for the per-layer error table
+    recover: RecoverConfig | None = None  # when the gate fails, keep the nodes that hurt most in float
 
 
 class Validate(Step):
@@ -48,7 +58,8 @@ class Validate(Step):
     Config = ValidateConfig
     needs_steps = ("export", "calibrate", "quantize")
     needs_data = ("validation",)
-    parent_metrics = ("fp32_*", "int8_*", "accuracy_drop")
+    # int8_* takes int8_nodes too, and fp_nodes goes with it: after a recovery both describe the recovered model
+    parent_metrics = ("fp32_*", "int8_*", "accuracy_drop", "recovered_fp_nodes", "fp_nodes")
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
@@ -72,6 +83,22 @@ class Validate(Step):
                     f"({', '.join(cfg.output)}). Name one output, or use a custom metric 'pkg.mod:fn' that "
                     "receives them all as {output name: array}.",
                 )
+        rc = cfg.recover
+        if rc is not None:
+            if rc.max_fp_nodes < 0:
+                fail(
+                    ConfigError,
+                    f"steps.validate.recover.max_fp_nodes: expected >= 0 (the most quantized nodes recovery "
+                    f"may keep in float), got {rc.max_fp_nodes}.",
+                )
+            if rc.ranking_samples < 1:
+                fail(ConfigError, f"steps.validate.recover.ranking_samples: expected >= 1, got {rc.ranking_samples}.")
+            if rc.time_budget_s is not None and rc.time_budget_s < 0:
+                fail(
+                    ConfigError,
+                    f"steps.validate.recover.time_budget_s: expected seconds >= 0 or null (no limit), "
+                    f"got {rc.time_budget_s}.",
+                )
 
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
         src = ctx.pipeline.data.validation
@@ -86,22 +113,8 @@ class Validate(Step):
 
     @staticmethod
     def _scored(cfg: ValidateConfig, names: list[str]) -> tuple[list[str], bool]:
-        """The outputs the metric scores, and whether it receives them as {name: array}.
-
-        A dict goes to a custom metric when ``output`` is a list, or null on a multi-output model;
-        otherwise the metric receives one array, as before multi-output support.
-        """
-        custom = cfg.metric not in evaluation.BUILTIN_METRICS
-        if cfg.output is None:
-            return (list(names), True) if custom and len(names) > 1 else (names[:1], False)
-        wanted = [cfg.output] if isinstance(cfg.output, str) else list(dict.fromkeys(cfg.output))
-        for name in wanted:
-            if name not in names:
-                fail(
-                    ConfigError,
-                    f"steps.validate.output: the model has no output {name!r}; its outputs are {', '.join(names)}.",
-                )
-        return wanted, custom and isinstance(cfg.output, list)
+        """The outputs the metric scores, and whether it receives them as {name: array}."""
+        return scoring.scored_outputs(cfg.metric, cfg.output, names, "steps.validate")
 
     def run(self, ctx: StepContext, cfg: ValidateConfig) -> None:
         fp32_path, int8_path = ctx.input("fp32_model"), ctx.input("int8_model")
@@ -111,296 +124,187 @@ class Validate(Step):
         fp32 = runtime.session(fp32_path)
         int8 = runtime.session(int8_path, optimize=not exact)
         names = [o.name for o in fp32.get_outputs()]
-        scored, as_dict = self._scored(cfg, names)
-        metric = cfg.metric
-        fn = None
-        if metric not in evaluation.BUILTIN_METRICS:  # import before the long loop: a typo fails fast
-            fn = data.import_object(metric, data.search_dirs(ctx.pipeline.base_dir), "steps.validate.metric")
-            try:
-                evaluation.metric_arity(fn)
-            except ValueError as exc:
-                fail(ConfigError, f"steps.validate.metric: {metric} {exc}.")
-        cmp = evaluation.Comparison()
-        kept: dict[str, list[np.ndarray]] = {}
-        n_kept = 0
-        for batch in progress(self._batches(ctx, cfg, specs), "validation batches"):
-            feeds = {k: v for k, v in batch.items() if k != data.LABELS}
-            take = SAMPLES - n_kept
-            fetch = names if take > 0 else scored  # every output only while samples are being kept
-            a = dict(zip(fetch, fp32.run(fetch, feeds)))
-            b = dict(zip(fetch, int8.run(fetch, feeds)))
-            if take > 0:
-                n_kept += _keep(kept, feeds, a, b, take)
-            cmp.add({k: a[k] for k in scored}, {k: b[k] for k in scored}, batch.get(data.LABELS))
-        ref_all, out_all, labels = cmp.arrays()
-        primary = scored[0]
-        ref, out = ref_all[primary], out_all[primary]
-        classes = evaluation.class_scores(ref) is not None
-        if fn is None:
-            if metric in ("top1", "top5") and labels is None:
-                fail(
-                    DataError,
-                    f"steps.validate.metric {metric} needs labels: add a 'labels' array to data.validation, "
-                    "or use metric: agreement.",
-                )
-            if metric in evaluation.CLASS_SCORE_METRICS and not classes:
-                fail(
-                    DataError,
-                    f"steps.validate.metric {metric} needs class scores ([N, C] with C >= 2), but model output "
-                    f"{primary!r} has shape {list(ref.shape)}. Use metric: cosine (FP32-vs-INT8 output "
-                    "similarity), or a task metric 'pkg.mod:fn' called as fn(outputs, labels, reference) "
-                    "(an example for detectors: examples/metrics/detection.py).",
-                )
-            fp32_score = evaluation.score(metric, ref, labels, ref)
-            int8_score = evaluation.score(metric, out, labels, ref)
-        else:
-            fp32_score = _custom(fn, metric, ref_all if as_dict else ref, labels, ref_all if as_dict else ref)
-            int8_score = _custom(fn, metric, out_all if as_dict else out, labels, ref_all if as_dict else ref)
-            metric = metric.rpartition(":")[2]
-        drop = fp32_score - int8_score
-        cosines = evaluation.cosine_rows(ref, out)
-        layers, nodes = self._layer_errors(ctx, cfg, fp32_model, fp32_path, int8_path, exact, specs)
-        sqnr_min = min((r["sqnr_db"] for r in layers), default=math.inf)
+        # resolved before the long loop: a typo in a custom metric fails fast
+        metric = scoring.resolve_metric(cfg.metric, cfg.output, names, data.search_dirs(ctx.pipeline.base_dir))
+        scorer = scoring.Scorer(fp32, metric, lambda: self._batches(ctx, cfg, specs), int8_optimize=not exact)
+        scores = scorer.first(int8)
+        int8_model = onnx_model.load(int8_path, check=False)
+        errors = _layer_errors(cfg, scorer, fp32_model, int8_model, exact)
+        samples = scorer.kept
+        result = None
+        if cfg.recover is not None and not evaluation.gate_passed(scores.drop, cfg.max_drop):
+            result = self._recover(ctx, cfg, cfg.recover, fp32_model, int8_model, scorer, scores, errors)
+            if result.model is not None:  # from here on, everything describes the recovered model
+                scores = result.scores
+                errors = _layer_errors(cfg, scorer, fp32_model, result.model, exact)
+                samples = scorer.kept_outputs(result.model)
+        name, primary = metric.name, metric.outputs[0]
+        ref, out = scores.reference[primary], scores.outputs[primary]
+        cosines = scores.cosines()
         metrics = {
-            f"fp32_{metric}": fp32_score,
-            f"int8_{metric}": int8_score,
-            "accuracy_drop": drop,
+            f"fp32_{name}": scores.fp32,
+            f"int8_{name}": scores.int8,
+            "accuracy_drop": scores.drop,
             "cosine_min": float(cosines.min()),
             "cosine_mean": float(cosines.mean()),
-            "sqnr_db_min": sqnr_min if math.isfinite(sqnr_min) else 999.0,
+            "sqnr_db_min": errors.sqnr_db_min,
+            "recovered_fp_nodes": len(result.reverted) if result is not None else 0,
         }
-        if classes:  # an argmax over anything else (a detector's boxes) means nothing
+        if evaluation.class_scores(ref) is not None:  # an argmax over anything else (a detector's boxes) means nothing
             metrics["top1_agreement"] = evaluation.score("agreement", out, None, ref)
-        passed = evaluation.gate_passed(drop, cfg.max_drop)
-        samples = {k: _stack(v) for k, v in kept.items()}
+        passed = evaluation.gate_passed(scores.drop, cfg.max_drop)
         np.savez(ctx.output("validation_samples", "validation/samples.npz"), **samples)  # type: ignore[arg-type]
-        report = {
-            "metric": metric,
-            "max_drop": cfg.max_drop,
-            "passed": passed,
-            "samples": len(ref),
-            "outputs": scored,
-            "metric_receives": "dict" if as_dict else "array",
-            "int8_execution": "exact Q/DQ in float (graph optimisations off)" if exact else "onnxruntime optimised",
-            "metrics": metrics,
-            "output_cosine": {
-                k: {"mean": float(c.mean()), "min": float(c.min())}
-                for k, c in ((k, evaluation.cosine_rows(ref_all[k], out_all[k])) for k in scored)
-            },
-            "quantized_nodes": nodes,
-            "layers": layers,
-        }
-        ctx.output("validation_report", "validation/report.json").write_text(json.dumps(report, indent=1))
-        ctx.log_metrics(metrics)
-        logger.info(
-            "validate: fp32 %s %.4f, int8 %.4f, drop %.4f (max %.4f)",
-            metric,
-            fp32_score,
-            int8_score,
-            drop,
-            cfg.max_drop,
-        )
-        if not passed:
-            fail(GateFailed, gate_message(metric, fp32_score, int8_score, drop, cfg.max_drop, nodes))
-
-    def _layer_errors(
-        self,
-        ctx: StepContext,
-        cfg: ValidateConfig,
-        fp32_model: Any,
-        fp32_path: Any,
-        int8_path: Any,
-        exact: bool,
-        specs: data.Specs,
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Per tensor FP32-vs-INT8 error (the layer table) and the quantized nodes, worst first."""
-        int8_model = onnx_model.load(int8_path, check=False)
-        graph_inputs = {vi.name for vi in onnx_model.graph_inputs(int8_model)}
-        int8_producer = {o: n for n in int8_model.graph.node for o in n.output}
-        seen_as = dequantized_names(int8_model)
-        tensors = [t for t in onnx_model.activation_tensors(fp32_model) if t in int8_producer or t in seen_as]
-        producer = onnx_model.producers(fp32_model)
-        int8_names = [seen_as.get(t, t) for t in tensors]
-        # the float value a QuantizeLinear reads (graph inputs are exact, nothing to measure)
-        before_q: dict[str, str] = {}
-        for t, n in zip(tensors, int8_names):
-            q_input = _quantizer_input(n, int8_producer)
-            if q_input is not None and q_input not in graph_inputs:
-                before_q[t] = q_input
-        fetch = list(dict.fromkeys([*int8_names, *before_q.values()]))
-        a = runtime.session(expose(fp32_model, tensors))
-        b = runtime.session(expose(int8_model, fetch), optimize=not exact)
-        acc = {t: evaluation.ErrorAccumulator() for t in tensors}
-        acc_before = {t: evaluation.ErrorAccumulator() for t in before_q}
-        seen = 0
-        # tiny chunks: every tensor of both models is alive at once here
-        for feeds in data.rechunk(self._batches(ctx, cfg, specs), LAYER_CHUNK):
-            if seen >= cfg.layer_samples:
-                break
-            feeds = {k: v[: cfg.layer_samples - seen] for k, v in feeds.items()}
-            seen += len(next(iter(feeds.values())))
-            got = dict(zip(fetch, b.run(fetch, feeds)))
-            for t, n, x in zip(tensors, int8_names, a.run(tensors, feeds)):
-                acc[t].update(x, got[n])
-                if t in before_q:
-                    acc_before[t].update(x, got[before_q[t]])
-        readers: dict[str, list[str]] = {}
-        for node in int8_model.graph.node:
-            if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-                for i in node.input:
-                    readers.setdefault(i, []).append(node.name)
-        rows: list[dict[str, Any]] = [
-            {
-                "tensor": t,
-                # the quantized nodes that read this tensor's dequantized value
-                "node": ", ".join(readers.get(n, [])) if _is_dequantized(n, int8_producer) else "",
-                "producer": producer.get(t, ""),
-                "int8_value": "dequantized" if t in seen_as else "float",
-                "sqnr_db": acc[t].sqnr_db,
-                "cosine": acc[t].cosine,
-                "max_abs_err": acc[t].max_abs_err,
-            }
-            for t, n in zip(tensors, int8_names)
-        ]
-        nodes = _rank_quantized_nodes(
-            fp32_model,
-            int8_model,
-            {t: acc[t].sqnr_db for t in tensors},
-            {t: acc_before[t].sqnr_db for t in before_q},
-            dict(zip(tensors, int8_names)),
-            before_q,
-        )
-        finite = [dict(r, sqnr_db=_cap(r["sqnr_db"])) for r in rows]
-        if finite:
-            ctx.log_table(finite, "validation/layer_errors_table.json")
+        if errors.rows:
+            ctx.log_table(errors.rows, "validation/layer_errors_table.json")
             plots.bars(
-                [r["tensor"] for r in finite],
-                [r["sqnr_db"] for r in finite],
+                [r["tensor"] for r in errors.rows],
+                [r["sqnr_db"] for r in errors.rows],
                 ctx.workdir / "validation" / "layer_sqnr.png",
                 "FP32 vs INT8 per tensor (higher is better)",
                 "SQNR (dB)",
             )
-        return finite, nodes
+        report = {
+            "metric": name,
+            "max_drop": cfg.max_drop,
+            "passed": passed,
+            "samples": scores.samples,
+            "outputs": metric.outputs,
+            "metric_receives": "dict" if metric.as_dict else "array",
+            "int8_execution": "exact Q/DQ in float (graph optimisations off)" if exact else "onnxruntime optimised",
+            "metrics": metrics,
+            "output_cosine": {
+                k: {"mean": float(c.mean()), "min": float(c.min())}
+                for k, c in ((k, scores.cosines(k)) for k in metric.outputs)
+            },
+            "quantized_nodes": errors.quantized_nodes,
+            "layers": errors.rows,
+        }
+        if result is not None:
+            report["recovery"] = {
+                "reverted": result.reverted,
+                "stopped": result.stopped,
+                "model": "model/model_int8.onnx" if result.model is not None else None,  # None: nothing reverted
+            }
+        ctx.output("validation_report", "validation/report.json").write_text(json.dumps(report, indent=1))
+        ctx.log_metrics(metrics)
+        logger.info(
+            "validate: fp32 %s %.4f, int8 %.4f, drop %.4f (max %.4f)",
+            name,
+            scores.fp32,
+            scores.int8,
+            scores.drop,
+            cfg.max_drop,
+        )
+        if not passed:
+            message = gate_message(
+                name, scores.fp32, scores.int8, scores.drop, cfg.max_drop, errors.quantized_nodes, result, cfg.recover
+            )
+            fail(GateFailed, message)
+
+    def _recover(
+        self,
+        ctx: StepContext,
+        cfg: ValidateConfig,
+        rc: RecoverConfig,
+        fp32_model: onnx.ModelProto,
+        int8_model: onnx.ModelProto,
+        scorer: scoring.Scorer,
+        scores: scoring.Scores,
+        errors: layers.LayerErrors,
+    ) -> recovery.Recovery:
+        """Keep the quantized nodes that hurt the metric most in float (see :mod:`pipeline.recovery`);
+        writes ``validation/recovery.json`` and, when a node was reverted, hands the model on."""
+        name = scorer.metric.name
+        logger.info(
+            "validate: gate failed (%s drop %.4f > %.4f); recovering: at most %d node(s) in float",
+            name,
+            scores.drop,
+            cfg.max_drop,
+            rc.max_fp_nodes,
+        )
+
+        def logged(step: int, it: recovery.Iteration) -> None:
+            ctx.log_metrics({f"recovery_{name}": it.scores.int8}, step=step)
+
+        result = recovery.recover(
+            int8_model,
+            fp32_model,
+            scorer,
+            scores,
+            errors.candidates,
+            cfg.max_drop,
+            rc.max_fp_nodes,
+            rc.time_budget_s,
+            rc.ranking_samples,
+            on_iteration=logged,
+        )
+        (ctx.workdir / "validation").mkdir(parents=True, exist_ok=True)
+        (ctx.workdir / "validation" / "recovery.json").write_text(json.dumps(result.to_json(), indent=1))
+        logger.info(
+            "validate: recovery stopped (%s) after %.1fs: %d node(s) in float%s",
+            result.stopped,
+            result.seconds,
+            len(result.reverted),
+            f" ({', '.join(result.reverted)})" if result.reverted else "",
+        )
+        if result.model is not None:
+            onnx_model.save_checked(result.model, ctx.output("int8_model", "model/model_int8.onnx"))
+            rows = node_table(fp32_model, result.model)
+            ctx.log_table(rows, "validation/nodes_table.json")
+            int8 = sum(r["precision"] == "int8" for r in rows)
+            ctx.log_metrics({"int8_nodes": int8, "fp_nodes": len(rows) - int8})
+        return result
+
+
+def _layer_errors(
+    cfg: ValidateConfig, scorer: scoring.Scorer, fp32: onnx.ModelProto, int8: onnx.ModelProto, exact: bool
+) -> layers.LayerErrors:
+    """The layer table and node ranking of ``int8`` on the first ``layer_samples`` validation samples."""
+    return layers.layer_errors(fp32, int8, scorer.inputs(cfg.layer_samples), cfg.layer_samples, not exact)
 
 
 def gate_message(
-    metric: str, fp32_score: float, int8_score: float, drop: float, max_drop: float, nodes: list[dict[str, Any]]
+    metric: str,
+    fp32_score: float,
+    int8_score: float,
+    drop: float,
+    max_drop: float,
+    nodes: list[dict[str, Any]],
+    result: recovery.Recovery | None = None,
+    recover: RecoverConfig | None = None,
 ) -> str:
-    """The failed gate's paragraph: the numbers, and the quantized nodes worth keeping in FP32."""
-    head = (
-        f"accuracy gate failed: {metric} dropped by {drop:.4f} (FP32 {fp32_score:.4f} -> INT8 {int8_score:.4f}), "
-        f"more than steps.validate.max_drop={max_drop}. Try another steps.calibrate.method"
-    )
+    """The failed gate's paragraph: the numbers, what recovery did (if it ran), and the quantized
+    nodes worth keeping in FP32."""
     worst = [r["node"] for r in nodes[:WORST_NODES]]
-    if not worst:
-        return head + "."
-    return (
-        f"{head}, or keep the {len(worst)} quantized node(s) that add the most error in FP32: "
-        f"steps.quantize.exclude.nodes: {json.dumps(worst)} (every quantized node is ranked under "
-        "quantized_nodes in validation/report.json; per-tensor errors and the nodes reading them are in "
-        "validation/layer_errors_table.json)."
-    )
-
-
-def _cap(sqnr_db: float) -> float:
-    return min(sqnr_db, 999.0)
-
-
-def _is_dequantized(name: str, producer: dict[str, Any]) -> bool:
-    node = producer.get(name)
-    return node is not None and node.op_type == "DequantizeLinear"
-
-
-def _quantizer_input(name: str, producer: dict[str, Any]) -> str | None:
-    """For the output of a DequantizeLinear fed by a QuantizeLinear: the float tensor quantized."""
-    if not _is_dequantized(name, producer):
-        return None
-    q = producer.get(producer[name].input[0])
-    return str(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
-
-
-def _rank_quantized_nodes(
-    fp32_model: Any,
-    int8_model: Any,
-    sqnr: dict[str, float],
-    sqnr_before_q: dict[str, float],
-    int8_name: dict[str, str],
-    before_q: dict[str, str],
-) -> list[dict[str, Any]]:
-    """The INT8 nodes, the ones whose quantization adds the most error first.
-
-    A node's inputs arrive with the error of everything upstream (the float tensor before its
-    QuantizeLinear, measured against FP32); its output (as its consumers see it) carries that plus what
-    quantizing this node's activations and weights added. In relative noise power (noise / signal,
-    10^(-SQNR/10)) the node adds output noise minus the noisiest input's; ``added_sqnr_db`` is the SQNR
-    that added noise alone would give (lower is worse). Excluding a node removes that share.
-    """
-    fp32_nodes = {n.name: n for n in fp32_model.graph.node if n.name}
-    int8_nodes = {n.name: n for n in int8_model.graph.node if n.name}
-    row_of = {n: t for t, n in int8_name.items()}  # INT8-model tensor -> layer-table tensor
-    row_before = {n: t for t, n in before_q.items()}  # float tensor a QuantizeLinear reads -> table tensor
-    ranked = []
-    for entry in node_table(fp32_model, int8_model):
-        if entry["precision"] != "int8" or entry["node"] not in int8_nodes:
-            continue
-        node, original = int8_nodes[entry["node"]], fp32_nodes[entry["node"]]
-        noise_in, dq_sqnr = 0.0, math.inf
-        for i in node.input:
-            t = row_of.get(i)
-            if t is None:  # a weight or a float input
-                continue
-            dq_sqnr = min(dq_sqnr, sqnr[t])
-            dq = evaluation.relative_noise(sqnr[t])
-            # min: where ORT deleted a Relu/Clip the quantizer's input is the unclipped tensor
-            before = evaluation.relative_noise(sqnr_before_q[t]) if t in sqnr_before_q else 0.0
-            noise_in = max(noise_in, min(dq, before))
-        out = node.output[0] if node.output else ""
-        if out in row_before:  # output quantized (target onnxruntime): what consumers see is its DQ
-            out_sqnr = sqnr[row_before[out]]
-        elif out in row_of:
-            out_sqnr = sqnr[row_of[out]]
-        elif original.output and original.output[0] in sqnr:
-            out_sqnr = sqnr[original.output[0]]
-        else:  # no float output measured: the error of its dequantized inputs
-            out_sqnr = dq_sqnr
-        added = max(evaluation.relative_noise(out_sqnr) - noise_in, 0.0)
-        ranked.append(
-            {
-                "node": entry["node"],
-                "op_type": entry["op_type"],
-                "input_sqnr_db": _cap(-10.0 * math.log10(noise_in)) if noise_in > 0 else 999.0,
-                "output_sqnr_db": _cap(out_sqnr),
-                "added_sqnr_db": _cap(-10.0 * math.log10(added)) if added > 0 else 999.0,
-            }
+    if result is None or recover is None:
+        head = (
+            f"accuracy gate failed: {metric} dropped by {drop:.4f} (FP32 {fp32_score:.4f} -> INT8 {int8_score:.4f}), "
+            f"more than steps.validate.max_drop={max_drop}. Try another steps.calibrate.method"
         )
-    ranked.sort(key=lambda r: r["added_sqnr_db"])
-    return ranked
-
-
-def _custom(fn: Callable[..., Any], spec: str, outputs: Any, labels: Any, reference: Any) -> float:
-    value = evaluation.call_metric(fn, outputs, labels, reference)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        fail(ConfigError, f"steps.validate.metric: {spec} returned {value!r}; a metric must return a number.")
-
-
-def _keep(
-    kept: dict[str, list[np.ndarray]],
-    feeds: dict[str, np.ndarray],
-    fp32: dict[str, np.ndarray],
-    int8: dict[str, np.ndarray],
-    take: int,
-) -> int:
-    """Append up to ``take`` samples' inputs and FP32/INT8 outputs to ``kept``; returns how many."""
-    for prefix, arrays in (("input", feeds), ("fp32", fp32), ("int8", int8)):
-        for name, value in arrays.items():
-            kept.setdefault(f"{prefix}.{name}", []).append(np.array(value[:take] if value.ndim else value))  # a copy
-    return min(take, len(next(iter(feeds.values()))))
-
-
-def _stack(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts[0].ndim else parts[0]
+        if not worst:
+            return head + "."
+        return (
+            f"{head}, or keep the {len(worst)} quantized node(s) that add the most error in FP32: "
+            f"steps.quantize.exclude.nodes: {json.dumps(worst)} (every quantized node is ranked under "
+            "quantized_nodes in validation/report.json; per-tensor errors and the nodes reading them are in "
+            "validation/layer_errors_table.json)."
+        )
+    why = {
+        recovery.MAX_FP_NODES: f"its limit, steps.validate.recover.max_fp_nodes={recover.max_fp_nodes}",
+        recovery.TIME_BUDGET: f"its time budget, steps.validate.recover.time_budget_s={recover.time_budget_s}",
+        recovery.EXHAUSTED: f"the end of its {len(result.candidates)} candidate node(s)",
+    }.get(result.stopped, result.stopped)
+    before = result.iterations[0].scores.int8
+    keep = [*result.reverted, *(n for n in worst if n not in result.reverted)]
+    return (
+        f"accuracy gate failed after recovery: {metric} dropped by {drop:.4f} (FP32 {fp32_score:.4f} -> INT8 "
+        f"{int8_score:.4f} with {len(result.reverted)} node(s) kept in FP32; {before:.4f} before recovery), more "
+        f"than steps.validate.max_drop={max_drop}. Recovery stopped at {why}"
+        + (f" after keeping {json.dumps(result.reverted)} in FP32" if result.reverted else " before reverting any node")
+        + " (every model it scored is in validation/recovery.json). Raise that limit, try another "
+        "steps.calibrate.method, or keep these quantized nodes in FP32"
+        + (f": steps.quantize.exclude.nodes: {json.dumps(keep)}." if keep else ".")
+    )
 
 
 STEP = Validate

@@ -76,10 +76,10 @@ def test_billion_laughs_yaml_is_refused_fast(
 
 
 def test_billion_laughs_in_a_set_override_is_refused(digits_copy: Path) -> None:
-    flow = "{" + ", ".join(line.strip() for line in laughs("").splitlines()) + "}"
+    args = "{" + ", ".join(line.strip() for line in laughs("").splitlines()) + "}"
     start = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"--set 'steps.export=.*excessive aliasing"):
-        load(digits_copy / "pipeline.yaml", [f"steps.export={flow}"])
+    with pytest.raises(ConfigError, match=r"--set 'data.calibration=.*excessive aliasing"):
+        load(digits_copy / "pipeline.yaml", [f'data.calibration={{python: "digits_source:batches", args: {args}}}'])
     assert time.perf_counter() - start < 2.0
 
 
@@ -116,25 +116,28 @@ LAZY_STDLIB = ["colorsys", "tabnanny", "netrc", "pyclbr", "sched", "wave", "file
 
 
 def test_python_source_leaves_sys_path_alone_and_shadows_nothing(tmp_path: Path) -> None:
-    """The YAML folder holds the data module, a helper it imports, and a file named like a standard
-    library module that is imported only later in the run: that later import must get the library."""
+    """The YAML folder holds the data module, helpers it imports (at its top level and lazily), and
+    a file named like a standard library module imported only later in the run: that later import
+    must get the library."""
     shadowed = next(n for n in LAZY_STDLIB if n not in sys.modules)
     marker = tmp_path / "shadow-imported"
     (tmp_path / f"{shadowed}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    helper = f"helper_{uuid.uuid4().hex}"
+    helper, lazy = f"helper_{uuid.uuid4().hex}", f"lazy_{uuid.uuid4().hex}"
     module = f"source_{uuid.uuid4().hex}"
-    (tmp_path / f"{helper}.py").write_text("import numpy as np\nSHAPE = (4, 3)\n")
+    (tmp_path / f"{helper}.py").write_text("SHAPE = (4, 3)\n")
+    (tmp_path / f"{lazy}.py").write_text("OFFSET = 10.0\n")
     (tmp_path / f"{module}.py").write_text(
         f"import numpy as np\nfrom {helper} import SHAPE\n\n"
         "def batches(n):\n"
+        f"    from {lazy} import OFFSET  # a sibling imported lazily, after import_object returned\n"
         "    for i in range(n):\n"
-        "        yield {'x': np.full(SHAPE, i, np.float32)}\n"
+        "        yield {'x': np.full(SHAPE, OFFSET + i, np.float32)}\n"
     )
     specs: data.Specs = {"x": (["batch", 3], np.dtype(np.float32))}
     before = list(sys.path)
     try:
         got = list(data.batches(DataSource(python=f"{module}:batches", args={"n": 3}), 4, specs, [tmp_path], "data"))
-        assert [float(b["x"][0, 0]) for b in got] == [0.0, 1.0, 2.0]
+        assert [float(b["x"][0, 0]) for b in got] == [10.0, 11.0, 12.0]
         assert sys.path == before
         library = importlib.import_module(shadowed)  # a library imported lazily, after the source
         assert Path(library.__file__ or "").parent != tmp_path
@@ -504,3 +507,15 @@ def test_unranged_warning_lists_what_it_counts(warnings_logged: list[str]) -> No
     quantize(model, few, QuantizeOptions(target="onnxruntime"), {k: (-1.0, 1.0) for k in few})
     (message,) = [m for m in warnings_logged if "stay FP32" in m]
     assert message.startswith("quantize: 3 node(s)") and message.endswith("relu0, relu8, relu9")
+
+
+def test_export_says_when_the_network_sits_in_subgraphs(
+    tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+
+    onnx.save(build("if_branches"), str(tmp_path / "model.onnx"))
+    (tmp_path / "p.yaml").write_text("name: flow\nmodel: {onnx: model.onnx}\nsteps: {export: {}}\n")
+    assert main(["run", str(tmp_path / "p.yaml"), "--tracking-uri", tracking_uri]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING export:" in err and "hold 4 of the model's 7 nodes" in err

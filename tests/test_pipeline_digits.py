@@ -51,7 +51,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_run_tree(digits_run: dict[str, Any]) -> None:
     client, summary = digits_run["client"], digits_run["summary"]
     parent = client.get_run(summary["run_id"])
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "digits-int8"
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "digits-int8 (entropy, tensorrt)"
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(STEPS)
     for run in children:

@@ -112,3 +112,23 @@ def test_sweep_time_budget_keeps_what_finished(
     client = MlflowClient(tracking_uri)
     assert client.get_run(s["run_id"]).info.status == "FAILED"
     assert "sweep/trials_table.json" in {a.path for a in client.list_artifacts(s["run_id"], "sweep")}
+
+
+def test_auto_method_chooses_by_the_validate_metric(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    from pipeline.config import load
+
+    path = digits_copy / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["steps"].pop("benchmark")
+    cfg["steps"]["calibrate"]["method"] = "auto"
+    cfg["steps"]["validate"] = {"metric": "cosine", "max_drop": 0.5}
+    path.write_text(yaml.safe_dump(cfg))
+    s = run_pipeline(path, tracking_uri, tmp_path)
+    assert [t["overrides"]["steps.calibrate.method"] for t in s["trials"]] == METHODS
+    best = max(s["trials"], key=lambda t: t["metrics"]["int8_cosine"])  # equal coverage: the metric decides
+    assert s["best"] == best["run_id"]
+    # without a validate step there is nothing to choose by: the default method
+    cfg["steps"] = {k: v for k, v in cfg["steps"].items() if k in ("export", "calibrate", "quantize")}
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load(path)
+    assert loaded.sweep is None and loaded.steps["calibrate"].method == "mse"

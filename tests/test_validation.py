@@ -55,6 +55,17 @@ def test_drop_sign_is_fp32_minus_int8() -> None:
     assert evaluation.score("agreement", int8, None, fp32) == 0.75
 
 
+def test_cosine_of_an_output_wiped_to_zero_is_zero_not_one() -> None:
+    """An INT8 output that quantization wiped to zeros matches nothing; two all-zero rows are identical."""
+    ref = np.array([[1.0, 2.0], [0.0, 0.0]])
+    assert evaluation.cosine_rows(ref, np.zeros((2, 2))).tolist() == [0.0, 1.0]
+    assert evaluation.score("cosine", np.zeros((2, 2)), None, ref) == 0.5
+    wiped, both = evaluation.ErrorAccumulator(), evaluation.ErrorAccumulator()
+    wiped.update(ref[0], np.zeros(2))
+    both.update(np.zeros(3), np.zeros(3))
+    assert (wiped.cosine, both.cosine) == (0.0, 1.0)
+
+
 @pytest.mark.parametrize(
     ("shape", "is_class"),
     [((4, 10), True), ((4, 10, 1, 1), True), ((4, 2), True), ((4, 1), False), ((4, 6, 64), False), ((4,), False)],

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from pipeline import environment
 from pipeline import model as onnx_model
 from pipeline.calibration import histogram, methods
 from pipeline.calibration.collect import DEFAULT_MEMORY_MB, Batch, run_pass
-from pipeline.calibration.derived import derivable
+from pipeline.calibration.derived import Derived, derivable
 from pipeline.calibration.histogram import FinalHistogram, TensorStats
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.calibration.spill import Spill
@@ -134,6 +135,131 @@ def calibrate(
     is fixed by preprocessing, and their histograms are often a comb of discrete levels (8-bit
     pixels) on which KL minimisation degenerates and clips real signal.
     """
+    plan = make_plan(model_path, method, num_bins, passes, minmax_inputs, histogram_tensors)
+    stats = plan.new_stats()
+    with tempfile.TemporaryDirectory(prefix="int8pipe-calibration-") as tmp:
+        spill = Spill(Path(tmp))
+        source = spill.record(batches()) if plan.two_pass else batches()
+        measured = {t: stats[t] for t in plan.measured}
+        label = "calibration pass 1/2" if plan.two_pass else "calibration batches"
+        budget = memory_mb << 20
+        first = run_pass(plan.model, measured, source, label, memory_budget=budget)
+        plan.complete_min_max(stats)
+        if plan.two_pass:
+            live = plan.start_histogram_pass(stats)
+            run_pass(plan.model, live, spill.replay(), "calibration pass 2/2", digest=False, memory_budget=budget)
+    cal = plan.result(stats, model_path, percentile, first.num_samples, first.data_digest, plan.start)
+    cal.chunk, cal.sample_bytes = first.chunk, first.sample_bytes
+    return cal
+
+
+@dataclass
+class Plan:
+    """What a calibration measures and how: the same in every process of a sharded calibration.
+
+    ``wanted`` are the tensors given the histogram method; ``derived`` those whose min/max follow
+    from another tensor's (not measured in pass 1); with ``two_pass`` pass 2 histograms ``wanted``
+    over each tensor's exact [0, max |x|].
+    """
+
+    model: onnx.ModelProto
+    method: str
+    num_bins: int
+    passes: int
+    minmax_inputs: bool
+    histogram_tensors: list[str] | None
+    tensors: list[str]
+    wanted: set[str]
+    two_pass: bool
+    derived: dict[str, Derived]
+    start: float  # time.perf_counter() when the calibration began
+
+    @property
+    def measured(self) -> list[str]:
+        """The tensors pass 1 measures (every tensor but the derived ones)."""
+        return [t for t in self.tensors if t not in self.derived]
+
+    def new_stats(self) -> dict[str, TensorStats]:
+        return {t: TensorStats(self.num_bins, histogram=self.passes == 1 and t in self.wanted) for t in self.tensors}
+
+    def complete_min_max(self, stats: dict[str, TensorStats]) -> None:
+        """After pass 1: the derived tensors' min/max from their sources'; NaN/inf refused."""
+        for name, rule in self.derived.items():
+            src, st = stats[rule.source], stats[name]
+            st.finite, st.count = src.finite, src.count
+            if src.count and src.finite:
+                st.min, st.max = rule.bounds(src.min, src.max)
+        check_finite(stats)
+
+    def start_histogram_pass(self, stats: dict[str, TensorStats]) -> dict[str, TensorStats]:
+        """Pass 2's statistics: each wanted tensor histogrammed over [0, max |x|]; returns those with a
+        non-zero range (an all-zero tensor's histogram is known without running anything)."""
+        hist = {t: stats[t] for t in self.tensors if t in self.wanted}
+        for st in hist.values():
+            st.start_histogram_pass()
+        return {t: st for t, st in hist.items() if st.fine is not None}
+
+    def result(
+        self,
+        stats: dict[str, TensorStats],
+        model_path: Path,
+        percentile: float,
+        num_samples: int,
+        data_digest: str,
+        start: float,
+        extra_params: dict[str, object] | None = None,
+    ) -> Calibration:
+        """The :class:`Ranges` record (and final histograms) from the complete statistics."""
+        method = self.method
+        params: dict[str, object] = {}
+        if method != "minmax":
+            params = {
+                "num_bins": self.num_bins,
+                "passes": self.passes,
+                "minmax_inputs": self.minmax_inputs,
+                "histogram_tensors": "all" if self.histogram_tensors is None else len(self.wanted),
+            }
+        if method == "percentile":
+            params["percentile"] = percentile
+        params |= extra_params or {}
+        ranges = Ranges(
+            method=method,
+            params=params,
+            model_sha256=onnx_model.sha256(model_path),
+            data_digest=data_digest,
+            num_samples=num_samples,
+            environment=environment.fingerprint() | {"histogram_kernel": histogram.KERNEL},
+        )
+        producer = onnx_model.producers(self.model)
+        hists: dict[str, FinalHistogram] = {}
+        for name, st in stats.items():
+            maxabs = st.amax
+            amax, clipped, how = maxabs, 0.0, "minmax"
+            if name in self.wanted:
+                final = hists[name] = st.finalize()
+                amax = min(choose_amax(method, final, percentile), maxabs)
+                clipped, how = clipped_fraction(final, amax), method
+            ranges.tensors[name] = TensorRange(
+                min=float(st.min),
+                max=float(st.max),
+                amax=float(amax),
+                minmax_amax=float(maxabs),
+                clipped_fraction=clipped,
+                producer=producer.get(name, ""),
+                method=how,
+            )
+        return Calibration(ranges, hists, time.perf_counter() - start)
+
+
+def make_plan(
+    model_path: Path,
+    method: str,
+    num_bins: int = 2048,
+    passes: int = 2,
+    minmax_inputs: bool = True,
+    histogram_tensors: list[str] | None = None,
+) -> Plan:
+    """Which tensors are measured, derived and histogrammed (see :func:`calibrate`)."""
     if method not in METHODS:
         fail(CalibrationError, f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}.")
     start = time.perf_counter()
@@ -150,63 +276,7 @@ def calibrate(
             "calibrate: the compiled histogram kernel is not built (no C compiler when int8pipe was installed); "
             "numpy gives the same histograms several times slower. Install a C compiler and reinstall int8pipe."
         )
-    stats = {t: TensorStats(num_bins, histogram=passes == 1 and t in wanted) for t in tensors}
     two_pass = passes == 2 and bool(wanted)
-    with tempfile.TemporaryDirectory(prefix="int8pipe-calibration-") as tmp:
-        spill = Spill(Path(tmp))
-        source = spill.record(batches()) if two_pass else batches()
-        derived = derivable(model, tensors, measure=set() if two_pass else wanted)
-        measured = {t: st for t, st in stats.items() if t not in derived}
-        budget = memory_mb << 20
-        first = run_pass(
-            model, measured, source, "calibration pass 1/2" if two_pass else "calibration batches", memory_budget=budget
-        )
-        for name, rule in derived.items():
-            src, st = stats[rule.source], stats[name]
-            st.finite, st.count = src.finite, src.count
-            if src.count and src.finite:
-                st.min, st.max = rule.bounds(src.min, src.max)
-        check_finite(stats)
-        if two_pass:
-            hist = {t: stats[t] for t in tensors if t in wanted}
-            for st in hist.values():
-                st.start_histogram_pass()
-            live = {t: st for t, st in hist.items() if st.fine is not None}
-            run_pass(model, live, spill.replay(), "calibration pass 2/2", digest=False, memory_budget=budget)
-    params: dict[str, object] = {}
-    if method != "minmax":
-        params = {
-            "num_bins": num_bins,
-            "passes": passes,
-            "minmax_inputs": minmax_inputs,
-            "histogram_tensors": "all" if histogram_tensors is None else len(wanted),
-        }
-    if method == "percentile":
-        params["percentile"] = percentile
-    ranges = Ranges(
-        method=method,
-        params=params,
-        model_sha256=onnx_model.sha256(model_path),
-        data_digest=first.data_digest,
-        num_samples=first.num_samples,
-        environment=environment.fingerprint() | {"histogram_kernel": histogram.KERNEL},
-    )
-    producer = onnx_model.producers(model)
-    hists: dict[str, FinalHistogram] = {}
-    for name, st in stats.items():
-        maxabs = st.amax
-        amax, clipped, how = maxabs, 0.0, "minmax"
-        if name in wanted:
-            final = hists[name] = st.finalize()
-            amax = min(choose_amax(method, final, percentile), maxabs)
-            clipped, how = clipped_fraction(final, amax), method
-        ranges.tensors[name] = TensorRange(
-            min=float(st.min),
-            max=float(st.max),
-            amax=float(amax),
-            minmax_amax=float(maxabs),
-            clipped_fraction=clipped,
-            producer=producer.get(name, ""),
-            method=how,
-        )
-    return Calibration(ranges, hists, time.perf_counter() - start, first.chunk, first.sample_bytes)
+    derived = derivable(model, tensors, measure=set() if two_pass else wanted)
+    return Plan(model, method, num_bins, passes, minmax_inputs, histogram_tensors, tensors, wanted, two_pass, derived,
+                start)  # fmt: skip

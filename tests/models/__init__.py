@@ -295,3 +295,29 @@ def tiny_detector() -> onnx.ModelProto:
     ]
     outputs = [_t("det", ["batch", 6, 64]), _t("feat", ["batch", 8])]
     return _model(nodes, [_t("x", ["batch", 3, 8, 8])], outputs, inits)
+
+
+@register
+def outlier_mlp() -> onnx.ModelProto:
+    """x[N,8] -> MatMul "fc1" -> Add (channel 0 += 1000) -> MatMul "fc2" -> Relu -> MatMul "fc3" -> y[N,10].
+
+    fc2's input has one huge outlier channel (which fc2's weights ignore): per-tensor symmetric INT8
+    over max |x| ~ 1000 rounds every other channel (|x| ~ 1) to zero, so fc2 alone breaks the model
+    under INT8 (minmax calibration); fc1 and fc3 quantize harmlessly. Keeping fc2 in float recovers it.
+    """
+    rng = np.random.default_rng(21)
+    w1 = rng.normal(size=(8, 16)).astype(np.float32) * 0.35
+    offset = np.zeros(16, np.float32)
+    offset[0] = 1000.0
+    w2 = rng.normal(size=(16, 16)).astype(np.float32) * 0.5
+    w2[0] = 0.0  # the outlier channel carries nothing
+    w3 = rng.normal(size=(16, 10)).astype(np.float32) * 0.5
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Add", ["h1", "offset"], ["h2"], name="outlier"),
+        helper.make_node("MatMul", ["h2", "w2"], ["h3"], name="fc2"),
+        helper.make_node("Relu", ["h3"], ["h4"], name="relu"),
+        helper.make_node("MatMul", ["h4", "w3"], ["y"], name="fc3"),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (offset, "offset"), (w2, "w2"), (w3, "w3")]]
+    return _model(nodes, [_t("x", ["batch", 8])], [_t("y", ["batch", 10])], inits)
