@@ -117,15 +117,23 @@ def preflight(cfg: PipelineConfig, tracking_uri: str | None) -> str:
 
 
 @contextmanager
-def connected(address: str, what: str) -> Iterator[Any]:
+def connected(address: str, what: str, runtime_env: dict[str, Any] | None = None) -> Iterator[Any]:
     """This process connected to the Ray cluster at ``address`` (disconnected afterwards; the
-    cluster keeps running). An existing connection is used as it is."""
+    cluster keeps running). An existing connection is used as it is, unless ``runtime_env`` (the
+    job's: Ray uploads a ``working_dir`` only when connecting) is asked for."""
     ray = import_ray(what)
     if ray.is_initialized():
+        if runtime_env:
+            fail(
+                ConfigError,
+                f"{what}: sweep.ray.upload ships the YAML's folder when int8pipe connects to Ray, but this process "
+                "is already connected (ray.init): call ray.shutdown() first, or share the folder at the same path "
+                "on every node and leave upload off.",
+            )
         yield ray
         return
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         fail(
             BackendUnavailable,
@@ -200,6 +208,8 @@ def run_trial_process(args: list[str], cwd: str | None, env: dict[str, str], dea
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+                tail = err.read_text(errors="replace").strip().splitlines()[-5:]  # into the Ray worker's log
+                print(f"int8pipe trial cancelled (exit {proc.returncode}):", *tail, sep="\n", file=sys.stderr)
                 raise
         lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
         summary = json.loads(out.read_text()) if out.is_file() else {}
@@ -249,11 +259,9 @@ def run_trials(
     settings = cfg.sweep.ray
     address = resolve_address(settings.address, "sweep.ray.address")
     wall_deadline = time.time() + (deadline - time.monotonic())
-    with connected(address, "sweep.executor: ray") as ray:
-        options: dict[str, Any] = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus, "max_retries": 0}
-        if settings.upload:  # per task, so it holds in a process already connected to Ray
-            options["runtime_env"] = {"working_dir": str(cfg.base_dir)}
-        task = ray.remote(**options)(run_trial_process)
+    runtime_env = {"working_dir": str(cfg.base_dir)} if settings.upload else None  # Ray uploads it on connecting
+    with connected(address, "sweep.executor: ray", runtime_env) as ray:
+        task = ray.remote(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_retries=0)(run_trial_process)
         env, cwd = forwarded_env(), None if settings.upload else os.getcwd()
         pending: dict[Any, Trial] = {}
         for trial in trials:
