@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import functools
 import hashlib
 import json
 import tempfile
@@ -56,9 +55,11 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-@functools.cache
 def code_digest() -> str:
-    """Digest of int8pipe's own source, so an edited checkout never reuses stale step results."""
+    """Digest of int8pipe's own source, so an edited checkout never reuses stale step results.
+
+    Read anew each time (a few ms): a sweep's trial processes and its driver must agree on it even
+    when the checkout changed while the driver was running."""
     h = hashlib.sha256()
     root = Path(__file__).resolve().parent.parent
     for pkg in ("pipeline", "steps"):

@@ -312,20 +312,20 @@ class Tracker:
         else:
             run = mlflow.start_run(run_name=run_name or name, experiment_id=self.experiment_id)
         run_id = run.info.run_id
-        self.client.set_tag(run_id, "int8pipe.pipeline", name)
-        for key, value in owner_tags().items():
-            self.client.set_tag(run_id, key, value)
-        beat = threading.Thread(target=self._heartbeat, args=(run_id,), daemon=True)
-        beat.start()
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg_path = Path(tmp) / "pipeline.resolved.json"
-            cfg_path.write_text(json.dumps(resolved_config, indent=2))
-            self.client.log_artifact(run_id, str(cfg_path), "config")
-        params: dict[str, str] = {}
-        _flatten("", resolved_config, params)
-        mlflow.log_params({key: value[:6000] for key, value in params.items()})
         try:
+            # from here on a signal or error ends the run (KILLED/FAILED), even while it is being set up
             with _closing(lambda status: mlflow.end_run(status=status)):
+                self.client.set_tag(run_id, "int8pipe.pipeline", name)
+                for key, value in owner_tags().items():
+                    self.client.set_tag(run_id, key, value)
+                threading.Thread(target=self._heartbeat, args=(run_id,), daemon=True).start()
+                with tempfile.TemporaryDirectory() as tmp:
+                    cfg_path = Path(tmp) / "pipeline.resolved.json"
+                    cfg_path.write_text(json.dumps(resolved_config, indent=2))
+                    self.client.log_artifact(run_id, str(cfg_path), "config")
+                params: dict[str, str] = {}
+                _flatten("", resolved_config, params)
+                mlflow.log_params({key: value[:6000] for key, value in params.items()})
                 yield run_id
         finally:
             self._stop_heartbeat.set()

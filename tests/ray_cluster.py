@@ -113,6 +113,10 @@ def start_cluster(workers: int = 1, env: dict[str, str] | None = None, timeout_s
     env = dict(env if env is not None else os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # workers and the trial processes they start make their temporary folders in the cluster's, so the
+    # folders of a process killed on purpose (a test's dead worker) go with the cluster
+    (cluster.temp_dir / "tmp").mkdir()
+    env["TMPDIR"] = str(cluster.temp_dir / "tmp")
     try:
         deadline = time.monotonic() + timeout_s
         _node(cluster, ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard",
