@@ -143,6 +143,38 @@ def _vector_gemm_biases(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _unit_gemm_beta(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy whose Gemm nodes with beta != 1 have beta folded into their constant C.
+
+    ORT's QDQ quantizer rewrites a quantized Gemm's beta to 1 (it expects to fold beta into the
+    bias it quantizes) even when biases stay float, which would silently drop the factor.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    todo = [
+        k
+        for k, n in enumerate(model.graph.node)
+        if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in inits
+        and any(a.name == "beta" and a.f != 1.0 for a in n.attribute)
+    ]  # fmt: skip
+    if not todo:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    taken = {i.name for i in out.graph.initializer} | {t for n in out.graph.node for t in [*n.input, *n.output]}
+    for k in todo:
+        node = out.graph.node[k]
+        beta = next(a for a in node.attribute if a.name == "beta")
+        c = numpy_helper.to_array(inits[node.input[2]]) * np.float32(beta.f)
+        name = f"{node.input[2]}_times_beta"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        out.graph.initializer.append(numpy_helper.from_array(c.astype(np.float32), name))
+        node.input[2] = name
+        beta.f = 1.0
+    return out
+
+
 def _failing_node(exc: BaseException) -> str | None:
     """The node ORT's quantizer was working on when it raised, read from its stack frames."""
     found = None
@@ -204,6 +236,7 @@ def quantize(
             len(unranged),
             shown,
         )
+    model = _unit_gemm_beta(model)
     if opts.per_channel:
         model = _vector_gemm_biases(model)
     level = logging.getLogger().level
@@ -378,8 +411,14 @@ def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterab
         if node is None or original is None:
             continue
         for k, tensor in enumerate(node.input):
+            if k >= len(original.input):
+                continue
+            if original.input[k] in fp32_inits and tensor != original.input[k] and tensor in inits:
+                # a float initializer swapped in after quantization (a corrected bias): back to FP32's own
+                node.input[k] = float_of(original.input[k]) or tensor
+                continue
             dq = producer.get(tensor)
-            if dq is None or dq.op_type != "DequantizeLinear" or k >= len(original.input):
+            if dq is None or dq.op_type != "DequantizeLinear":
                 continue
             src = float_of(original.input[k])
             if src is None:  # no float twin: fall back to the QuantizeLinear's input for activations
@@ -389,8 +428,12 @@ def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterab
                     continue
                 src = q.input[0]
             node.input[k] = src
+        del node.input[len(original.input) :]  # e.g. a bias that bias correction added to a Conv without one
     graph.node.extend(added)
     _drop_unused_qdq(qdq)
+    read = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name.endswith("_corrected_bias") and i.name not in read]:
+        graph.initializer.remove(init)
     if added:
         toposort(qdq)
     return qdq

@@ -91,6 +91,11 @@ DESCRIPTIONS = {
     "steps.quantize.exclude.op_types": "Op types, e.g. `[Gemm]`.",
     "steps.quantize.activations": "`auto` (symmetric for tensorrt, asymmetric for onnxruntime), `symmetric` (int8, "
     "zero point 0) or `asymmetric` (uint8 with a zero point; onnxruntime only).",
+    "steps.quantize.bias_correction": "Measure each INT8 Conv/Gemm's mean output shift per channel (quantized "
+    "weights and input against FP32, on calibration samples) and subtract it from the float bias. Free at "
+    "inference; on EfficientNet-Lite0 top-1 agreement 0.81 -> 0.88-0.91. Needs `data.calibration`; off "
+    "when calibrating `from_cache`.",
+    "steps.quantize.bias_correction_samples": "Calibration samples the shift is measured on (whole batches).",
     "steps.validate.metric": "`top1`, `top5` (need labels), `agreement` (top-1 agreement with FP32), `cosine`, "
     "or `package.module:function` called as `fn(outputs, labels, reference)`; higher is better.",
     "steps.validate.max_drop": "The gate: FP32 score - INT8 score may be at most this.",

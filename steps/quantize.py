@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import onnx
+
+from pipeline import bias_correction, data
 from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges
 from pipeline.context import StepContext
@@ -30,6 +33,9 @@ class QuantizeConfig:
     exclude: Exclude = field(default_factory=Exclude)
     # auto: symmetric for tensorrt (its only INT8 scheme), asymmetric uint8 for onnxruntime (its default)
     activations: Literal["auto", "symmetric", "asymmetric"] = "auto"
+    # the mean output shift of each INT8 Conv/Gemm, measured on calibration samples, folded into its bias
+    bias_correction: bool = True
+    bias_correction_samples: int = 128
 
     @property
     def activation_scheme(self) -> str:
@@ -55,6 +61,13 @@ class Quantize(Step):
                 "activations only with zero point 0. Use activations: symmetric (or auto).",
             )
 
+        if cfg.bias_correction_samples <= 0:
+            fail(
+                ConfigError,
+                f"steps.quantize.bias_correction_samples: expected a positive number of samples, "
+                f"got {cfg.bias_correction_samples} (to turn bias correction off, set bias_correction: false).",
+            )
+
     def run(self, ctx: StepContext, cfg: QuantizeConfig) -> None:
         fp32_path = ctx.input("fp32_model")
         ranges = Ranges.read(ctx.input("ranges"))
@@ -68,6 +81,7 @@ class Quantize(Step):
         # excluded means float: also where an excluded node shares an input or weight with a quantized one
         excluded = [*opts.exclude_nodes, *(n.name for n in fp32.graph.node if n.op_type in opts.exclude_op_types)]
         qdq = keep_float_inputs(qdq, fp32, excluded)
+        corrected = self._correct_biases(ctx, cfg, fp32, qdq)
         out = ctx.output("int8_model", "model/model_int8.onnx")
         onnx_model.save_checked(qdq, out)
         rows = node_table(fp32, qdq)
@@ -95,8 +109,30 @@ class Quantize(Step):
                 "fp_nodes": len(rows) - int8,
                 "size_mb_fp32": fp32_path.stat().st_size / 1e6,
                 "size_mb_int8": out.stat().st_size / 1e6,
+                "bias_corrected_nodes": corrected,
             }
         )
+
+    def key_material(self, ctx: StepContext, cfg: QuantizeConfig) -> dict[str, Any]:
+        src = ctx.pipeline.data.calibration
+        if not cfg.bias_correction or src is None:
+            return {}
+        return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
+
+    @staticmethod
+    def _correct_biases(ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> int:
+        src = ctx.pipeline.data.calibration
+        if not cfg.bias_correction:
+            return 0
+        if src is None:  # calibrated from a cache: no samples to measure the shift on
+            logger.info("quantize: no bias correction (it needs data.calibration samples)")
+            return 0
+        calibrate = ctx.pipeline.steps.get("calibrate")
+        batch_size = getattr(calibrate, "batch_size", 32)
+        specs = onnx_model.input_specs(fp32)
+        batches = data.batches(src, batch_size, specs, data.search_dirs(ctx.pipeline.base_dir), "data.calibration")
+        changed, _ = bias_correction.correct(fp32, qdq, batches, cfg.bias_correction_samples)
+        return changed
 
 
 STEP = Quantize

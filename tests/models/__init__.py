@@ -321,3 +321,43 @@ def outlier_mlp() -> onnx.ModelProto:
     ]
     inits = [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (offset, "offset"), (w2, "w2"), (w3, "w3")]]
     return _model(nodes, [_t("x", ["batch", 8])], [_t("y", ["batch", 10])], inits)
+
+
+@register
+def depthwise_conv() -> onnx.ModelProto:
+    """x[N,4,6,6] -> depthwise Conv(3x3, group 4, no padding, bias) -> y[N,4,4,4].
+
+    Each channel's kernel has one large weight, so max |w| / 127 rounds the other eight coarsely:
+    the mean output shift that bias correction removes. Without padding the shift is exactly linear
+    in the per-channel input mean.
+    """
+    rng = np.random.default_rng(31)
+    w = rng.normal(size=(4, 1, 3, 3)).astype(np.float32) * 0.1
+    w[:, 0, 1, 1] = 5.0
+    b = rng.normal(size=4).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="dw", group=4, kernel_shape=[3, 3])]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    return _model(nodes, [_t("x", ["batch", 4, 6, 6])], [_t("y", ["batch", 4, 4, 4])], inits)
+
+
+@register
+def grouped_conv_no_bias() -> onnx.ModelProto:
+    """x[N,4,5,5] -> Conv(6 ch, 2 groups, 1x1, no bias) -> y: a bias must be added to correct it."""
+    rng = np.random.default_rng(32)
+    w = rng.normal(size=(6, 2, 1, 1)).astype(np.float32) * 0.1
+    w[:, 0] = 3.0
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="pw", group=2)]
+    inits = [numpy_helper.from_array(w, "w")]
+    return _model(nodes, [_t("x", ["batch", 4, 5, 5])], [_t("y", ["batch", 6, 5, 5])], inits)
+
+
+@register
+def gemm_alpha_beta() -> onnx.ModelProto:
+    """x[N,8] -> Gemm(W [8, 5] not transposed, alpha 0.5, beta 2, C [1, 5]) -> y[N,5]."""
+    rng = np.random.default_rng(33)
+    w = rng.normal(size=(8, 5)).astype(np.float32) * 0.1
+    w[0] = 4.0
+    c = rng.normal(size=(1, 5)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", alpha=0.5, beta=2.0)]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")]
+    return _model(nodes, [_t("x", ["batch", 8])], [_t("y", ["batch", 5])], inits)

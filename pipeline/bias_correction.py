@@ -1,0 +1,205 @@
+"""Bias correction: fold the mean output shift that quantization causes into the float bias.
+
+Rounding a layer's weights and clipping its input move the *mean* of its output, per output
+channel, and a shifted mean is what accumulates through a deep network (depthwise-separable
+networks suffer most: a 3×3 depthwise kernel has nine weights to round per channel). The shift of
+output channel ``o`` is
+
+    shift[o] = E[ layer(fq(x); W_q)[o] − layer(x; W)[o] ]
+
+over calibration samples and output positions, with ``W_q`` the dequantized INT8 weights and ``fq``
+the layer's input quantizer. It is measured, not estimated: one pass of the FP32 model in which
+every INT8 Conv/Gemm has a twin that reads the quantized input (the Q/DQ model's own quantizer,
+copied) with the quantized weights, so padding, strides and groups are exact. The correction is
+local, each layer against its own FP32 input, so all layers are corrected at once without
+over-correcting what an earlier layer already fixed. Subtracting the shift from the bias costs
+nothing at inference: TensorRT keeps biases in float, ONNX Runtime re-quantizes them to INT32.
+
+Nagel et al., *Data-Free Quantization* (2019) correct the weight term analytically from BatchNorm
+statistics; measuring includes the input quantizer's clipping, which on EfficientNet-Lite0 matters
+as much as the weights (benchmarks/results/efficientnet_lite0_peers.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.log import logger, progress
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass
+class _Layer:
+    node: onnx.NodeProto  # the FP32 model's node (same name in the Q/DQ model)
+    scale: np.ndarray  # the input quantizer's scale and zero point, as the Q/DQ model holds them
+    zero_point: np.ndarray
+    weight_q: np.ndarray  # the dequantized INT8 weights
+
+
+def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
+    for a in node.attribute:
+        if a.name == name:
+            return float(helper.get_attribute_value(a))
+    return default
+
+
+def _dequantize(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray:
+    q = inits[dq.input[0]].astype(np.float64)
+    scale = inits[dq.input[1]].astype(np.float64)
+    zp = inits[dq.input[2]].astype(np.float64) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+    if scale.ndim == 1 and scale.size > 1:  # per channel along `axis`
+        shape = [1] * q.ndim
+        axis = int(_attr(dq, "axis", 1)) % q.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return (q - zp) * scale
+
+
+def layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Layer]:
+    """The Conv and Gemm nodes that run in INT8 in ``qdq``: activation and weight through Q/DQ."""
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    q_inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    originals = {n.name: n for n in fp32.graph.node if n.name}
+    out = []
+    for node in qdq.graph.node:
+        original = originals.get(node.name)
+        if node.op_type not in ("Conv", "Gemm") or original is None or original.op_type != node.op_type:
+            continue
+        if node.op_type == "Gemm" and _attr(node, "beta", 1.0) == 0:
+            continue  # a bias that is multiplied by zero cannot carry a correction
+        dq_x, dq_w = (producer.get(t) for t in node.input[:2])
+        if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
+            continue
+        q_x = producer.get(dq_x.input[0])
+        if q_x is None or q_x.op_type != "QuantizeLinear" or len(q_x.input) < 3 or dq_w.input[0] not in q_inits:
+            continue
+        scale, zero_point = q_inits[q_x.input[1]], q_inits[q_x.input[2]]
+        out.append(_Layer(original, scale, zero_point, _dequantize(dq_w, q_inits)))
+    return out
+
+
+def _shift_model(fp32: onnx.ModelProto, todo: list[_Layer]) -> tuple[onnx.ModelProto, list[str]]:
+    """``fp32`` plus, per layer, a quantized twin and the per-channel mean of twin − original."""
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    graph = model.graph
+    names: list[str] = []
+    for k, layer in enumerate(todo):
+        p = f"int8pipe_bias_correction_{k}"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(layer.scale, f"{p}_scale"),
+                numpy_helper.from_array(layer.zero_point, f"{p}_zero_point"),
+                numpy_helper.from_array(layer.weight_q.astype(np.float32), f"{p}_weight"),
+            ]
+        )
+        twin = onnx.NodeProto()
+        twin.CopyFrom(layer.node)
+        twin.name = f"{p}_twin"
+        twin.input[0], twin.input[1] = f"{p}_dq", f"{p}_weight"
+        del twin.output[:]
+        twin.output.append(f"{p}_out")
+        rank = layer.weight_q.ndim if layer.node.op_type == "Conv" else 2
+        axes = [0, *range(2, rank)]
+        if opset >= 18:  # axes became an input
+            graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), f"{p}_axes"))
+            reduce = helper.make_node("ReduceMean", [f"{p}_diff", f"{p}_axes"], [f"{p}_shift"], keepdims=0)
+        else:
+            reduce = helper.make_node("ReduceMean", [f"{p}_diff"], [f"{p}_shift"], keepdims=0, axes=axes)
+        graph.node.extend(
+            [
+                helper.make_node("QuantizeLinear", [layer.node.input[0], f"{p}_scale", f"{p}_zero_point"], [f"{p}_q"]),
+                helper.make_node("DequantizeLinear", [f"{p}_q", f"{p}_scale", f"{p}_zero_point"], [f"{p}_dq"]),
+                twin,
+                helper.make_node("Sub", [f"{p}_out", layer.node.output[0]], [f"{p}_diff"]),
+                reduce,
+            ]
+        )
+        graph.output.append(helper.make_tensor_value_info(f"{p}_shift", TensorProto.FLOAT, None))
+        names.append(f"{p}_shift")
+    return model, names
+
+
+def shifts(
+    fp32: onnx.ModelProto, todo: list[_Layer], batches: Iterable[Batch], samples: int
+) -> tuple[list[np.ndarray], int]:
+    """Per layer the mean output shift per channel over the first ``samples`` samples (whole batches)."""
+    from pipeline import runtime
+
+    model, names = _shift_model(fp32, todo)
+    # no graph optimisation: the copied quantizers must round exactly as the Q/DQ model's do
+    sess = runtime.session(model.SerializeToString(), "cpu", optimize=False)
+    inputs = [i.name for i in sess.get_inputs()]
+    sums: list[np.ndarray] | None = None
+    seen = 0
+    for batch in progress(batches, "bias correction"):
+        n = len(next(iter(batch.values())))
+        means = runtime.run(sess, {k: batch[k] for k in inputs}, names)
+        # weighted by batch size: ReduceMean averages within a batch only
+        sums = [m.astype(np.float64) * n for m in means] if sums is None else [s + m * n for s, m in zip(sums, means)]
+        seen += n
+        if seen >= samples:
+            break
+    return ([s / seen for s in sums] if sums is not None else []), seen
+
+
+def apply(qdq: onnx.ModelProto, corrections: dict[str, np.ndarray]) -> int:
+    """Subtract ``corrections`` (node -> shift per output channel) from those nodes' biases in ``qdq``.
+
+    A corrected bias is a new initializer (``<node>_corrected_bias``), never an edit of the FP32 one,
+    so a node later reverted to float finds its original bias again. Returns how many nodes changed.
+    """
+    graph = qdq.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    changed = 0
+    for node in graph.node:
+        delta = corrections.get(node.name)
+        if delta is None:
+            continue
+        beta = _attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
+        if beta == 0:
+            continue
+        name = f"{node.name}_corrected_bias"
+        bias_in = node.input[2] if len(node.input) > 2 else ""
+        dq = producer.get(bias_in) if bias_in else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            # ONNX Runtime's INT32 bias: re-quantize with its scale (input scale × weight scale)
+            scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+            bias = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64) * scale - delta / beta
+            quantized = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+            graph.initializer.append(numpy_helper.from_array(quantized, name))
+            dq.input[0] = name
+        elif not bias_in or bias_in in inits:
+            old = numpy_helper.to_array(inits[bias_in]).astype(np.float64) if bias_in else np.zeros(1)
+            bias = old - delta / beta  # broadcasts a scalar or (1, N) Gemm bias like Gemm itself would
+            graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), name))
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = name
+        else:
+            continue  # a bias computed at run time: nothing to fold into
+        changed += 1
+    return changed
+
+
+def correct(
+    fp32: onnx.ModelProto, qdq: onnx.ModelProto, batches: Iterable[Batch], samples: int = 128
+) -> tuple[int, int]:
+    """Bias-correct every INT8 Conv and Gemm of ``qdq`` in place. Returns (nodes corrected, samples)."""
+    todo = layers(fp32, qdq)
+    if not todo:
+        return 0, 0
+    measured, seen = shifts(fp32, todo, batches, samples)
+    if not measured:
+        return 0, 0
+    changed = apply(qdq, {layer.node.name: m for layer, m in zip(todo, measured)})
+    logger.info("quantize: bias correction on %d nodes from %d calibration samples", changed, seen)
+    return changed, seen
