@@ -91,6 +91,10 @@ DESCRIPTIONS = {
     "steps.quantize.exclude.op_types": "Op types, e.g. `[Gemm]`.",
     "steps.quantize.activations": "`auto` (symmetric for tensorrt, asymmetric for onnxruntime), `symmetric` (int8, "
     "zero point 0) or `asymmetric` (uint8 with a zero point; onnxruntime only).",
+    "steps.quantize.mode": "`static` (Q/DQ from the calibrated ranges; TensorRT and ONNX Runtime) or `dynamic` "
+    "(ONNX Runtime's dynamic quantization: weight MatMul/Gemm INT8 per channel, activations quantized per batch "
+    "at run time, activation x activation MatMuls float, embedding Gathers 8-bit weight-only, Conv float; "
+    "needs `target: onnxruntime`, CPU; no recovery, no bias correction). The calibrate step still runs.",
     "steps.quantize.bias_correction": "Measure each INT8 Conv/Gemm's mean output shift per channel (quantized "
     "weights and input against FP32, on calibration samples) and subtract it from the float bias. Free at "
     "inference; on EfficientNet-Lite0 top-1 agreement 0.81 -> 0.88-0.91. Needs `data.calibration`; off "

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import onnx
 
-from pipeline import bias_correction, data
+from pipeline import bias_correction, data, dynamic
 from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges
 from pipeline.context import StepContext
@@ -29,6 +30,8 @@ class Exclude:
 @dataclass
 class QuantizeConfig:
     target: Literal["tensorrt", "onnxruntime"] = "tensorrt"
+    # static: Q/DQ from the calibrated ranges; dynamic: ORT's run-time activation ranges (CPU, onnxruntime only)
+    mode: Literal["static", "dynamic"] = "static"
     per_channel: bool = True
     exclude: Exclude = field(default_factory=Exclude)
     # auto: symmetric for tensorrt (its only INT8 scheme), asymmetric uint8 for onnxruntime (its default)
@@ -61,6 +64,19 @@ class Quantize(Step):
                 "activations only with zero point 0. Use activations: symmetric (or auto).",
             )
 
+        if cfg.mode == "dynamic" and cfg.target != "onnxruntime":
+            fail(
+                ConfigError,
+                "steps.quantize.mode: dynamic needs target: onnxruntime; TensorRT runs INT8 only from explicit "
+                "Q/DQ (mode: static).",
+            )
+        validate = pipeline.steps.get("validate")
+        if cfg.mode == "dynamic" and validate is not None and getattr(validate, "recover", None):
+            fail(
+                ConfigError,
+                "steps.validate.recover works on Q/DQ models (quantize.mode: static); with mode: dynamic keep "
+                "nodes float with steps.quantize.exclude.nodes instead.",
+            )
         if cfg.bias_correction_samples <= 0:
             fail(
                 ConfigError,
@@ -73,6 +89,11 @@ class Quantize(Step):
         ranges = Ranges.read(ctx.input("ranges"))
         ranges.check_model(onnx_model.sha256(fp32_path), "steps.quantize")
         fp32 = onnx_model.load(fp32_path, check=False)
+        if cfg.mode == "dynamic":
+            exclude = tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types)
+            int8 = dynamic.quantize_dynamic(fp32, cfg.per_channel, *exclude)
+            self._finish(ctx, cfg, fp32_path, int8, dynamic.node_table(fp32, int8, cfg.per_channel), 0)
+            return
         opts = QuantizeOptions(
             cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types), cfg.activation_scheme
         )
@@ -82,9 +103,14 @@ class Quantize(Step):
         excluded = [*opts.exclude_nodes, *(n.name for n in fp32.graph.node if n.op_type in opts.exclude_op_types)]
         qdq = keep_float_inputs(qdq, fp32, excluded)
         corrected = self._correct_biases(ctx, cfg, fp32, qdq)
+        self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
+
+    def _finish(
+        self, ctx: StepContext, cfg: QuantizeConfig, fp32_path: Path, int8_model: onnx.ModelProto,
+        rows: list[dict[str, Any]], corrected: int,
+    ) -> None:  # fmt: skip
         out = ctx.output("int8_model", "model/model_int8.onnx")
-        onnx_model.save_checked(qdq, out)
-        rows = node_table(fp32, qdq)
+        onnx_model.save_checked(int8_model, out)
         if rows:
             ctx.log_table(rows, "quantize/nodes_table.json")
         int8 = sum(r["precision"] == "int8" for r in rows)
@@ -97,11 +123,11 @@ class Quantize(Step):
                 "steps.quantize.exclude, or use target: onnxruntime, which quantizes more op types.",
             )
         logger.info(
-            "quantize: %d of %d nodes run in INT8 (target %s, %s activations)",
+            "quantize: %d of %d nodes run in INT8 (target %s, %s)",
             int8,
             len(rows),
             cfg.target,
-            cfg.activation_scheme,
+            "dynamic activation ranges" if cfg.mode == "dynamic" else f"{cfg.activation_scheme} activations",
         )
         ctx.log_metrics(
             {
@@ -115,7 +141,7 @@ class Quantize(Step):
 
     def key_material(self, ctx: StepContext, cfg: QuantizeConfig) -> dict[str, Any]:
         src = ctx.pipeline.data.calibration
-        if not cfg.bias_correction or src is None:
+        if not cfg.bias_correction or cfg.mode == "dynamic" or src is None:
             return {}
         return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
 

@@ -361,3 +361,30 @@ def gemm_alpha_beta() -> onnx.ModelProto:
     nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", alpha=0.5, beta=2.0)]
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")]
     return _model(nodes, [_t("x", ["batch", 8])], [_t("y", ["batch", 5])], inits)
+
+
+@register
+def tiny_attention() -> onnx.ModelProto:
+    """ids int64[N,5] -> Gather(embedding[20,8]) -> one self-attention head -> mean over tokens -> y[N,8].
+
+    Weight MatMuls "wq", "wk", "wv", "wo"; activation x activation MatMuls "scores" (Q·Kᵀ) and
+    "context" (P·V); the embedding table is the largest constant.
+    """
+    rng = np.random.default_rng(41)
+    emb = rng.normal(size=(20, 8)).astype(np.float32)
+    weights = {n: (rng.normal(size=(8, 8)) / np.sqrt(8)).astype(np.float32) for n in ("Wq", "Wk", "Wv", "Wo")}
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "Wq"], ["q"], name="wq"),
+        helper.make_node("MatMul", ["e", "Wk"], ["k"], name="wk"),
+        helper.make_node("MatMul", ["e", "Wv"], ["v"], name="wv"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["c"], name="context"),
+        helper.make_node("MatMul", ["c", "Wo"], ["o"], name="wo"),
+        helper.make_node("ReduceMean", ["o"], ["y"], name="pool", axes=[1], keepdims=0),
+    ]
+    inits = [numpy_helper.from_array(emb, "emb"), *(numpy_helper.from_array(w, n) for n, w in weights.items())]
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 5])
+    return _model(nodes, [ids], [_t("y", ["batch", 8])], inits)
