@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import log
-from pipeline.errors import ConfigError, GateFailed, Int8PipeError, Interrupted, fail
+from pipeline.errors import ConfigError, GateFailed, Int8PipeError, Interrupted, TrackingError, fail
 
 EXIT_USER_ERROR = 2
 EXIT_GATE_FAILED = 3
@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _store_full(exc: BaseException) -> str | None:
+    """The message for a tracking or artifact store out of space (see tracking.store_full), else None."""
+    import mlflow
+
+    from pipeline.tracking import store_full
+
+    return store_full(exc, mlflow.get_tracking_uri())
+
+
 def _run(args: argparse.Namespace) -> int:
     from pipeline.config import load
     from pipeline.runner import Summary, run_pipeline
@@ -78,6 +87,11 @@ def _run(args: argparse.Namespace) -> int:
                 under=args.under,
                 run_name=args.run_name,
             )
+    except Exception as exc:
+        full = _store_full(exc)
+        if full is None:
+            raise
+        fail(TrackingError, full)  # exit 2, one paragraph: no traceback for a disk that ran out
     finally:
         if args.summary_json and summary.run_id:
             Path(args.summary_json).write_text(json.dumps(summary.to_json(), indent=2))

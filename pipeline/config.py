@@ -54,6 +54,10 @@ class DataSource:
     # python: files or folders the function reads. Declared, their content (with the module's) proves
     # the data unchanged without running the function; undeclared, the samples themselves are hashed.
     deps: list[str] = field(default_factory=list)
+    # stateful / streaming models (see pipeline/layout.py): the axis that indexes samples, per input
+    # where it is not 0, and the inputs that are the same for every sample (passed unchanged)
+    batch_axes: dict[str, int] = field(default_factory=dict)
+    constants: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -302,6 +306,18 @@ def _check_data(src: DataSource, base: Path, path: str) -> None:
     src.deps = resolved
     if src.limit is not None and src.limit <= 0:
         fail(ConfigError, f"{path}.limit: expected a positive integer, got {src.limit}.")
+    for name, axis in src.batch_axes.items():
+        if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+            fail(ConfigError, f"{path}.batch_axes.{name}: expected the axis index (an integer >= 0), got {axis!r}.")
+    both = sorted(set(src.batch_axes) & set(src.constants))
+    if both:
+        fail(
+            ConfigError,
+            f"{path}: input {both[0]!r} is both in batch_axes and in constants; a constant has no sample axis "
+            "(it is passed unchanged with every batch), so keep it in one of the two.",
+        )
+    if src.images is not None and (src.batch_axes or src.constants):
+        fail(ConfigError, f"{path}: batch_axes and constants are for npz, npy and python sources, not images.")
 
 
 def parse(raw: Any, base_dir: Path, source: Path | None = None) -> PipelineConfig:

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.config import DataSource, ImagesSource
 from pipeline.errors import ConfigError, DataError, fail
+from pipeline.layout import Layout
 
 LABELS = "labels"
 Batch = dict[str, np.ndarray]
@@ -108,10 +109,10 @@ def import_object(spec: str, search_dirs: Iterable[Path], what: str) -> Any:
     return obj
 
 
-def _sliced(arrays: dict[str, Any], batch_size: int) -> Iterator[Batch]:
-    n = len(next(iter(arrays.values())))
+def _sliced(arrays: dict[str, Any], batch_size: int, layout: Layout) -> Iterator[Batch]:
+    n = layout.count(arrays)
     for start in range(0, n, batch_size):
-        yield {k: np.asarray(v[start : start + batch_size]) for k, v in arrays.items()}
+        yield {k: np.asarray(v) for k, v in layout.take(arrays, start, start + batch_size).items()}
 
 
 NPZ_HINT = (
@@ -133,13 +134,26 @@ def _file_kind(path: str) -> str:
     return "npy" if magic == b"\x93NUMPY" else "other"
 
 
-def _checked_array(arr: np.ndarray, path: str, name: str | None, hint: str) -> np.ndarray:
+def _checked_array(
+    arr: np.ndarray, path: str, name: str | None, hint: str, layout: Layout, input_name: str | None = None
+) -> np.ndarray:
     where = f"{path}: array {name!r}" if name is not None else path
     if arr.dtype.hasobject:
         fail(DataError, f"{where} holds Python objects (dtype {arr.dtype}), which int8pipe does not unpickle; {hint}.")
-    if arr.ndim == 0:
-        fail(DataError, f"{where} is a single value (shape ()), not an array of samples; {hint}.")
+    key = input_name or name
+    if arr.ndim == 0 and key not in layout.constants:
+        if key is None or key == LABELS:
+            fail(DataError, f"{where} is a single value (shape ()), not an array of samples; {hint}.")
+        fail(DataError, _scalar_message(where, key))
     return arr
+
+
+def _scalar_message(where: str, name: str) -> str:
+    return (
+        f"{where} is a single value (shape ()), not an array of samples. If model input {name!r} takes the same "
+        f"value for every sample (a sample rate, a flag), declare it in the data source: constants: [{name}] "
+        "(it is then passed unchanged with every batch); otherwise give one value per sample."
+    )
 
 
 def _open_npz(path: str, fh: Any) -> Any:
@@ -164,14 +178,14 @@ def _npz_members(path: str) -> list[str]:
         return list(z.files)
 
 
-def _npz(path: str, batch_size: int) -> Iterator[Batch]:
+def _npz(path: str, batch_size: int, layout: Layout, specs: Specs, what: str) -> Iterator[Batch]:
     arrays: dict[str, np.ndarray] = {}
     with open(path, "rb") as fh:  # opened here: numpy leaks the file when the zip is corrupt
         z = _open_npz(path, fh)
         with z:
             for k in z.files:
                 try:
-                    arrays[k] = _checked_array(z[k], path, k, NPZ_HINT)
+                    arrays[k] = _checked_array(z[k], path, k, NPZ_HINT, layout)
                 except ValueError as exc:  # numpy refuses object arrays without allow_pickle
                     if "Object arrays" in str(exc):
                         fail(
@@ -184,10 +198,12 @@ def _npz(path: str, batch_size: int) -> Iterator[Batch]:
                     fail(DataError, f"{path}: array {k!r} cannot be read ({type(exc).__name__}: {exc}); {NPZ_HINT}.")
     if not arrays:
         fail(DataError, f"{path} holds no arrays.")
-    yield from _sliced(arrays, batch_size)
+    if set(arrays) - {LABELS} == set(specs):  # else check_batch names what is missing or extra
+        _check_counts(arrays, specs, f"{what} ({Path(path).name})", layout)  # whole: a batch's cut hides it
+    yield from _sliced(arrays, batch_size, layout)
 
 
-def _load_npy(path: str, name: str) -> np.ndarray:
+def _load_npy(path: str, name: str, layout: Layout) -> np.ndarray:
     kind = _file_kind(path)
     if kind != "npy":
         what = "an .npz archive; give it as npz: file" if kind == "npz" else "not a numpy array file"
@@ -198,15 +214,13 @@ def _load_npy(path: str, name: str) -> np.ndarray:
         fail(DataError, f"{path} (npy input {name!r}) cannot be read ({exc}); {NPY_HINT}.")
     except (OSError, EOFError) as exc:
         fail(DataError, f"{path} (npy input {name!r}) cannot be read ({type(exc).__name__}: {exc}); {NPY_HINT}.")
-    return _checked_array(arr, path, None, NPY_HINT)
+    return _checked_array(arr, path, None, NPY_HINT, layout, name)
 
 
-def _npy(paths: dict[str, str], batch_size: int) -> Iterator[Batch]:
-    arrays = {k: _load_npy(p, k) for k, p in paths.items()}
-    lengths = {k: len(a) for k, a in arrays.items()}
-    if len(set(lengths.values())) > 1:
-        fail(DataError, f"npy arrays differ in length along the sample axis: {lengths}.")
-    yield from _sliced(arrays, batch_size)
+def _npy(paths: dict[str, str], batch_size: int, layout: Layout, specs: Specs, what: str) -> Iterator[Batch]:
+    arrays = {k: _load_npy(p, k, layout) for k, p in paths.items()}
+    _check_counts(arrays, specs, f"{what} (npy)", layout)
+    yield from _sliced(arrays, batch_size, layout)
 
 
 def _images(src: ImagesSource, batch_size: int, input_name: str) -> Iterator[Batch]:
@@ -243,11 +257,17 @@ def _python(src: DataSource, search_dirs: list[Path]) -> Iterator[Batch]:
 
 
 def batches(src: DataSource, batch_size: int, specs: Specs, search_dirs: list[Path], what: str) -> Iterator[Batch]:
-    """Checked batches from ``src``, capped at ``src.limit`` samples. Labels stay under ``labels``."""
+    """Checked batches from ``src``, capped at ``src.limit`` samples. Labels stay under ``labels``.
+
+    Batches keep the model's layout: samples along each input's declared axis (``batch_axes``), and
+    the ``constants`` unchanged in every batch.
+    """
+    layout = Layout.of(src)
+    check_layout(layout, specs, what)
     if src.npz:
-        raw: Iterator[Batch] = _npz(src.npz, batch_size)
+        raw: Iterator[Batch] = _npz(src.npz, batch_size, layout, specs, what)
     elif src.npy:
-        raw = _npy(src.npy, batch_size)
+        raw = _npy(src.npy, batch_size, layout, specs, what)
     elif src.images:
         name = src.images.input or next(iter(specs))
         raw = _images(src.images, batch_size, name)
@@ -259,25 +279,70 @@ def batches(src: DataSource, batch_size: int, specs: Specs, search_dirs: list[Pa
             remaining = src.limit - seen
             if remaining <= 0:
                 break
-            batch = {k: v[:remaining] for k, v in batch.items()}
-        check_batch(batch, specs, f"{what} batch {i}")
-        seen += len(next(iter(batch.values())))
+            batch = layout.take(batch, 0, remaining)
+        check_batch(batch, specs, f"{what} batch {i}", layout)
+        seen += layout.count(batch)
         yield batch
     if seen == 0:
         fail(DataError, f"{what}: the data source produced no samples.")
 
 
-def rechunk(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
+def rechunk(batches: Iterable[Batch], size: int, layout: Layout | None = None) -> Iterator[Batch]:
     """Model inputs (labels dropped) in contiguous chunks of at most ``size`` samples."""
-    for batch in batches:
-        feeds = {k: v for k, v in batch.items() if k != LABELS}
-        n = len(next(iter(feeds.values())))
-        for start in range(0, n, size):
-            yield {k: np.ascontiguousarray(v[start : start + size]) for k, v in feeds.items()}
+    feeds = ({k: v for k, v in batch.items() if k != LABELS} for batch in batches)
+    yield from (layout or Layout()).chunks(feeds, size)
 
 
-def check_batch(batch: Batch, specs: Specs, where: str) -> None:
-    """Names, dtypes, shapes and finiteness of a batch against the model's inputs."""
+def check_layout(layout: Layout, specs: Specs, what: str) -> None:
+    """The data source's ``batch_axes`` and ``constants`` against the model's inputs."""
+    for key, names in (("batch_axes", list(layout.axes)), ("constants", sorted(layout.constants))):
+        for name in names:
+            if name not in specs:
+                fail(ConfigError, f"{what}.{key}: the model has no input {name!r}; its inputs are {list(specs)}.")
+    for name, axis in layout.axes.items():
+        rank = len(specs[name][0])
+        if axis >= rank:
+            fail(
+                ConfigError,
+                f"{what}.batch_axes.{name}: axis {axis} does not exist; the model's input {name!r} has "
+                f"{rank} axes (shape {specs[name][0]}).",
+            )
+    if specs and all(n in layout.constants for n in specs):
+        fail(
+            ConfigError,
+            f"{what}.constants: every model input is declared constant, so there are no samples to calibrate "
+            "or validate on; leave at least one input out of constants.",
+        )
+
+
+def _axis_hints(batch: Batch, specs: Specs, counts: dict[str, int]) -> list[str]:
+    """What to declare for the inputs whose sample count disagrees with the others'."""
+    hints = []
+    for name, n in counts.items():
+        if name not in specs:
+            continue
+        others = {m for k, m in counts.items() if k != name}
+        if n in others:
+            continue
+        dims, shape = specs[name][0], batch[name].shape
+        axes = [i for i, (d, s) in enumerate(zip(dims, shape)) if not (isinstance(d, int) and d > 0) and s in others]
+        if axes:
+            hints.append(
+                f"input {name!r} has shape {list(shape)}: if its samples are along axis {axes[0]}, declare "
+                f"batch_axes: {{{name}: {axes[0]}}} in the data source"
+            )
+        elif all(isinstance(d, int) and d > 0 for d in dims):
+            hints.append(
+                f"input {name!r} has the fixed shape {dims}: if it is the same for every sample (an initial "
+                f"state), declare constants: [{name}] in the data source"
+            )
+    return hints
+
+
+def check_batch(batch: Batch, specs: Specs, where: str, layout: Layout | None = None) -> None:
+    """Names, dtypes, shapes and finiteness of a batch against the model's inputs and the data
+    source's layout (``batch_axes``, ``constants``)."""
+    layout = layout or Layout()
     names = [k for k in batch if k != LABELS]
     missing = [n for n in specs if n not in batch]
     extra = [n for n in names if n not in specs]
@@ -289,11 +354,20 @@ def check_batch(batch: Batch, specs: Specs, where: str) -> None:
             + (f" (unexpected {extra}; only 'labels' may be added)" if extra else "")
             + ". Name each array after the model input it feeds.",
         )
-    lengths = {len(batch[n]) for n in batch}
-    if len(lengths) != 1:
-        fail(DataError, f"{where}: arrays differ in number of samples: { {k: len(v) for k, v in batch.items()} }.")
+    for name in names:
+        axis = layout.axis(name)
+        if axis is not None and batch[name].ndim <= axis:
+            if batch[name].ndim == 0:
+                fail(DataError, _scalar_message(f"{where}: input {name!r}", name))
+            fail(
+                DataError,
+                f"{where}: input {name!r} has shape {list(batch[name].shape)}, which has no axis {axis} "
+                f"to hold its samples (batch_axes); the model expects {specs[name][0]}.",
+            )
+    _check_counts(batch, specs, where, layout)
     for name, (dims, dtype) in specs.items():
         arr = batch[name]
+        axis = layout.axis(name)
         if arr.dtype != dtype:
             fail(
                 DataError,
@@ -301,18 +375,33 @@ def check_batch(batch: Batch, specs: Specs, where: str) -> None:
                 f"convert it with .astype(np.{dtype}).",
             )
         if arr.ndim != len(dims) or any(
-            isinstance(d, int) and d > 0 and d != s for d, s in zip(dims[1:], arr.shape[1:])
+            isinstance(d, int) and d > 0 and d != s for i, (d, s) in enumerate(zip(dims, arr.shape)) if i != axis
         ):
-            fail(
-                DataError,
-                f"{where}: input {name!r} has shape {list(arr.shape)}, "
-                f"the model expects {dims} (first axis = samples).",
-            )
-        if arr.shape[0] == 0:
+            if axis is None:
+                what = "a constant: passed as it is"
+            else:
+                what = "first axis = samples" if axis == 0 else f"samples along axis {axis}"
+            fail(DataError, f"{where}: input {name!r} has shape {list(arr.shape)}, the model expects {dims} ({what}).")
+        if axis is not None and arr.shape[axis] == 0:
             fail(DataError, f"{where}: input {name!r} is empty.")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
             fail(DataError, f"{where}: input {name!r} contains {bad} NaN/Inf values; clean or drop those samples.")
+
+
+def _check_counts(batch: Batch, specs: Specs, where: str, layout: Layout) -> None:
+    """Every batched array (and labels) holds the same number of samples along its sample axis."""
+    counts = layout.counts(batch)
+    if len(set(counts.values())) > 1:
+        hints = _axis_hints(batch, specs, counts)
+        fail(
+            DataError,
+            f"{where}: arrays differ in number of samples along their sample axes: {counts} "
+            f"(shapes { {k: list(v.shape) for k, v in batch.items()} }; "
+            + ("; ".join(hints) if hints else "every input holds its samples along axis 0 unless batch_axes says "
+               "otherwise, and constants lists inputs that are the same for every sample")
+            + ").",
+        )  # fmt: skip
 
 
 def _hash_files(h: Any, files: Iterable[Path]) -> None:
@@ -334,17 +423,18 @@ def _dep_files(deps: list[str]) -> list[Path]:
 def sample_digest(src: DataSource, search_dirs: list[Path]) -> str:
     """SHA-256 of the samples a source yields (names, dtypes, shapes, bytes), up to its ``limit``."""
     h = hashlib.sha256()
+    layout = Layout.of(src)
     seen = 0
     for batch in _python(src, search_dirs):
         if src.limit is not None:
             if seen >= src.limit:
                 break
-            batch = {k: v[: src.limit - seen] for k, v in batch.items()}
+            batch = layout.take(batch, 0, src.limit - seen)
         for k in sorted(batch):
-            arr = np.ascontiguousarray(batch[k])
+            arr = np.asarray(batch[k], order="C")
             h.update(f"{k}:{arr.dtype}:{arr.shape}".encode())
             h.update(arr.tobytes())
-        seen += len(next(iter(batch.values()))) if batch else 0
+        seen += layout.count(batch)
     return h.hexdigest()
 
 
@@ -357,6 +447,9 @@ def source_digest(src: DataSource, search_dirs: list[Path]) -> str:
     and the samples themselves are hashed.
     """
     h = hashlib.sha256(repr((src.python, sorted(src.args.items()), src.limit)).encode())
+    layout = Layout.of(src)
+    if layout.declared:  # the same bytes cut along another axis are other samples (left out when
+        h.update(layout.describe().encode())  # undeclared, so existing runs keep their keys)
     if src.npz:
         _hash_files(h, [Path(src.npz)])
     elif src.npy:
@@ -380,13 +473,15 @@ def preflight(src: DataSource, specs: Specs, search_dirs: list[Path], what: str)
     An npz is checked from its members' .npy headers (its arrays load whole, so reading one costs
     the full file); other sources by their first batch.
     """
+    layout = Layout.of(src)
+    check_layout(layout, specs, what)
     if src.npz:
         names = [n for n in _npz_members(src.npz) if n != LABELS]  # a DataError if it is no npz
         headers = _npz_headers(src.npz)
         if sorted(names) != sorted(specs):
             check_batch({n: np.zeros(1) for n in names}, specs, what)  # raises the naming error
         elif set(headers) == set(names) | ({LABELS} & set(headers)):  # {}: unusual headers, left to the loader
-            check_batch(headers, specs, f"{what} ({Path(src.npz).name})")
+            check_batch(headers, specs, f"{what} ({Path(src.npz).name})", layout)
         return
     next(batches(src, 1, specs, search_dirs, what), None)
 

@@ -13,6 +13,7 @@ import onnx
 from pipeline import data, evaluation, runtime
 from pipeline import model as onnx_model
 from pipeline.calibration.collect import expose
+from pipeline.layout import Layout
 from pipeline.quantization import dequantized_names, node_table
 
 LAYER_CHUNK = 2  # samples per call while comparing every tensor: every tensor of both models is alive at once
@@ -40,6 +41,7 @@ def layer_errors(
     feeds: Iterable[data.Batch],
     samples: int,
     int8_optimize: bool = True,
+    layout: Layout | None = None,
 ) -> LayerErrors:
     """FP32-vs-INT8 error of every tensor over the first ``samples`` of ``feeds`` (model inputs), and
     the quantized nodes ranked by :func:`rank_quantized_nodes`.
@@ -66,11 +68,12 @@ def layer_errors(
     acc = {t: evaluation.ErrorAccumulator() for t in tensors}
     acc_before = {t: evaluation.ErrorAccumulator() for t in before_q}
     seen = 0
-    for chunk in data.rechunk(feeds, LAYER_CHUNK):
+    layout = layout or Layout()  # the data source's batch_axes and constants
+    for chunk in data.rechunk(feeds, LAYER_CHUNK, layout):
         if seen >= samples:
             break
-        chunk = {k: v[: samples - seen] for k, v in chunk.items()}
-        seen += len(next(iter(chunk.values())))
+        chunk = layout.take(chunk, 0, samples - seen)
+        seen += layout.count(chunk)
         got = dict(zip(fetch, b.run(fetch, chunk)))
         for t, n, x in zip(tensors, int8_names, a.run(tensors, chunk)):
             acc[t].update(x, got[n])

@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto
 
 from pipeline.errors import ModelError, fail
+from pipeline.layout import Layout
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
@@ -182,13 +183,33 @@ def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str], np.d
     return specs
 
 
-def set_dynamic_batch(model: onnx.ModelProto, name: str = "batch") -> None:
-    """Make the first axis of every graph input and output symbolic."""
-    for vi in list(graph_inputs(model)) + list(model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims):
-            dims[0].ClearField("dim_value")
-            dims[0].dim_param = name
+def set_dynamic_batch(model: onnx.ModelProto, name: str = "batch", layout: Layout | None = None) -> None:
+    """Make the first axis of every graph input and output symbolic.
+
+    With a declared ``layout`` (a stateful model: ``batch_axes``, ``constants``) only the inputs'
+    sample axes are touched, and only where they are fixed: a constant keeps its shape, and a
+    symbolic batch dim keeps its name, which is what ties an output's sample axis to the inputs'
+    (see :func:`pipeline.layout.output_axes`); an output gets a symbolic first axis only if it has
+    no symbolic dim at all.
+    """
+    if layout is not None and layout.declared:
+        for vi in graph_inputs(model):
+            axis = layout.axis(vi.name)
+            dims = vi.type.tensor_type.shape.dim
+            if axis is not None and axis < len(dims) and not dims[axis].dim_param:
+                dims[axis].ClearField("dim_value")
+                dims[axis].dim_param = name
+        for vi in model.graph.output:
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) and not any(d.dim_param for d in dims):
+                dims[0].ClearField("dim_value")
+                dims[0].dim_param = name
+    else:
+        for vi in list(graph_inputs(model)) + list(model.graph.output):
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims):
+                dims[0].ClearField("dim_value")
+                dims[0].dim_param = name
     del model.graph.value_info[:]  # stale fixed-batch shapes; re-inferred below
     try:
         inferred = onnx.shape_inference.infer_shapes(model)

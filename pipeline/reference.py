@@ -50,6 +50,12 @@ DESCRIPTIONS = {
     "data.*.deps": "For `python:` sources: files or folders the function reads. Declared, their content "
     "proves the data unchanged for step reuse without calling the function; otherwise the samples "
     "themselves are hashed (the function runs once more).",
+    "data.*.batch_axes": "Input name -> the axis that indexes samples, for inputs whose samples are not on "
+    "axis 0 (a recurrent state `[layers, batch, hidden]`: `{state: 1}`). Batches are cut, joined and "
+    "benchmarked along it; the data is stored and fed in the model's own layout.",
+    "data.*.constants": "Inputs that are the same for every sample (a scalar sample rate, an initial state "
+    "without a batch dim): stored once (an npz member of their own shape) and passed unchanged with every "
+    "batch; the benchmark keeps their shape.",
     "steps": "The steps to run, in the order export, calibrate, quantize, validate, benchmark, promote; "
     "an absent step is skipped, an empty mapping `{}` runs it with defaults.",
     "steps.export": "Load the model, check it, raise its opset, make the batch dynamic, fold BatchNorm.",

@@ -22,6 +22,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipeline.errors import TrackingError, fail
 from pipeline.log import logger
 
 LOCK_SUFFIX = ".int8pipe-lock"
@@ -100,7 +101,13 @@ def registry_lock(client: MlflowClient, name: str, timeout_s: float = LOCK_TIMEO
         except MlflowException:
             continue  # released between our two calls
         if time.monotonic() > deadline:
-            raise TimeoutError(f"registry lock {lock!r} still held after {timeout_s:.0f}s")
+            fail(
+                TrackingError,
+                f"promote: the registry lock {lock!r} is still held after {timeout_s:.0f}s, by "
+                f"{held.tags.get('owner', 'an unknown process')} for {age:.0f}s: another int8pipe is promoting "
+                f"{name!r}. Run again when it is done (finished steps are reused); a lock older than "
+                f"{LOCK_LEASE_S:.0f}s is broken, or delete the registered model {lock!r} if no int8pipe is running.",
+            )
         time.sleep(random.uniform(0.1, 0.4))
     try:
         yield

@@ -23,6 +23,7 @@ import onnx
 
 from pipeline import data, evaluation, runtime
 from pipeline.errors import ConfigError, DataError, fail
+from pipeline.layout import Layout, output_axes, samples_first
 from pipeline.log import progress
 
 SAMPLES = 8  # validation samples kept with every output (validate hands them on)
@@ -145,6 +146,7 @@ class _Inputs:
     """Model inputs cached in order, as long as they fit the budget."""
 
     budget: int
+    layout: Layout = field(default_factory=Layout)
     batches: list[data.Batch] = field(default_factory=list)
     samples: int = 0
     nbytes: int = 0
@@ -157,7 +159,7 @@ class _Inputs:
             return
         self.batches.append(feeds)
         self.nbytes += size
-        self.samples += _length(feeds)
+        self.samples += self.layout.count(feeds)
 
 
 class Scorer:
@@ -167,6 +169,10 @@ class Scorer:
     once by :meth:`first`, and again only when a model is scored on more samples than the inputs
     cached. ``int8_optimize=False`` runs INT8 models with graph optimisations off (every Q/DQ
     computed in float, TensorRT's arithmetic).
+
+    ``layout`` is the data source's (``batch_axes``, ``constants``): inputs are counted and cut along
+    it; outputs are handed to the metric with their samples on the first axis (an output's sample
+    axis is the one sharing its symbolic dim with an input's, see :func:`pipeline.layout.output_axes`).
     """
 
     def __init__(
@@ -176,12 +182,19 @@ class Scorer:
         batches: Callable[[], Iterable[data.Batch]],
         int8_optimize: bool = True,
         cache_bytes: int = INPUT_CACHE_BYTES,
+        layout: Layout | None = None,
     ):
         self.metric = metric
         self.int8_optimize = int8_optimize
+        self.layout = layout or Layout()
         self._fp32 = fp32 if hasattr(fp32, "run") else runtime.session(fp32)
         self._batches = batches
-        self._inputs = _Inputs(cache_bytes)
+        self._inputs = _Inputs(cache_bytes, self.layout)
+        self._out_axes = output_axes(
+            {i.name: i.shape for i in self._fp32.get_inputs()},
+            {o.name: o.shape for o in self._fp32.get_outputs()},
+            self.layout,
+        )
         self._reference: dict[str, np.ndarray] = {}
         self._labels: np.ndarray | None = None
         self._fp32_scores: dict[int, float] = {}  # samples -> FP32 score on the first that many
@@ -215,13 +228,14 @@ class Scorer:
             self._inputs.add(feeds)
             take = keep - n_kept
             fetch = self.names if take > 0 else scored  # every output only while samples are being kept
-            a = dict(zip(fetch, self._fp32.run(fetch, feeds)))
-            o = dict(zip(fetch, b.run(fetch, feeds)))
+            a = self._run(self._fp32, fetch, feeds)
+            o = self._run(b, fetch, feeds)
             if take > 0:
-                n_kept += _keep(kept, feeds, a, o, take)
+                n_kept += _keep(kept, feeds, a, o, take, self.layout)
             cmp.add({k: a[k] for k in scored}, {k: o[k] for k in scored}, batch.get(data.LABELS))
         self._reference, outputs, self._labels = cmp.arrays()
-        self.kept = {k: _stack(v) for k, v in kept.items()}
+        self.kept = {k: _stack(v, self.layout.axis(k[len("input.") :]) if k.startswith("input.") else 0)
+                     for k, v in kept.items()}  # fmt: skip
         self.metric.check(self._reference, self._labels)
         return self.evaluate(outputs)
 
@@ -244,7 +258,7 @@ class Scorer:
         scored = self.metric.outputs
         parts: dict[str, list[np.ndarray]] = {k: [] for k in scored}
         for feeds in self.inputs(limit):
-            for k, v in zip(scored, b.run(scored, feeds)):
+            for k, v in self._run(b, scored, feeds).items():
                 parts[k].append(v)
         return self.evaluate({k: np.concatenate(v) for k, v in parts.items()})
 
@@ -260,14 +274,15 @@ class Scorer:
         else:
             source = ({k: v for k, v in b.items() if k != data.LABELS} for b in self._batches())
         seen = 0
+        count = self.layout.count
         it = iter(source)
         try:
             for feeds in it:
                 if n is not None and seen >= n:
                     break
-                if n is not None and seen + _length(feeds) > n:
-                    feeds = {k: v[: n - seen] for k, v in feeds.items()}
-                seen += _length(feeds)
+                if n is not None and seen + count(feeds) > n:
+                    feeds = self.layout.take(feeds, 0, n - seen)
+                seen += count(feeds)
                 yield feeds
         finally:
             close = getattr(it, "close", None)  # a generator: let the source release its files now
@@ -280,8 +295,12 @@ class Scorer:
         if not names:
             return dict(self.kept)
         feeds = {n: self.kept[f"input.{n}"] for n in names}
-        got = dict(zip(self.names, self.session(int8).run(self.names, feeds)))
+        got = self._run(self.session(int8), self.names, feeds)
         return {k: (got[k[len("int8.") :]] if k.startswith("int8.") else v) for k, v in self.kept.items()}
+
+    def _run(self, sess: Any, names: list[str], feeds: data.Batch) -> dict[str, np.ndarray]:
+        """``names`` computed by ``sess`` on ``feeds``, each output's samples on its first axis."""
+        return samples_first(dict(zip(names, sess.run(names, feeds))), self._out_axes)
 
 
 def _length(arrays: dict[str, np.ndarray]) -> int:
@@ -294,13 +313,20 @@ def _keep(
     fp32: dict[str, np.ndarray],
     int8: dict[str, np.ndarray],
     take: int,
+    layout: Layout,
 ) -> int:
-    """Append up to ``take`` samples' inputs and FP32/INT8 outputs to ``kept``; returns how many."""
-    for prefix, arrays in (("input", feeds), ("fp32", fp32), ("int8", int8)):
+    """Append up to ``take`` samples' inputs (in the model's layout) and FP32/INT8 outputs (samples
+    first) to ``kept``; returns how many. A constant input is kept once."""
+    for name, value in layout.take(feeds, 0, take).items():
+        key = f"input.{name}"
+        if layout.axis(name) is None and key in kept:
+            continue
+        kept.setdefault(key, []).append(np.array(value))  # a copy
+    for prefix, arrays in (("fp32", fp32), ("int8", int8)):
         for name, value in arrays.items():
-            kept.setdefault(f"{prefix}.{name}", []).append(np.array(value[:take] if value.ndim else value))  # a copy
-    return min(take, _length(feeds))
+            kept.setdefault(f"{prefix}.{name}", []).append(np.array(value[:take] if value.ndim else value))
+    return min(take, layout.count(feeds))
 
 
-def _stack(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts[0].ndim else parts[0]
+def _stack(parts: list[np.ndarray], axis: int | None) -> np.ndarray:
+    return np.concatenate(parts, axis=axis) if parts[0].ndim and axis is not None else parts[0]

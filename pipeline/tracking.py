@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -46,6 +49,64 @@ def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` is the tracking server not answering (after MLflow's own retries)."""
     text = f"{type(exc).__name__}: {exc}"
     return any(m in text for m in ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out"))
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def store_full(exc: BaseException, tracking_uri: str) -> str | None:
+    """The one-paragraph message when ``exc`` (or what caused it) is a store out of space, else None:
+    sqlite's "database or disk is full" names the tracking store, an ENOSPC/EDQUOT write the
+    artifact store's file."""
+    seen: set[int] = set()
+    chain: BaseException | None = exc
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if "database or disk is full" in str(chain):
+            where = tracking_uri
+            if tracking_uri.startswith("sqlite:///"):
+                where = f"{tracking_uri} (the file {Path(tracking_uri[len('sqlite:///') :]).resolve()})"
+            return (
+                f"the MLflow tracking store {where} is full: sqlite reported 'database or disk is full' "
+                f"({_free(tracking_uri)}). Free space on that disk, or point --tracking-uri (or "
+                "MLFLOW_TRACKING_URI) at a store on a disk with room; runs already finished stay intact and "
+                "are reused by the next run."
+            )
+        if isinstance(chain, OSError) and chain.errno in FULL_ERRNOS:
+            path = chain.filename or "the artifact store"
+            return (
+                f"the MLflow artifact store is full: writing {path} failed ({os.strerror(chain.errno or 0)}). "
+                "Free space on that disk, or point --tracking-uri (or MLFLOW_TRACKING_URI) at a store whose "
+                "artifacts live on a disk with room; runs already finished stay intact and are reused."
+            )
+        chain = chain.__cause__ or chain.__context__
+    return None
+
+
+class _QuietWhenFull(logging.Filter):
+    """Drops MLflow's own traceback of a full sqlite store: the error is re-raised to int8pipe, which
+    reports it as one paragraph naming the store (see :func:`store_full`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or store_full(exc, "") is None
+
+
+def quiet_when_full() -> None:
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _QuietWhenFull) for f in db_log.filters):
+        db_log.addFilter(_QuietWhenFull())
+
+
+def _free(tracking_uri: str) -> str:
+    """How much room the disk of a sqlite store's file has left, as words."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return "the server's disk"
+    try:
+        free = shutil.disk_usage(Path(tracking_uri[len("sqlite:///") :]).resolve().parent).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**20:.0f} MB free on its disk; if that is plenty, the database itself is capped"
 
 
 @contextmanager
@@ -242,6 +303,7 @@ class Tracker:
             mlflow.set_tracking_uri(tracking_uri)
         self.uri = mlflow.get_tracking_uri()
         check_reachable(self.uri)
+        quiet_when_full()
         with _sqlite_init_lock(self.uri):
             self.client = MlflowClient(self.uri)
             self.client.search_experiments(max_results=1)  # creates or migrates the store, under the lock

@@ -17,6 +17,7 @@ from pipeline import data, environment, plots, runtime
 from pipeline import model as onnx_model
 from pipeline.context import StepContext
 from pipeline.errors import BackendUnavailable, ConfigError, fail
+from pipeline.layout import Layout
 from pipeline.log import logger
 from steps.base import Step
 
@@ -31,8 +32,8 @@ class BenchmarkConfig:
     iterations: int = 100
     warmup: int = 10
     threads: int | None = None
-    # input -> full shape, batch first (the batch dim is replaced by each batch size); needed for an
-    # input with symbolic dims besides the batch when there is no data to take a real shape from
+    # input -> full shape, batch on its sample axis (replaced by each batch size); needed for an input
+    # with symbolic dims besides the batch when there is no data to take a real shape from
     shapes: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -57,11 +58,32 @@ def data_sample(pipeline: PipelineConfig, specs: data.Specs, size: int) -> tuple
     return None, None
 
 
+def data_layout(pipeline: PipelineConfig) -> Layout:
+    """The batch axes and constants of the source :func:`data_sample` reads (default: axis 0)."""
+    return Layout.of(pipeline.data.validation or pipeline.data.calibration)
+
+
+def _without(shape: Any, axis: int | None) -> list[Any]:
+    """``shape`` with the sample axis left out (a constant's shape whole)."""
+    return [d for i, d in enumerate(shape) if i != axis]
+
+
+def _with_batch(rest: list[Any], axis: int | None, batch: Any) -> list[Any]:
+    """One sample's shape with ``batch`` put back on the sample axis (a constant's unchanged)."""
+    return list(rest) if axis is None else [*rest[:axis], batch, *rest[axis:]]
+
+
 def input_shapes(
-    specs: data.Specs, shapes: dict[str, list[int]], sample: data.Batch | None, source: str | None
+    specs: data.Specs,
+    shapes: dict[str, list[int]],
+    sample: data.Batch | None,
+    source: str | None,
+    layout: Layout | None = None,
 ) -> dict[str, tuple[list[int], str]]:
-    """Per input: the shape of one sample (batch dim left out) and where it comes from: ``shapes``
-    (steps.benchmark.shapes), the real ``sample``, or the model when every other dim is fixed."""
+    """Per input: the shape of one sample (batch dim left out; a constant's whole shape) and where it
+    comes from: ``shapes`` (steps.benchmark.shapes), the real ``sample``, or the model when every
+    other dim is fixed. The batch dim is the data source's declared sample axis (``layout``)."""
+    layout = layout or Layout()
     unknown = [k for k in shapes if k not in specs]
     if unknown:
         fail(
@@ -70,23 +92,27 @@ def input_shapes(
         )
     out: dict[str, tuple[list[int], str]] = {}
     for name, (dims, _) in specs.items():
+        axis = layout.axis(name)
+        where = "batch first" if axis == 0 else ("a constant" if axis is None else f"batch on axis {axis}")
         if name in shapes:
             shape = shapes[name]
             if (
                 len(shape) != len(dims)
                 or any(d <= 0 for d in shape)
-                or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims[1:], shape[1:]))
+                or any(
+                    isinstance(d, int) and d > 0 and d != s for d, s in zip(_without(dims, axis), _without(shape, axis))
+                )
             ):
                 fail(
                     ConfigError,
                     f"{SHAPES_KEY}.{name}: {shape} does not fit the model's input {name!r} of shape {dims}; give "
-                    f"{len(dims)} positive dims, batch first, equal to the model's where it fixes them.",
+                    f"{len(dims)} positive dims ({where}), equal to the model's where it fixes them.",
                 )
-            out[name] = (list(shape[1:]), SHAPES_KEY)
+            out[name] = (_without(shape, axis), SHAPES_KEY)
         elif sample is not None and source is not None:
-            out[name] = (list(sample[name].shape[1:]), source)
-        elif all(isinstance(d, int) and d > 0 for d in dims[1:]):
-            out[name] = ([int(d) for d in dims[1:]], "model")
+            out[name] = (_without(sample[name].shape, axis), source)
+        elif all(isinstance(d, int) and d > 0 for i, d in enumerate(dims) if i != axis):
+            out[name] = (_without(dims, axis), "model")
         else:
             fail(
                 ConfigError,
@@ -103,19 +129,21 @@ def benchmark_feeds(
     batch: int,
     sample: data.Batch | None = None,
     seed: int = 0,
+    layout: Layout | None = None,
 ) -> dict[str, np.ndarray]:
-    """Inputs of ``batch`` samples: the real ``sample`` repeated to the batch size where its shape is
-    the one benchmarked, random values of the shape otherwise."""
+    """Inputs of ``batch`` samples on each input's sample axis: the real ``sample`` repeated to the
+    batch size where its shape is the one benchmarked, random values of the shape otherwise. A
+    constant keeps its shape (and its real value, when the data holds it)."""
+    layout = layout or Layout()
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, (_, dtype) in specs.items():
-        rest = shapes[name][0]
+        rest, axis = shapes[name][0], layout.axis(name)
         real = sample.get(name) if sample is not None else None
-        if real is not None and list(real.shape[1:]) == rest:
-            reps = -(-batch // len(real))
-            feeds[name] = np.ascontiguousarray(np.concatenate([real] * reps)[:batch])
+        if real is not None and _without(real.shape, axis) == rest:
+            feeds[name] = real if axis is None else layout.repeat({name: real}, batch)[name]
         else:
-            feeds[name] = rng.standard_normal([batch, *rest]).astype(dtype)
+            feeds[name] = np.asarray(rng.standard_normal(_with_batch(rest, axis, batch))).astype(dtype)
     return feeds
 
 
@@ -146,11 +174,15 @@ class Benchmark(Step):
         models = {"fp32": ctx.input("fp32_model"), "int8": ctx.input("int8_model")}
         specs = onnx_model.input_specs(onnx_model.load(models["fp32"], check=False))
         sample, source = data_sample(ctx.pipeline, specs, max(cfg.batch_sizes))
-        shapes = input_shapes(specs, cfg.shapes, sample, source)
+        layout = data_layout(ctx.pipeline)
+        shapes = input_shapes(specs, cfg.shapes, sample, source, layout)
         report: dict[str, Any] = {
             "iterations": cfg.iterations,
             "warmup": cfg.warmup,
-            "inputs": {k: {"shape": ["batch", *rest], "from": how} for k, (rest, how) in shapes.items()},
+            "inputs": {
+                k: {"shape": _with_batch(rest, layout.axis(k), "batch"), "from": how}
+                for k, (rest, how) in shapes.items()
+            },
             "providers": {},
         }
         metrics: dict[str, float] = {}
@@ -167,7 +199,7 @@ class Benchmark(Step):
                 "results": [],
             }
             for i, bs in enumerate(cfg.batch_sizes):
-                feeds = benchmark_feeds(specs, shapes, bs, sample)
+                feeds = benchmark_feeds(specs, shapes, bs, sample, layout=layout)
                 p50 = {}
                 for precision, sess in sessions.items():
                     lat = runtime.time_session(sess, feeds, cfg.iterations, cfg.warmup)

@@ -21,6 +21,7 @@ from pipeline.calibration.collect import DEFAULT_MEMORY_MB
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
 from pipeline.errors import CalibrationError, ConfigError, fail
+from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.quantization import quantized_activations
 from pipeline.schema import to_mapping
@@ -219,6 +220,7 @@ class Calibrate(Step):
                     cfg.minmax_inputs,
                     histogram_tensors,
                     cfg.memory_mb,
+                    Layout.of(src),
                 )
             algorithm = trt_cache.ALGORITHMS[cfg.method]
         self._write(ctx, cfg, cal, algorithm)

@@ -20,6 +20,7 @@ from pipeline import runtime, torch_export
 from pipeline.context import StepContext
 from pipeline.data import search_dirs
 from pipeline.errors import ModelError, fail
+from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.subgraphs import control_flow_report
 from steps.base import Step
@@ -53,6 +54,11 @@ def _fold(src: Path, dst: Path) -> None:
         fail(ModelError, f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}")
 
 
+def _layout(ctx: StepContext) -> Layout:
+    """The data's sample axes and constants (calibration's, else validation's)."""
+    return Layout.of(ctx.pipeline.data.calibration or ctx.pipeline.data.validation)
+
+
 class Export(Step):
     name = "export"
     Config = ExportConfig
@@ -65,7 +71,11 @@ class Export(Step):
 
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
         # the model's bytes, not its path or URI: a registry alias may point at another version today
-        return {"model_sha256": onnx_model.sha256(ctx.source_model) if ctx.source_model else None}
+        key: dict[str, Any] = {"model_sha256": onnx_model.sha256(ctx.source_model) if ctx.source_model else None}
+        layout = _layout(ctx)
+        if layout.declared:  # it decides which axes become symbolic
+            key["layout"] = layout.describe()
+        return key
 
     def run(self, ctx: StepContext, cfg: ExportConfig) -> None:
         src = ctx.pipeline.model
@@ -87,7 +97,7 @@ class Export(Step):
                 )
                 model = onnx.version_converter.convert_version(model, target)
             if cfg.dynamic_batch:
-                onnx_model.set_dynamic_batch(model)
+                onnx_model.set_dynamic_batch(model, layout=_layout(ctx))
             staged = Path(tmp) / "staged.onnx"
             onnx.save(model, str(staged))
             out = ctx.output("fp32_model", "model/model.onnx")

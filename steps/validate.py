@@ -24,6 +24,7 @@ from pipeline import data, evaluation, layers, plots, recovery, runtime, scoring
 from pipeline import model as onnx_model
 from pipeline.context import StepContext
 from pipeline.errors import ConfigError, GateFailed, fail
+from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.quantization import node_table
 from steps.base import Step
@@ -126,7 +127,10 @@ class Validate(Step):
         names = [o.name for o in fp32.get_outputs()]
         # resolved before the long loop: a typo in a custom metric fails fast
         metric = scoring.resolve_metric(cfg.metric, cfg.output, names, data.search_dirs(ctx.pipeline.base_dir))
-        scorer = scoring.Scorer(fp32, metric, lambda: self._batches(ctx, cfg, specs), int8_optimize=not exact)
+        layout = Layout.of(ctx.pipeline.data.validation)
+        scorer = scoring.Scorer(
+            fp32, metric, lambda: self._batches(ctx, cfg, specs), int8_optimize=not exact, layout=layout
+        )
         scores = scorer.first(int8)
         int8_model = onnx_model.load(int8_path, check=False)
         errors = _layer_errors(cfg, scorer, fp32_model, int8_model, exact)
@@ -260,7 +264,9 @@ def _layer_errors(
     cfg: ValidateConfig, scorer: scoring.Scorer, fp32: onnx.ModelProto, int8: onnx.ModelProto, exact: bool
 ) -> layers.LayerErrors:
     """The layer table and node ranking of ``int8`` on the first ``layer_samples`` validation samples."""
-    return layers.layer_errors(fp32, int8, scorer.inputs(cfg.layer_samples), cfg.layer_samples, not exact)
+    return layers.layer_errors(
+        fp32, int8, scorer.inputs(cfg.layer_samples), cfg.layer_samples, not exact, scorer.layout
+    )
 
 
 def gate_message(

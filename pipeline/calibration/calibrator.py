@@ -20,6 +20,7 @@ from pipeline.calibration.histogram import FinalHistogram, TensorStats
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.calibration.spill import Spill
 from pipeline.errors import CalibrationError, fail
+from pipeline.layout import Layout
 from pipeline.log import logger
 
 METHODS = ("minmax", "entropy", "percentile", "mse")
@@ -121,6 +122,7 @@ def calibrate(
     minmax_inputs: bool = True,
     histogram_tensors: list[str] | None = None,
     memory_mb: int = DEFAULT_MEMORY_MB,
+    layout: Layout | None = None,
 ) -> Calibration:
     """Ranges for every activation tensor of the model at ``model_path``.
 
@@ -134,6 +136,8 @@ def calibrate(
     With ``minmax_inputs`` the graph inputs keep their full range whatever the method: their range
     is fixed by preprocessing, and their histograms are often a comb of discrete levels (8-bit
     pixels) on which KL minimisation degenerates and clips real signal.
+
+    ``layout`` says where each input holds its samples (``batch_axes``, ``constants``); default axis 0.
     """
     plan = make_plan(model_path, method, num_bins, passes, minmax_inputs, histogram_tensors)
     stats = plan.new_stats()
@@ -143,11 +147,14 @@ def calibrate(
         measured = {t: stats[t] for t in plan.measured}
         label = "calibration pass 1/2" if plan.two_pass else "calibration batches"
         budget = memory_mb << 20
-        first = run_pass(plan.model, measured, source, label, memory_budget=budget)
+        first = run_pass(plan.model, measured, source, label, memory_budget=budget, layout=layout)
         plan.complete_min_max(stats)
         if plan.two_pass:
             live = plan.start_histogram_pass(stats)
-            run_pass(plan.model, live, spill.replay(), "calibration pass 2/2", digest=False, memory_budget=budget)
+            run_pass(
+                plan.model, live, spill.replay(), "calibration pass 2/2", digest=False, memory_budget=budget,
+                layout=layout,
+            )  # fmt: skip
     cal = plan.result(stats, model_path, percentile, first.num_samples, first.data_digest, plan.start)
     cal.chunk, cal.sample_bytes = first.chunk, first.sample_bytes
     return cal

@@ -27,6 +27,7 @@ from pipeline import runtime
 from pipeline.calibration import histogram
 from pipeline.calibration.histogram import TensorStats
 from pipeline.data import rechunk
+from pipeline.layout import Layout
 from pipeline.log import logger, progress
 
 Batch = dict[str, np.ndarray]
@@ -53,13 +54,13 @@ def chunk_for(sample_bytes: int, budget_bytes: int | None) -> int:
     return max(1, min(CHUNK, budget_bytes // (COPIES * sample_bytes)))
 
 
-def _measure(sess: Any, names: list[str], batches: Iterable[Batch]) -> tuple[int, Iterable[Batch]]:
+def _measure(sess: Any, names: list[str], batches: Iterable[Batch], layout: Layout) -> tuple[int, Iterable[Batch]]:
     """Exposed activation bytes of one sample (run on the first sample), and the batches untouched."""
     it = iter(batches)
     first = next(it, None)
     if first is None:
         return 0, []
-    feeds = {k: v[:1] for k, v in first.items() if k != "labels"}
+    feeds = layout.take({k: v for k, v in first.items() if k != "labels"}, 0, 1)
     size = sum(int(v.nbytes) for v in sess.run(names, feeds))
     return size, itertools.chain([first], it)
 
@@ -167,6 +168,7 @@ def run_pass(
     chunk: int | None = None,
     digest: bool = True,
     memory_budget: int | None = DEFAULT_MEMORY_MB << 20,
+    layout: Layout | None = None,
 ) -> Pass:
     """Feed ``batches`` through ``model`` and update ``stats`` (tensor name -> statistics).
 
@@ -175,6 +177,7 @@ def run_pass(
     sample so that the live activations stay within ``memory_budget`` bytes (at most ``CHUNK``):
     a 640x640 detector's activations are hundreds of MB per sample where a classifier's are a few.
     """
+    layout = layout or Layout()  # where each input holds its samples (the data source's declaration)
     names = list(stats)
     inputs = {vi.name for vi in model.graph.input}
     outputs: BoundOutputs | InputsOnly
@@ -185,7 +188,7 @@ def run_pass(
     sample_bytes = 0
     if chunk is None:
         if isinstance(outputs, BoundOutputs):
-            sample_bytes, batches = _measure(outputs.sess, names, batches)
+            sample_bytes, batches = _measure(outputs.sess, names, batches, layout)
         chunk = chunk_for(sample_bytes, memory_budget)
         if chunk < CHUNK:
             logger.info(
@@ -211,8 +214,8 @@ def run_pass(
             stats[name].update(value, scratch[part])
 
     with ThreadPoolExecutor(max_workers=WORKERS) as workers:
-        for feeds in progress(prefetched(rechunk(batches, chunk), hasher), label):
-            samples += len(next(iter(feeds.values())))
+        for feeds in progress(prefetched(rechunk(batches, chunk, layout), hasher), label):
+            samples += layout.count(feeds)
             values = outputs.run(feeds)
             for job in pending:
                 job.result()  # at most two chunks of activations alive: one computed, one digested

@@ -46,6 +46,7 @@ from pipeline.calibration.spill import Spill
 from pipeline.config import DataSource
 from pipeline.distributed import connected
 from pipeline.errors import CalibrationError, ConfigError, DataError, Int8PipeError, fail
+from pipeline.layout import Layout
 from pipeline.log import logger
 
 Batch = dict[str, np.ndarray]
@@ -69,26 +70,29 @@ def shard_range(total: int, index: int, num: int) -> tuple[int, int]:
     return total * index // num, total * (index + 1) // num
 
 
-def _npz_length(path: str) -> int:
-    """Samples in an npz archive, from the first array's header (the data stays compressed)."""
+def _npz_length(path: str, layout: Layout) -> int:
+    """Samples in an npz archive, from a batched array's header (the data stays compressed)."""
     with zipfile.ZipFile(path) as zf:
-        name = next(n for n in zf.namelist() if n != f"{data.LABELS}.npy")
-        with zf.open(name) as f:
+        name = next(
+            n[: -len(".npy")] for n in zf.namelist() if n != f"{data.LABELS}.npy" and n[: -len(".npy")] not in
+            layout.constants
+        )  # fmt: skip
+        with zf.open(f"{name}.npy") as f:
             major, _ = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, _, _ = read(f)
-    return int(shape[0])
+    return int(shape[layout.axis(name) or 0])
 
 
-def _rows(batches: Iterator[Batch], lo: int, hi: int) -> Iterator[Batch]:
+def _rows(batches: Iterator[Batch], lo: int, hi: int, layout: Layout) -> Iterator[Batch]:
     """The samples [lo, hi) of a stream of batches, counted from its first sample."""
     seen = 0
     for batch in batches:
-        n = len(next(iter(batch.values())))
+        n = layout.count(batch)
         a, b = max(lo - seen, 0), min(hi - seen, n)
         seen += n
         if a < b:
-            yield {k: v[a:b] for k, v in batch.items()}
+            yield layout.take(batch, a, b)
         if seen >= hi:
             break
 
@@ -99,13 +103,14 @@ def shard_batches(
     """Shard ``index`` of ``num`` of the calibration source; together the shards yield exactly the
     samples of ``data.batches(src, ...)``, each once (see the module docstring)."""
     where = f"{what} (shard {index + 1}/{num})"
+    layout = Layout.of(src)
     if src.npy:
         arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in src.npy.items()}
-        total = len(next(iter(arrays.values())))
+        total = layout.count(arrays)
         lo, hi = shard_range(min(total, src.limit or total), index, num)
         for start in range(lo, hi, batch_size):  # memory-mapped: a worker reads only its own rows
-            batch = {k: np.asarray(v[start : min(start + batch_size, hi)]) for k, v in arrays.items()}
-            data.check_batch(batch, specs, f"{where} samples {start}-{start + len(next(iter(batch.values())))}")
+            batch = {k: np.asarray(v) for k, v in layout.take(arrays, start, min(start + batch_size, hi)).items()}
+            data.check_batch(batch, specs, f"{where} samples {start}-{start + layout.count(batch)}", layout)
             yield batch
     elif src.images:
         files = sorted(p for p in Path(src.images.dir).iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
@@ -119,10 +124,10 @@ def shard_batches(
             sub = dataclasses.replace(src, images=dataclasses.replace(src.images, dir=tmp), limit=None)
             yield from data.batches(sub, batch_size, specs, dirs, where)
     elif src.npz:
-        total = _npz_length(src.npz)
+        total = _npz_length(src.npz, layout)
         lo, hi = shard_range(min(total, src.limit or total), index, num)
         if lo < hi:
-            yield from _rows(data.batches(src, batch_size, specs, dirs, where), lo, hi)
+            yield from _rows(data.batches(src, batch_size, specs, dirs, where), lo, hi, layout)
     else:
         fn = data.import_object(src.python or "", dirs, "python data source")
         if takes_shard_args(fn) and src.limit is None:
@@ -143,6 +148,7 @@ class ShardWorker:
         self.num_bins = num_bins
         self.folder = tempfile.mkdtemp(prefix="int8pipe-shard-")
         self.spill = Spill(Path(self.folder))
+        self.layout = Layout()  # the data source's, set by pass 1
 
     def ready(self) -> str:
         return socket.gethostname()
@@ -161,10 +167,11 @@ class ShardWorker:
         memory_budget: int,
     ) -> dict[str, Any]:
         stats = {t: TensorStats(self.num_bins, histogram=False) for t in measured}
+        self.layout = Layout.of(src)
         source = shard_batches(src, index, num, batch_size, specs, dirs, what)
         label = f"calibration shard {index + 1}/{num} pass 1/{2 if spill else 1}"
         p = run_pass(self.model, stats, self.spill.record(source) if spill else source, label,
-                     memory_budget=memory_budget)  # fmt: skip
+                     memory_budget=memory_budget, layout=self.layout)  # fmt: skip
         return {
             "host": socket.gethostname(),
             "num_samples": p.num_samples,
@@ -182,7 +189,10 @@ class ShardWorker:
             st.min, st.max, st.count = lo, hi, count
             st.start_histogram_pass()
             stats[name] = st
-        run_pass(self.model, stats, self.spill.replay(), label, digest=False, memory_budget=memory_budget)
+        run_pass(
+            self.model, stats, self.spill.replay(), label, digest=False, memory_budget=memory_budget,
+            layout=self.layout,
+        )  # fmt: skip
         return {name: st.fine for name, st in stats.items()}
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ class Spill:
                         self.paths[name] = self.folder / f"input{len(self.paths)}.bin"
                         files[name] = open(self.paths[name], "wb")  # noqa: SIM115  # closed below
                         offsets[name] = 0
-                    array = np.ascontiguousarray(value)
+                    array = np.asarray(value, order="C")  # not ascontiguousarray: it makes a scalar 1-d
                     files[name].write(array.tobytes())
                     entry[name] = (offsets[name], array.shape, array.dtype)
                     offsets[name] += array.nbytes

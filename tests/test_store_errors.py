@@ -1,0 +1,134 @@
+"""Stores that cannot take a write, and the registry lock: clear errors, never tracebacks.
+
+Real parts: the CLI in a subprocess (or in-process) against a real sqlite MLflow store, real
+registered models as the registry lock.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import registry
+from pipeline.cli import main
+from pipeline.errors import TrackingError
+from tests.conftest import ROOT, env_without_mlflow, run_args
+
+# The CLI, with every sqlite connection capped at a page count (PRAGMA max_page_count is set per
+# connection, not stored in the file, so it is applied as SQLAlchemy opens each one): sqlite then
+# refuses to grow the database with its real SQLITE_FULL, "database or disk is full", exactly as
+# on a full disk, without filling one.
+CAPPED_CLI = """
+import sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+CAP = int(sys.argv[1])
+
+
+@event.listens_for(Engine, "connect")
+def _cap(dbapi_connection, record):
+    dbapi_connection.execute(f"PRAGMA max_page_count = {CAP}")
+
+
+from pipeline.cli import main
+
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_full_tracking_store_names_the_store_and_exits_2(digits_copy: Path, tmp_path: Path) -> None:
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    uri = f"sqlite:///{db}"
+    MlflowClient(uri).search_experiments(max_results=1)  # the schema, created at full size
+    with sqlite3.connect(db) as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    (tmp_path / "capped.py").write_text(CAPPED_CLI)
+    args = run_args(digits_copy / "pipeline.yaml", uri, tmp_path / "s.json", "steps.benchmark.iterations=5")
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "capped.py"), str(pages + 4), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env_without_mlflow(PYTHONPATH=str(ROOT)),
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("int8pipe: error: the MLflow tracking store") and "is full" in last
+    assert str(db) in last and "--tracking-uri" in last and "Free space" in last
+    # the store itself is intact: still readable, its schema whole
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
+def test_sqlite_store_in_a_read_only_folder_is_a_tracking_error(
+    digits_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        code = main(run_args(digits_copy / "pipeline.yaml", f"sqlite:///{folder / 'mlflow.db'}", tmp_path / "s.json"))
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"the folder {folder} does not exist or is not writable" in err
+    assert not (folder / "mlflow.db").exists()
+
+
+def _hold_lock(client: MlflowClient, name: str, owner: str, age_s: float) -> None:
+    """The lock model as a promoting int8pipe creates it, acquired ``age_s`` seconds ago."""
+    client.create_registered_model(
+        name + registry.LOCK_SUFFIX, tags={"owner": owner, "acquired": repr(time.time() - age_s)}
+    )
+
+
+def test_a_stale_registry_lock_is_broken(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    _hold_lock(client, "m", "gone-host:4242", registry.LOCK_LEASE_S + 60)
+    start = time.monotonic()
+    with registry.registry_lock(client, "m", timeout_s=30):
+        held = client.get_registered_model("m" + registry.LOCK_SUFFIX)
+        assert held.tags["owner"] == f"{os.uname().nodename}:{os.getpid()}"  # ours now
+        assert time.time() - float(held.tags["acquired"]) < 30
+    assert time.monotonic() - start < 10  # broken at once, not waited out
+    assert not client.search_registered_models(f"name = 'm{registry.LOCK_SUFFIX}'")  # released
+
+
+def test_a_live_registry_lock_times_out_with_a_tracking_error(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    _hold_lock(client, "m", "busy-host:77", 5)
+    start = time.monotonic()
+    with pytest.raises(
+        TrackingError, match=r"registry lock 'm\.int8pipe-lock' is still held after 2s, by busy-host:77"
+    ):
+        with registry.registry_lock(client, "m", timeout_s=2):
+            pytest.fail("entered a lock another process holds")
+    assert 2 <= time.monotonic() - start < 15
+    held = client.get_registered_model("m" + registry.LOCK_SUFFIX)
+    assert held.tags["owner"] == "busy-host:77"  # a live lock is left alone
+
+
+@pytest.mark.parametrize("value", ["0", "-64"])
+def test_calibrate_memory_mb_must_be_positive(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    args = run_args(
+        digits_copy / "pipeline.yaml", tracking_uri, tmp_path / "s.json", f"steps.calibrate.memory_mb={value}"
+    )
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"steps.calibrate.memory_mb: expected a positive number of MB, got {value}" in err
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run
