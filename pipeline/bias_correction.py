@@ -22,7 +22,7 @@ as much as the weights (benchmarks/results/efficientnet_lite0_peers.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,8 +127,16 @@ def _shift_model(fp32: onnx.ModelProto, todo: list[_Layer]) -> tuple[onnx.ModelP
     return model, names
 
 
+def _first_axis(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
 def shifts(
-    fp32: onnx.ModelProto, todo: list[_Layer], batches: Iterable[Batch], samples: int
+    fp32: onnx.ModelProto,
+    todo: list[_Layer],
+    batches: Iterable[Batch],
+    samples: int,
+    count: Callable[[Batch], int] = _first_axis,
 ) -> tuple[list[np.ndarray], int]:
     """Per layer the mean output shift per channel over the first ``samples`` samples (whole batches)."""
     from pipeline import runtime
@@ -140,7 +148,7 @@ def shifts(
     sums: list[np.ndarray] | None = None
     seen = 0
     for batch in progress(batches, "bias correction"):
-        n = len(next(iter(batch.values())))
+        n = count(batch)
         means = runtime.run(sess, {k: batch[k] for k in inputs}, names)
         # weighted by batch size: ReduceMean averages within a batch only
         sums = [m.astype(np.float64) * n for m in means] if sums is None else [s + m * n for s, m in zip(sums, means)]
@@ -191,13 +199,19 @@ def apply(qdq: onnx.ModelProto, corrections: dict[str, np.ndarray]) -> int:
 
 
 def correct(
-    fp32: onnx.ModelProto, qdq: onnx.ModelProto, batches: Iterable[Batch], samples: int = 128
+    fp32: onnx.ModelProto,
+    qdq: onnx.ModelProto,
+    batches: Iterable[Batch],
+    samples: int = 128,
+    count: Callable[[Batch], int] = _first_axis,
 ) -> tuple[int, int]:
-    """Bias-correct every INT8 Conv and Gemm of ``qdq`` in place. Returns (nodes corrected, samples)."""
+    """Bias-correct every INT8 Conv and Gemm of ``qdq`` in place. Returns (nodes corrected, samples).
+
+    ``count(batch)`` is a batch's sample count (``Layout.count`` where inputs batch on other axes)."""
     todo = layers(fp32, qdq)
     if not todo:
         return 0, 0
-    measured, seen = shifts(fp32, todo, batches, samples)
+    measured, seen = shifts(fp32, todo, batches, samples, count)
     if not measured:
         return 0, 0
     changed = apply(qdq, {layer.node.name: m for layer, m in zip(todo, measured)})

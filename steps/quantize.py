@@ -13,6 +13,7 @@ from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges
 from pipeline.context import StepContext
 from pipeline.errors import ConfigError, ModelError, fail
+from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.quantization import QuantizeOptions, keep_float_inputs, node_table, quantize
 from steps.base import Step
@@ -157,7 +158,7 @@ class Quantize(Step):
         batch_size = getattr(calibrate, "batch_size", 32)
         specs = onnx_model.input_specs(fp32)
         batches = data.batches(src, batch_size, specs, data.search_dirs(ctx.pipeline.base_dir), "data.calibration")
-        changed, _ = bias_correction.correct(fp32, qdq, batches, cfg.bias_correction_samples)
+        changed, _ = bias_correction.correct(fp32, qdq, batches, cfg.bias_correction_samples, Layout.of(src).count)
         return changed
 
 
