@@ -35,6 +35,36 @@ class QuantizeOptions:
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     activations: str = "symmetric"  # symmetric (s8, zero point 0) | asymmetric (u8 with a zero point)
+    activation_matmuls: bool = False  # quantize MatMuls of two activations (attention's Q·Kᵀ, P·V) too
+
+
+def float_nodes(model: onnx.ModelProto, opts: QuantizeOptions) -> list[str]:
+    """The nodes ``opts`` keeps float: excluded by name or op type, and the activation MatMuls."""
+    nodes = [*opts.exclude_nodes, *(n.name for n in model.graph.node if n.op_type in opts.exclude_op_types)]
+    if not opts.activation_matmuls:
+        nodes += activation_matmuls(model)
+    return list(dict.fromkeys(nodes))
+
+
+def constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers, Constant outputs, and what nodes compute from those alone (a transposed weight)."""
+    const = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:  # topological order
+        if node.op_type == "Constant" or (node.input and all(not i or i in const for i in node.input)):
+            const.update(o for o in node.output if o)
+    return const
+
+
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes whose two operands both change per input: attention's score and context products.
+
+    Their per-tensor INT8 ranges must cover every head and position at once, and neither side is a
+    weight that could take a per-channel scale, so they are kept float unless asked for.
+    """
+    const = constant_tensors(model)
+    return [
+        n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and not (set(n.input) & const)
+    ]
 
 
 def _op_types(model: onnx.ModelProto, opts: QuantizeOptions) -> list[str]:
@@ -228,6 +258,7 @@ def quantize(
     if unknown:
         fail(ModelError, f"steps.quantize.exclude.nodes: no node named {unknown[0]!r} in the model.")
     model, unranged = _without_ranges(model, bounds, op_types, opts.target)
+    float_matmuls = [] if opts.activation_matmuls or "MatMul" not in op_types else activation_matmuls(model)
     if unranged:
         shown = ", ".join(unranged[:8]) + (f" (the first 8 of {len(unranged)})" if len(unranged) > 8 else "")
         logger.warning(
@@ -250,7 +281,7 @@ def quantize(
             QuantType.QInt8 if symmetric else QuantType.QUInt8,  # activations
             ranges,
             [],
-            [*opts.exclude_nodes, *unranged],
+            [*opts.exclude_nodes, *unranged, *float_matmuls],
             op_types,
             extra,
         )

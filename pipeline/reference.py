@@ -101,6 +101,9 @@ DESCRIPTIONS = {
     "(ONNX Runtime's dynamic quantization: weight MatMul/Gemm INT8 per channel, activations quantized per batch "
     "at run time, activation x activation MatMuls float, embedding Gathers 8-bit weight-only, Conv float; "
     "needs `target: onnxruntime`, CPU; no recovery, no bias correction). The calibrate step still runs.",
+    "steps.quantize.activation_matmuls": "Also quantize MatMuls whose both operands are activations (attention's "
+    "Q·Kᵀ and P·V; both per tensor, neither can take per-channel scales). Off: they stay float, the weight "
+    "MatMuls around them INT8.",
     "steps.quantize.bias_correction": "Measure each INT8 Conv/Gemm's mean output shift per channel (quantized "
     "weights and input against FP32, on calibration samples) and subtract it from the float bias. Free at "
     "inference; on EfficientNet-Lite0 top-1 agreement 0.81 -> 0.88-0.91. Needs `data.calibration`; off "

@@ -15,7 +15,7 @@ from pipeline.context import StepContext
 from pipeline.errors import ConfigError, ModelError, fail
 from pipeline.layout import Layout
 from pipeline.log import logger
-from pipeline.quantization import QuantizeOptions, keep_float_inputs, node_table, quantize
+from pipeline.quantization import QuantizeOptions, float_nodes, keep_float_inputs, node_table, quantize
 from steps.base import Step
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class QuantizeConfig:
     exclude: Exclude = field(default_factory=Exclude)
     # auto: symmetric for tensorrt (its only INT8 scheme), asymmetric uint8 for onnxruntime (its default)
     activations: Literal["auto", "symmetric", "asymmetric"] = "auto"
+    # MatMuls of two activations (attention's Q·Kᵀ and P·V) stay float unless this is true
+    activation_matmuls: bool = False
     # the mean output shift of each INT8 Conv/Gemm, measured on calibration samples, folded into its bias
     bias_correction: bool = True
     bias_correction_samples: int = 128
@@ -96,13 +98,13 @@ class Quantize(Step):
             self._finish(ctx, cfg, fp32_path, int8, dynamic.node_table(fp32, int8, cfg.per_channel), 0)
             return
         opts = QuantizeOptions(
-            cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types), cfg.activation_scheme
-        )
+            cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types), cfg.activation_scheme,
+            cfg.activation_matmuls,
+        )  # fmt: skip
         observed = {k: (v.min, v.max) for k, v in ranges.tensors.items()}
         qdq = quantize(fp32, ranges.amax(), opts, observed)
         # excluded means float: also where an excluded node shares an input or weight with a quantized one
-        excluded = [*opts.exclude_nodes, *(n.name for n in fp32.graph.node if n.op_type in opts.exclude_op_types)]
-        qdq = keep_float_inputs(qdq, fp32, excluded)
+        qdq = keep_float_inputs(qdq, fp32, float_nodes(fp32, opts))
         corrected = self._correct_biases(ctx, cfg, fp32, qdq)
         self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
 
