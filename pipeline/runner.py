@@ -93,10 +93,26 @@ def cache_key(step: str, cfg: Any, inputs: dict[str, Path], extra: dict[str, Any
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def source_model(cfg: PipelineConfig, tracker: Tracker, folder: Path) -> Path | None:
+def model_reference(cfg: PipelineConfig, tracker: Tracker) -> dict[str, str]:
+    """Where the FP32 model comes from, as the INT8 model version records it: the YAML's path, or the
+    registry URI with the version it names right now (an alias may move later)."""
+    resolved = cfg.resolved()["model"]
+    which = next(k for k in ("onnx", "mlflow", "pytorch") if resolved.get(k) is not None)
+    if which == "pytorch":
+        return {"pytorch": str(resolved["pytorch"]["factory"])}
+    ref = {which: str(resolved[which])}
+    if which == "mlflow":
+        version = tracker.registered_version(ref["mlflow"])
+        if version is not None:
+            ref["registered_model"], ref["version"] = version
+    return ref
+
+
+def source_model(cfg: PipelineConfig, tracker: Tracker, folder: Path, ref: dict[str, str]) -> Path | None:
     """The user's model as a local ONNX file, checked before any run starts (None for PyTorch).
 
-    A registry model is downloaded here once; an already-quantized model is refused by name.
+    A registry model is downloaded here once, as the version ``ref`` resolved; an already-quantized
+    model is refused by name.
     """
     src = cfg.model
     if src.pytorch is not None:
@@ -105,7 +121,8 @@ def source_model(cfg: PipelineConfig, tracker: Tracker, folder: Path) -> Path | 
         path, label = Path(src.onnx), src.onnx
     else:
         assert src.mlflow is not None
-        path, label = download_onnx(src.mlflow, folder / "source", tracker.uri), src.mlflow
+        uri = f"models:/{ref['registered_model']}/{ref['version']}" if "version" in ref else src.mlflow
+        path, label = download_onnx(uri, folder / "source", tracker.uri), src.mlflow
     model = onnx_model.load(path, label=label)
     onnx_model.refuse_quantized(model, label, "model")
     specs = onnx_model.input_specs(model)
@@ -152,7 +169,8 @@ def run_pipeline(
     run = _Run(cfg, tracker, reuse, only, summary)
     with tempfile.TemporaryDirectory(prefix="int8pipe-") as tmp:
         run.tmp = Path(tmp)
-        run.model_file = source_model(cfg, tracker, run.tmp)
+        run.source = model_reference(cfg, tracker)
+        run.model_file = source_model(cfg, tracker, run.tmp, run.source)
         restored: list[_Prepared] = []
         existing = None
         if only is not None and under is None and tracker.outer_run_id is None:
@@ -274,6 +292,7 @@ class _Run:
         self.handoffs: dict[str, Path] = {}
         self.tmp = Path()
         self.model_file: Path | None = None
+        self.source: dict[str, str] = {}
 
     def prepare(self, name: str) -> _Prepared:
         """The step's context and cache key, and the finished run it may reuse."""
@@ -289,6 +308,7 @@ class _Run:
             upstream_runs=dict(self.summary.steps),
             tracker=None,  # type: ignore[arg-type]  # set once the run is open
             source_model=self.model_file,
+            source=self.source,
         )
         reusable = step.can_reuse(ctx, step_cfg)
         material = step.key_material(ctx, step_cfg)

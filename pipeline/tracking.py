@@ -281,6 +281,30 @@ class Tracker:
             self.experiment_id = _set_experiment(experiment)
         self._stop_heartbeat = threading.Event()
 
+    def registered_version(self, uri: str) -> tuple[str, str] | None:
+        """(name, version) a ``models:/`` URI names in the registry now; None for another URI.
+
+        ``models:/name/3``, ``models:/name@alias`` and ``models:/name/latest``; a logged model
+        (``models:/m-...``) or a ``runs:/`` URI is no registry version."""
+        from mlflow.exceptions import MlflowException
+
+        if not uri.startswith("models:/"):
+            return None
+        name, _, rest = uri[len("models:/") :].partition("/")
+        try:
+            if "@" in name:
+                name, _, alias = name.partition("@")
+                return name, str(self.client.get_model_version_by_alias(name, alias).version)
+            version = rest.split("/", 1)[0]
+            if version.isdigit():
+                return name, version
+            if version == "latest":
+                found = self.client.search_model_versions(f"name = '{name}'")
+                return (name, str(max(int(mv.version) for mv in found))) if found else None
+        except MlflowException:
+            return None  # download_onnx says what is wrong with the URI
+        return None
+
     def step_tracker(self, run_id: str) -> StepTracker:
         return StepTracker(self.client, run_id)
 
