@@ -64,6 +64,10 @@ def _measure(sess: Any, names: list[str], batches: Iterable[Batch]) -> tuple[int
     return size, itertools.chain([first], it)
 
 
+def _samples(feeds: Batch) -> int:
+    return len(next(iter(feeds.values())))
+
+
 def expose(model: onnx.ModelProto, tensors: list[str]) -> bytes:
     """A copy of ``model`` whose graph outputs are exactly ``tensors``."""
     m = onnx.ModelProto()
@@ -176,6 +180,7 @@ def run_pass(
     a 640x640 detector's activations are hundreds of MB per sample where a classifier's are a few.
     """
     names = list(stats)
+    total = getattr(batches, "num_samples", None)  # known for a replay of recorded samples
     inputs = {vi.name for vi in model.graph.input}
     outputs: BoundOutputs | InputsOnly
     if all(n in inputs for n in names):  # nothing to compute (e.g. only a graph input is histogrammed)
@@ -211,8 +216,9 @@ def run_pass(
             stats[name].update(value, scratch[part])
 
     with ThreadPoolExecutor(max_workers=WORKERS) as workers:
-        for feeds in progress(prefetched(rechunk(batches, chunk), hasher), label):
-            samples += len(next(iter(feeds.values())))
+        chunks = prefetched(rechunk(batches, chunk), hasher)
+        for feeds in progress(chunks, label, total=total, size=_samples, unit="samples"):
+            samples += _samples(feeds)
             values = outputs.run(feeds)
             for job in pending:
                 job.result()  # at most two chunks of activations alive: one computed, one digested

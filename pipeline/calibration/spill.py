@@ -49,12 +49,18 @@ class Spill:
             for f in files.values():
                 f.close()
 
-    def replay(self) -> Iterator[Batch]:
-        """The recorded batches again, read back one at a time.
+    @property
+    def num_samples(self) -> int:
+        return sum(next(iter(entry.values()))[1][0] for entry in self.index if entry)
 
-        Read, not memory-mapped: mapped pages that were touched count towards the process's
-        resident memory until the end, and would grow it with the number of samples.
-        """
+    def replay(self) -> Replay:
+        """The recorded batches again, read back one at a time (with their sample count, so
+        progress can show a total)."""
+        return Replay(self)
+
+    def _read(self) -> Iterator[Batch]:
+        """Read, not memory-mapped: mapped pages that were touched count towards the process's
+        resident memory until the end, and would grow it with the number of samples."""
         for entry in self.index:
             yield {
                 name: np.fromfile(self.paths[name], dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(
@@ -62,3 +68,14 @@ class Spill:
                 )
                 for name, (offset, shape, dtype) in entry.items()
             }
+
+
+class Replay:
+    """An iterable over a spill's recorded batches that knows how many samples they hold."""
+
+    def __init__(self, spill: Spill):
+        self.spill = spill
+        self.num_samples = spill.num_samples
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.spill._read()
