@@ -20,6 +20,9 @@ class StepContext:
     upstream_runs: dict[str, str]  # step name -> run id
     tracker: StepTracker
     source_model: Path | None = None  # the user's model as a local ONNX file (None for a PyTorch factory)
+    # where that model came from: {'onnx': path relative to the YAML} or {'mlflow': URI, and when it is a
+    # registry URI 'registered_model' + 'version' as resolved for this run}, or {'pytorch': factory}
+    source: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)  # non-file results for the summary

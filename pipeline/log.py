@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 logger = logging.getLogger("int8pipe")
+EVERY_S = 2.0  # seconds between two progress lines of one loop
 
 
 class _StderrHandler(logging.Handler):
@@ -51,20 +52,31 @@ class _RetryFormatter(logging.Formatter):
         return f"[int8pipe] WARNING tracking server not answering; retrying {path} ({left} tries left)"
 
 
-def progress(items: Iterable[T], label: str, total: int | None = None, every_s: float = 2.0) -> Iterator[T]:
+def progress(
+    items: Iterable[T],
+    label: str,
+    total: int | None = None,
+    every_s: float | None = None,
+    size: Callable[[T], int] | None = None,
+    unit: str = "",
+) -> Iterator[T]:
     """Yield ``items`` while logging a progress line at most every ``every_s`` seconds.
 
-    A log line rather than a terminal bar: the same output reads well in a TTY, in CI logs and
-    inside ``mlflow run``.
+    ``every_s`` defaults to ``EVERY_S``. ``size`` counts what an item holds (e.g. the samples of a
+    chunk) so the line counts that, in ``unit``s, out of ``total`` when it is known. A log line
+    rather than a terminal bar: the same output reads well in a TTY, in CI logs and inside
+    ``mlflow run``.
     """
+    every = EVERY_S if every_s is None else every_s
     start = last = time.perf_counter()
     count = 0
+    what = f" {unit}" if unit else ""
     for item in items:
         yield item
-        count += 1
+        count += size(item) if size is not None else 1
         now = time.perf_counter()
-        if now - last >= every_s:
+        if now - last >= every:
             last = now
             of = f"/{total}" if total else ""
-            logger.info("%s: %d%s (%.1fs)", label, count, of, now - start)
-    logger.info("%s: done, %d in %.1fs", label, count, time.perf_counter() - start)
+            logger.info("%s: %d%s%s (%.1fs)", label, count, of, what, now - start)
+    logger.info("%s: done, %d%s in %.1fs", label, count, what, time.perf_counter() - start)

@@ -44,23 +44,58 @@ def histograms(items: list[tuple[str, np.ndarray, float, float, float]], path: P
     return True
 
 
+BAR_DPI = 90
+LABEL_CHARS = 72  # a tensor name longer than this is shortened from the middle
+
+
+def shorten(name: str, limit: int = LABEL_CHARS) -> str:
+    """``name`` in at most ``limit`` characters: its start (which block) and its end (which tensor of
+    it) kept, the middle elided."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) * 2 // 3
+    head = limit - 1 - tail
+    return name[:head] + "…" + name[-tail:]
+
+
+def fit_labels(names: list[str], limit: int = LABEL_CHARS) -> list[str]:
+    """Shortened names, longer where shortening would make two of them read the same."""
+    longest = max((len(n) for n in names), default=0)
+    while True:
+        labels = [shorten(n, limit) for n in names]
+        if len(set(labels)) == len(set(names)) or limit >= longest:
+            return labels
+        limit += 16
+
+
 def bars(labels: list[str], values: list[float], path: Path, title: str, xlabel: str) -> bool:
+    """Horizontal bars, one per label, saved as a PNG at ``path``."""
     plt = _pyplot()
     if plt is None or not labels:
         return False
-    fig, ax = plt.subplots(figsize=(8, max(2.0, 0.25 * len(labels) + 1)))
+    fig = bar_figure(plt, labels, values, title, xlabel)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=BAR_DPI)
+    plt.close(fig)
+    return True
+
+
+def bar_figure(plt: Any, labels: list[str], values: list[float], title: str, xlabel: str) -> Any:
+    """The figure of :func:`bars`: it widens so the longest label fits beside the axes."""
+    height = max(2.0, 0.25 * len(labels) + 1)
+    # measured at the dpi it is saved with: small text does not scale exactly with the dpi
+    fig, ax = plt.subplots(figsize=(8, height), dpi=BAR_DPI)
     y = np.arange(len(labels))
     ax.barh(y, values, color="#4c72b0")
-    short = [lab if len(lab) <= 48 else "…" + lab[-47:] for lab in labels]  # tensor names run long
-    ax.set_yticks(y, short, fontsize=7)
+    ax.set_yticks(y, fit_labels(labels), fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     ax.set_title(title)
+    renderer = fig.canvas.get_renderer()
+    widest = max(t.get_window_extent(renderer).width for t in ax.get_yticklabels()) / fig.dpi
+    fig.set_size_inches(max(8.0, widest + 5.5), height)  # the bars keep about 5 inches
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def tradeoff(labels: list[str], coverage: list[float], drops: list[float], best: list[bool], path: Path) -> bool:

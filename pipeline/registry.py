@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -35,6 +38,7 @@ VALUE_TAG = "int8pipe.metric_value"
 DATA_TAG = "int8pipe.validation_digest"
 DECISION_TAG = "int8pipe.alias_decision"
 INCOMPLETE_TAG = "int8pipe.incomplete"
+EVIDENCE_TAG = "int8pipe.evidence"
 
 
 @dataclass
@@ -164,6 +168,26 @@ def decide(new: Score | None, current: Any | None, policy: str) -> tuple[bool, s
     return False, f"stayed on v{current.version}: its {old.metric} {old.value:.6g} > this version's {new.value:.6g}"
 
 
+def attach_evidence(client: MlflowClient, model_id: str, evidence: list[tuple[str, str, str, str]]) -> dict[str, str]:
+    """Copy each run artifact into the logged model's ``evidence/`` folder (the model page lists it);
+    returns name -> ``runs:/`` URI of the pieces copied."""
+    attached = {}
+    with tempfile.TemporaryDirectory(prefix="int8pipe-evidence-") as tmp:
+        folder = Path(tmp) / "evidence"
+        folder.mkdir()
+        for name, run_id, path, file in evidence:
+            try:
+                local = client.download_artifacts(run_id, path, tmp)
+            except (MlflowException, OSError) as exc:
+                logger.warning("promote: %s (runs:/%s/%s) not found, not attached: %s", name, run_id, path, exc)
+                continue
+            shutil.move(local, folder / file)
+            attached[name] = f"runs:/{run_id}/{path}"
+        if attached:
+            client.log_model_artifacts(model_id, str(folder), "evidence")
+    return attached
+
+
 def promote_model(
     client: MlflowClient,
     run_id: str,
@@ -178,9 +202,14 @@ def promote_model(
     tags: dict[str, str],
     description: str,
     metrics: dict[str, float],
+    evidence: list[tuple[str, str, str, str]] | None = None,
 ) -> dict[str, Any]:
     """Log ``model`` under ``run_id``, register it complete, decide the alias; returns what the
-    registry holds afterwards: name, version, alias (None unless this version holds it), decision."""
+    registry holds afterwards: name, version, alias (None unless this version holds it), decision.
+
+    ``evidence`` (name, run id, artifact path, file name) is copied into the logged model's
+    ``evidence/`` folder, tagged on the version as ``int8pipe.evidence.<name>`` = its ``runs:/`` URI
+    and listed in the description; a piece that cannot be fetched is left out with a warning."""
     info = mlflow.onnx.log_model(
         onnx_model=model,
         name="model",
@@ -190,8 +219,13 @@ def promote_model(
     )
     for key, metric in metrics.items():  # linked to the LoggedModel, so the model page shows them
         mlflow.log_metric(key, metric, model_id=info.model_id, run_id=run_id)
+    attached = attach_evidence(client, info.model_id, evidence or [])
+    if attached:
+        description += "\n\nEvidence (also attached to this version's model, folder `evidence/`):\n" + "\n".join(
+            f"- {name}: `{uri}`" for name, uri in attached.items()
+        )
     ensure_registered_model(client, registered_model)
-    all_tags = {**tags, **(score.tags() if score else {})}
+    all_tags = {**tags, **{f"{EVIDENCE_TAG}.{k}": v for k, v in attached.items()}, **(score.tags() if score else {})}
     mv = client.create_model_version(
         registered_model,
         source=info.model_uri,

@@ -6,9 +6,12 @@ import fnmatch
 import hashlib
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mlflow.entities import Run
 
 from pipeline import __version__, data
 from pipeline import model as onnx_model
@@ -17,7 +20,17 @@ from pipeline.context import StepContext
 from pipeline.errors import ConfigError, GateFailed, fail
 from pipeline.log import logger
 from pipeline.schema import to_mapping
-from pipeline.tracking import REUSED_FROM_TAG, REUSED_TAG, Tracker, download_onnx, is_outage, log_dataset
+from pipeline.tracking import (
+    REUSED_FROM_TAG,
+    REUSED_TAG,
+    DeferredStepTracker,
+    StepTracker,
+    Tracker,
+    download_onnx,
+    flatten_params,
+    is_outage,
+    log_dataset,
+)
 from steps import get_step
 
 
@@ -80,10 +93,26 @@ def cache_key(step: str, cfg: Any, inputs: dict[str, Path], extra: dict[str, Any
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def source_model(cfg: PipelineConfig, tracker: Tracker, folder: Path) -> Path | None:
+def model_reference(cfg: PipelineConfig, tracker: Tracker) -> dict[str, str]:
+    """Where the FP32 model comes from, as the INT8 model version records it: the YAML's path, or the
+    registry URI with the version it names right now (an alias may move later)."""
+    resolved = cfg.resolved()["model"]
+    which = next(k for k in ("onnx", "mlflow", "pytorch") if resolved.get(k) is not None)
+    if which == "pytorch":
+        return {"pytorch": str(resolved["pytorch"]["factory"])}
+    ref = {which: str(resolved[which])}
+    if which == "mlflow":
+        version = tracker.registered_version(ref["mlflow"])
+        if version is not None:
+            ref["registered_model"], ref["version"] = version
+    return ref
+
+
+def source_model(cfg: PipelineConfig, tracker: Tracker, folder: Path, ref: dict[str, str]) -> Path | None:
     """The user's model as a local ONNX file, checked before any run starts (None for PyTorch).
 
-    A registry model is downloaded here once; an already-quantized model is refused by name.
+    A registry model is downloaded here once, as the version ``ref`` resolved; an already-quantized
+    model is refused by name.
     """
     src = cfg.model
     if src.pytorch is not None:
@@ -92,7 +121,8 @@ def source_model(cfg: PipelineConfig, tracker: Tracker, folder: Path) -> Path | 
         path, label = Path(src.onnx), src.onnx
     else:
         assert src.mlflow is not None
-        path, label = download_onnx(src.mlflow, folder / "source", tracker.uri), src.mlflow
+        uri = f"models:/{ref['registered_model']}/{ref['version']}" if "version" in ref else src.mlflow
+        path, label = download_onnx(uri, folder / "source", tracker.uri), src.mlflow
     model = onnx_model.load(path, label=label)
     onnx_model.refuse_quantized(model, label, "model")
     specs = onnx_model.input_specs(model)
@@ -122,30 +152,229 @@ def run_pipeline(
     A :class:`GateFailed` or other error marks the failing step's run and the parent run FAILED and
     propagates; runs of earlier steps stay FINISHED. ``summary`` is filled in as steps finish so a
     caller can still report it after a failure.
+
+    With ``only``, the step joins the pipeline run that already holds the earlier steps with the same
+    cache keys (reopened, its status restored afterwards); a new pipeline run is opened only when
+    there is none, so repeated ``--only`` calls do not stack up parent runs.
     """
     names = list(cfg.steps)
     if only is not None and only not in names:
         fail(ConfigError, f"--only {only}: that step is not in this pipeline (it has {', '.join(names)}).")
+    if only is not None:
+        names = names[: names.index(only) + 1]
     summary = summary if summary is not None else Summary()
     tracker = Tracker(tracking_uri, cfg.experiment, under=under)
     if under is None:
         tracker.close_abandoned()
-    handoffs: dict[str, Path] = {}
+    run = _Run(cfg, tracker, reuse, only, summary)
     with tempfile.TemporaryDirectory(prefix="int8pipe-") as tmp:
-        model_file = source_model(cfg, tracker, Path(tmp))
+        run.tmp = Path(tmp)
+        run.source = model_reference(cfg, tracker)
+        run.model_file = source_model(cfg, tracker, run.tmp, run.source)
+        restored: list[_Prepared] = []
+        existing = None
+        if only is not None and under is None and tracker.outer_run_id is None:
+            # Earlier steps are restored before any run is opened: their cache keys decide which
+            # pipeline run this step belongs to.
+            for name in names[:-1]:
+                p = run.prepare(name)
+                if p.prior is None:  # a step that is never reused (e.g. a PyTorch export) runs again
+                    break
+                run.reuse(p, DeferredStepTracker())
+                restored.append(p)
+            if len(restored) == len(names) - 1:
+                existing = _pipeline_run_holding(tracker, cfg, restored)
         label = run_name or cfg.label()
-        with tracker.parent_run(cfg.name, cfg.resolved(), label) as parent:
+        if existing is not None:
+            parent_run = tracker.reopen_parent(existing.run_id, cfg.resolved())
+        else:
+            parent_run = tracker.parent_run(cfg.name, cfg.resolved(), label)
+        with parent_run as parent:
             summary.run_id = parent
-            logger.info("pipeline %r: run %s (tracking %s)", label, parent, tracker.uri)
-            tracker.client.set_tag(parent, "mlflow.note.content", describe(cfg))
+            note = describe(cfg)
+            if existing is not None:
+                label = existing.name
+                logger.info("pipeline %r: adding step %s to run %s (tracking %s)", label, only, parent, tracker.uri)
+                note = existing.note(only or "", cfg, tracker.client.get_run(parent))
+            else:
+                logger.info("pipeline %r: run %s (tracking %s)", label, parent, tracker.uri)
+            tracker.client.set_tag(parent, "mlflow.note.content", note)
             for key, value in run_tags(cfg).items():
                 tracker.client.set_tag(parent, key, value)
             try:
-                _run_steps(cfg, tracker, parent, Path(tmp), model_file, names, reuse, only, summary, handoffs)
+                for p in restored:
+                    if existing is not None:  # already among the reopened run's children
+                        summary.steps[p.name] = existing.children[p.name]
+                        summary.metrics.update(p.ctx.metrics)
+                    else:
+                        run.in_child_run(parent, p)
+                for name in names[len(restored) :]:
+                    run.in_child_run(parent, run.prepare(name))
             finally:
                 if "validate" in summary.steps:
                     tracker.client.set_tag(parent, "int8pipe.gate", summary.gate)
     return summary
+
+
+@dataclass
+class _Prepared:
+    """One step about to run or be reused: its context, cache key and the finished run matching it."""
+
+    name: str
+    step: Any
+    cfg: Any
+    ctx: StepContext
+    key: str
+    material: dict[str, Any]
+    prior: Run | None
+
+
+@dataclass
+class _Existing:
+    """A finished pipeline run that already holds the earlier steps of an ``--only`` call."""
+
+    run_id: str
+    name: str
+    children: dict[str, str]  # step -> its run under this pipeline run
+
+    def note(self, step: str, cfg: PipelineConfig, run: Run) -> str:
+        """The run description, with a line saying what ``--only`` added and which config it used."""
+        before = run.data.tags.get("mlflow.note.content", describe(cfg))
+        params: dict[str, str] = {}
+        flatten_params("", cfg.resolved(), params)
+        logged = run.data.params
+        changed = [
+            f"{k}={v} (logged param: {logged[k]})" for k, v in params.items() if logged.get(k, v[:6000]) != v[:6000]
+        ]
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        line = f"`--only {step}` added a {step} run on {stamp}" + (f" with {', '.join(changed)}." if changed else ".")
+        return f"{before}\n\n{line}"
+
+
+def _pipeline_run_holding(tracker: Tracker, cfg: PipelineConfig, restored: list[_Prepared]) -> _Existing | None:
+    """The pipeline run of this experiment whose child runs hold every restored step with the same
+    cache key: the parent of the last restored step's reused run first, then others, newest first."""
+    if not restored:
+        return None
+    last = restored[-1]
+    assert last.prior is not None
+    candidates = [last.prior.data.tags.get("mlflow.parentRunId")]
+    candidates += [r.data.tags.get("mlflow.parentRunId") for r in tracker.finished_runs(last.name, last.key)]
+    seen: set[str] = set()
+    for run_id in candidates:
+        if not run_id or run_id in seen:
+            continue
+        seen.add(run_id)
+        run = tracker.client.get_run(run_id)
+        if (
+            run.info.experiment_id != tracker.experiment_id
+            or run.info.status == "RUNNING"  # another process is still writing it
+            or "mlflow.parentRunId" in run.data.tags  # a sweep's trial belongs to its sweep
+            or run.data.tags.get("int8pipe.pipeline") != cfg.name
+        ):
+            continue
+        children = tracker.finished_children(run_id)
+        held = {p.name: children.get((p.name, p.key)) for p in restored}
+        if all(held.values()):
+            return _Existing(run_id, run.info.run_name, {k: v for k, v in held.items() if v})
+    return None
+
+
+class _Run:
+    """The state of one pipeline run while its steps are prepared, reused or run."""
+
+    def __init__(self, cfg: PipelineConfig, tracker: Tracker, reuse: bool, only: str | None, summary: Summary):
+        self.cfg = cfg
+        self.tracker = tracker
+        self.reuse_runs = reuse
+        self.only = only
+        self.summary = summary
+        self.handoffs: dict[str, Path] = {}
+        self.tmp = Path()
+        self.model_file: Path | None = None
+        self.source: dict[str, str] = {}
+
+    def prepare(self, name: str) -> _Prepared:
+        """The step's context and cache key, and the finished run it may reuse."""
+        step = get_step(name)()
+        step_cfg = self.cfg.steps[name]
+        workdir = self.tmp / name
+        workdir.mkdir()
+        ctx = StepContext(
+            pipeline=self.cfg,
+            workdir=workdir,
+            inputs=dict(self.handoffs),
+            upstream_metrics=dict(self.summary.metrics),
+            upstream_runs=dict(self.summary.steps),
+            tracker=None,  # type: ignore[arg-type]  # set once the run is open
+            source_model=self.model_file,
+            source=self.source,
+        )
+        reusable = step.can_reuse(ctx, step_cfg)
+        material = step.key_material(ctx, step_cfg)
+        key = cache_key(name, step.cache_config(step_cfg), self.handoffs, material)
+        prior = None
+        if self.reuse_runs and reusable:
+            keys = [key] + [cache_key(name, c, self.handoffs, material) for c in step.fallback_configs(step_cfg)]
+            prior = next((r for r in (self.tracker.find_reusable(name, k) for k in keys) if r is not None), None)
+        if self.only is not None and name != self.only and prior is None and reusable:
+            fail(
+                ConfigError,
+                f"--only {self.only}: step {name!r} has no finished run with this configuration to reuse; "
+                f"run the pipeline up to {name!r} first.",
+            )
+        return _Prepared(name, step, step_cfg, ctx, key, material, prior)
+
+    def reuse(self, p: _Prepared, tracker: StepTracker) -> None:
+        """Stand a finished run in for the step: its outputs restored, its metrics and tags repeated."""
+        assert p.prior is not None
+        p.ctx.tracker = tracker
+        origin = p.prior.data.tags.get(REUSED_FROM_TAG, p.prior.info.run_id)
+        logger.info("%s: reusing run %s (same config and inputs)", p.name, origin)
+        p.ctx.outputs = self.tracker.restore(p.prior, p.ctx.workdir)
+        p.ctx.log_metrics(dict(p.prior.data.metrics))
+        p.ctx.set_tags({REUSED_TAG: "true", REUSED_FROM_TAG: origin})
+        p.step.on_reuse(p.ctx, p.cfg)
+        self.summary.reused.append(p.name)
+        self.summary.metrics.update(p.ctx.metrics)
+        self.handoffs.update(p.ctx.outputs)
+
+    def in_child_run(self, parent: str, p: _Prepared) -> None:
+        """Run, reuse, or (for a step restored before its run existed) record the step in a child run."""
+        summary = self.summary
+        with self.tracker.child_run(p.name, p.key) as child:
+            summary.steps[p.name] = child.run_id
+            outage = False
+            try:
+                if isinstance(p.ctx.tracker, DeferredStepTracker):
+                    p.ctx.tracker.replay(child)
+                    p.ctx.tracker = child
+                elif p.prior is not None:
+                    self.reuse(p, child)
+                else:
+                    p.ctx.tracker = child
+                    logger.info("%s: running", p.name)
+                    p.step.run(p.ctx, p.cfg)
+                _log_datasets(self.cfg, p.name, p.material, p.ctx, child)
+            except GateFailed:
+                summary.gate = "failed"
+                raise
+            except Exception as exc:
+                outage = is_outage(exc)  # then nothing more can be logged: each call would wait out retries
+                raise
+            finally:
+                summary.metrics.update(p.ctx.metrics)
+                if not outage:
+                    self.tracker.log_outputs(child, p.ctx.workdir, p.ctx.outputs)
+                    starred = {
+                        k: v
+                        for k, v in p.ctx.metrics.items()
+                        if any(fnmatch.fnmatch(k, pat) for pat in p.step.parent_metrics)
+                    }
+                    self.tracker.log_parent_metrics(parent, starred)
+        self.handoffs.update(p.ctx.outputs)
+        if "registered_model" in p.ctx.results:
+            summary.registered_model = p.ctx.results["registered_model"]
 
 
 # step -> the data source whose digest its cache key holds
@@ -194,82 +423,3 @@ def describe(cfg: PipelineConfig) -> str:
         v = cfg.steps["validate"]
         lines.append(f"Gate: {v.metric} may drop by at most {v.max_drop}.")
     return " ".join(lines)
-
-
-def _run_steps(
-    cfg: PipelineConfig,
-    tracker: Tracker,
-    parent: str,
-    tmp: Path,
-    model_file: Path | None,
-    names: list[str],
-    reuse: bool,
-    only: str | None,
-    summary: Summary,
-    handoffs: dict[str, Path],
-) -> None:
-    for name in names:
-        if only is not None and names.index(name) > names.index(only):
-            break
-        step = get_step(name)()
-        step_cfg = cfg.steps[name]
-        workdir = tmp / name
-        workdir.mkdir()
-        ctx = StepContext(
-            pipeline=cfg,
-            workdir=workdir,
-            inputs=dict(handoffs),
-            upstream_metrics=dict(summary.metrics),
-            upstream_runs=dict(summary.steps),
-            tracker=None,  # type: ignore[arg-type]  # set once the run is open
-            source_model=model_file,
-        )
-        reusable = step.can_reuse(ctx, step_cfg)
-        material = step.key_material(ctx, step_cfg)
-        key = cache_key(name, step.cache_config(step_cfg), handoffs, material)
-        prior = None
-        if reuse and reusable:
-            keys = [key] + [cache_key(name, c, handoffs, material) for c in step.fallback_configs(step_cfg)]
-            prior = next((r for r in (tracker.find_reusable(name, k) for k in keys) if r is not None), None)
-        if only is not None and name != only and prior is None and reusable:
-            fail(
-                ConfigError,
-                f"--only {only}: step {name!r} has no finished run with this configuration to reuse; "
-                f"run the pipeline up to {name!r} first.",
-            )
-        with tracker.child_run(name, key) as child:
-            ctx.tracker = child
-            summary.steps[name] = child.run_id
-            outage = False
-            try:
-                if prior is not None:
-                    origin = prior.data.tags.get(REUSED_FROM_TAG, prior.info.run_id)
-                    logger.info("%s: reusing run %s (same config and inputs)", name, origin)
-                    ctx.outputs = tracker.restore(prior, workdir)
-                    ctx.log_metrics(dict(prior.data.metrics))
-                    child.set_tags({REUSED_TAG: "true", REUSED_FROM_TAG: origin})
-                    step.on_reuse(ctx, step_cfg)
-                    summary.reused.append(name)
-                else:
-                    logger.info("%s: running", name)
-                    step.run(ctx, step_cfg)
-                _log_datasets(cfg, name, material, ctx, child)
-            except GateFailed:
-                summary.gate = "failed"
-                raise
-            except Exception as exc:
-                outage = is_outage(exc)  # then nothing more can be logged: each call would wait out retries
-                raise
-            finally:
-                summary.metrics.update(ctx.metrics)
-                if not outage:
-                    tracker.log_outputs(child, workdir, ctx.outputs)
-                    starred = {
-                        k: v
-                        for k, v in ctx.metrics.items()
-                        if any(fnmatch.fnmatch(k, p) for p in step.parent_metrics)
-                    }
-                    tracker.log_parent_metrics(parent, starred)
-        handoffs.update(ctx.outputs)
-        if "registered_model" in ctx.results:
-            summary.registered_model = ctx.results["registered_model"]

@@ -203,11 +203,11 @@ def _sqlite_init_lock(uri: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+def flatten_params(prefix: str, value: Any, out: dict[str, str]) -> None:
     """Nested config -> MLflow params; unset (null) keys are left out rather than logged as 'null'."""
     if isinstance(value, dict):
         for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+            flatten_params(f"{prefix}.{k}" if prefix else str(k), v, out)
     elif value is not None:
         out[prefix] = json.dumps(value) if isinstance(value, (list, bool)) else str(value)
 
@@ -280,6 +280,30 @@ class StepTracker:
         return promote_model(self.client, self.run_id, **kwargs)
 
 
+class DeferredStepTracker(StepTracker):
+    """Holds what a step reports before its run exists, to be replayed onto that run.
+
+    An ``--only`` call restores the earlier steps before deciding which pipeline run they belong to;
+    a restored step's metrics and tags wait here until a run records them (or one already does)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "")  # type: ignore[arg-type]  # never talks to MLflow itself
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append(("log_metrics", (dict(metrics), step)))
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        self.calls.append(("log_table", (rows, artifact_file)))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.calls.append(("set_tags", (dict(tags),)))
+
+    def replay(self, target: StepTracker) -> None:
+        for method, args in self.calls:
+            getattr(target, method)(*args)
+
+
 def _set_experiment(name: str) -> str:
     """``mlflow.set_experiment``, safe when several pipelines create the same experiment at once."""
     from mlflow.exceptions import MlflowException
@@ -318,6 +342,30 @@ class Tracker:
         else:
             self.experiment_id = _set_experiment(experiment)
         self._stop_heartbeat = threading.Event()
+
+    def registered_version(self, uri: str) -> tuple[str, str] | None:
+        """(name, version) a ``models:/`` URI names in the registry now; None for another URI.
+
+        ``models:/name/3``, ``models:/name@alias`` and ``models:/name/latest``; a logged model
+        (``models:/m-...``) or a ``runs:/`` URI is no registry version."""
+        from mlflow.exceptions import MlflowException
+
+        if not uri.startswith("models:/"):
+            return None
+        name, _, rest = uri[len("models:/") :].partition("/")
+        try:
+            if "@" in name:
+                name, _, alias = name.partition("@")
+                return name, str(self.client.get_model_version_by_alias(name, alias).version)
+            version = rest.split("/", 1)[0]
+            if version.isdigit():
+                return name, version
+            if version == "latest":
+                found = self.client.search_model_versions(f"name = '{name}'")
+                return (name, str(max(int(mv.version) for mv in found))) if found else None
+        except MlflowException:
+            return None  # download_onnx says what is wrong with the URI
+        return None
 
     def step_tracker(self, run_id: str) -> StepTracker:
         return StepTracker(self.client, run_id)
@@ -386,11 +434,54 @@ class Tracker:
                     cfg_path.write_text(json.dumps(resolved_config, indent=2))
                     self.client.log_artifact(run_id, str(cfg_path), "config")
                 params: dict[str, str] = {}
-                _flatten("", resolved_config, params)
+                flatten_params("", resolved_config, params)
                 mlflow.log_params({key: value[:6000] for key, value in params.items()})
                 yield run_id
         finally:
             self._stop_heartbeat.set()
+
+    @contextmanager
+    def reopen_parent(self, run_id: str, resolved_config: dict[str, Any]) -> Iterator[str]:
+        """An earlier pipeline run, resumed to take one more step run (``--only``).
+
+        Its status is put back as it was when the block ends normally, FAILED if the block fails
+        (KILLED on a signal). Params it lacks are added; MLflow keeps a logged param's first value.
+        """
+        before = self.client.get_run(run_id)
+        run = mlflow.start_run(run_id=run_id)
+        try:
+            with _closing(lambda status: mlflow.end_run(status=before.info.status if status == "FINISHED" else status)):
+                for key, value in owner_tags().items():
+                    self.client.set_tag(run.info.run_id, key, value)
+                threading.Thread(target=self._heartbeat, args=(run_id,), daemon=True).start()
+                params: dict[str, str] = {}
+                flatten_params("", resolved_config, params)
+                new = {k: v[:6000] for k, v in params.items() if k not in before.data.params}
+                if new:
+                    mlflow.log_params(new)
+                yield run_id
+        finally:
+            self._stop_heartbeat.set()
+
+    def finished_runs(self, step: str, cache_key: str, max_results: int = 10) -> list[Run]:
+        """Finished runs of ``step`` with ``cache_key``, newest first."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{KEY_TAG}` = '{cache_key}' and tags.`{STEP_TAG}` = '{step}' "
+            "and attributes.status = 'FINISHED'",
+            max_results=max_results,
+            order_by=["attributes.start_time DESC"],
+        )
+
+    def finished_children(self, parent: str) -> dict[tuple[str, str], str]:
+        """(step, cache key) -> run id of the finished step runs under ``parent`` (newest wins)."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'",
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+        )
+        return {(r.data.tags[STEP_TAG], r.data.tags[KEY_TAG]): r.info.run_id for r in runs if STEP_TAG in r.data.tags}
 
     @contextmanager
     def child_run(self, step: str, cache_key: str) -> Iterator[StepTracker]:
@@ -408,13 +499,7 @@ class Tracker:
             yield StepTracker(self.client, run.info.run_id, parent.info.run_id)
 
     def find_reusable(self, step: str, cache_key: str) -> Run | None:
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{KEY_TAG}` = '{cache_key}' and tags.`{STEP_TAG}` = '{step}' "
-            "and attributes.status = 'FINISHED'",
-            max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )
+        runs = self.finished_runs(step, cache_key, max_results=1)
         return runs[0] if runs else None
 
     def restore(self, prior: Run, workdir: Path) -> dict[str, Path]:

@@ -81,6 +81,7 @@ class Promote(Step):
             "int8pipe.pipeline": ctx.pipeline.name,
         }
         tags.update({f"int8pipe.run.{step}": run_id for step, run_id in ctx.upstream_runs.items()})
+        tags.update({f"int8pipe.fp32_{k}": v for k, v in fp32_source(ctx).items()})
         for key in ("accuracy_drop", "int8_nodes", "fp_nodes", "cpu.int8.latency_p50_ms", "cpu.speedup"):
             if key in up:
                 tags[f"int8pipe.{key}"] = f"{up[key]:.6g}"
@@ -96,6 +97,7 @@ class Promote(Step):
             f"INT8 Q/DQ model of pipeline '{ctx.pipeline.name}' for {target}: calibration {ranges.method} over "
             f"{ranges.num_samples} samples, {drop}."
         )
+        description += "\n\n" + parent_line(fp32_source(ctx), ranges.model_sha256)
         linked = {k: v for k, v in up.items() if k.startswith(("fp32_", "int8_")) or k == "accuracy_drop"}
         result = ctx.tracker.promote(
             model=int8,
@@ -108,14 +110,42 @@ class Promote(Step):
             tags=tags,
             description=description,
             metrics=linked,
+            evidence=evidence(ctx.upstream_runs),
         )
         ctx.results["registered_model"] = result
         where = (
-            f" @{result['alias']}"
-            if result["alias"]
-            else (f"; @{cfg.alias} {result['decision']}" if cfg.alias else "")
+            f" @{result['alias']}" if result["alias"] else (f"; @{cfg.alias} {result['decision']}" if cfg.alias else "")
         )
         logger.info("promote: %s version %s%s", result["name"], result["version"], where)
+
+
+# what the version page links to, and the logged model carries under evidence/:
+# name -> (step, artifact path in that step's run, file name under evidence/)
+EVIDENCE = {
+    "calibration_cache": ("calibrate", "calibration/calibration.cache", "calibration.cache"),
+    "ranges": ("calibrate", "calibration/ranges.json", "ranges.json"),
+    "layer_errors": ("validate", "validation/layer_errors_table.json", "layer_errors.json"),
+    "gate_report": ("validate", "validation/report.json", "gate_report.json"),
+}
+
+
+def evidence(runs: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    """(name, run id, artifact path, file name) of each piece of evidence this pipeline produced."""
+    return [(name, runs[step], path, file) for name, (step, path, file) in EVIDENCE.items() if step in runs]
+
+
+def fp32_source(ctx: StepContext) -> dict[str, str]:
+    """The FP32 parent as version tags: its YAML path or registry URI, and the version that URI named."""
+    src = ctx.source
+    out = {"source": next((src[k] for k in ("onnx", "mlflow", "pytorch") if k in src), "")}
+    if "version" in src:
+        out["version"] = f"models:/{src['registered_model']}/{src['version']}"
+    return out
+
+
+def parent_line(source: dict[str, str], sha256: str) -> str:
+    where = f"`{source['source']}`" + (f" ({source['version']})" if "version" in source else "")
+    return f"FP32 parent: {where}, SHA-256 of the exported FP32 model `{sha256}`."
 
 
 def input_example(ctx: StepContext, model: onnx.ModelProto) -> dict[str, Any]:

@@ -142,7 +142,7 @@ def calibrate(
     plan = make_plan(model_path, method, num_bins, passes, minmax_inputs, histogram_tensors)
     stats = plan.new_stats()
     with tempfile.TemporaryDirectory(prefix="int8pipe-calibration-") as tmp:
-        spill = Spill(Path(tmp))
+        spill = Spill(Path(tmp), layout.count if layout is not None else None)
         source = spill.record(batches()) if plan.two_pass else batches()
         measured = {t: stats[t] for t in plan.measured}
         label = "calibration pass 1/2" if plan.two_pass else "calibration batches"

@@ -179,6 +179,7 @@ def run_pass(
     """
     layout = layout or Layout()  # where each input holds its samples (the data source's declaration)
     names = list(stats)
+    total = getattr(batches, "num_samples", None)  # known for a replay of recorded samples
     inputs = {vi.name for vi in model.graph.input}
     outputs: BoundOutputs | InputsOnly
     if all(n in inputs for n in names):  # nothing to compute (e.g. only a graph input is histogrammed)
@@ -214,7 +215,8 @@ def run_pass(
             stats[name].update(value, scratch[part])
 
     with ThreadPoolExecutor(max_workers=WORKERS) as workers:
-        for feeds in progress(prefetched(rechunk(batches, chunk, layout), hasher), label):
+        chunks = prefetched(rechunk(batches, chunk, layout), hasher)
+        for feeds in progress(chunks, label, total=total, size=layout.count, unit="samples"):
             samples += layout.count(feeds)
             values = outputs.run(feeds)
             for job in pending:

@@ -168,6 +168,7 @@ class ShardWorker:
     ) -> dict[str, Any]:
         stats = {t: TensorStats(self.num_bins, histogram=False) for t in measured}
         self.layout = Layout.of(src)
+        self.spill.count = self.layout.count
         source = shard_batches(src, index, num, batch_size, specs, dirs, what)
         label = f"calibration shard {index + 1}/{num} pass 1/{2 if spill else 1}"
         p = run_pass(self.model, stats, self.spill.record(source) if spill else source, label,

@@ -8,7 +8,7 @@ calibration data.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,8 +20,10 @@ Batch = dict[str, np.ndarray]
 
 
 class Spill:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, count: Callable[[Batch], int] | None = None):
         self.folder = folder
+        self.count = count or (lambda batch: len(next(iter(batch.values()))))  # samples in a batch
+        self.samples = 0
         self.paths: dict[str, Path] = {}
         self.index: list[dict[str, tuple[int, tuple[int, ...], np.dtype]]] = []
 
@@ -44,17 +46,24 @@ class Spill:
                     entry[name] = (offsets[name], array.shape, array.dtype)
                     offsets[name] += array.nbytes
                 self.index.append(entry)
+                self.samples += self.count(batch)
                 yield batch
         finally:
             for f in files.values():
                 f.close()
 
-    def replay(self) -> Iterator[Batch]:
-        """The recorded batches again, read back one at a time.
+    @property
+    def num_samples(self) -> int:
+        return self.samples
 
-        Read, not memory-mapped: mapped pages that were touched count towards the process's
-        resident memory until the end, and would grow it with the number of samples.
-        """
+    def replay(self) -> Replay:
+        """The recorded batches again, read back one at a time (with their sample count, so
+        progress can show a total)."""
+        return Replay(self)
+
+    def _read(self) -> Iterator[Batch]:
+        """Read, not memory-mapped: mapped pages that were touched count towards the process's
+        resident memory until the end, and would grow it with the number of samples."""
         for entry in self.index:
             yield {
                 name: np.fromfile(self.paths[name], dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(
@@ -62,3 +71,14 @@ class Spill:
                 )
                 for name, (offset, shape, dtype) in entry.items()
             }
+
+
+class Replay:
+    """An iterable over a spill's recorded batches that knows how many samples they hold."""
+
+    def __init__(self, spill: Spill):
+        self.spill = spill
+        self.num_samples = spill.num_samples
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.spill._read()

@@ -1,0 +1,74 @@
+"""What a user reads while a step works and in its plots: progress in samples, tensor names in full."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline import log, plots
+from pipeline.calibration.calibrator import calibrate
+from tests.models import build
+
+
+@pytest.fixture
+def int8pipe_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """int8pipe's INFO lines, with a progress line after every item."""
+    monkeypatch.setattr(log, "EVERY_S", 0.0)
+    log.logger.addHandler(caplog.handler)  # the CLI's configure() stops propagation to the root logger
+    monkeypatch.setattr(log.logger, "level", logging.INFO)
+    yield caplog
+    log.logger.removeHandler(caplog.handler)
+
+
+def test_calibration_progress_counts_samples(tmp_path: Path, int8pipe_log: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(build("conv_relu_gemm"), str(path))
+    x = np.random.default_rng(0).normal(size=(40, 2, 4, 4)).astype(np.float32)
+    # batches of 5 samples; the calibrator feeds ONNX Runtime chunks of up to 8
+    calibrate(path, lambda: ({"x": x[i : i + 5]} for i in range(0, 40, 5)), "entropy", passes=2)
+    lines = [r.getMessage() for r in int8pipe_log.records if r.getMessage().startswith("calibration pass")]
+    assert "calibration pass 1/2: done, 40 samples in" in "\n".join(lines)
+    assert "calibration pass 2/2: done, 40 samples in" in "\n".join(lines)
+    # pass 2 replays recorded samples, so it knows the total; counts only grow, ending at 40/40
+    second = [int(m.group(1)) for m in map(re.compile(r"calibration pass 2/2: (\d+)/40 samples \(").match, lines) if m]
+    assert second and second == sorted(second) and second[-1] == 40
+    first = [m.group(1) for m in map(re.compile(r"calibration pass 1/2: (\d+) samples \(").match, lines) if m]
+    assert first and first[-1] == "40"  # pass 1 reads a stream of unknown length: no total
+
+
+def test_layer_plot_labels_fit_and_tell_long_names_apart() -> None:
+    plt = plots._pyplot()
+    tail = "/attention/multi_head/query_projection/MatMul_output_0_DequantizeLinear_Output"
+    names = [f"/backbone/stage{i}/block{i}{tail}" for i in (1, 2)] + ["short", "/head/" + "x" * 300]
+    fig = plots.bar_figure(plt, names, [10.0, 12.0, 30.0, 5.0], "per tensor", "SQNR (dB)")
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ticks = fig.axes[0].get_yticklabels()
+        labels = [t.get_text() for t in ticks]
+        assert len(set(labels)) == len(names)  # two names alike in their last 50 characters stay apart
+        for name, label in zip(names, labels):
+            head, _, end = label.partition("…")
+            assert name.startswith(head) and name.endswith(end or head)  # only the middle is left out
+        assert labels[0].startswith("/backbone/stage1") and labels[0].endswith("DequantizeLinear_Output")
+        box = fig.bbox
+        for t in ticks:
+            extent = t.get_window_extent(renderer)
+            assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1
+    finally:
+        plt.close(fig)
+
+
+def test_saved_layer_plot_has_a_margin_around_its_longest_label(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    name = "/backbone/stage1/block1/attention/multi_head/query_projection/MatMul_output_0_DequantizeLinear_Output"
+    assert plots.bars([name, "b"], [1.0, 2.0], tmp_path / "p.png", "per tensor", "SQNR (dB)")
+    pixels = matplotlib.image.imread(str(tmp_path / "p.png"))
+    ink = np.where((pixels[..., :3].sum(-1) < 2.5).any(axis=0))[0]
+    assert ink.min() > 2 and ink.max() < pixels.shape[1] - 3  # nothing drawn against the left or right edge

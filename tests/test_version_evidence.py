@@ -1,0 +1,85 @@
+"""The registered INT8 version names its FP32 parent and links its evidence, from the version page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import onnx
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import run_pipeline
+
+
+def _without_benchmark(folder: Path, **model: str) -> Path:
+    path = folder / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["steps"].pop("benchmark")
+    if model:
+        cfg["model"] = model
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _fetch(uri: str, tracking_uri: str, dst: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri))
+
+
+def test_version_tags_resolve_to_the_evidence(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    s = run_pipeline(_without_benchmark(digits_copy), tracking_uri, tmp_path)
+    client = MlflowClient(tracking_uri)
+    reg = s["registered_model"]
+    mv = client.get_model_version(reg["name"], reg["version"])
+    tags = mv.tags
+    assert tags["int8pipe.fp32_source"] == "model.onnx"  # relative to the YAML, as written there
+    assert "int8pipe.fp32_version" not in tags  # a file has no registry version
+
+    cal, val = s["steps"]["calibrate"], s["steps"]["validate"]
+    assert tags["int8pipe.evidence.calibration_cache"] == f"runs:/{cal}/calibration/calibration.cache"
+    assert tags["int8pipe.evidence.ranges"] == f"runs:/{cal}/calibration/ranges.json"
+    assert tags["int8pipe.evidence.gate_report"] == f"runs:/{val}/validation/report.json"
+    assert tags["int8pipe.evidence.layer_errors"] == f"runs:/{val}/validation/layer_errors_table.json"
+
+    cache = _fetch(tags["int8pipe.evidence.calibration_cache"], tracking_uri, tmp_path / "a").read_text()
+    assert cache.splitlines()[0].startswith("TRT-") and cache.splitlines()[0].endswith("EntropyCalibration2")
+    ranges = json.loads(_fetch(tags["int8pipe.evidence.ranges"], tracking_uri, tmp_path / "b").read_text())
+    assert ranges["method"] == "entropy" and ranges["model_sha256"] == tags["int8pipe.fp32_sha256"]
+    gate = json.loads(_fetch(tags["int8pipe.evidence.gate_report"], tracking_uri, tmp_path / "c").read_text())
+    assert gate["passed"] is True and gate["metric"] == "top1"
+    table = json.loads(_fetch(tags["int8pipe.evidence.layer_errors"], tracking_uri, tmp_path / "d").read_text())
+    assert "tensor" in table["columns"] and table["data"]
+
+    # the same files travel with the model itself: its page lists evidence/, and a version URI reaches them
+    assert mv.source.startswith("models:/m-")  # the version's source is its logged model
+    listed = {a.path for a in client.list_logged_model_artifacts(mv.source[len("models:/") :], "evidence")}
+    assert listed == {
+        f"evidence/{f}" for f in ("calibration.cache", "ranges.json", "layer_errors.json", "gate_report.json")
+    }
+    copy = _fetch(f"models:/{reg['name']}/{reg['version']}/evidence/calibration.cache", tracking_uri, tmp_path / "e")
+    assert copy.read_text() == cache
+    for uri in tags.values():
+        if uri.startswith("runs:/"):
+            assert uri in mv.description
+    assert "FP32 parent: `model.onnx`" in mv.description and ranges["model_sha256"] in mv.description
+
+
+def test_registry_source_is_recorded_with_the_version_its_alias_named(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("fp32")
+    client = MlflowClient(tracking_uri)
+    for _ in range(2):  # two versions; the alias names the first, so "latest" would be wrong
+        with mlflow.start_run():
+            mlflow.onnx.log_model(
+                onnx.load(str(digits_copy / "model.onnx")), name="m", registered_model_name="digits-fp32"
+            )
+    client.set_registered_model_alias("digits-fp32", "champion", "1")
+    config = _without_benchmark(digits_copy, mlflow="models:/digits-fp32@champion")
+    s = run_pipeline(config, tracking_uri, tmp_path)
+    mv = client.get_model_version("digits-int8", s["registered_model"]["version"])
+    assert mv.tags["int8pipe.fp32_source"] == "models:/digits-fp32@champion"
+    assert mv.tags["int8pipe.fp32_version"] == "models:/digits-fp32/1"
+    assert "`models:/digits-fp32@champion` (models:/digits-fp32/1)" in mv.description
