@@ -443,7 +443,7 @@ def main() -> None:
         print("| tensor | producer | SQNR dB | cosine |")
         print("| --- | --- | --- | --- |")
         for r in worst:
-            print(f"| {r.get('tensor', r.get('node'))} | {r.get('producer')} | {r['sqnr_db']:.1f} | {r['cosine']:.4f} |")
+            print(f"| {r['tensor']} | {r['producer']} | {r['sqnr_db']:.1f} | {r['cosine']:.4f} |")
 
 
 if __name__ == "__main__":
