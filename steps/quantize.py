@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import onnx
 
-from pipeline import bias_correction, data, dynamic
+from pipeline import bias_correction, data, dynamic, smoothing
 from pipeline import model as onnx_model
-from pipeline.calibration.ranges import Ranges
+from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
 from pipeline.errors import ConfigError, ModelError, fail
 from pipeline.layout import Layout
@@ -29,6 +29,13 @@ class Exclude:
 
 
 @dataclass
+class Smoothing:
+    alpha: float = 0.5  # 0: all of the spread stays in the activation, 1: all of it moves to the weights
+    op_types: list[str] = field(default_factory=lambda: ["Conv", "MatMul", "Gemm"])
+    samples: int = 128  # calibration samples the per-channel maxima come from
+
+
+@dataclass
 class QuantizeConfig:
     target: Literal["tensorrt", "onnxruntime"] = "tensorrt"
     # static: Q/DQ from the calibrated ranges; dynamic: ORT's run-time activation ranges (CPU, onnxruntime only)
@@ -39,6 +46,8 @@ class QuantizeConfig:
     activations: Literal["auto", "symmetric", "asymmetric"] = "auto"
     # MatMuls of two activations (attention's Q·Kᵀ and P·V) stay float unless this is true
     activation_matmuls: bool = False
+    # per-channel activation outliers moved into the weights (SmoothQuant); null: off
+    smoothing: Smoothing | None = None
     # the mean output shift of each INT8 Conv/Gemm, measured on calibration samples, folded into its bias
     bias_correction: bool = True
     bias_correction_samples: int = 128
@@ -80,6 +89,11 @@ class Quantize(Step):
                 "steps.validate.recover works on Q/DQ models (quantize.mode: static); with mode: dynamic keep "
                 "nodes float with steps.quantize.exclude.nodes instead.",
             )
+        smooth = cfg.smoothing
+        if smooth is not None and not 0.0 <= smooth.alpha <= 1.0:
+            fail(ConfigError, f"steps.quantize.smoothing.alpha: expected a number in [0, 1], got {smooth.alpha}.")
+        if smooth is not None and smooth.samples <= 0:
+            fail(ConfigError, f"steps.quantize.smoothing.samples: expected a positive number, got {smooth.samples}.")
         if cfg.bias_correction_samples <= 0:
             fail(
                 ConfigError,
@@ -101,12 +115,36 @@ class Quantize(Step):
             cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types), cfg.activation_scheme,
             cfg.activation_matmuls,
         )  # fmt: skip
-        observed = {k: (v.min, v.max) for k, v in ranges.tensors.items()}
-        qdq = quantize(fp32, ranges.amax(), opts, observed)
+        tensors = dict(ranges.tensors)
+        source = self._smoothed(ctx, cfg, fp32, ranges, float_nodes(fp32, opts), tensors)
+        observed = {k: (v.min, v.max) for k, v in tensors.items()}
+        qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
         # excluded means float: also where an excluded node shares an input or weight with a quantized one
         qdq = keep_float_inputs(qdq, fp32, float_nodes(fp32, opts))
-        corrected = self._correct_biases(ctx, cfg, fp32, qdq)
+        corrected = self._correct_biases(ctx, cfg, source, qdq)
         self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
+
+    @staticmethod
+    def _smoothed(
+        ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, ranges: Ranges, skip: list[str],
+        tensors: dict[str, TensorRange],
+    ) -> onnx.ModelProto:  # fmt: skip
+        """``fp32`` with smoothed layer inputs (their ranges added to ``tensors``), or ``fp32``."""
+        src = ctx.pipeline.data.calibration
+        if cfg.smoothing is None or src is None:
+            return fp32
+        calibrate = ctx.pipeline.steps["calibrate"]
+        specs = onnx_model.input_specs(fp32)
+        dirs = data.search_dirs(ctx.pipeline.base_dir)
+        smoothed, new = smoothing.smooth_and_calibrate(
+            fp32,
+            lambda: data.batches(src, calibrate.batch_size, specs, dirs, "data.calibration"),
+            cfg.smoothing.op_types, skip, cfg.smoothing.alpha, cfg.smoothing.samples,
+            ranges.method, float(ranges.params.get("percentile", 99.99)), calibrate.memory_mb, Layout.of(src),
+        )  # fmt: skip
+        tensors.update(new)
+        ctx.log_metrics({"smoothed_inputs": len(new)})
+        return smoothed
 
     def _finish(
         self, ctx: StepContext, cfg: QuantizeConfig, fp32_path: Path, int8_model: onnx.ModelProto,
@@ -144,7 +182,7 @@ class Quantize(Step):
 
     def key_material(self, ctx: StepContext, cfg: QuantizeConfig) -> dict[str, Any]:
         src = ctx.pipeline.data.calibration
-        if not cfg.bias_correction or cfg.mode == "dynamic" or src is None:
+        if not (cfg.bias_correction or cfg.smoothing) or cfg.mode == "dynamic" or src is None:
             return {}
         return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
 

@@ -388,3 +388,23 @@ def tiny_attention() -> onnx.ModelProto:
     inits = [numpy_helper.from_array(emb, "emb"), *(numpy_helper.from_array(w, n) for n, w in weights.items())]
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 5])
     return _model(nodes, [ids], [_t("y", ["batch", 8])], inits)
+
+
+@register
+def outlier_channel_matmul() -> onnx.ModelProto:
+    """x[N,8] -> Mul (channel 0 × 40) -> MatMul(W[8,4], every row used) -> y[N,4].
+
+    One input channel runs 40× wider than the rest and its weights matter: one per-tensor INT8 scale
+    for the MatMul's input leaves the other seven channels a few levels; smoothing fixes exactly this.
+    """
+    rng = np.random.default_rng(51)
+    gain = np.ones(8, np.float32)
+    gain[0] = 40.0
+    w = rng.normal(size=(8, 4)).astype(np.float32)
+    w[0] *= 0.05  # a wide channel with small weights, as in transformer outlier features
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["h"], name="outlier"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="fc"),
+    ]
+    inits = [numpy_helper.from_array(gain, "gain"), numpy_helper.from_array(w, "w")]
+    return _model(nodes, [_t("x", ["batch", 8])], [_t("y", ["batch", 4])], inits)
