@@ -10,7 +10,6 @@ default: a ReLU output that never goes negative gets all 256 levels instead of 1
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +20,10 @@ from onnx import TensorProto, numpy_helper
 from pipeline.errors import ModelError, fail
 from pipeline.log import logger
 from pipeline.model import FLOAT_TYPES, name_nodes, tensor_types
+from pipeline.roles import activation_matmuls
 
 # TensorRT's recommended placement: Q/DQ on the inputs of these ops, not on their outputs.
 TENSORRT_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
-QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 SHAPE_ONLY = {"Shape", "Size"}
 
 
@@ -44,27 +43,6 @@ def float_nodes(model: onnx.ModelProto, opts: QuantizeOptions) -> list[str]:
     if not opts.activation_matmuls:
         nodes += activation_matmuls(model)
     return list(dict.fromkeys(nodes))
-
-
-def constant_tensors(model: onnx.ModelProto) -> set[str]:
-    """Initializers, Constant outputs, and what nodes compute from those alone (a transposed weight)."""
-    const = {i.name for i in model.graph.initializer}
-    for node in model.graph.node:  # topological order
-        if node.op_type == "Constant" or (node.input and all(not i or i in const for i in node.input)):
-            const.update(o for o in node.output if o)
-    return const
-
-
-def activation_matmuls(model: onnx.ModelProto) -> list[str]:
-    """MatMul nodes whose two operands both change per input: attention's score and context products.
-
-    Their per-tensor INT8 ranges must cover every head and position at once, and neither side is a
-    weight that could take a per-channel scale, so they are kept float unless asked for.
-    """
-    const = constant_tensors(model)
-    return [
-        n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and not (set(n.input) & const)
-    ]
 
 
 def _op_types(model: onnx.ModelProto, opts: QuantizeOptions) -> list[str]:
@@ -356,133 +334,3 @@ def quantized_activations(model: onnx.ModelProto, target: str) -> list[str] | No
             inputs = node.input[:2] if node.op_type == "MatMul" else node.input[:1]
             out.extend(i for i in inputs if i and i not in inits and i not in out)
     return out
-
-
-def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterable[str]) -> onnx.ModelProto:
-    """Make the excluded ``nodes`` of ``qdq`` read float values again, in place; returns ``qdq``.
-
-    ORT's quantizer leaves an excluded node reading a DequantizeLinear output when its input tensor
-    is shared with a quantized sibling (x -> Conv A, x -> Conv B with B excluded: B still reads
-    DQ(Q(x))), and when a shared weight was stored as INT8. Each input of an excluded node that comes
-    from a DequantizeLinear is rewired to the float tensor the FP32 model computes there: the output
-    of the same-named node in ``qdq``, a graph input, or the FP32 initializer (copied from ``fp32``
-    when ``qdq`` only holds the INT8 one). Nodes ORT deleted because a quantizer's saturation replaced
-    them (a Relu or Clip before an asymmetric QuantizeLinear) are re-created from ``fp32`` for the
-    float path. Quantize/DequantizeLinear nodes left without consumers, and their initializers, are
-    removed.
-    """
-    from pipeline.model import toposort
-
-    graph = qdq.graph
-    wanted = list(dict.fromkeys(nodes))  # in the given order: the names of re-created nodes are stable
-    fp32_nodes = {n.name: n for n in fp32.graph.node if n.name}
-    fp32_producer = {o: n for n in fp32.graph.node for o in n.output if o}
-    fp32_inits = {i.name: i for i in fp32.graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output if o}
-    by_name = {n.name: n for n in graph.node if n.name}
-    inits = {i.name: i for i in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
-    used_tensors = set(producer) | set(inits) | graph_inputs | {i for n in graph.node for i in n.input}
-    used_nodes = {n.name for n in graph.node}
-    added: list[onnx.NodeProto] = []
-    memo: dict[str, str] = {}
-
-    def fresh(base: str, used: set[str]) -> str:
-        name, k = base, 0
-        while name in used:
-            k += 1
-            name = f"{base}_{k}"
-        used.add(name)
-        return name
-
-    def float_of(tensor: str) -> str | None:
-        """A tensor of ``qdq`` holding the FP32 model's value of ``tensor`` (None: not found)."""
-        if tensor in memo:
-            return memo[tensor]
-        out: str | None = None
-        if tensor in fp32_inits:
-            init = inits.get(tensor)
-            if init is not None and init.data_type == fp32_inits[tensor].data_type:
-                out = tensor
-            else:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(fp32_inits[tensor])
-                copy.name = out = fresh(tensor if init is None else f"{tensor}_float", used_tensors)
-                graph.initializer.append(copy)
-                inits[copy.name] = copy
-        elif tensor in graph_inputs:
-            out = tensor
-        elif tensor in fp32_producer:
-            src = fp32_producer[tensor]
-            index = list(src.output).index(tensor)
-            twin = by_name.get(src.name) if src.name else None
-            if twin is not None and twin.op_type == src.op_type:
-                out = twin.output[index]
-            elif src.name and twin is None:  # deleted by ORT (a Relu/Clip folded into a quantizer)
-                inputs = [float_of(i) if i else "" for i in src.input]
-                if all(i is not None for i in inputs):
-                    node = onnx.NodeProto()
-                    node.CopyFrom(src)
-                    node.name = fresh(f"{src.name}_float", used_nodes)
-                    del node.input[:]
-                    node.input.extend(i or "" for i in inputs)
-                    del node.output[:]
-                    node.output.extend(fresh(f"{o}_float", used_tensors) if o else "" for o in src.output)
-                    added.append(node)
-                    for o, n in zip(src.output, node.output):
-                        if o:
-                            memo[o] = n
-                    out = node.output[index]
-        if out is not None:
-            memo[tensor] = out
-        return out
-
-    for name in wanted:
-        node, original = by_name.get(name), fp32_nodes.get(name)
-        if node is None or original is None:
-            continue
-        for k, tensor in enumerate(node.input):
-            if k >= len(original.input):
-                continue
-            if original.input[k] in fp32_inits and tensor != original.input[k] and tensor in inits:
-                # a float initializer swapped in after quantization (a corrected bias): back to FP32's own
-                node.input[k] = float_of(original.input[k]) or tensor
-                continue
-            dq = producer.get(tensor)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            src = float_of(original.input[k])
-            if src is None:  # no float twin: fall back to the QuantizeLinear's input for activations
-                q = producer.get(dq.input[0])
-                if q is None or q.op_type != "QuantizeLinear":
-                    logger.warning("quantize: %s input %s stays dequantized (no float value found)", name, tensor)
-                    continue
-                src = q.input[0]
-            node.input[k] = src
-        del node.input[len(original.input) :]  # e.g. a bias that bias correction added to a Conv without one
-    graph.node.extend(added)
-    _drop_unused_qdq(qdq)
-    read = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name.endswith("_corrected_bias") and i.name not in read]:
-        graph.initializer.remove(init)
-    if added:
-        toposort(qdq)
-    return qdq
-
-
-def _drop_unused_qdq(model: onnx.ModelProto) -> None:
-    """Remove Quantize/DequantizeLinear nodes nobody reads, then initializers only they read."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    dropped_inputs: set[str] = set()
-    while True:
-        read = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type in QDQ_OPS and not any(o in read for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            dropped_inputs.update(n.input)
-            graph.node.remove(n)
-    read = {i for n in graph.node for i in n.input} | outputs
-    for init in [i for i in graph.initializer if i.name in dropped_inputs and i.name not in read]:
-        graph.initializer.remove(init)

@@ -22,8 +22,8 @@ from typing import Any
 import onnx
 
 from pipeline import evaluation
+from pipeline.keep_float import keep_float_inputs
 from pipeline.log import logger
-from pipeline.quantization import keep_float_inputs
 from pipeline.scoring import Scorer, Scores
 
 GATE_PASSED = "gate passed"

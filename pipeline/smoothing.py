@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pipeline.calibration.ranges import TensorRange
 from pipeline.layout import Layout
 from pipeline.log import logger, progress
-from pipeline.quantization import activation_matmuls, constant_tensors
+from pipeline.roles import activation_matmuls, constant_tensors
 
 Batch = dict[str, np.ndarray]
 

@@ -13,9 +13,10 @@ from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
 from pipeline.errors import ConfigError, ModelError, fail
+from pipeline.keep_float import keep_float_inputs
 from pipeline.layout import Layout
 from pipeline.log import logger
-from pipeline.quantization import QuantizeOptions, float_nodes, keep_float_inputs, node_table, quantize
+from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize
 from steps.base import Step
 
 if TYPE_CHECKING:

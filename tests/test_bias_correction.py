@@ -12,8 +12,9 @@ import pytest
 from onnx import numpy_helper
 
 from pipeline import bias_correction, runtime
+from pipeline.keep_float import keep_float_inputs
 from pipeline.model import toposort
-from pipeline.quantization import QuantizeOptions, keep_float_inputs, quantize
+from pipeline.quantization import QuantizeOptions, quantize
 from tests.models import build
 
 INPUTS = {

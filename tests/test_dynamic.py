@@ -104,14 +104,9 @@ def test_dynamic_pipeline_validates_benchmarks_and_registers(tmp_path: Path, tra
 @pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
 def test_static_roles_keep_attention_products_float_unless_asked(target: str) -> None:
     from pipeline.calibration.calibrator import calibrate
-    from pipeline.quantization import (
-        QuantizeOptions,
-        activation_matmuls,
-        float_nodes,
-        keep_float_inputs,
-        node_table,
-        quantize,
-    )
+    from pipeline.keep_float import keep_float_inputs
+    from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize
+    from pipeline.roles import activation_matmuls
 
     fp32 = build("tiny_attention")
     assert activation_matmuls(fp32) == ["scores", "context"]

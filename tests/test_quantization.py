@@ -168,7 +168,7 @@ def test_nodes_without_ranges_stay_fp32(target: str, named: bool) -> None:
 
 
 def _exclude_b(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
-    from pipeline.quantization import keep_float_inputs
+    from pipeline.keep_float import keep_float_inputs
 
     amax = {"x": 3.0, "a": 8.0, "b": 8.0}
     observed = {k: (-v, v) for k, v in amax.items()}
@@ -205,7 +205,7 @@ def test_keep_float_inputs_recreates_a_relu_ort_folded_into_a_quantizer() -> Non
     quantizer saturates instead). An excluded Flatten reading that tensor gets Clip and Relu back on
     its float path; the Q/DQ pair nobody reads any more is removed."""
     from pipeline.calibration.collect import expose
-    from pipeline.quantization import keep_float_inputs
+    from pipeline.keep_float import keep_float_inputs
 
     model = build("clip_chain")
     amax = {"x": 6.0, "conv": 20.0, "relu6": 6.0, "relu": 6.0, "flat": 6.0, "y": 50.0, "top": 50.0, "clipped": 6.0}

@@ -1,0 +1,26 @@
+"""Quantization roles: what a node does in the network, beyond its op type."""
+
+from __future__ import annotations
+
+import onnx
+
+
+def constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers, Constant outputs, and what nodes compute from those alone (a transposed weight)."""
+    const = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:  # topological order
+        if node.op_type == "Constant" or (node.input and all(not i or i in const for i in node.input)):
+            const.update(o for o in node.output if o)
+    return const
+
+
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes whose two operands both change per input: attention's score and context products.
+
+    Their per-tensor INT8 ranges must cover every head and position at once, and neither side is a
+    weight that could take a per-channel scale, so they are kept float unless asked for.
+    """
+    const = constant_tensors(model)
+    return [
+        n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and not (set(n.input) & const)
+    ]
