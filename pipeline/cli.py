@@ -56,7 +56,7 @@ def _store_full(exc: BaseException) -> str | None:
     """The message for a tracking or artifact store out of space (see tracking.store_full), else None."""
     import mlflow
 
-    from pipeline.tracking import store_full
+    from pipeline.store import store_full
 
     return store_full(exc, mlflow.get_tracking_uri())
 
@@ -201,7 +201,7 @@ def _on_signal(signum: int, frame: object) -> None:
 
 def _tracking_outage(exc: BaseException) -> str | None:
     """The one-paragraph message for a tracking server that stopped answering mid-run, else None."""
-    from pipeline.tracking import is_outage
+    from pipeline.store import is_outage
 
     if not is_outage(exc):
         return None

@@ -20,6 +20,7 @@ from pipeline.context import StepContext
 from pipeline.errors import ConfigError, GateFailed, fail
 from pipeline.log import logger
 from pipeline.schema import to_mapping
+from pipeline.store import is_outage
 from pipeline.tracking import (
     REUSED_FROM_TAG,
     REUSED_TAG,
@@ -28,7 +29,6 @@ from pipeline.tracking import (
     Tracker,
     download_onnx,
     flatten_params,
-    is_outage,
     log_dataset,
 )
 from steps import get_step

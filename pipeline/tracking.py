@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import logging
 import os
-import shutil
 import socket
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,15 +19,23 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from pipeline.log import logger
+from pipeline.store import (
+    HEARTBEAT_TAG,
+    HOST_TAG,
+    PID_TAG,
+    alive,
+    check_reachable,
+    closing,
+    owner_tags,
+    quiet_when_full,
+    sqlite_init_lock,
+)
 
 STEP_TAG = "int8pipe.step"
 KEY_TAG = "int8pipe.cache_key"
 OUTPUTS_TAG = "int8pipe.outputs"
 REUSED_TAG = "int8pipe.reused"
 REUSED_FROM_TAG = "int8pipe.reused_from"
-HOST_TAG = "int8pipe.host"
-PID_TAG = "int8pipe.pid"  # "<pid>:<process start time>": a reused pid is not the same process
-HEARTBEAT_TAG = "int8pipe.heartbeat"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0  # a run on another host whose heartbeat is this old belongs to a dead process
 
@@ -43,164 +46,6 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
-
-
-def is_outage(exc: BaseException) -> bool:
-    """Whether ``exc`` is the tracking server not answering (after MLflow's own retries)."""
-    text = f"{type(exc).__name__}: {exc}"
-    return any(m in text for m in ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out"))
-
-
-FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-def store_full(exc: BaseException, tracking_uri: str) -> str | None:
-    """The one-paragraph message when ``exc`` (or what caused it) is a store out of space, else None:
-    sqlite's "database or disk is full" names the tracking store, an ENOSPC/EDQUOT write the
-    artifact store's file."""
-    seen: set[int] = set()
-    chain: BaseException | None = exc
-    while chain is not None and id(chain) not in seen:
-        seen.add(id(chain))
-        if "database or disk is full" in str(chain):
-            where = tracking_uri
-            if tracking_uri.startswith("sqlite:///"):
-                where = f"{tracking_uri} (the file {Path(tracking_uri[len('sqlite:///') :]).resolve()})"
-            return (
-                f"the MLflow tracking store {where} is full: sqlite reported 'database or disk is full' "
-                f"({_free(tracking_uri)}). Free space on that disk, or point --tracking-uri (or "
-                "MLFLOW_TRACKING_URI) at a store on a disk with room; runs already finished stay intact and "
-                "are reused by the next run."
-            )
-        if isinstance(chain, OSError) and chain.errno in FULL_ERRNOS:
-            path = chain.filename or "the artifact store"
-            return (
-                f"the MLflow artifact store is full: writing {path} failed ({os.strerror(chain.errno or 0)}). "
-                "Free space on that disk, or point --tracking-uri (or MLFLOW_TRACKING_URI) at a store whose "
-                "artifacts live on a disk with room; runs already finished stay intact and are reused."
-            )
-        chain = chain.__cause__ or chain.__context__
-    return None
-
-
-class _QuietWhenFull(logging.Filter):
-    """Drops MLflow's own traceback of a full sqlite store: the error is re-raised to int8pipe, which
-    reports it as one paragraph naming the store (see :func:`store_full`)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return exc is None or store_full(exc, "") is None
-
-
-def quiet_when_full() -> None:
-    db_log = logging.getLogger("mlflow.store.db.utils")
-    if not any(isinstance(f, _QuietWhenFull) for f in db_log.filters):
-        db_log.addFilter(_QuietWhenFull())
-
-
-def _free(tracking_uri: str) -> str:
-    """How much room the disk of a sqlite store's file has left, as words."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return "the server's disk"
-    try:
-        free = shutil.disk_usage(Path(tracking_uri[len("sqlite:///") :]).resolve().parent).free
-    except OSError:
-        return "free space unknown"
-    return f"{free / 2**20:.0f} MB free on its disk; if that is plenty, the database itself is capped"
-
-
-@contextmanager
-def _closing(end: Any) -> Iterator[None]:
-    """Run ``end(status)`` after the block: FINISHED, KILLED on a signal, FAILED otherwise, and
-    nothing during an outage (each call would wait out MLflow's retries; the next run closes it)."""
-    status = "FAILED"
-    try:
-        yield
-        status = "FINISHED"
-    except KeyboardInterrupt:  # SIGINT, or SIGTERM turned into Interrupted by the CLI
-        status = "KILLED"
-        raise
-    except Exception as exc:
-        if is_outage(exc):
-            status = ""
-        raise
-    finally:
-        if status:
-            end(status)
-
-
-def _process_start(pid: int) -> str:
-    """The start time of ``pid`` in clock ticks since boot ('' where /proc does not tell)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _alive(pid_tag: str) -> bool:
-    pid_text, _, start = pid_tag.partition(":")
-    try:
-        pid = int(pid_text)
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return not start or _process_start(pid) == start
-
-
-def owner_tags() -> dict[str, str]:
-    pid = os.getpid()
-    return {HOST_TAG: socket.gethostname(), PID_TAG: f"{pid}:{_process_start(pid)}", HEARTBEAT_TAG: repr(time.time())}
-
-
-def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail within ``timeout_s`` when the tracking store cannot be used, before any work starts."""
-    from pipeline.errors import TrackingError, fail
-
-    if uri.startswith(("http://", "https://")):
-        deadline = time.monotonic() + timeout_s
-        last = ""
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as r:
-                    if r.status == 200:
-                        return
-                    last = f"HTTP {r.status}"
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}"
-            except OSError as exc:
-                last = str(getattr(exc, "reason", exc))
-            time.sleep(1.0)
-        fail(
-            TrackingError,
-            f"the MLflow tracking server {uri} does not answer ({last}). Start it (mlflow server --host "
-            "127.0.0.1 --port 5000), check --tracking-uri / MLFLOW_TRACKING_URI, or use a local store "
-            "such as sqlite:///mlflow.db.",
-        )
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///") :]).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            fail(TrackingError, f"tracking store {uri}: the folder {folder} does not exist or is not writable.")
-
-
-@contextmanager
-def _sqlite_init_lock(uri: str) -> Iterator[None]:
-    """Serialise the first use of a sqlite store: MLflow migrates a new database's schema on first
-    use, and two processes migrating at once leave one dead ('duplicate column name')."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
-
-    fd = os.open(Path(uri[len("sqlite:///") :]).parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def flatten_params(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -328,7 +173,7 @@ class Tracker:
         self.uri = mlflow.get_tracking_uri()
         check_reachable(self.uri)
         quiet_when_full()
-        with _sqlite_init_lock(self.uri):
+        with sqlite_init_lock(self.uri):
             self.client = MlflowClient(self.uri)
             self.client.search_experiments(max_results=1)  # creates or migrates the store, under the lock
         # set by `mlflow run`; a run nested ``under`` another (a sweep's trial) is always created anew
@@ -387,7 +232,7 @@ class Tracker:
             if HOST_TAG not in tags or run.info.run_id == self.outer_run_id:
                 continue
             if tags[HOST_TAG] == host:
-                gone = not _alive(tags.get(PID_TAG, ""))
+                gone = not alive(tags.get(PID_TAG, ""))
             else:
                 parent = by_id.get(tags.get("mlflow.parentRunId", ""), run)
                 beat = float(parent.data.tags.get(HEARTBEAT_TAG, tags.get(HEARTBEAT_TAG, "0")))
@@ -424,7 +269,7 @@ class Tracker:
         run_id = run.info.run_id
         try:
             # from here on a signal or error ends the run (KILLED/FAILED), even while it is being set up
-            with _closing(lambda status: mlflow.end_run(status=status)):
+            with closing(lambda status: mlflow.end_run(status=status)):
                 self.client.set_tag(run_id, "int8pipe.pipeline", name)
                 for key, value in owner_tags().items():
                     self.client.set_tag(run_id, key, value)
@@ -450,7 +295,7 @@ class Tracker:
         before = self.client.get_run(run_id)
         run = mlflow.start_run(run_id=run_id)
         try:
-            with _closing(lambda status: mlflow.end_run(status=before.info.status if status == "FINISHED" else status)):
+            with closing(lambda status: mlflow.end_run(status=before.info.status if status == "FINISHED" else status)):
                 for key, value in owner_tags().items():
                     self.client.set_tag(run.info.run_id, key, value)
                 threading.Thread(target=self._heartbeat, args=(run_id,), daemon=True).start()
@@ -495,7 +340,7 @@ class Tracker:
             tags={STEP_TAG: step, KEY_TAG: cache_key, "mlflow.parentRunId": parent.info.run_id, **owner_tags()},
         )
         run = mlflow.start_run(run_id=created.info.run_id, nested=True)
-        with _closing(lambda status: mlflow.end_run(status=status)):
+        with closing(lambda status: mlflow.end_run(status=status)):
             yield StepTracker(self.client, run.info.run_id, parent.info.run_id)
 
     def find_reusable(self, step: str, cache_key: str) -> Run | None:
