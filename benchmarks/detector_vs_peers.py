@@ -85,35 +85,17 @@ def find_model(given: str | None) -> Path:
 
 
 def constants_to_initializers(m: onnx.ModelProto) -> int:
-    """Move every Constant node's value into an initializer of the same name; returns how many.
+    """Move every Constant node's value into an initializer, as int8pipe's export step does.
 
     Paddle2ONNX writes all 62 Conv weights and biases as Constant nodes and no initializer. Every
     quantizer here only quantizes weights that are initializers: on the raw export ORT's
     quantize_static and NNCF leave 52-53 of the 62 Convs FP32 ("Expected bias ... to be an
-    initializer"), and int8pipe none (it asks for a calibration range of the weight tensor as if
-    it were an activation, finds none, and keeps the node FP32). Pass --raw-export to see that
+    initializer"), and int8pipe's quantize() called directly none. Pass --raw-export to see that
     (it also keeps opset 12, see fixed_size).
     """
-    from onnx import helper, numpy_helper
+    from pipeline import model as onnx_model
 
-    kept, moved = [], 0
-    for node in m.graph.node:
-        if node.op_type != "Constant" or len(node.attribute) != 1:
-            kept.append(node)
-            continue
-        value = helper.get_attribute_value(node.attribute[0])
-        if isinstance(value, onnx.TensorProto):
-            array = numpy_helper.to_array(value)
-        elif node.attribute[0].name in ("value_float", "value_int", "value_floats", "value_ints"):
-            array = np.array(value, np.float32 if "float" in node.attribute[0].name else np.int64)
-        else:
-            kept.append(node)
-            continue
-        m.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
-        moved += 1
-    del m.graph.node[:]
-    m.graph.node.extend(kept)
-    return moved
+    return onnx_model.constants_to_initializers(m)
 
 
 def fixed_size(path: Path, size: int, folder: Path, raw: bool = False) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.errors import ModelError, fail
 from pipeline.layout import Layout
@@ -181,6 +181,38 @@ def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str], np.d
         dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
         specs[vi.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
     return specs
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Move the main graph's Constant nodes into initializers of the same name, in place; returns how many.
+
+    Some exporters (Paddle2ONNX, older TensorFlow converters) write every weight as a Constant node.
+    Quantizers find weights among initializers only; left as Constants, a Conv's weight looks like
+    an activation without a range and the Conv stays float.
+    """
+    if model.ir_version < 4:  # initializers had to be graph inputs too: leave such models alone
+        return 0
+    kept: list[onnx.NodeProto] = []
+    moved = 0
+    for node in model.graph.node:
+        tensor = None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            attr = node.attribute[0]
+            if attr.name == "value":
+                tensor = numpy_helper.to_array(attr.t)
+            elif attr.name in ("value_float", "value_floats"):
+                tensor = np.array(helper.get_attribute_value(attr), np.float32)
+            elif attr.name in ("value_int", "value_ints"):
+                tensor = np.array(helper.get_attribute_value(attr), np.int64)
+        if tensor is None:
+            kept.append(node)
+            continue
+        model.graph.initializer.append(numpy_helper.from_array(tensor, node.output[0]))
+        moved += 1
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return moved
 
 
 def set_dynamic_batch(model: onnx.ModelProto, name: str = "batch", layout: Layout | None = None) -> None:

@@ -89,6 +89,9 @@ class Export(Step):
             model = onnx_model.load(raw, label=label)
             onnx_model.refuse_quantized(model, label, "model")
             before = onnx_model.op_counts(model)
+            moved = onnx_model.constants_to_initializers(model)
+            if moved:
+                logger.info("export: %d Constant nodes moved into initializers (quantizers find weights there)", moved)
             opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
             if opset < MIN_QDQ_OPSET:
                 target = max(cfg.opset, MIN_QDQ_OPSET)
