@@ -39,7 +39,9 @@ after 5 warm-up runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import logging
 import sys
 import tempfile
 import time
@@ -374,6 +376,12 @@ def main() -> None:
         ("tensorrt, attention products float (default)", trt, False),
         ("tensorrt, activation_matmuls: true", trt_attention, False),
         ("tensorrt + smoothing alpha 0.5", trt, True),
+        # the same with the CNN backbone float: what static INT8 of the MatMuls alone costs (dynamic mode's scope)
+        (
+            "tensorrt, Conv excluded (MatMuls only)",
+            QuantizeOptions(target="tensorrt", exclude_op_types=("Conv",)),
+            False,
+        ),
     ):
         progress(f"int8pipe static {label}")
         built[label] = attempt(
@@ -430,10 +438,17 @@ def main() -> None:
         print("| NNCF | not installed (pip install nncf) | | | | | | | |")
     else:
         if not args.no_nncf:
+            nncf.set_log_level(logging.WARNING)
 
             def nncf_model(**options: Any) -> Any:
                 data = [{"x": x_cal[i : i + 1]} for i in range(len(x_cal))]
-                return lambda: (nncf.quantize(fp32, nncf.Dataset(data), subset_size=len(data), **options), None)
+
+                def build() -> tuple[onnx.ModelProto, None]:
+                    # its INFO lines and progress bars go to stdout: keep the table clean
+                    with contextlib.redirect_stdout(sys.stderr):
+                        return nncf.quantize(fp32, nncf.Dataset(data), subset_size=len(data), **options), None
+
+                return build
 
             progress("NNCF quantize")
             attempt(f"NNCF {nncf.__version__} quantize (defaults)", nncf_model())
