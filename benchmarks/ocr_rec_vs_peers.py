@@ -193,7 +193,8 @@ def text_lines() -> tuple[list[np.ndarray], list[np.ndarray]]:
     from skimage import data
     from skimage.transform import resize
 
-    cal, held = [], []
+    cal: list[np.ndarray] = []
+    held: list[np.ndarray] = []
     for k, band in enumerate(_lines(np.asarray(data.page()), 8)):
         w = max(int(round(band.shape[1] * HEIGHT / band.shape[0])), 8)
         line = resize(band, (HEIGHT, w), anti_aliasing=True, preserve_range=True).astype(np.uint8)
