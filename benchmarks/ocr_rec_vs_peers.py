@@ -273,15 +273,9 @@ def main() -> None:
 
     from pipeline import bias_correction, dynamic, runtime, smoothing
     from pipeline.calibration.calibrator import DEFAULT_MEMORY_MB, calibrate
-    from pipeline.quantization import (
-        QuantizeOptions,
-        activation_matmuls,
-        float_nodes,
-        keep_float_inputs,
-        node_table,
-        quantize,
-        quantized_activations,
-    )
+    from pipeline.keep_float import keep_float_inputs
+    from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize, quantized_activations
+    from pipeline.roles import activation_matmuls
 
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-rec-peers-"))
     path = fixed_width(find_model(args.model), args.width, folder)
