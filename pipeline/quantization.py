@@ -20,7 +20,7 @@ from onnx import TensorProto, numpy_helper
 from pipeline.errors import ModelError, fail
 from pipeline.log import logger
 from pipeline.model import FLOAT_TYPES, name_nodes, tensor_types
-from pipeline.roles import activation_matmuls
+from pipeline.roles import NORMALIZATION_OPS, activation_matmuls, normalization_nodes
 
 # TensorRT's recommended placement: Q/DQ on the inputs of these ops, not on their outputs.
 TENSORRT_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
@@ -35,13 +35,17 @@ class QuantizeOptions:
     exclude_op_types: tuple[str, ...] = ()
     activations: str = "symmetric"  # symmetric (s8, zero point 0) | asymmetric (u8 with a zero point)
     activation_matmuls: bool = False  # quantize MatMuls of two activations (attention's Q·Kᵀ, P·V) too
+    normalization: bool = False  # quantize normalization layers too (roles.NORMALIZATION_OPS; onnxruntime target)
 
 
 def float_nodes(model: onnx.ModelProto, opts: QuantizeOptions) -> list[str]:
-    """The nodes ``opts`` keeps float: excluded by name or op type, and the activation MatMuls."""
+    """The nodes ``opts`` keeps float: excluded by name or op type, and by role (activation MatMuls,
+    normalization layers) unless asked for."""
     nodes = [*opts.exclude_nodes, *(n.name for n in model.graph.node if n.op_type in opts.exclude_op_types)]
     if not opts.activation_matmuls:
         nodes += activation_matmuls(model)
+    if not opts.normalization:
+        nodes += normalization_nodes(model)
     return list(dict.fromkeys(nodes))
 
 
@@ -52,7 +56,8 @@ def _op_types(model: onnx.ModelProto, opts: QuantizeOptions) -> list[str]:
         from onnxruntime.quantization.registry import QDQRegistry
 
         ops = sorted(QDQRegistry)
-    return [o for o in ops if o not in opts.exclude_op_types]
+    dropped = {*opts.exclude_op_types, *(() if opts.normalization else NORMALIZATION_OPS)}
+    return [o for o in ops if o not in dropped]
 
 
 def activation_bounds(

@@ -113,6 +113,9 @@ DESCRIPTIONS = {
     "steps.quantize.smoothing.alpha": "0 keeps the spread in the activation, 1 moves all of it into the weights.",
     "steps.quantize.smoothing.op_types": "Layer types whose inputs are smoothed.",
     "steps.quantize.smoothing.samples": "Calibration samples the per-channel maxima come from (whole batches).",
+    "steps.quantize.normalization": "Also quantize normalization layers (LayerNormalization, InstanceNormalization, "
+    "GroupNormalization, a BatchNormalization left unfolded); only `target: onnxruntime` quantizes them. Off: "
+    "they stay float, as transformers need.",
     "steps.quantize.bias_correction": "Measure each INT8 Conv/Gemm's mean output shift per channel (quantized "
     "weights and input against FP32, on calibration samples) and subtract it from the float bias. Free at "
     "inference; on EfficientNet-Lite0 top-1 agreement 0.81 -> 0.88-0.91. Needs `data.calibration`; off "

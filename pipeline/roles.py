@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import onnx
 
+# Normalization layers: their output depends on statistics over the channels or positions of one
+# sample, so a quantized input shifts every value at once; ORT's QDQ quantizer covers them.
+NORMALIZATION_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "BatchNormalization")
+
 
 def constant_tensors(model: onnx.ModelProto) -> set[str]:
     """Initializers, Constant outputs, and what nodes compute from those alone (a transposed weight)."""
@@ -24,3 +28,7 @@ def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     return [
         n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and not (set(n.input) & const)
     ]
+
+
+def normalization_nodes(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type in NORMALIZATION_OPS]

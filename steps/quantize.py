@@ -47,6 +47,8 @@ class QuantizeConfig:
     activations: Literal["auto", "symmetric", "asymmetric"] = "auto"
     # MatMuls of two activations (attention's Q·Kᵀ and P·V) stay float unless this is true
     activation_matmuls: bool = False
+    # LayerNorm/InstanceNorm/GroupNorm/unfolded BatchNorm stay float unless this is true (onnxruntime target)
+    normalization: bool = False
     # per-channel activation outliers moved into the weights (SmoothQuant); null: off
     smoothing: Smoothing | None = None
     # the mean output shift of each INT8 Conv/Gemm, measured on calibration samples, folded into its bias
@@ -114,7 +116,7 @@ class Quantize(Step):
             return
         opts = QuantizeOptions(
             cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types), cfg.activation_scheme,
-            cfg.activation_matmuls,
+            cfg.activation_matmuls, cfg.normalization,
         )  # fmt: skip
         tensors = dict(ranges.tensors)
         source = self._smoothed(ctx, cfg, fp32, ranges, float_nodes(fp32, opts), tensors)

@@ -99,30 +99,3 @@ def test_dynamic_pipeline_validates_benchmarks_and_registers(tmp_path: Path, tra
     version = summary["registered_model"]["version"]
     model = mlflow.onnx.load_model(f"models:/{summary['registered_model']['name']}/{version}")
     assert any(n.op_type == "MatMulInteger" for n in model.graph.node)
-
-
-@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
-def test_static_roles_keep_attention_products_float_unless_asked(target: str) -> None:
-    from pipeline.calibration.calibrator import calibrate
-    from pipeline.keep_float import keep_float_inputs
-    from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize
-    from pipeline.roles import activation_matmuls
-
-    fp32 = build("tiny_attention")
-    assert activation_matmuls(fp32) == ["scores", "context"]
-    ids = np.random.default_rng(6).integers(0, 20, size=(64, 5))
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx.save(fp32, f"{tmp}/m.onnx")
-        cal = calibrate(Path(tmp) / "m.onnx", lambda: iter([{"ids": ids}]), "minmax")
-    observed = {k: (v.min, v.max) for k, v in cal.ranges.tensors.items()}
-    activations = "symmetric" if target == "tensorrt" else "asymmetric"
-    precision = {}
-    for opt_in in (False, True):
-        opts = QuantizeOptions(target=target, activations=activations, activation_matmuls=opt_in)
-        qdq = keep_float_inputs(quantize(fp32, cal.ranges.amax(), opts, observed), fp32, float_nodes(fp32, opts))
-        precision[opt_in] = {r["node"]: r["precision"] for r in node_table(fp32, qdq)}
-    assert precision[False]["scores"] == precision[False]["context"] == "fp32"
-    assert precision[False]["wq"] == precision[False]["wo"] == "int8"
-    assert precision[True]["scores"] == precision[True]["context"] == "int8"

@@ -408,3 +408,18 @@ def outlier_channel_matmul() -> onnx.ModelProto:
     ]
     inits = [numpy_helper.from_array(gain, "gain"), numpy_helper.from_array(w, "w")]
     return _model(nodes, [_t("x", ["batch", 8])], [_t("y", ["batch", 4])], inits)
+
+
+@register
+def matmul_layernorm() -> onnx.ModelProto:
+    """x[N,4,8] -> MatMul(W1) "fc1" -> LayerNormalization "norm" -> MatMul(W2) "fc2" -> y[N,4,8]."""
+    rng = np.random.default_rng(61)
+    w1, w2 = (rng.normal(size=(8, 8)).astype(np.float32) for _ in range(2))
+    gamma, beta = rng.normal(1.0, 0.1, size=8).astype(np.float32), rng.normal(0, 0.1, size=8).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], name="norm", axis=-1),
+        helper.make_node("MatMul", ["n", "w2"], ["y"], name="fc2"),
+    ]
+    inits = [numpy_helper.from_array(a, k) for a, k in [(w1, "w1"), (w2, "w2"), (gamma, "gamma"), (beta, "beta")]]
+    return _model(nodes, [_t("x", ["batch", 4, 8])], [_t("y", ["batch", 4, 8])], inits)

@@ -1,0 +1,52 @@
+"""Quantization roles: nodes kept float for what they do, for both targets, unless asked for."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.calibration.calibrator import calibrate
+from pipeline.keep_float import keep_float_inputs
+from pipeline.model import toposort
+from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize
+from pipeline.roles import activation_matmuls
+from tests.models import build
+
+
+def precisions(fp32: onnx.ModelProto, feeds: dict[str, np.ndarray], **options: object) -> dict[str, str]:
+    """node -> precision in the Q/DQ model the quantize step would build with ``options``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(fp32, f"{tmp}/m.onnx")
+        cal = calibrate(Path(tmp) / "m.onnx", lambda: iter([feeds]), "minmax")
+    observed = {k: (v.min, v.max) for k, v in cal.ranges.tensors.items()}
+    opts = QuantizeOptions(**options)  # type: ignore[arg-type]
+    qdq = keep_float_inputs(quantize(fp32, cal.ranges.amax(), opts, observed), fp32, float_nodes(fp32, opts))
+    toposort(qdq)  # as save_checked does: ORT's quantizer appends its nodes at the end
+    onnx.checker.check_model(qdq, full_check=True)
+    return {r["node"]: r["precision"] for r in node_table(fp32, qdq)}
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_attention_products_stay_float_unless_asked(target: str) -> None:
+    fp32 = build("tiny_attention")
+    assert activation_matmuls(fp32) == ["scores", "context"]
+    feeds = {"ids": np.random.default_rng(6).integers(0, 20, size=(64, 5))}
+    activations = "symmetric" if target == "tensorrt" else "asymmetric"
+    default = precisions(fp32, feeds, target=target, activations=activations)
+    opted_in = precisions(fp32, feeds, target=target, activations=activations, activation_matmuls=True)
+    assert default["scores"] == default["context"] == "fp32"
+    assert default["wq"] == default["wo"] == "int8"
+    assert opted_in["scores"] == opted_in["context"] == "int8"
+
+
+def test_normalization_stays_float_unless_asked() -> None:
+    fp32 = build("matmul_layernorm")
+    feeds = {"x": np.random.default_rng(7).normal(size=(32, 4, 8)).astype(np.float32)}
+    default = precisions(fp32, feeds, target="onnxruntime", activations="asymmetric")
+    opted_in = precisions(fp32, feeds, target="onnxruntime", activations="asymmetric", normalization=True)
+    assert default["norm"] == "fp32" and default["fc1"] == default["fc2"] == "int8"
+    assert opted_in["norm"] != "fp32"  # ORT's quantizer reads it through DequantizeLinear when allowed
