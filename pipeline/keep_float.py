@@ -13,6 +13,7 @@ import onnx
 from pipeline.log import logger
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+SMOOTHING_SUFFIX = "_smoothed_mul"  # the per-channel Mul pipeline.smoothing inserts
 
 
 def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterable[str]) -> onnx.ModelProto:
@@ -128,13 +129,18 @@ def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterab
 
 
 def drop_unused_qdq(model: onnx.ModelProto) -> None:
-    """Remove Quantize/DequantizeLinear nodes nobody reads, then initializers only they read."""
+    """Remove Quantize/DequantizeLinear nodes nobody reads (and smoothing's Mul once its layers are
+    float again), then initializers only they read."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     dropped_inputs: set[str] = set()
     while True:
         read = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type in QDQ_OPS and not any(o in read for o in n.output)]
+        dead = [
+            n
+            for n in graph.node
+            if (n.op_type in QDQ_OPS or n.name.endswith(SMOOTHING_SUFFIX)) and not any(o in read for o in n.output)
+        ]
         if not dead:
             break
         for n in dead:

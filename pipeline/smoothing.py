@@ -27,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.calibration.ranges import TensorRange
+from pipeline.keep_float import SMOOTHING_SUFFIX
 from pipeline.layout import Layout
 from pipeline.log import logger, progress
 from pipeline.roles import activation_matmuls, constant_tensors
@@ -171,7 +172,8 @@ def smooth(
         shape = [-1] if item.channel_axis == -1 else [1, -1, *([1] * (item.rank - 2))]
         smoothed, inverse = f"{item.tensor}_smoothed", f"{item.tensor}_smoothing_inverse"
         graph.initializer.append(numpy_helper.from_array((1.0 / s).reshape(shape).astype(np.float32), inverse))
-        graph.node.append(helper.make_node("Mul", [item.tensor, inverse], [smoothed], name=f"{smoothed}_mul"))
+        mul = helper.make_node("Mul", [item.tensor, inverse], [smoothed], name=f"{item.tensor}{SMOOTHING_SUFFIX}")
+        graph.node.append(mul)
         for c in item.consumers:
             node = by_name[c.node.name]
             w = inits[c.weight]

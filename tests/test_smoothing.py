@@ -101,3 +101,17 @@ def test_smoothing_config_errors() -> None:
         load(digits, ["steps.quantize.smoothing={alpha: 1.5}"])
     with pytest.raises(ConfigError, match="smoothing.samples"):
         load(digits, ["steps.quantize.smoothing={samples: 0}"])
+
+
+def test_a_reverted_smoothed_layer_is_the_fp32_layer_again() -> None:
+    from pipeline.keep_float import keep_float_inputs
+
+    fp32 = build("outlier_channel_matmul")
+    x = np.random.default_rng(4).normal(size=(32, 8)).astype(np.float32)
+    items = smoothing.candidates(fp32, ["MatMul"])
+    smoothed, (tensor,) = smoothing.smooth(fp32, items, smoothing.channel_max(fp32, items, [{"x": x}], 32), 0.5)
+    qdq = quantize(smoothed, {"x": 4.0, "h": 160.0, tensor: 8.0}, QuantizeOptions(target="tensorrt"))
+    reverted = keep_float_inputs(qdq, fp32, ["fc"])
+    onnx.checker.check_model(reverted, full_check=True)
+    assert not any(n.op_type in ("Mul", "QuantizeLinear") and n.name != "outlier" for n in reverted.graph.node)
+    np.testing.assert_array_equal(run(reverted, {"x": x}), run(fp32, {"x": x}))
