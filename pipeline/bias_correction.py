@@ -22,13 +22,17 @@ as much as the weights (benchmarks/results/efficientnet_lite0_peers.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB, samples_per_call
+from pipeline.data import rechunk
+from pipeline.layout import Layout
 from pipeline.log import logger, progress
 
 Batch = dict[str, np.ndarray]
@@ -127,8 +131,9 @@ def _shift_model(fp32: onnx.ModelProto, todo: list[_Layer]) -> tuple[onnx.ModelP
     return model, names
 
 
-def _first_axis(batch: Batch) -> int:
-    return len(next(iter(batch.values())))
+# Live copies of one sample's activations while the shift model runs: the FP32 network's, the
+# quantized twins' outputs and their differences, plus ONNX Runtime's arena around them.
+COPIES = 3
 
 
 def shifts(
@@ -136,21 +141,35 @@ def shifts(
     todo: list[_Layer],
     batches: Iterable[Batch],
     samples: int,
-    count: Callable[[Batch], int] = _first_axis,
+    layout: Layout | None = None,
+    memory_mb: int = DEFAULT_MEMORY_MB,
 ) -> tuple[list[np.ndarray], int]:
-    """Per layer the mean output shift per channel over the first ``samples`` samples (whole batches)."""
+    """Per layer the mean output shift per channel over the first ``samples`` samples.
+
+    Samples go through ONNX Runtime in chunks sized so that ``COPIES`` sets of the network's
+    activations fit ``memory_mb`` (a 640×640 detector's are hundreds of MB per sample).
+    """
     from pipeline import runtime
 
+    layout = layout or Layout()
     model, names = _shift_model(fp32, todo)
     # no graph optimisation: the copied quantizers must round exactly as the Q/DQ model's do
     sess = runtime.session(model.SerializeToString(), "cpu", optimize=False)
     inputs = [i.name for i in sess.get_inputs()]
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        return [], 0
+    chunk = samples_per_call(fp32, first, layout, memory_mb, COPIES)
     sums: list[np.ndarray] | None = None
     seen = 0
-    for batch in progress(batches, "bias correction"):
-        n = count(batch)
-        means = runtime.run(sess, {k: batch[k] for k in inputs}, names)
-        # weighted by batch size: ReduceMean averages within a batch only
+    chunks = rechunk(itertools.chain([first], it), chunk, layout)
+    for feeds in progress(chunks, "bias correction", total=samples, size=layout.count, unit="samples"):
+        n = layout.count(feeds)
+        if seen + n > samples:  # exactly ``samples``: cut the last chunk
+            feeds, n = layout.take(feeds, 0, samples - seen), samples - seen
+        means = runtime.run(sess, {k: feeds[k] for k in inputs}, names)
+        # weighted by chunk size: ReduceMean averages within a chunk only
         sums = [m.astype(np.float64) * n for m in means] if sums is None else [s + m * n for s, m in zip(sums, means)]
         seen += n
         if seen >= samples:
@@ -203,15 +222,16 @@ def correct(
     qdq: onnx.ModelProto,
     batches: Iterable[Batch],
     samples: int = 128,
-    count: Callable[[Batch], int] = _first_axis,
+    layout: Layout | None = None,
+    memory_mb: int = DEFAULT_MEMORY_MB,
 ) -> tuple[int, int]:
     """Bias-correct every INT8 Conv and Gemm of ``qdq`` in place. Returns (nodes corrected, samples).
 
-    ``count(batch)`` is a batch's sample count (``Layout.count`` where inputs batch on other axes)."""
+    ``layout`` says where each input holds its samples (``batch_axes``, ``constants``)."""
     todo = layers(fp32, qdq)
     if not todo:
         return 0, 0
-    measured, seen = shifts(fp32, todo, batches, samples, count)
+    measured, seen = shifts(fp32, todo, batches, samples, layout, memory_mb)
     if not measured:
         return 0, 0
     changed = apply(qdq, {layer.node.name: m for layer, m in zip(todo, measured)})

@@ -17,6 +17,7 @@ would not commute with it. The smoothed input is a new tensor, calibrated anew b
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB, samples_per_call
 from pipeline.calibration.ranges import TensorRange
+from pipeline.data import rechunk
 from pipeline.keep_float import SMOOTHING_SUFFIX
 from pipeline.layout import Layout
 from pipeline.log import logger, progress
@@ -98,9 +101,11 @@ def channel_max(
     inputs: list[_Input],
     batches: Iterable[Batch],
     samples: int,
-    count: Callable[[Batch], int] | None = None,
+    layout: Layout | None = None,
+    memory_mb: int = DEFAULT_MEMORY_MB,
 ) -> list[np.ndarray]:
-    """max |x[c]| per input channel of each tensor over the first ``samples`` samples (whole batches)."""
+    """max |x[c]| per input channel of each tensor over the first ``samples`` samples, fed to ONNX
+    Runtime in chunks that keep two sets of the network's activations within ``memory_mb``."""
     from pipeline import runtime
 
     m = onnx.ModelProto()
@@ -128,12 +133,22 @@ def channel_max(
         names.append(f"{p}_max")
     sess = runtime.session(m.SerializeToString(), "cpu")
     feeds_names = [i.name for i in sess.get_inputs()]
+    layout = layout or Layout()
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        return []
+    chunk = samples_per_call(model, first, layout, memory_mb, 2)
     out: list[np.ndarray] | None = None
     seen = 0
-    for batch in progress(batches, "smoothing statistics"):
-        values = runtime.run(sess, {k: batch[k] for k in feeds_names}, names)
+    chunks = rechunk(itertools.chain([first], it), chunk, layout)
+    for feeds in progress(chunks, "smoothing statistics", total=samples, size=layout.count, unit="samples"):
+        n = layout.count(feeds)
+        if seen + n > samples:
+            feeds, n = layout.take(feeds, 0, samples - seen), samples - seen
+        values = runtime.run(sess, {k: feeds[k] for k in feeds_names}, names)
         out = values if out is None else [np.maximum(a, b) for a, b in zip(out, values)]
-        seen += count(batch) if count is not None else len(next(iter(batch.values())))
+        seen += n
         if seen >= samples:
             break
     return [np.asarray(v, np.float64) for v in out] if out is not None else []
@@ -212,7 +227,7 @@ def smooth_and_calibrate(
     items = candidates(fp32, op_types, skip)
     if not items:
         return fp32, {}
-    maxima = channel_max(fp32, items, batches(), samples, layout.count if layout is not None else None)
+    maxima = channel_max(fp32, items, batches(), samples, layout, memory_mb)
     smoothed, new = smooth(fp32, items, maxima, alpha)
     with tempfile.TemporaryDirectory(prefix="int8pipe-smoothing-") as tmp:
         path = Path(tmp) / "smoothed.onnx"

@@ -201,7 +201,8 @@ class Quantize(Step):
         batch_size = getattr(calibrate, "batch_size", 32)
         specs = onnx_model.input_specs(fp32)
         batches = data.batches(src, batch_size, specs, data.search_dirs(ctx.pipeline.base_dir), "data.calibration")
-        changed, _ = bias_correction.correct(fp32, qdq, batches, cfg.bias_correction_samples, Layout.of(src).count)
+        memory_mb = getattr(calibrate, "memory_mb", bias_correction.DEFAULT_MEMORY_MB)
+        changed, _ = bias_correction.correct(fp32, qdq, batches, cfg.bias_correction_samples, Layout.of(src), memory_mb)
         return changed
 
 

@@ -135,3 +135,17 @@ def test_quantize_step_corrects_biases_unless_told_not_to(digits_copy: Path, tra
     assert off["bias_corrected_nodes"] == 0
     assert not any(i.name.endswith("_corrected_bias") for i in plain.graph.initializer)
     assert drop_on <= drop_off + 1 / 360  # not worse than one test image
+
+
+def test_shifts_do_not_depend_on_the_memory_budget_and_stop_at_samples() -> None:
+    fp32, qdq = quantized("depthwise_conv", "tensorrt")
+    x = samples("depthwise_conv", 64)
+    todo = bias_correction.layers(fp32, qdq)
+    batches = [{"x": x[:40]}, {"x": x[40:]}]
+    # a budget below one sample's activations: one sample per ONNX Runtime call
+    (small,), seen_small = bias_correction.shifts(fp32, todo, batches, samples=50, memory_mb=0)
+    (large,), seen_large = bias_correction.shifts(fp32, todo, batches, samples=50, memory_mb=512)
+    assert seen_small == seen_large == 50  # the second batch is cut, not taken whole
+    np.testing.assert_allclose(small, large, rtol=1e-5, atol=1e-7)
+    (first50,), _ = bias_correction.shifts(fp32, todo, [{"x": x[:50]}], samples=50)
+    np.testing.assert_allclose(large, first50, rtol=1e-5, atol=1e-7)

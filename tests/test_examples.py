@@ -34,4 +34,6 @@ def test_efficientnet_lite0_example(tmp_path: Path, tracking_uri: str) -> None:
         s["steps"]["calibrate"], "calibration/ranges.json", str(tmp_path)
     )
     tensors = json.loads(Path(ranges).read_text())["tensors"]
-    assert sum(t["method"] == "entropy" for t in tensors.values()) == 49  # conv inputs but the image
+    assert sum(t["method"] == "mse" for t in tensors.values()) == 49  # conv inputs but the image
+    quantize = MlflowClient(tracking_uri).get_run(s["steps"]["quantize"]).data.metrics
+    assert quantize["bias_corrected_nodes"] == 50  # every INT8 Conv and the Gemm

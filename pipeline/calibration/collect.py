@@ -65,6 +65,18 @@ def _measure(sess: Any, names: list[str], batches: Iterable[Batch], layout: Layo
     return size, itertools.chain([first], it)
 
 
+def samples_per_call(model: onnx.ModelProto, first: Batch, layout: Layout, memory_mb: int, copies: int) -> int:
+    """Samples per ONNX Runtime call of ``model`` (or a graph built on it) so that ``copies`` sets of
+    its activations fit ``memory_mb``: the activations of one sample are measured on ``first``."""
+    from pipeline import runtime
+    from pipeline.model import activation_tensors
+
+    sess = runtime.session(expose(model, activation_tensors(model)), "cpu")
+    feeds = layout.take({k: first[k] for k in (i.name for i in sess.get_inputs())}, 0, 1)
+    per_sample = sum(int(v.nbytes) for v in sess.run(None, feeds))
+    return max(1, min(CHUNK, (memory_mb << 20) // max(1, copies * per_sample)))
+
+
 def expose(model: onnx.ModelProto, tensors: list[str]) -> bytes:
     """A copy of ``model`` whose graph outputs are exactly ``tensors``."""
     m = onnx.ModelProto()
