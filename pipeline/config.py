@@ -145,7 +145,8 @@ class PipelineConfig:
             method = "from_cache" if calibrate.from_cache else calibrate.method
             parts.append(f"{method} {calibrate.percentile}" if method == "percentile" else method)
         if quantize is not None:
-            parts.append(quantize.target)
+            dynamic = getattr(quantize, "mode", "static") == "dynamic"
+            parts.append(f"{quantize.target} dynamic" if dynamic else quantize.target)
         return f"{self.name} ({', '.join(parts)})" if parts else self.name
 
 

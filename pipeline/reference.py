@@ -100,7 +100,7 @@ DESCRIPTIONS = {
     "steps.quantize.mode": "`static` (Q/DQ from the calibrated ranges; TensorRT and ONNX Runtime) or `dynamic` "
     "(ONNX Runtime's dynamic quantization: weight MatMul/Gemm INT8 per channel, activations quantized per batch "
     "at run time, activation x activation MatMuls float, embedding Gathers 8-bit weight-only, Conv float; "
-    "needs `target: onnxruntime`, CPU; no recovery, no bias correction). The calibrate step still runs.",
+    "needs `target: onnxruntime`, CPU; no recovery, no bias correction). Needs no calibrate step.",
     "steps.quantize.activation_matmuls": "Also quantize MatMuls whose both operands are activations (attention's "
     "Q·Kᵀ and P·V; both per tensor, neither can take per-channel scales). Off: they stay float, the weight "
     "MatMuls around them INT8.",

@@ -29,12 +29,19 @@ class Step:
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
         """Cross-section checks, run at config time so nothing starts on a config that cannot finish."""
-        for dep in cls.needs_steps:
+        for dep in cls.required_steps(pipeline):
             if dep not in pipeline.steps:
                 fail(ConfigError, f"steps.{cls.name} needs steps.{dep}: add a steps.{dep} section (it may be empty).")
         for which in cls.needs_data:
             if getattr(pipeline.data, which) is None:
                 fail(ConfigError, f"steps.{cls.name} needs data.{which}: add a data.{which} source.")
+
+    @classmethod
+    def required_steps(cls, pipeline: PipelineConfig) -> tuple[str, ...]:
+        """``needs_steps``, less calibrate when quantize takes its ranges at run time (mode: dynamic)."""
+        if getattr(pipeline.steps.get("quantize"), "mode", "static") == "dynamic":
+            return tuple(s for s in cls.needs_steps if s != "calibrate")
+        return cls.needs_steps
 
     def can_reuse(self, ctx: StepContext, cfg: Any) -> bool:
         """Whether a finished run with the same cache key may stand in for this one: only when the

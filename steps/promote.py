@@ -68,14 +68,17 @@ class Promote(Step):
         from pipeline.registry import Score
 
         int8 = onnx_model.load(ctx.input("int8_model"), check=False)
-        ranges = Ranges.read(ctx.input("ranges"))
+        ranges = Ranges.read(ctx.inputs["ranges"]) if "ranges" in ctx.inputs else None
+        # mode: dynamic has no calibration: its activation ranges are taken per batch at run time
+        method = ranges.method if ranges is not None else "dynamic (run-time ranges)"
+        fp32_sha = ranges.model_sha256 if ranges is not None else onnx_model.sha256(ctx.input("fp32_model"))
         up = ctx.upstream_metrics
         target = ctx.pipeline.steps["quantize"].target
         validate = ctx.pipeline.steps.get("validate")
         tags = {
-            "int8pipe.calibration_method": ranges.method,
+            "int8pipe.calibration_method": method,
             "int8pipe.target": target,
-            "int8pipe.fp32_sha256": ranges.model_sha256,
+            "int8pipe.fp32_sha256": fp32_sha,
             "int8pipe.int8_sha256": onnx_model.sha256(ctx.input("int8_model")),
             "int8pipe.gate": "passed" if validate is not None else "not run",
             "int8pipe.pipeline": ctx.pipeline.name,
@@ -93,11 +96,15 @@ class Promote(Step):
             digest = data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))
             score = Score(validate.metric, up[f"int8_{name}"], digest)
         drop = f"accuracy drop {up['accuracy_drop']:.4f}" if "accuracy_drop" in up else "not validated"
-        description = cfg.description or (
-            f"INT8 Q/DQ model of pipeline '{ctx.pipeline.name}' for {target}: calibration {ranges.method} over "
-            f"{ranges.num_samples} samples, {drop}."
+        calibration = (
+            f"calibration {ranges.method} over {ranges.num_samples} samples"
+            if ranges is not None
+            else "ONNX Runtime dynamic quantization (activation ranges per batch at run time)"
         )
-        description += "\n\n" + parent_line(fp32_source(ctx), ranges.model_sha256)
+        description = cfg.description or (
+            f"INT8 model of pipeline '{ctx.pipeline.name}' for {target}: {calibration}, {drop}."
+        )
+        description += "\n\n" + parent_line(fp32_source(ctx), fp32_sha)
         linked = {k: v for k, v in up.items() if k.startswith(("fp32_", "int8_")) or k == "accuracy_drop"}
         result = ctx.tracker.promote(
             model=int8,

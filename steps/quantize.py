@@ -106,14 +106,14 @@ class Quantize(Step):
 
     def run(self, ctx: StepContext, cfg: QuantizeConfig) -> None:
         fp32_path = ctx.input("fp32_model")
-        ranges = Ranges.read(ctx.input("ranges"))
-        ranges.check_model(onnx_model.sha256(fp32_path), "steps.quantize")
         fp32 = onnx_model.load(fp32_path, check=False)
-        if cfg.mode == "dynamic":
+        if cfg.mode == "dynamic":  # activation ranges are taken per batch at run time: nothing calibrated
             exclude = tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types)
             int8 = dynamic.quantize_dynamic(fp32, cfg.per_channel, *exclude)
             self._finish(ctx, cfg, fp32_path, int8, dynamic.node_table(fp32, int8, cfg.per_channel), 0)
             return
+        ranges = Ranges.read(ctx.input("ranges"))
+        ranges.check_model(onnx_model.sha256(fp32_path), "steps.quantize")
         opts = QuantizeOptions(
             cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types), cfg.activation_scheme,
             cfg.activation_matmuls, cfg.normalization,

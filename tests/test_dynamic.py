@@ -82,20 +82,43 @@ def test_dynamic_config_errors(overrides: list[str], expected: str) -> None:
 
 
 @pytest.mark.slow
-def test_dynamic_pipeline_validates_benchmarks_and_registers(tmp_path: Path, tracking_uri: str) -> None:
+def test_dynamic_pipeline_needs_no_calibration(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
     import mlflow
+    import yaml
 
-    from tests.conftest import DIGITS, run_pipeline
+    from tests.conftest import run_pipeline
 
-    summary = run_pipeline(
-        DIGITS / "pipeline.yaml", tracking_uri, tmp_path,
-        "steps.quantize.mode=dynamic", "steps.quantize.target=onnxruntime", "steps.benchmark.iterations=10",
-    )  # fmt: skip
-    assert summary["gate"] == "passed"
-    metrics = mlflow.MlflowClient(tracking_uri).get_run(summary["steps"]["quantize"]).data.metrics
+    config = digits_copy / "pipeline.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["steps"]["calibrate"]  # nothing to calibrate: activation ranges come per batch at run time
+    cfg["steps"]["quantize"] = {"mode": "dynamic", "target": "onnxruntime"}
+    cfg["steps"]["benchmark"] = {**(cfg["steps"].get("benchmark") or {}), "iterations": 10}
+    config.write_text(yaml.safe_dump(cfg))
+    summary = run_pipeline(config, tracking_uri, tmp_path)
+    assert summary["gate"] == "passed" and "calibrate" not in summary["steps"]
+    client = mlflow.MlflowClient(tracking_uri)
+    metrics = client.get_run(summary["steps"]["quantize"]).data.metrics
     assert metrics["int8_nodes"] == 1  # the Gemm; Conv stays float in dynamic mode
     assert metrics["bias_corrected_nodes"] == 0
     assert "cpu.int8.latency_p50_ms" in summary["metrics"]
-    version = summary["registered_model"]["version"]
-    model = mlflow.onnx.load_model(f"models:/{summary['registered_model']['name']}/{version}")
+    assert "onnxruntime dynamic" in client.get_run(summary["run_id"]).info.run_name
+    name, version = summary["registered_model"]["name"], summary["registered_model"]["version"]
+    model = mlflow.onnx.load_model(f"models:/{name}/{version}")
     assert any(n.op_type == "MatMulInteger" for n in model.graph.node)
+    tags = client.get_model_version(name, version).tags
+    assert tags["int8pipe.calibration_method"].startswith("dynamic")
+    assert "int8pipe.evidence.calibration_cache" not in tags  # no calibration, nothing to link
+
+
+def test_static_mode_still_needs_calibrate(digits_copy: Path) -> None:
+    import yaml
+
+    from pipeline.config import load
+
+    config = digits_copy / "pipeline.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["steps"]["calibrate"]
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="needs steps.calibrate"):
+        load(config)
+    assert "dynamic" in load(config, ["steps.quantize.mode=dynamic", "steps.quantize.target=onnxruntime"]).label()
