@@ -1,4 +1,10 @@
-"""quantize: the explicit Q/DQ INT8 model, built from ``ranges.json`` (never by calibrating again)."""
+"""quantize: the INT8 model.
+
+``mode: static`` (default): explicit Q/DQ built from ``ranges.json`` (never by calibrating again),
+optionally on smoothed layer inputs (pipeline.smoothing), nodes kept float by exclusion or role
+(pipeline.roles), then bias-corrected (pipeline.bias_correction). ``mode: dynamic``: ONNX Runtime's
+dynamic quantization (pipeline.dynamic), no ranges needed.
+"""
 
 from __future__ import annotations
 
@@ -134,7 +140,10 @@ class Quantize(Step):
     ) -> onnx.ModelProto:  # fmt: skip
         """``fp32`` with smoothed layer inputs (their ranges added to ``tensors``), or ``fp32``."""
         src = ctx.pipeline.data.calibration
-        if cfg.smoothing is None or src is None:
+        if cfg.smoothing is None:
+            return fp32
+        if src is None:  # calibrated from a cache: no samples to measure channels on
+            logger.warning("quantize: no smoothing (it needs data.calibration samples)")
             return fp32
         calibrate = ctx.pipeline.steps["calibrate"]
         specs = onnx_model.input_specs(fp32)
