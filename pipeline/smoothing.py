@@ -199,6 +199,11 @@ def smooth(
             node.input[0], node.input[1] = smoothed, name
         new_tensors.append(smoothed)
         logger.debug("smoothing %s: factors %.3g..%.3g", item.tensor, s.min(), s.max())
+    # the original weights of smoothed layers, unless something else still reads them
+    replaced = {c.weight for item in inputs for c in item.consumers}
+    read = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name in replaced and i.name not in read]:
+        graph.initializer.remove(init)
     from pipeline.model import toposort
 
     toposort(out)

@@ -40,6 +40,9 @@ def test_smoothing_is_exact_in_float_and_measures_channel_maxima(name: str, shap
     smoothed, new = smoothing.smooth(fp32, items, maxima, 0.5)
     onnx.checker.check_model(smoothed, full_check=True)
     assert new == [f"{items[0].tensor}_smoothed"]
+    # the smoothed weights replace the originals instead of joining them
+    assert sum(i.name.endswith("_smoothed_weight") for i in smoothed.graph.initializer) == 1
+    assert len(smoothed.graph.initializer) == len(fp32.graph.initializer) + 1  # + the Mul's factors
     for a, b in zip(runtime.run(runtime.session(smoothed.SerializeToString()), {"x": x}),
                     runtime.run(runtime.session(fp32.SerializeToString()), {"x": x})):  # fmt: skip
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
