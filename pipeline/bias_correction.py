@@ -22,7 +22,6 @@ as much as the weights (benchmarks/results/efficientnet_lite0_peers.md).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,10 +29,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.calibration.collect import DEFAULT_MEMORY_MB, samples_per_call
-from pipeline.data import rechunk
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks
 from pipeline.layout import Layout
-from pipeline.log import logger, progress
+from pipeline.log import logger
+from pipeline.model import append_reduce, opset_of
 
 Batch = dict[str, np.ndarray]
 
@@ -92,7 +91,7 @@ def _shift_model(fp32: onnx.ModelProto, todo: list[_Layer]) -> tuple[onnx.ModelP
     """``fp32`` plus, per layer, a quantized twin and the per-channel mean of twin − original."""
     model = onnx.ModelProto()
     model.CopyFrom(fp32)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = opset_of(model)
     graph = model.graph
     names: list[str] = []
     for k, layer in enumerate(todo):
@@ -111,21 +110,15 @@ def _shift_model(fp32: onnx.ModelProto, todo: list[_Layer]) -> tuple[onnx.ModelP
         del twin.output[:]
         twin.output.append(f"{p}_out")
         rank = layer.weight_q.ndim if layer.node.op_type == "Conv" else 2
-        axes = [0, *range(2, rank)]
-        if opset >= 18:  # axes became an input
-            graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), f"{p}_axes"))
-            reduce = helper.make_node("ReduceMean", [f"{p}_diff", f"{p}_axes"], [f"{p}_shift"], keepdims=0)
-        else:
-            reduce = helper.make_node("ReduceMean", [f"{p}_diff"], [f"{p}_shift"], keepdims=0, axes=axes)
         graph.node.extend(
             [
                 helper.make_node("QuantizeLinear", [layer.node.input[0], f"{p}_scale", f"{p}_zero_point"], [f"{p}_q"]),
                 helper.make_node("DequantizeLinear", [f"{p}_q", f"{p}_scale", f"{p}_zero_point"], [f"{p}_dq"]),
                 twin,
                 helper.make_node("Sub", [f"{p}_out", layer.node.output[0]], [f"{p}_diff"]),
-                reduce,
             ]
         )
+        append_reduce(graph, "ReduceMean", f"{p}_diff", f"{p}_shift", [0, *range(2, rank)], opset)
         graph.output.append(helper.make_tensor_value_info(f"{p}_shift", TensorProto.FLOAT, None))
         names.append(f"{p}_shift")
     return model, names
@@ -156,24 +149,13 @@ def shifts(
     # no graph optimisation: the copied quantizers must round exactly as the Q/DQ model's do
     sess = runtime.session(model.SerializeToString(), "cpu", optimize=False)
     inputs = [i.name for i in sess.get_inputs()]
-    it = iter(batches)
-    first = next(it, None)
-    if first is None:
-        return [], 0
-    chunk = samples_per_call(fp32, first, layout, memory_mb, COPIES)
     sums: list[np.ndarray] | None = None
     seen = 0
-    chunks = rechunk(itertools.chain([first], it), chunk, layout)
-    for feeds in progress(chunks, "bias correction", total=samples, size=layout.count, unit="samples"):
-        n = layout.count(feeds)
-        if seen + n > samples:  # exactly ``samples``: cut the last chunk
-            feeds, n = layout.take(feeds, 0, samples - seen), samples - seen
+    for feeds, n in budgeted_chunks(fp32, batches, samples, layout, memory_mb, COPIES, "bias correction"):
         means = runtime.run(sess, {k: feeds[k] for k in inputs}, names)
         # weighted by chunk size: ReduceMean averages within a chunk only
         sums = [m.astype(np.float64) * n for m in means] if sums is None else [s + m * n for s, m in zip(sums, means)]
         seen += n
-        if seen >= samples:
-            break
     return ([s / seen for s in sums] if sums is not None else []), seen
 
 

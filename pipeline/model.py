@@ -183,6 +183,20 @@ def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str], np.d
     return specs
 
 
+def append_reduce(graph: onnx.GraphProto, op: str, source: str, out: str, axes: list[int], opset: int) -> None:
+    """Append ``op`` (ReduceMean, ReduceMax, ...) of ``source`` over ``axes`` to ``graph``, dims dropped:
+    axes are an attribute before opset 18 and an input from 18 on."""
+    if opset >= 18:
+        graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), f"{out}_axes"))
+        graph.node.append(helper.make_node(op, [source, f"{out}_axes"], [out], keepdims=0))
+    else:
+        graph.node.append(helper.make_node(op, [source], [out], axes=axes, keepdims=0))
+
+
+def opset_of(model: onnx.ModelProto, default: int = 13) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default)
+
+
 def constants_to_initializers(model: onnx.ModelProto) -> int:
     """Move the main graph's Constant nodes into initializers of the same name, in place; returns how many.
 

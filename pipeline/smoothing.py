@@ -17,7 +17,6 @@ would not commute with it. The smoothed input is a new tensor, calibrated anew b
 
 from __future__ import annotations
 
-import itertools
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.calibration.collect import DEFAULT_MEMORY_MB, samples_per_call
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks
 from pipeline.calibration.ranges import TensorRange
-from pipeline.data import rechunk
 from pipeline.keep_float import SMOOTHING_SUFFIX
 from pipeline.layout import Layout
-from pipeline.log import logger, progress
+from pipeline.log import logger
+from pipeline.model import append_reduce, opset_of, toposort
 from pipeline.roles import activation_matmuls, constant_tensors
 
 Batch = dict[str, np.ndarray]
@@ -111,7 +110,7 @@ def channel_max(
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.output[:]
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = opset_of(m)
     names = []
     for k, item in enumerate(inputs):
         p = f"int8pipe_smoothing_{k}"
@@ -124,33 +123,16 @@ def channel_max(
             m.graph.initializer.append(numpy_helper.from_array(np.array([-1, width], np.int64), f"{p}_shape"))
             m.graph.node.append(helper.make_node("Reshape", [f"{p}_abs", f"{p}_shape"], [f"{p}_flat"]))
             axes, flat = [0], f"{p}_flat"
-        if opset >= 18:
-            m.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), f"{p}_axes"))
-            m.graph.node.append(helper.make_node("ReduceMax", [flat, f"{p}_axes"], [f"{p}_max"], keepdims=0))
-        else:
-            m.graph.node.append(helper.make_node("ReduceMax", [flat], [f"{p}_max"], axes=axes, keepdims=0))
+        append_reduce(m.graph, "ReduceMax", flat, f"{p}_max", axes, opset)
         m.graph.output.append(helper.make_tensor_value_info(f"{p}_max", TensorProto.FLOAT, None))
         names.append(f"{p}_max")
     sess = runtime.session(m.SerializeToString(), "cpu")
     feeds_names = [i.name for i in sess.get_inputs()]
     layout = layout or Layout()
-    it = iter(batches)
-    first = next(it, None)
-    if first is None:
-        return []
-    chunk = samples_per_call(model, first, layout, memory_mb, 2)
     out: list[np.ndarray] | None = None
-    seen = 0
-    chunks = rechunk(itertools.chain([first], it), chunk, layout)
-    for feeds in progress(chunks, "smoothing statistics", total=samples, size=layout.count, unit="samples"):
-        n = layout.count(feeds)
-        if seen + n > samples:
-            feeds, n = layout.take(feeds, 0, samples - seen), samples - seen
+    for feeds, _ in budgeted_chunks(model, batches, samples, layout, memory_mb, 2, "smoothing statistics"):
         values = runtime.run(sess, {k: feeds[k] for k in feeds_names}, names)
         out = values if out is None else [np.maximum(a, b) for a, b in zip(out, values)]
-        seen += n
-        if seen >= samples:
-            break
     return [np.asarray(v, np.float64) for v in out] if out is not None else []
 
 
@@ -204,8 +186,6 @@ def smooth(
     read = {i for n in graph.node for i in n.input}
     for init in [i for i in graph.initializer if i.name in replaced and i.name not in read]:
         graph.initializer.remove(init)
-    from pipeline.model import toposort
-
     toposort(out)
     return out, new_tensors
 

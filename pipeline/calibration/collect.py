@@ -77,6 +77,32 @@ def samples_per_call(model: onnx.ModelProto, first: Batch, layout: Layout, memor
     return max(1, min(CHUNK, (memory_mb << 20) // max(1, copies * per_sample)))
 
 
+def budgeted_chunks(
+    model: onnx.ModelProto,
+    batches: Iterable[Batch],
+    samples: int,
+    layout: Layout,
+    memory_mb: int,
+    copies: int,
+    label: str,
+) -> Iterator[tuple[Batch, int]]:
+    """The first ``samples`` samples of ``batches`` as (chunk of model inputs, its sample count), in
+    chunks sized by :func:`samples_per_call`, with progress; the last chunk is cut to the count."""
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        return
+    chunk = samples_per_call(model, first, layout, memory_mb, copies)
+    seen = 0
+    for feeds in progress(rechunk(itertools.chain([first], it), chunk, layout), label,
+                          total=samples, size=layout.count, unit="samples"):  # fmt: skip
+        n = min(layout.count(feeds), samples - seen)
+        yield layout.take(feeds, 0, n) if n < layout.count(feeds) else feeds, n
+        seen += n
+        if seen >= samples:
+            return
+
+
 def expose(model: onnx.ModelProto, tensors: list[str]) -> bytes:
     """A copy of ``model`` whose graph outputs are exactly ``tensors``."""
     m = onnx.ModelProto()
