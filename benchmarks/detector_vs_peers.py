@@ -64,8 +64,8 @@ BATCH = 4
 # ---------------------------------------------------------------- model
 
 
-def find_model(given: str | None) -> Path:
-    """--model, else the file inside an installed rapidocr_onnxruntime, else say how to get it."""
+def find_model(given: str | None, model_file: str = MODEL_FILE, what: str = "detector") -> Path:
+    """--model, else ``model_file`` inside an installed rapidocr_onnxruntime, else say how to get it."""
     if given:
         path = Path(given)
         if not path.is_file():
@@ -74,13 +74,13 @@ def find_model(given: str | None) -> Path:
     spec = importlib.util.find_spec("rapidocr_onnxruntime")
     if spec is not None and spec.submodule_search_locations:
         for folder in spec.submodule_search_locations:
-            candidate = Path(folder) / "models" / MODEL_FILE
+            candidate = Path(folder) / "models" / model_file
             if candidate.is_file():
                 return candidate
     sys.exit(
-        f"The PP-OCRv4 detector ({MODEL_FILE}) was not found. Install the package that ships it, "
+        f"The PP-OCRv4 {what} ({model_file}) was not found. Install the package that ships it, "
         "`pip install rapidocr-onnxruntime`, or pass --model PATH (unzip it from the wheel: "
-        f"rapidocr_onnxruntime/models/{MODEL_FILE})."
+        f"rapidocr_onnxruntime/models/{model_file})."
     )
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import logging
 import sys
 import tempfile
@@ -55,7 +54,7 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from detector_vs_peers import constants_to_initializers, cpu_flags, progress  # noqa: E402
+from detector_vs_peers import constants_to_initializers, cpu_flags, find_model, progress  # noqa: E402
 
 MODEL_FILE = "ch_PP-OCRv4_rec_infer.onnx"
 HEIGHT = 48
@@ -64,26 +63,6 @@ LOGITS = "int8pipe_bench_logits"
 
 
 # ---------------------------------------------------------------- model
-
-
-def find_model(given: str | None) -> Path:
-    """--model, else the file inside an installed rapidocr_onnxruntime, else say how to get it."""
-    if given:
-        path = Path(given)
-        if not path.is_file():
-            sys.exit(f"--model {given}: no such file.")
-        return path
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            candidate = Path(folder) / "models" / MODEL_FILE
-            if candidate.is_file():
-                return candidate
-    sys.exit(
-        f"The PP-OCRv4 recogniser ({MODEL_FILE}) was not found. Install the package that ships it, "
-        "`pip install rapidocr-onnxruntime`, or pass --model PATH (unzip it from the wheel: "
-        f"rapidocr_onnxruntime/models/{MODEL_FILE})."
-    )
 
 
 def fold_constant_casts(m: onnx.ModelProto) -> int:
@@ -278,7 +257,7 @@ def main() -> None:
     from pipeline.roles import activation_matmuls
 
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-rec-peers-"))
-    path = fixed_width(find_model(args.model), args.width, folder)
+    path = fixed_width(find_model(args.model, MODEL_FILE, "recogniser"), args.width, folder)
     fp32 = onnx.load(str(path))
     chars = characters(fp32)
     cal_lines, held_lines = text_lines()
