@@ -52,6 +52,7 @@ def main() -> None:
     import onnx
     from accuracy_vs_ort import fp32_model
     from data import crops
+    from peers import ort_quantize_static, ort_static_variants
 
     from pipeline import bias_correction, layers, recovery, runtime, scoring, smoothing
     from pipeline.calibration.calibrator import calibrate, rethreshold
@@ -137,33 +138,10 @@ def main() -> None:
     )
 
     # ONNX Runtime's quantize_static, MinMax, per-channel weights, its default u8 activations and s8 symmetric
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = crops(args.samples, 32)
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.batches, None)
-
-    for name, options in {
-        "ORT quantize_static MinMax (u8 asymmetric, its default)": {},
-        "ORT quantize_static MinMax (s8 symmetric)": {
-            "activation_type": QuantType.QInt8,
-            "extra_options": {"ActivationSymmetric": True},
-        },
-    }.items():
-        out = folder / "ort.onnx"
+    for name, options in ort_static_variants().items():
         start = time.perf_counter()
-        quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        calibrate_method=CalibrationMethod.MinMax, **options)  # type: ignore[arg-type]  # fmt: skip
-        row(name, onnx.load(str(out)), time.perf_counter() - start)
+        model = ort_quantize_static(path, folder / "ort.onnx", lambda: crops(args.samples, 32), **options)
+        row(name, model, time.perf_counter() - start)
 
     try:
         import nncf

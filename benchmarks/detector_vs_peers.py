@@ -49,6 +49,8 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from peers import ort_quantize_static, ort_static_variants, print_layer_report  # noqa: E402
+
 MODEL_FILE = "ch_PP-OCRv4_det_infer.onnx"
 PHOTOS = (
     "page", "text", "logo", "coins", "camera", "rocket", "astronaut", "coffee", "chelsea", "brick",
@@ -377,35 +379,12 @@ def main() -> None:
         row("int8pipe target onnxruntime", None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
 
     # ONNX Runtime's quantize_static, MinMax, per-channel weights, its default u8 activations and s8 symmetric
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = batches(x_cal)
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.batches, None)
-
-    for name, options in {
-        "ORT quantize_static MinMax (u8 asymmetric, its default)": {},
-        "ORT quantize_static MinMax (s8 symmetric)": {
-            "activation_type": QuantType.QInt8,
-            "extra_options": {"ActivationSymmetric": True},
-        },
-    }.items():
+    for name, options in ort_static_variants().items():
         progress(f"{name}: quantizing")
-        out = folder / "ort.onnx"
         start = time.perf_counter()
         try:
-            quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            calibrate_method=CalibrationMethod.MinMax, **options)  # type: ignore[arg-type]  # fmt: skip
-            row(name, onnx.load(str(out)), time.perf_counter() - start)
+            model = ort_quantize_static(path, folder / "ort.onnx", lambda: batches(x_cal), **options)
+            row(name, model, time.perf_counter() - start)
         except Exception as exc:  # reported in the table, not hidden
             row(name, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
 
@@ -427,18 +406,7 @@ def main() -> None:
 
         progress(f"per-layer check of the default model on {args.layers} held-out frames")
         errs = layer_errors(fp32, models["mse"], batches(x_val[: args.layers]), args.layers, int8_optimize=False)
-        print("\nint8pipe default, quantized nodes whose own quantization adds the most error:\n")
-        print("| node | op | added SQNR dB |")
-        print("| --- | --- | --- |")
-        for r in errs.quantized_nodes[:6]:
-            print(f"| {r['node']} | {r['op_type']} | {r.get('added_sqnr_db', float('nan')):.1f} |")
-        worst = sorted(errs.rows, key=lambda r: r["sqnr_db"])[:6]
-        print("\nlowest-SQNR tensors (FP32 vs INT8):\n")
-        print("| tensor | producer | SQNR dB | cosine |")
-        print("| --- | --- | --- | --- |")
-        for r in worst:
-            print(f"| {r['tensor']} | {r['producer']} | {r['sqnr_db']:.1f} | {r['cosine']:.4f} |")
-
+        print_layer_report(errs, "int8pipe default", 6)
 
 if __name__ == "__main__":
     main()

@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from detector_vs_peers import constants_to_initializers, cpu_flags, find_model, progress  # noqa: E402
+from peers import ort_quantize_static, print_layer_report  # noqa: E402
 
 MODEL_FILE = "ch_PP-OCRv4_rec_infer.onnx"
 HEIGHT = 48
@@ -377,9 +378,8 @@ def main() -> None:
     progress("int8pipe mode dynamic")
     attempt("int8pipe mode dynamic (per-channel)", int8pipe_dynamic)
 
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_dynamic
-    from onnxruntime.quantization import quantize_static as ort_static
 
     def ort_dynamic_model() -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
         out = folder / "ort_dynamic.onnx"
@@ -390,18 +390,8 @@ def main() -> None:
     progress("ORT quantize_dynamic")
     attempt("ORT quantize_dynamic (per-channel, s8 weights, its defaults otherwise)", ort_dynamic_model)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = batches(x_cal)
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.batches, None)
-
     def ort_static_model() -> tuple[onnx.ModelProto, None]:
-        out = folder / "ort_static.onnx"
-        ort_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                   calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
-        return onnx.load(str(out)), None
+        return ort_quantize_static(path, folder / "ort_static.onnx", lambda: batches(x_cal)), None
 
     progress("ORT quantize_static")
     attempt("ORT quantize_static (QDQ, per-channel, MinMax, u8 activations)", ort_static_model)
@@ -438,18 +428,7 @@ def main() -> None:
 
         progress(f"per-layer check of the default model on {args.layers} held-out samples")
         errs = layer_errors(fp32, default, batches(x_val[: args.layers]), args.layers, int8_optimize=False)
-        print("\nint8pipe static tensorrt (default), quantized nodes whose own quantization adds the most error:\n")
-        print("| node | op | added SQNR dB |")
-        print("| --- | --- | --- |")
-        for r in errs.quantized_nodes[:8]:
-            print(f"| {r['node']} | {r['op_type']} | {r.get('added_sqnr_db', float('nan')):.1f} |")
-        worst = sorted(errs.rows, key=lambda r: r["sqnr_db"])[:8]
-        print("\nlowest-SQNR tensors (FP32 vs INT8):\n")
-        print("| tensor | producer | SQNR dB | cosine |")
-        print("| --- | --- | --- | --- |")
-        for r in worst:
-            print(f"| {r['tensor']} | {r['producer']} | {r['sqnr_db']:.1f} | {r['cosine']:.4f} |")
-
+        print_layer_report(errs, "int8pipe static tensorrt (default)", 8)
 
 if __name__ == "__main__":
     main()

@@ -12,9 +12,6 @@ import onnx
 
 from pipeline.log import logger
 
-QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
-SMOOTHING_SUFFIX = "_smoothed_mul"  # the per-channel Mul pipeline.smoothing inserts
-
 
 def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterable[str]) -> onnx.ModelProto:
     """Make the excluded ``nodes`` of ``qdq`` read float values again, in place; returns ``qdq``.
@@ -119,33 +116,28 @@ def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterab
             node.input[k] = src
         del node.input[len(original.input) :]  # e.g. a bias that bias correction added to a Conv without one
     graph.node.extend(added)
-    drop_unused_qdq(qdq)
-    read = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name.endswith("_corrected_bias") and i.name not in read]:
-        graph.initializer.remove(init)
+    drop_unread_additions(qdq, fp32)
     if added:
         toposort(qdq)
     return qdq
 
 
-def drop_unused_qdq(model: onnx.ModelProto) -> None:
-    """Remove Quantize/DequantizeLinear nodes nobody reads (and smoothing's Mul once its layers are
-    float again), then initializers only they read."""
+def drop_unread_additions(model: onnx.ModelProto, fp32: onnx.ModelProto) -> None:
+    """Remove what quantization added to ``model`` (nodes and initializers ``fp32`` does not have:
+    Q/DQ pairs, smoothing's Mul, a corrected bias) once nothing reads it any more."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
-    dropped_inputs: set[str] = set()
+    original_nodes = {n.name for n in fp32.graph.node}
+    original_inits = {i.name for i in fp32.graph.initializer}
     while True:
         read = {i for n in graph.node for i in n.input} | outputs
         dead = [
-            n
-            for n in graph.node
-            if (n.op_type in QDQ_OPS or n.name.endswith(SMOOTHING_SUFFIX)) and not any(o in read for o in n.output)
-        ]
+            n for n in graph.node if n.name not in original_nodes and not any(o in read for o in n.output)
+        ]  # fmt: skip
         if not dead:
             break
         for n in dead:
-            dropped_inputs.update(n.input)
             graph.node.remove(n)
     read = {i for n in graph.node for i in n.input} | outputs
-    for init in [i for i in graph.initializer if i.name in dropped_inputs and i.name not in read]:
+    for init in [i for i in graph.initializer if i.name not in original_inits and i.name not in read]:
         graph.initializer.remove(init)

@@ -28,7 +28,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks
 from pipeline.calibration.ranges import TensorRange
-from pipeline.keep_float import SMOOTHING_SUFFIX
 from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.model import append_reduce, opset_of, toposort
@@ -169,7 +168,7 @@ def smooth(
         shape = [-1] if item.channel_axis == -1 else [1, -1, *([1] * (item.rank - 2))]
         smoothed, inverse = f"{item.tensor}_smoothed", f"{item.tensor}_smoothing_inverse"
         graph.initializer.append(numpy_helper.from_array((1.0 / s).reshape(shape).astype(np.float32), inverse))
-        mul = helper.make_node("Mul", [item.tensor, inverse], [smoothed], name=f"{item.tensor}{SMOOTHING_SUFFIX}")
+        mul = helper.make_node("Mul", [item.tensor, inverse], [smoothed], name=f"{item.tensor}_smoothed_mul")
         graph.node.append(mul)
         for c in item.consumers:
             node = by_name[c.node.name]

@@ -149,3 +149,13 @@ def test_shifts_do_not_depend_on_the_memory_budget_and_stop_at_samples() -> None
     np.testing.assert_allclose(small, large, rtol=1e-5, atol=1e-7)
     (first50,), _ = bias_correction.shifts(fp32, todo, [{"x": x[:50]}], samples=50)
     np.testing.assert_allclose(large, first50, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_bias_correction_samples_must_be_positive(value: int) -> None:
+    from pipeline.config import load
+    from pipeline.errors import ConfigError
+
+    digits = Path(__file__).parent.parent / "examples" / "digits" / "pipeline.yaml"
+    with pytest.raises(ConfigError, match="bias_correction_samples: expected a positive number"):
+        load(digits, [f"steps.quantize.bias_correction_samples={value}"])

@@ -122,3 +122,10 @@ def test_static_mode_still_needs_calibrate(digits_copy: Path) -> None:
     with pytest.raises(ConfigError, match="needs steps.calibrate"):
         load(config)
     assert "dynamic" in load(config, ["steps.quantize.mode=dynamic", "steps.quantize.target=onnxruntime"]).label()
+
+
+def test_dynamic_exclude_of_an_unknown_node_names_it() -> None:
+    from pipeline.errors import ModelError
+
+    with pytest.raises(ModelError, match="no node named 'nope'"):
+        dynamic.quantize_dynamic(build("tiny_attention"), True, ("nope",), ())
