@@ -125,11 +125,12 @@ class Quantize(Step):
             cfg.activation_matmuls, cfg.normalization,
         )  # fmt: skip
         tensors = dict(ranges.tensors)
-        source = self._smoothed(ctx, cfg, fp32, ranges, float_nodes(fp32, opts), tensors)
+        kept_float = float_nodes(fp32, opts)
+        source = self._smoothed(ctx, cfg, fp32, ranges, kept_float, tensors)
         observed = {k: (v.min, v.max) for k, v in tensors.items()}
         qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
         # excluded means float: also where an excluded node shares an input or weight with a quantized one
-        qdq = keep_float_inputs(qdq, fp32, float_nodes(fp32, opts))
+        qdq = keep_float_inputs(qdq, fp32, kept_float)
         corrected = self._correct_biases(ctx, cfg, source, qdq)
         self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
 
