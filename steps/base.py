@@ -21,7 +21,7 @@ class Step:
 
     name: ClassVar[str]
     Config: ClassVar[type]
-    needs_steps: ClassVar[tuple[str, ...]] = ()
+    needs_steps: ClassVar[tuple[str, ...]] = ()  # direct needs; each present step checks its own
     needs_data: ClassVar[tuple[str, ...]] = ()
     parent_metrics: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns copied onto the parent run
     reusable: ClassVar[bool] = True
@@ -29,19 +29,11 @@ class Step:
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
         """Cross-section checks, run at config time so nothing starts on a config that cannot finish."""
-        for dep in cls.required_steps(pipeline):
-            if dep not in pipeline.steps:
-                fail(ConfigError, f"steps.{cls.name} needs steps.{dep}: add a steps.{dep} section (it may be empty).")
+        for dep in cls.needs_steps:
+            require_step(cls.name, dep, pipeline)
         for which in cls.needs_data:
             if getattr(pipeline.data, which) is None:
                 fail(ConfigError, f"steps.{cls.name} needs data.{which}: add a data.{which} source.")
-
-    @classmethod
-    def required_steps(cls, pipeline: PipelineConfig) -> tuple[str, ...]:
-        """``needs_steps``, less calibrate when quantize takes its ranges at run time (mode: dynamic)."""
-        if getattr(pipeline.steps.get("quantize"), "mode", "static") == "dynamic":
-            return tuple(s for s in cls.needs_steps if s != "calibrate")
-        return cls.needs_steps
 
     def can_reuse(self, ctx: StepContext, cfg: Any) -> bool:
         """Whether a finished run with the same cache key may stand in for this one: only when the
@@ -65,3 +57,9 @@ class Step:
 
     def run(self, ctx: StepContext, cfg: Any) -> None:
         raise NotImplementedError
+
+
+def require_step(step: str, dep: str, pipeline: PipelineConfig) -> None:
+    """Fail at config time when ``step`` needs ``dep`` and the YAML has no ``steps.<dep>``."""
+    if dep not in pipeline.steps:
+        fail(ConfigError, f"steps.{step} needs steps.{dep}: add a steps.{dep} section (it may be empty).")

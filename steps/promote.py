@@ -50,7 +50,7 @@ def signature(model: onnx.ModelProto) -> ModelSignature:
 class Promote(Step):
     name = "promote"
     Config = PromoteConfig
-    needs_steps = ("export", "calibrate", "quantize")
+    needs_steps = ("export", "quantize")
     reusable = False  # a registry side effect is never replayed from a cache
 
     @classmethod

@@ -23,7 +23,7 @@ from pipeline.keep_float import keep_float_inputs
 from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize
-from steps.base import Step
+from steps.base import Step, require_step
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
@@ -71,13 +71,15 @@ class QuantizeConfig:
 class Quantize(Step):
     name = "quantize"
     Config = QuantizeConfig
-    needs_steps = ("export", "calibrate")
+    needs_steps = ("export",)  # and calibrate in static mode; dynamic mode takes ranges at run time
     parent_metrics = ("size_mb_fp32", "size_mb_int8", "int8_nodes", "fp_nodes")
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
         super().check(pipeline)
         cfg: QuantizeConfig = pipeline.steps["quantize"]
+        if cfg.mode != "dynamic":
+            require_step(cls.name, "calibrate", pipeline)
         if cfg.target == "tensorrt" and cfg.activations == "asymmetric":
             fail(
                 ConfigError,

@@ -57,7 +57,7 @@ class ValidateConfig:
 class Validate(Step):
     name = "validate"
     Config = ValidateConfig
-    needs_steps = ("export", "calibrate", "quantize")
+    needs_steps = ("export", "quantize")
     needs_data = ("validation",)
     # int8_* takes int8_nodes too, and fp_nodes goes with it: after a recovery both describe the recovered model
     parent_metrics = ("fp32_*", "int8_*", "accuracy_drop", "recovered_fp_nodes", "fp_nodes")

@@ -43,6 +43,8 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (lambda d: d.pop("name"), "name: required key is missing"),
         (lambda d: d["steps"].pop("validate"), "steps.promote.alias is set only when the accuracy gate passes"),
         (lambda d: d["data"].pop("validation"), "steps.validate needs data.validation"),
+        (lambda d: d["steps"].pop("quantize"), "steps.validate needs steps.quantize"),
+        (lambda d: d["steps"].pop("export"), "needs steps.export"),
         (lambda d: d["steps"]["promote"].pop("registered_model"), "steps.promote.registered_model: required key"),
         (
             lambda d: d["steps"]["quantize"].update(target="tensorrt", activations="asymmetric"),
