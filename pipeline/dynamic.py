@@ -62,6 +62,18 @@ def quantize_dynamic(
             )
         finally:
             logging.getLogger().setLevel(level)
+        try:
+            # ORT's quantizer does not check what it writes: on a float16 MatMul it inserts
+            # DynamicQuantizeLinear, which only takes float32, and returns a model nothing can load
+            onnx.checker.check_model(str(dst), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            fail(
+                ModelError,
+                f"ONNX Runtime's dynamic quantizer wrote an invalid model ({first}). Dynamic quantization takes "
+                "float32 MatMul/Gemm/Gather inputs: export the model in float32, keep the node it names in FP32 "
+                "with steps.quantize.exclude.nodes, or use mode: static.",
+            )
         return onnx.load(str(dst))
 
 

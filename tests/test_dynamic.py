@@ -129,3 +129,24 @@ def test_dynamic_exclude_of_an_unknown_node_names_it() -> None:
 
     with pytest.raises(ModelError, match="no node named 'nope'"):
         dynamic.quantize_dynamic(build("tiny_attention"), True, ("nope",), ())
+
+
+def test_an_invalid_model_from_ort_is_a_clear_error() -> None:
+    """ORT's dynamic quantizer puts DynamicQuantizeLinear (float32 only) before a float16 MatMul and
+    returns the broken model without complaint; the step must say so, not write it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.errors import ModelError
+
+    weight = numpy_helper.from_array(np.linspace(-1, 1, 12, dtype=np.float16).reshape(4, 3), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="half_matmul")],
+        "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 3])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(ModelError, match="dynamic quantizer wrote an invalid model.*float32"):
+        dynamic.quantize_dynamic(model, True, (), ())
