@@ -57,3 +57,56 @@ def print_layer_report(errs: Any, title: str, rows: int) -> None:
     print("| --- | --- | --- | --- |")
     for r in sorted(errs.rows, key=lambda r: r["sqnr_db"])[:rows]:
         print(f"| {r['tensor']} | {r['producer']} | {r['sqnr_db']:.1f} | {r['cosine']:.4f} |")
+
+
+def weights_only(qdq: onnx.ModelProto) -> onnx.ModelProto:
+    """``qdq`` with its activation quantizers bypassed: only the weights are INT8 (what the weights'
+    rounding alone costs)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    source: dict[str, str] = {}  # a DequantizeLinear output of an activation -> the float tensor it came from
+    quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    quantized = {n.output[0]: n.input[0] for n in quantizers}
+    outputs = {o.name for o in graph.output}
+    for n in graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in quantized and n.output[0] not in outputs:
+            source[n.output[0]] = quantized[n.input[0]]
+    for n in graph.node:
+        for k, name in enumerate(n.input):
+            if name in source:
+                n.input[k] = source[name]
+    read = {i for n in graph.node for i in n.input} | outputs
+    unread = {q for q in quantized if q not in read}
+    keep = [n for n in graph.node if n.output[0] not in source and n.output[0] not in unread]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+def activations_only(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> onnx.ModelProto:
+    """``qdq`` with every node reading the FP32 model's float weights and biases again: only the
+    activations are INT8 (what the activation quantizers alone cost)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    fp32_inits = {i.name: i for i in fp32.graph.initializer}
+    fp32_nodes = {n.name: n for n in fp32.graph.node if n.name}
+    producer = {o: n for n in graph.node for o in n.output}
+    for n in graph.node:
+        original = fp32_nodes.get(n.name)
+        if original is None or original.op_type != n.op_type:
+            continue
+        for k, name in enumerate(n.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or k >= len(original.input):
+                continue
+            weight = original.input[k]
+            if weight in fp32_inits:
+                n.input[k] = weight
+                if weight not in inits:
+                    graph.initializer.append(fp32_inits[weight])
+                    inits.add(weight)
+    return model
