@@ -2,7 +2,7 @@
 
 Preparation: ONNX checker, opset raised to one with per-channel Q/DQ (13+), a dynamic batch axis,
 and BatchNorm folded into the preceding convolutions by ONNX Runtime's basic graph optimiser (the
-same folding TensorRT does, so calibrated tensor names match what gets deployed).
+same folding TensorRT does, so calibrated tensor names match what gets deployed), MatMul+Add left unfused.
 """
 
 from __future__ import annotations
