@@ -2,7 +2,7 @@
 
 Preparation: ONNX checker, opset raised to one with per-channel Q/DQ (13+), a dynamic batch axis,
 and BatchNorm folded into the preceding convolutions by ONNX Runtime's basic graph optimiser (the
-same folding TensorRT does, so calibrated tensor names match what gets deployed).
+same folding TensorRT does, so calibrated tensor names match what gets deployed), MatMul+Add left unfused.
 """
 
 from __future__ import annotations
@@ -49,7 +49,12 @@ def _fold(src: Path, dst: Path) -> None:
     so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable ONNX ops only
     so.optimized_model_filepath = str(dst)
     try:
-        rt.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        # MatMulAddFusion rewrites a MatMul+Add on 3-D inputs into Reshape/Gemm/Reshape with initializers
+        # it names itself (gemm_input_shape, ...). ORT generates the same names again when it loads the
+        # INT8 model with optimisations on and fuses the MatMuls it could not fuse here (their DQ input is
+        # now unique to them), and then refuses to load it ("Attempt to replace the existing tensor").
+        # TensorRT and ORT fuse MatMul+Add themselves; the portable form is what the export keeps.
+        rt.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
     except Exception as exc:
         fail(ModelError, f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}")
 
@@ -57,6 +62,37 @@ def _fold(src: Path, dst: Path) -> None:
 def _layout(ctx: StepContext) -> Layout:
     """The data's sample axes and constants (calibration's, else validation's)."""
     return Layout.of(ctx.pipeline.data.calibration or ctx.pipeline.data.validation)
+
+
+def prepare(model: onnx.ModelProto, cfg: ExportConfig, layout: Layout | None, out: Path, label: str) -> onnx.ModelProto:
+    """What the step does to the source model, written to ``out`` (checked) and returned.
+
+    Constants into initializers, opset raised to 13+, a symbolic batch axis (``cfg.dynamic_batch``),
+    ONNX Runtime's basic optimiser (BatchNorm folding, constant folding), every node named.
+    A function of its own so that benchmarks measure exactly the model a user's export produces.
+    """
+    onnx_model.refuse_quantized(model, label, "model")
+    moved = onnx_model.constants_to_initializers(model)
+    if moved:
+        logger.info("export: %d Constant nodes moved into initializers (quantizers find weights there)", moved)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_QDQ_OPSET:
+        target = max(cfg.opset, MIN_QDQ_OPSET)
+        logger.info("export: converting opset %d -> %d (per-channel Q/DQ needs %d+)", opset, target, MIN_QDQ_OPSET)
+        model = onnx.version_converter.convert_version(model, target)
+    if cfg.dynamic_batch:
+        onnx_model.set_dynamic_batch(model, layout=layout)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "staged.onnx"
+        onnx.save(model, str(staged))
+        if cfg.fold_batchnorm:
+            _fold(staged, out)
+        else:
+            out.write_bytes(staged.read_bytes())
+    prepared = onnx_model.load(out)
+    onnx_model.name_nodes(prepared)  # exclude lists and per-node tables address nodes by name
+    onnx_model.save_checked(prepared, out)
+    return prepared
 
 
 class Export(Step):
@@ -87,30 +123,9 @@ class Export(Step):
             else:
                 _from_pytorch(ctx, cfg, raw)
             model = onnx_model.load(raw, label=label)
-            onnx_model.refuse_quantized(model, label, "model")
-            before = onnx_model.op_counts(model)
-            moved = onnx_model.constants_to_initializers(model)
-            if moved:
-                logger.info("export: %d Constant nodes moved into initializers (quantizers find weights there)", moved)
-            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-            if opset < MIN_QDQ_OPSET:
-                target = max(cfg.opset, MIN_QDQ_OPSET)
-                logger.info(
-                    "export: converting opset %d -> %d (per-channel Q/DQ needs %d+)", opset, target, MIN_QDQ_OPSET
-                )
-                model = onnx.version_converter.convert_version(model, target)
-            if cfg.dynamic_batch:
-                onnx_model.set_dynamic_batch(model, layout=_layout(ctx))
-            staged = Path(tmp) / "staged.onnx"
-            onnx.save(model, str(staged))
-            out = ctx.output("fp32_model", "model/model.onnx")
-            if cfg.fold_batchnorm:
-                _fold(staged, out)
-            else:
-                out.write_bytes(staged.read_bytes())
-        prepared = onnx_model.load(out)
-        onnx_model.name_nodes(prepared)  # exclude lists and per-node tables address nodes by name
-        onnx_model.save_checked(prepared, out)
+        out = ctx.output("fp32_model", "model/model.onnx")
+        before = onnx_model.op_counts(model)
+        prepared = prepare(model, cfg, _layout(ctx), out, label)
         flow = control_flow_report(prepared)
         if flow:  # otherwise "2 nodes, 1 parameters" and nothing quantized would go unexplained
             logger.warning("export: %s", flow)
