@@ -16,12 +16,15 @@ import yaml
 from pipeline.errors import ConfigError, fail
 from pipeline.schema import from_mapping, to_mapping
 
+TORCH_DTYPES = ("float32", "float16", "int64", "int32", "bool")
+
 
 @dataclass
 class PytorchSource:
     factory: str
     inputs: dict[str, list[int]]
     args: dict[str, Any] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)  # per input; float32 where absent
 
 
 @dataclass
@@ -270,8 +273,19 @@ def _check_model(src: ModelSource, base: Path) -> None:
         src.onnx = _check_path(base, src.onnx or "", "model.onnx")
     elif which == "mlflow" and not str(src.mlflow).startswith(("models:/", "runs:/")):
         fail(ConfigError, f"model.mlflow: expected a models:/ or runs:/ URI, got {src.mlflow!r}.")
-    elif which == "pytorch" and ":" not in (src.pytorch.factory if src.pytorch else ""):
-        fail(ConfigError, "model.pytorch.factory: expected 'package.module:function'.")
+    elif which == "pytorch" and src.pytorch is not None:
+        if ":" not in src.pytorch.factory:
+            fail(ConfigError, "model.pytorch.factory: expected 'package.module:function'.")
+        for name, dtype in src.pytorch.dtypes.items():
+            if name not in src.pytorch.inputs:
+                fail(
+                    ConfigError,
+                    f"model.pytorch.dtypes.{name}: no such input; model.pytorch.inputs names "
+                    f"{', '.join(src.pytorch.inputs) or 'none'}.",
+                )
+            if dtype not in TORCH_DTYPES:
+                expected = ", ".join(TORCH_DTYPES)
+                fail(ConfigError, f"model.pytorch.dtypes.{name}: expected one of {expected}, got {dtype!r}.")
 
 
 def _check_data(src: DataSource, base: Path, path: str) -> None:

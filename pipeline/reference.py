@@ -28,6 +28,9 @@ DESCRIPTIONS = {
     "model.pytorch.inputs": "Input name -> shape of the example input used for tracing, e.g. "
     "`{input: [1, 3, 224, 224]}`.",
     "model.pytorch.args": "Keyword arguments for the factory.",
+    "model.pytorch.dtypes": "Input name -> dtype of its example input: `float32` (where absent), `float16`, "
+    "`int64`, `int32` or `bool`. Token ids and attention masks are `int64`; integer inputs are traced with ones "
+    "(a valid id, a full mask).",
     "data": "Calibration and validation data: `data.calibration` and `data.validation`, each a source below.",
     "data.calibration": "Samples the ranges are measured on (needed by calibrate unless `from_cache`).",
     "data.validation": "Samples FP32 and INT8 are compared on (needed by validate); may carry `labels`.",

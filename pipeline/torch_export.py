@@ -26,6 +26,7 @@ def export(
     dynamic_batch: bool,
     dst: Path,
     search_dirs: list[Path],
+    dtypes: dict[str, str] | None = None,
 ) -> None:
     if importlib.util.find_spec("torch") is None:
         fail(BackendUnavailable, "model.pytorch needs PyTorch: pip install 'int8pipe[torch]'.")
@@ -33,6 +34,7 @@ def export(
         "factory": factory,
         "args": args,
         "inputs": inputs,
+        "dtypes": dtypes or {},
         "opset": opset,
         "dynamic_batch": dynamic_batch,
         "dst": str(dst),
@@ -54,7 +56,13 @@ def _child(spec: dict[str, Any]) -> None:
     factory = import_object(spec["factory"], [Path(d) for d in spec["search_dirs"]], "model.pytorch.factory")
     module = factory(**spec["args"])
     module.eval()
-    dummy = tuple(torch.zeros(shape) for shape in spec["inputs"].values())
+    dtypes = {n: getattr(torch, spec["dtypes"].get(n, "float32")) for n in spec["inputs"]}
+    # integer inputs are traced with ones: a valid token id and a full attention mask (zeros would
+    # mask every position, and some models take another branch on an empty mask)
+    dummy = tuple(
+        (torch.zeros if dtypes[n].is_floating_point else torch.ones)(shape, dtype=dtypes[n])
+        for n, shape in spec["inputs"].items()
+    )
     names = list(spec["inputs"])
     axes = {n: {0: "batch"} for n in names} if spec["dynamic_batch"] else None
     with warnings.catch_warnings():

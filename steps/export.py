@@ -39,8 +39,9 @@ def _from_pytorch(ctx: StepContext, cfg: ExportConfig, dst: Path) -> None:
     src = ctx.pipeline.model.pytorch
     assert src is not None
     torch_export.export(
-        src.factory, src.args, src.inputs, cfg.opset, cfg.dynamic_batch, dst, search_dirs(ctx.pipeline.base_dir)
-    )
+        src.factory, src.args, src.inputs, cfg.opset, cfg.dynamic_batch, dst, search_dirs(ctx.pipeline.base_dir),
+        src.dtypes,
+    )  # fmt: skip
 
 
 def _fold(src: Path, dst: Path) -> None:

@@ -13,6 +13,8 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.cli import main
+from pipeline.config import load
+from pipeline.errors import ConfigError
 from tests.models import build
 
 CALIBRATE_ONLY = {"export": {}, "calibrate": {"method": "entropy", "batch_size": 16}}
@@ -226,3 +228,54 @@ def test_pytorch_source(tmp_path: Path, tracking_uri: str, capsys: pytest.Captur
     )
     assert main(["run", str(path), "--tracking-uri", tracking_uri]) == 2
     assert "exporting broken:build to ONNX failed: RuntimeError: weights missing" in capsys.readouterr().err
+
+
+def test_pytorch_source_with_integer_inputs(tmp_path: Path, tracking_uri: str) -> None:
+    """A text encoder (token ids and an attention mask, int64) exports, calibrates and quantizes."""
+    pytest.importorskip("torch", reason="the [torch] extra is not installed")
+    (tmp_path / "enc.py").write_text(
+        "import torch\n"
+        "class Encoder(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.embed, self.proj = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4)\n"
+        "    def forward(self, input_ids, attention_mask):\n"
+        "        h = self.proj(self.embed(input_ids))\n"
+        "        m = attention_mask.unsqueeze(-1).to(h.dtype)\n"
+        "        return (h * m).sum(1) / m.sum(1)\n"
+        "def build():\n"
+        "    return Encoder()\n"
+    )
+    rng = np.random.default_rng(0)
+    mask = (np.arange(6)[None, :] < rng.integers(2, 7, size=(8, 1))).astype(np.int64)
+    np.savez(tmp_path / "cal.npz", input_ids=rng.integers(0, 50, size=(8, 6)).astype(np.int64), attention_mask=mask)
+    model = {
+        "pytorch": {
+            "factory": "enc:build",
+            "inputs": {"input_ids": [1, 6], "attention_mask": [1, 6]},
+            "dtypes": {"input_ids": "int64", "attention_mask": "int64"},
+        }
+    }
+    steps = {"export": {}, "calibrate": {}, "quantize": {}}
+    s = run(tiny_pipeline(tmp_path, model, {"npz": "cal.npz"}, steps), tracking_uri)
+    exported = mlflow.artifacts.download_artifacts(
+        run_id=s["steps"]["export"], artifact_path="model/model.onnx", tracking_uri=tracking_uri
+    )
+    inputs = {i.name: i.type.tensor_type.elem_type for i in onnx.load(exported).graph.input}
+    assert inputs == {"input_ids": onnx.TensorProto.INT64, "attention_mask": onnx.TensorProto.INT64}
+    assert MlflowClient(tracking_uri).get_run(s["steps"]["quantize"]).data.metrics["int8_nodes"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "expected"),
+    [
+        ({"ids": "int64"}, "model.pytorch.dtypes.ids: no such input"),
+        ({"input": "long"}, "model.pytorch.dtypes.input: expected one of float32"),
+    ],
+)
+def test_pytorch_dtypes_errors(tmp_path: Path, dtypes: dict[str, str], expected: str) -> None:
+    np.savez(tmp_path / "cal.npz", input=np.zeros((2, 1, 4, 4), np.float32))
+    model = {"pytorch": {"factory": "net:build", "inputs": {"input": [1, 1, 4, 4]}, "dtypes": dtypes}}
+    with pytest.raises(ConfigError, match=expected):
+        load(tiny_pipeline(tmp_path, model, {"npz": "cal.npz"}))
