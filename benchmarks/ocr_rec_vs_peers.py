@@ -39,8 +39,6 @@ after 5 warm-up runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import sys
 import tempfile
 import time
@@ -55,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from detector_vs_peers import constants_to_initializers, cpu_flags, find_model, progress  # noqa: E402
-from peers import ort_quantize_static, print_layer_report  # noqa: E402
+from peers import nncf_builds, ort_quantize_static, print_layer_report  # noqa: E402
 
 MODEL_FILE = "ch_PP-OCRv4_rec_infer.onnx"
 HEIGHT = 48
@@ -396,29 +394,12 @@ def main() -> None:
     progress("ORT quantize_static")
     attempt("ORT quantize_static (QDQ, per-channel, MinMax, u8 activations)", ort_static_model)
 
-    try:
-        import nncf
-    except ImportError:
+    builds = {} if args.no_nncf else nncf_builds(fp32, [{"x": x_cal[i : i + 1]} for i in range(len(x_cal))])
+    if not builds and not args.no_nncf:
         print("| NNCF | not installed (pip install nncf) | | | | | | | |")
-    else:
-        if not args.no_nncf:
-            nncf.set_log_level(logging.WARNING)
-
-            def nncf_model(**options: Any) -> Any:
-                data = [{"x": x_cal[i : i + 1]} for i in range(len(x_cal))]
-
-                def build() -> tuple[onnx.ModelProto, None]:
-                    # its INFO lines and progress bars go to stdout: keep the table clean
-                    with contextlib.redirect_stdout(sys.stderr):
-                        return nncf.quantize(fp32, nncf.Dataset(data), subset_size=len(data), **options), None
-
-                return build
-
-            progress("NNCF quantize")
-            attempt(f"NNCF {nncf.__version__} quantize (defaults)", nncf_model())
-            # its preset for BERT-like models
-            preset = nncf_model(model_type=nncf.ModelType.TRANSFORMER)
-            attempt(f"NNCF {nncf.__version__} quantize (model_type TRANSFORMER)", preset)
+    for name, build in builds.items():
+        progress(name)
+        attempt(name, build)
 
     default = built.get("tensorrt, attention products float (default)")
     if args.layers and default is not None:

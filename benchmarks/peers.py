@@ -110,3 +110,30 @@ def activations_only(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> onnx.ModelP
                     graph.initializer.append(fp32_inits[weight])
                     inits.add(weight)
     return model
+
+
+def nncf_builds(fp32: onnx.ModelProto, samples: list[Batch]) -> dict[str, Callable[[], tuple[onnx.ModelProto, None]]]:
+    """NNCF's quantize as a user would call it, by row name: its defaults and its preset for
+    BERT-like models. Empty when NNCF is not installed (the caller prints that row)."""
+    try:
+        import nncf
+    except ImportError:
+        return {}
+    import contextlib
+    import logging
+    import sys
+
+    nncf.set_log_level(logging.WARNING)
+
+    def build(**options: Any) -> Callable[[], tuple[onnx.ModelProto, None]]:
+        def run() -> tuple[onnx.ModelProto, None]:
+            # its INFO lines and progress bars go to stdout: keep the table clean
+            with contextlib.redirect_stdout(sys.stderr):
+                return nncf.quantize(fp32, nncf.Dataset(samples), subset_size=len(samples), **options), None
+
+        return run
+
+    return {
+        f"NNCF {nncf.__version__} quantize (defaults)": build(),
+        f"NNCF {nncf.__version__} quantize (model_type TRANSFORMER)": build(model_type=nncf.ModelType.TRANSFORMER),
+    }
