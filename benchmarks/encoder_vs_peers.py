@@ -330,14 +330,17 @@ def main() -> None:
     def cal_batches() -> Iterator[Batch]:
         return batches(x_cal)
 
-    def static(opts: QuantizeOptions, tensors: dict[str, Any], smooth: bool = False) -> tuple[onnx.ModelProto, None]:
-        """What steps/quantize.py does in mode static: smoothing, Q/DQ, keep_float, bias correction."""
+    def static(
+        opts: QuantizeOptions, tensors: dict[str, Any], smooth: tuple[float, str] | None = None
+    ) -> tuple[onnx.ModelProto, None]:
+        """What steps/quantize.py does in mode static: smoothing ``(alpha, method)`` of MatMul/Gemm
+        inputs, Q/DQ, keep_float, bias correction."""
         tensors = dict(tensors)
         source = fp32
         if smooth:
             source, new = smoothing.smooth_and_calibrate(
-                fp32, cal_batches, ["MatMul", "Gemm"], float_nodes(fp32, opts), 0.5, args.calibration, "mse",
-                99.99, DEFAULT_MEMORY_MB,
+                fp32, cal_batches, ["MatMul", "Gemm"], float_nodes(fp32, opts), smooth[0], args.calibration,
+                smooth[1], 99.99, DEFAULT_MEMORY_MB,
             )  # fmt: skip
             progress(f"smoothing: {len(new)} smoothed inputs")
             tensors.update(new)
@@ -392,8 +395,10 @@ def main() -> None:
         "int8pipe tensorrt, activation_matmuls: true",
         lambda: static(QuantizeOptions(target="tensorrt", activation_matmuls=True), by_method["mse"]), trt_s,
     )  # fmt: skip
-    attempt("int8pipe tensorrt + smoothing alpha 0.5 (MatMul inputs)", lambda: static(trt, by_method["mse"], True),
-            trt_s)  # fmt: skip
+    for alpha, method in ((0.95, "minmax"), (0.95, "mse"), (0.5, "mse")):
+        label = "smoothing: {} (alpha 0.95, MatMul/Gemm inputs, minmax)" if method == "minmax" else (
+            f"smoothing alpha {alpha}, method {method}")  # fmt: skip
+        attempt(f"int8pipe tensorrt + {label}", lambda a=alpha, m=method: static(trt, by_method["mse"], (a, m)), trt_s)
     for method in ("entropy", "percentile", "minmax"):
         label = f"int8pipe tensorrt, method {method}" + (" (99.99)" if method == "percentile" else "")
         attempt(label, lambda m=method: static(trt, by_method[m]), trt_s)
@@ -408,6 +413,9 @@ def main() -> None:
             f"int8pipe target onnxruntime (mse, u8 asymmetric), normalization: {str(normalization).lower()}",
             lambda o=opts: static(o, cal_all.ranges.tensors), all_s,
         )  # fmt: skip
+    ort_target = QuantizeOptions(target="onnxruntime", activations="asymmetric")
+    attempt("int8pipe target onnxruntime + smoothing: {} (alpha 0.95, minmax)",
+            lambda: static(ort_target, cal_all.ranges.tensors, (0.95, "minmax")), all_s)  # fmt: skip
 
     dst = folder / "ort_static.onnx"
     for name, options in ort_static_variants().items():

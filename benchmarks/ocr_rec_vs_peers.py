@@ -325,13 +325,16 @@ def main() -> None:
     cal_trt = calibrate(path, lambda: batches(x_cal), "mse", histogram_tensors=quantized_activations(fp32, "tensorrt"))
     trt_s = time.perf_counter() - start
 
-    def static(opts: QuantizeOptions, cal: Any, smooth: bool = False) -> tuple[onnx.ModelProto, None]:
+    def static(
+        opts: QuantizeOptions, cal: Any, smooth: tuple[list[str], float, str] | None = None
+    ) -> tuple[onnx.ModelProto, None]:
+        """Smoothing ``(op_types, alpha, method)``, Q/DQ, keep_float, bias correction."""
         tensors = dict(cal.ranges.tensors)
         source = fp32
         if smooth:
             source, new = smoothing.smooth_and_calibrate(
-                fp32, lambda: batches(x_cal), ["Conv", "MatMul", "Gemm"], float_nodes(fp32, opts), 0.5,
-                128, "mse", 99.99, DEFAULT_MEMORY_MB,
+                fp32, lambda: batches(x_cal), smooth[0], float_nodes(fp32, opts), smooth[1], 128, smooth[2], 99.99,
+                DEFAULT_MEMORY_MB,
             )  # fmt: skip
             progress(f"smoothing: {len(new)} smoothed inputs")
             tensors.update(new)
@@ -346,14 +349,15 @@ def main() -> None:
     trt = QuantizeOptions(target="tensorrt")
     trt_attention = QuantizeOptions(target="tensorrt", activation_matmuls=True)
     for label, opts, smooth in (
-        ("tensorrt, attention products float (default)", trt, False),
-        ("tensorrt, activation_matmuls: true", trt_attention, False),
-        ("tensorrt + smoothing alpha 0.5", trt, True),
+        ("tensorrt, attention products float (default)", trt, None),
+        ("tensorrt, activation_matmuls: true", trt_attention, None),
+        ("tensorrt + smoothing alpha 0.5 on Conv/MatMul/Gemm, mse", trt, (["Conv", "MatMul", "Gemm"], 0.5, "mse")),
+        ("tensorrt + smoothing: {} (alpha 0.95 on MatMul/Gemm, minmax)", trt, (["MatMul", "Gemm"], 0.95, "minmax")),
         # the same with the CNN backbone float: what static INT8 of the MatMuls alone costs (dynamic mode's scope)
         (
             "tensorrt, Conv excluded (MatMuls only)",
             QuantizeOptions(target="tensorrt", exclude_op_types=("Conv",)),
-            False,
+            None,
         ),
     ):
         progress(f"int8pipe static {label}")

@@ -201,7 +201,7 @@ def smooth_and_calibrate(
     memory_mb: int,
     layout: Layout | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, TensorRange]]:
-    """The smoothed model and the calibrated ranges of its new tensors (same method as the rest).
+    """The smoothed model and the ranges of its new tensors, calibrated with ``method``.
 
     ``batches()`` is called twice: per-channel maxima on the first ``samples`` samples, then a
     calibration of the smoothed inputs on all of them.

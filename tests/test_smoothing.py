@@ -118,3 +118,19 @@ def test_a_reverted_smoothed_layer_is_the_fp32_layer_again() -> None:
     onnx.checker.check_model(reverted, full_check=True)
     assert not any(n.op_type in ("Mul", "QuantizeLinear") and n.name != "outlier" for n in reverted.graph.node)
     np.testing.assert_array_equal(run(reverted, {"x": x}), run(fp32, {"x": x}))
+
+
+def test_smoothed_tensors_get_the_smoothing_method_thresholds() -> None:
+    """smooth_and_calibrate calibrates the new tensors with its own method: minmax (the step's
+    default) is max |x / s| computed by hand; a clipping method gives a smaller threshold."""
+    from pipeline.calibration.collect import expose
+
+    fp32 = build("outlier_channel_matmul")
+    x = np.random.default_rng(4).normal(size=(64, 8)).astype(np.float32)
+    batches = lambda: iter([{"x": x[:32]}, {"x": x[32:]}])  # noqa: E731
+    smoothed, new = smoothing.smooth_and_calibrate(fp32, batches, ["MatMul"], [], 0.95, 64, "minmax", 99.99, 512)
+    (tensor,) = new
+    (value,) = runtime.run(runtime.session(expose(smoothed, [tensor])), {"x": x})
+    assert new[tensor].amax == pytest.approx(float(np.abs(value).max()), rel=1e-6)
+    _, clipped = smoothing.smooth_and_calibrate(fp32, batches, ["MatMul"], [], 0.95, 64, "percentile", 99.0, 512)
+    assert clipped[tensor].amax < 0.99 * new[tensor].amax
