@@ -2,7 +2,8 @@
 
 Preparation: ONNX checker, opset raised to one with per-channel Q/DQ (13+), a dynamic batch axis,
 and BatchNorm folded into the preceding convolutions by ONNX Runtime's basic graph optimiser (the
-same folding TensorRT does, so calibrated tensor names match what gets deployed), MatMul+Add left unfused.
+same folding TensorRT does, so calibrated tensor names match what gets deployed); initializers the
+optimiser creates get names of their own.
 """
 
 from __future__ import annotations
@@ -50,14 +51,33 @@ def _fold(src: Path, dst: Path) -> None:
     so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable ONNX ops only
     so.optimized_model_filepath = str(dst)
     try:
-        # MatMulAddFusion rewrites a MatMul+Add on 3-D inputs into Reshape/Gemm/Reshape with initializers
-        # it names itself (gemm_input_shape, ...). ORT generates the same names again when it loads the
-        # INT8 model with optimisations on and fuses the MatMuls it could not fuse here (their DQ input is
-        # now unique to them), and then refuses to load it ("Attempt to replace the existing tensor").
-        # TensorRT and ORT fuse MatMul+Add themselves; the portable form is what the export keeps.
-        rt.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
+        rt.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         fail(ModelError, f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}")
+
+
+GENERATED_PREFIX = "int8pipe_export_"
+
+
+def _rename_generated(before: onnx.ModelProto, after: onnx.ModelProto) -> int:
+    """Give the initializers ORT's optimiser created (``after`` has them, ``before`` not) names of
+    their own. MatMulAddFusion turns a MatMul+Add on 3-D inputs into Reshape/Gemm/Reshape whose shape
+    initializers it names itself (``gemm_input_shape``, ...); when ORT later loads the INT8 model with
+    optimisations on, it fuses the MatMuls it could not fuse here under the same generated names and
+    refuses the model ("Attempt to replace the existing tensor")."""
+    known = {i.name for i in before.graph.initializer}
+    renamed = {i.name: GENERATED_PREFIX + i.name for i in after.graph.initializer if i.name not in known}
+    if not renamed:
+        return 0
+    for init in after.graph.initializer:
+        init.name = renamed.get(init.name, init.name)
+    for node in after.graph.node:
+        for k, name in enumerate(node.input):
+            if name in renamed:
+                node.input[k] = renamed[name]
+    for info in [*after.graph.input, *after.graph.value_info]:  # an older IR lists initializers as inputs
+        info.name = renamed.get(info.name, info.name)
+    return len(renamed)
 
 
 def _layout(ctx: StepContext) -> Layout:
@@ -91,6 +111,7 @@ def prepare(model: onnx.ModelProto, cfg: ExportConfig, layout: Layout | None, ou
         else:
             out.write_bytes(staged.read_bytes())
     prepared = onnx_model.load(out)
+    _rename_generated(model, prepared)
     onnx_model.name_nodes(prepared)  # exclude lists and per-node tables address nodes by name
     onnx_model.save_checked(prepared, out)
     return prepared

@@ -1,6 +1,8 @@
-"""The export keeps a MatMul+Add on 3-D inputs as it is: ORT's MatMulAddFusion names the
-initializers it adds itself, and the INT8 model built on them then fails to load in ORT with
-optimisations on (all-MiniLM-L6-v2: "Attempt to replace the existing tensor")."""
+"""Initializers the export's ORT pass creates get names of their own: MatMulAddFusion names the
+Reshape shapes it adds for a MatMul+Add on 3-D inputs itself, and ORT generates the same names again
+when it fuses the INT8 model at load time; on all-MiniLM-L6-v2 that model then failed to load with
+optimisations on ("Attempt to replace the existing tensor"; this small block does not collide, so
+the test checks the naming and that the INT8 model loads)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline import runtime
+from pipeline.model import toposort
 from pipeline.calibration.calibrator import calibrate
 from pipeline.quantization import QuantizeOptions, quantize, quantized_activations
-from steps.export import ExportConfig, prepare
+from steps.export import GENERATED_PREFIX, ExportConfig, prepare
 
 
 def encoder_block() -> onnx.ModelProto:
@@ -39,16 +42,21 @@ def encoder_block() -> onnx.ModelProto:
     return model
 
 
-def test_export_keeps_matmul_add_and_the_int8_model_loads_optimised(tmp_path: Path) -> None:
+def test_initializers_the_export_creates_are_renamed_and_the_int8_model_loads_optimised(tmp_path: Path) -> None:
     path = tmp_path / "fp32.onnx"
+    source = encoder_block()
     fp32 = prepare(encoder_block(), ExportConfig(dynamic_batch=False), None, path, "block")
     ops = [n.op_type for n in fp32.graph.node]
-    assert ops.count("MatMul") == 4 and "Gemm" not in ops and "Reshape" not in ops
+    assert ops.count("Gemm") >= 1  # the fusion ran (a Gemm gets bias correction)
+    original = {i.name for i in source.graph.initializer}
+    created = [i.name for i in fp32.graph.initializer if i.name not in original]
+    assert created and all(name.startswith(GENERATED_PREFIX) for name in created)
     x = np.random.default_rng(1).normal(size=(16, 1, 4, 8)).astype(np.float32)
     quantized = quantized_activations(fp32, "tensorrt")
     cal = calibrate(path, lambda: ({"x": b} for b in x), "mse", histogram_tensors=quantized)
     int8 = quantize(fp32, cal.ranges.amax(), QuantizeOptions(target="tensorrt"))
-    assert sum(n.op_type == "DequantizeLinear" for n in int8.graph.node) == 6  # x, s and the four weights
+    toposort(int8)
+    onnx.checker.check_model(int8, full_check=True)
     out = {}
     for optimize in (False, True):  # exact arithmetic, and ORT's fused kernels (MatMulAddFusion at load)
         sess = runtime.session(int8.SerializeToString(), "cpu", optimize=optimize)
