@@ -13,8 +13,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline import runtime
-from pipeline.model import toposort
 from pipeline.calibration.calibrator import calibrate
+from pipeline.model import toposort
 from pipeline.quantization import QuantizeOptions, quantize, quantized_activations
 from steps.export import GENERATED_PREFIX, ExportConfig, prepare
 
