@@ -331,10 +331,10 @@ def main() -> None:
         return batches(x_cal)
 
     def static(
-        opts: QuantizeOptions, tensors: dict[str, Any], smooth: tuple[float, str] | None = None
+        opts: QuantizeOptions, tensors: dict[str, Any], smooth: tuple[float, str] | None = None, correct: bool = True
     ) -> tuple[onnx.ModelProto, None]:
         """What steps/quantize.py does in mode static: smoothing ``(alpha, method)`` of MatMul/Gemm
-        inputs, Q/DQ, keep_float, bias correction."""
+        inputs, Q/DQ, keep_float, bias correction (unless ``correct`` is false)."""
         tensors = dict(tensors)
         source = fp32
         if smooth:
@@ -347,8 +347,9 @@ def main() -> None:
         observed = {k: (v.min, v.max) for k, v in tensors.items()}
         qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
         qdq = keep_float_inputs(qdq, fp32, float_nodes(fp32, opts))
-        changed, _ = bias_correction.correct(source, qdq, cal_batches(), args.calibration)
-        progress(f"bias correction on {changed} nodes")
+        if correct:
+            changed, _ = bias_correction.correct(source, qdq, cal_batches(), args.calibration)
+            progress(f"bias correction on {changed} nodes")
         return qdq, None
 
     # one two-pass calibration of TensorRT's quantized tensors (both inputs of every MatMul, so it
@@ -399,6 +400,8 @@ def main() -> None:
         label = "smoothing: {} (alpha 0.95, MatMul/Gemm inputs, minmax)" if method == "minmax" else (
             f"smoothing alpha {alpha}, method {method}")  # fmt: skip
         attempt(f"int8pipe tensorrt + {label}", lambda a=alpha, m=method: static(trt, by_method["mse"], (a, m)), trt_s)
+    attempt("int8pipe tensorrt + smoothing: {}, bias_correction: false (the transformer setting)",
+            lambda: static(trt, by_method["mse"], (0.95, "minmax"), correct=False), trt_s)  # fmt: skip
     for method in ("entropy", "percentile", "minmax"):
         label = f"int8pipe tensorrt, method {method}" + (" (99.99)" if method == "percentile" else "")
         attempt(label, lambda m=method: static(trt, by_method[m]), trt_s)

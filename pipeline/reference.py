@@ -110,24 +110,25 @@ DESCRIPTIONS = {
     "steps.quantize.smoothing": "Activation smoothing (SmoothQuant): divide each smoothable layer input (Conv "
     "without groups, MatMul/Gemm with a constant weight) per channel by max|x|^alpha / max|W|^(1-alpha) through an "
     "explicit Mul and multiply the weights' input channels by it; the smoothed tensors are calibrated anew. For "
-    "transformers: on all-MiniLM-L6-v2 `smoothing: {}` (alpha 0.95, minmax) took the `target: tensorrt` model's "
-    "embedding cosine from 0.975 to 0.998 and nearest-neighbour agreement from 0.80 to 0.97, every weight MatMul "
-    "INT8. On CNNs it never paid (Conv inputs at alpha 0.5: EfficientNet-Lite0 agreement unchanged, PP-OCRv4 "
-    "detector recall 0.841 -> 0.796). Off by default (null).",
+    "transformers: on all-MiniLM-L6-v2 `smoothing: {}` (alpha 0.95, minmax) with `bias_correction: false` took the "
+    "`target: tensorrt` model's embedding cosine from 0.967 to 0.998 and nearest-neighbour agreement from 0.77 to "
+    "0.97, every weight MatMul INT8. On CNNs it never paid (Conv inputs at alpha 0.5: EfficientNet-Lite0 "
+    "agreement unchanged, PP-OCRv4 detector recall 0.841 -> 0.796). Off by default (null).",
     "steps.quantize.smoothing.alpha": "0 keeps the spread in the activation, 1 moves all of it into the weights. "
-    "0.95 is what measured best on MiniLM (0.8: cosine 0.997, 0.5: 0.970).",
+    "0.95 is what measured best on MiniLM (0.5: cosine 0.959 against 0.997).",
     "steps.quantize.smoothing.op_types": "Layer types whose inputs are smoothed (add `Conv` to smooth convolutions).",
     "steps.quantize.smoothing.samples": "Calibration samples the per-channel maxima come from (whole batches).",
     "steps.quantize.smoothing.method": "Threshold method for the smoothed tensors (the others keep the calibrate "
     "step's). minmax: smoothing flattens their channels, and clipping the few large values left cost more than it "
-    "saved (MiniLM at alpha 0.95: cosine 0.998 minmax, 0.995 mse; nearest-neighbour agreement 0.97 against 0.88).",
+    "saved (MiniLM at alpha 0.95: cosine 0.997 minmax, 0.994 mse; nearest-neighbour agreement 0.945 against 0.883).",
     "steps.quantize.normalization": "Also quantize normalization layers (LayerNormalization, InstanceNormalization, "
     "GroupNormalization, a BatchNormalization left unfolded); only `target: onnxruntime` quantizes them. Off: "
     "they stay float, as transformers need.",
     "steps.quantize.bias_correction": "Measure each INT8 Conv/Gemm's mean output shift per channel (quantized "
     "weights and input against FP32, on calibration samples) and subtract it from the float bias. Free at "
-    "inference; on EfficientNet-Lite0 top-1 agreement 0.81 -> 0.88-0.91. Needs `data.calibration`; off "
-    "when calibrating `from_cache`.",
+    "inference; on EfficientNet-Lite0 top-1 agreement 0.81 -> 0.88-0.91. It hurt a transformer (all-MiniLM-L6-v2: "
+    "embedding cosine 0.978 -> 0.967): set it false there. Needs `data.calibration`; off when calibrating "
+    "`from_cache`.",
     "steps.quantize.bias_correction_samples": "Calibration samples the shift is measured on (whole batches).",
     "steps.validate.metric": "`top1`, `top5` (need labels), `agreement` (top-1 agreement with FP32), `cosine`, "
     "or `package.module:function` called as `fn(outputs, labels, reference)`; higher is better.",
