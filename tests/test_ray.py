@@ -149,11 +149,11 @@ def test_a_dead_worker_fails_its_trial_and_ctrl_c_cancels_the_rest(
     FAILED with the reason and the third trial starts in its place; then Ctrl-C on the driver cancels
     what is left, whose runs end KILLED, and no trial process survives."""
     config = _sweep_yaml(digits_copy, ["minmax", "entropy", "percentile"], executor="ray")
-    # calibration data read slowly (16 batches, 0.5 s each): Ctrl-C lands inside a calibration, not in the
-    # instant a run is being created
+    # calibration data read slowly (16 batches, 2 s each): Ctrl-C lands inside a calibration, not in the
+    # instant a run is being created, however slowly a loaded machine polls the tracking server
     (digits_copy / "slow.py").write_text(
         "import time\nimport numpy as np\n\n\ndef batches(path):\n    x = np.load(path)['input'][:512]\n"
-        "    for i in range(0, 512, 32):\n        time.sleep(0.5)\n        yield {'input': x[i : i + 32]}\n"
+        "    for i in range(0, 512, 32):\n        time.sleep(2.0)\n        yield {'input': x[i : i + 32]}\n"
     )
     npz = str(digits_copy / "data" / "calibration.npz")
     _edit(config, data={**yaml.safe_load(config.read_text())["data"],
