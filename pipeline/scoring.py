@@ -27,6 +27,10 @@ from pipeline.layout import Layout, output_axes, samples_first
 from pipeline.log import progress
 
 SAMPLES = 8  # validation samples kept with every output (validate hands them on)
+# Samples per ONNX Runtime call: a Q/DQ model run exactly keeps every dequantized tensor too, and ORT's
+# arena grows to the largest call (32 EfficientNet-Lite0 samples: about 1 GB). Batches of a model whose
+# batch size is fixed go through as they come.
+RUN_CHUNK = 8
 INPUT_CACHE_BYTES = 512 << 20  # model inputs kept in memory for re-scoring; beyond, the source is read again
 
 
@@ -195,6 +199,9 @@ class Scorer:
             {o.name: o.shape for o in self._fp32.get_outputs()},
             self.layout,
         )
+        axes = [(i.shape, self.layout.axis(i.name)) for i in self._fp32.get_inputs()]
+        fixed = any(a is not None and a < len(shape) and isinstance(shape[a], int) for shape, a in axes)
+        self._chunk = None if fixed else RUN_CHUNK
         self._reference: dict[str, np.ndarray] = {}
         self._labels: np.ndarray | None = None
         self._fp32_scores: dict[int, float] = {}  # samples -> FP32 score on the first that many
@@ -300,7 +307,10 @@ class Scorer:
 
     def _run(self, sess: Any, names: list[str], feeds: data.Batch) -> dict[str, np.ndarray]:
         """``names`` computed by ``sess`` on ``feeds``, each output's samples on its first axis."""
-        return samples_first(dict(zip(names, sess.run(names, feeds))), self._out_axes)
+        if self._chunk is None or self.layout.count(feeds) <= self._chunk:
+            return samples_first(dict(zip(names, sess.run(names, feeds))), self._out_axes)
+        parts = [self._run(sess, names, chunk) for chunk in self.layout.chunks([feeds], self._chunk)]
+        return {n: np.concatenate([p[n] for p in parts]) for n in names}
 
 
 def _length(arrays: dict[str, np.ndarray]) -> int:
