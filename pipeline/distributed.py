@@ -15,7 +15,9 @@ server themselves, so it must be reachable from every node: http(s):// only.
 Failures: a trial whose worker or node dies is an ``error`` trial, its run FAILED with the reason
 (tag ``int8pipe.error``), and the sweep goes on. Ctrl-C (or SIGTERM) on the driver cancels the
 outstanding tasks: queued ones never start, running ones pass SIGTERM to their trial process,
-which marks its runs KILLED as any interrupted int8pipe does.
+which marks its runs KILLED as any interrupted int8pipe does; a task Ray's interrupt does not reach
+within ``GENTLE_CANCEL_S`` loses its worker instead, with the same SIGTERM for its trial. Runs a
+trial could not close are closed KILLED by the driver.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ INSTALL = 'pip install -e ".[ray]"'
 SUMMARY = "{summary-json}"  # placeholder in a trial's command for the summary file on the worker
 FORWARDED_ENV_EXCLUDED = ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 CANCEL_GRACE_S = 60.0  # after Ctrl-C, how long cancelled trials get to mark their runs KILLED
+# Ray's interrupt of a running task does not always land (ray-project/ray#32954: a task waiting in
+# sleep or a blocking call can run on to the end), so a task still running this long after
+# ``ray.cancel`` is cancelled with force, which kills its worker; the trial process then gets SIGTERM
+# as its parent-death signal and closes its runs as a dead worker's trial does.
+GENTLE_CANCEL_S = 10.0
 DEAD_TRIAL_GRACE_S = 5.0  # a dead worker's trial process (SIGTERM from its parent's death) closing its runs
 
 # Runs a trial's command with SIGTERM as its parent-death signal (Linux), so a trial whose Ray worker
@@ -231,14 +238,9 @@ def _mark_failed(client: MlflowClient, sweep_run: str, trial: Trial, reason: str
         return  # it died before creating its run
     experiment, run_id = found
     trial.run_id = run_id
-    deadline = time.monotonic() + DEAD_TRIAL_GRACE_S
     try:  # the trial process got SIGTERM when its worker died (Ray may SIGKILL it soon after)
-        while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
-            time.sleep(0.5)
-    finally:  # even on Ctrl-C during the wait
-        for step in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}'"):
-            if step.info.status == "RUNNING":
-                client.set_terminated(step.info.run_id, status="FAILED")
+        _close_runs(client, experiment, run_id, "FAILED")
+    finally:
         client.set_tag(run_id, "int8pipe.error", reason[:5000])
         client.set_terminated(run_id, status="FAILED")
 
@@ -281,6 +283,10 @@ def run_trials(
             logger.warning("sweep: interrupted; cancelling %d Ray trial(s)", len(pending))
             for ref in pending:
                 ray.cancel(ref)  # queued: never starts; running: KeyboardInterrupt in the task -> SIGTERM
+            _, stuck = ray.wait(list(pending), num_returns=len(pending), timeout=GENTLE_CANCEL_S)
+            for ref in stuck:
+                logger.warning("sweep: trial %s did not stop on ray.cancel; killing its worker", pending[ref].label)
+                ray.cancel(ref, force=True)
             ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
             for ref, trial in pending.items():
                 _cancelled(ray, ref, trial, client, sweep_run)
@@ -306,8 +312,24 @@ def _cancelled(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run
     if found is None:
         trial.gate = "skipped"
         return
-    trial.run_id = found[1]
+    experiment, trial.run_id = found
     trial.gate, trial.error = "killed", "cancelled: Ctrl-C or SIGTERM on the sweep's driver"
+    _close_runs(client, experiment, trial.run_id, "KILLED")
+
+
+def _close_runs(client: MlflowClient, experiment: str, run_id: str, status: str) -> None:
+    """Give a stopped trial's process ``DEAD_TRIAL_GRACE_S`` to close its runs, then close with
+    ``status`` the trial's run and its step runs that are still RUNNING."""
+    deadline = time.monotonic() + DEAD_TRIAL_GRACE_S
+    try:
+        while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:  # even on a second Ctrl-C during the wait
+        for step in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}'"):
+            if step.info.status == "RUNNING":
+                client.set_terminated(step.info.run_id, status=status)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
 
 
 def _finish(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run: str, apply_result: Any) -> None:
