@@ -54,7 +54,7 @@ def main() -> None:
     from data import crops
     from peers import ort_quantize_static, ort_static_variants
 
-    from pipeline import bias_correction, layers, recovery, runtime, scoring, smoothing
+    from pipeline import bias_correction, equalization, layers, recovery, runtime, scoring, smoothing
     from pipeline.calibration.calibrator import calibrate, rethreshold
     from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 
@@ -123,6 +123,23 @@ def main() -> None:
     bias_correction.correct(smoothed, smooth_q, crops(args.samples, 32), 128)
     row(f"int8pipe smoothing alpha 0.5 ({len(new)} inputs), mse, bias correction", smooth_q,
         calibration_s + time.perf_counter() - start)  # fmt: skip
+    # cross-layer equalization (steps.quantize.equalization) is meant for per-tensor weights
+    start = time.perf_counter()
+    equalized, new, pairs = equalization.equalize_and_calibrate(
+        fp32, lambda: crops(args.samples, 32), [], "mse", 99.99, 512
+    )
+    equalize_s = time.perf_counter() - start
+    for per_channel in (False, True):
+        amax = {**ranges.amax(), **{k: v.amax for k, v in new.items()}}
+        for name, source, extra in (("", fp32, 0.0), (f" + equalization ({pairs} Conv pairs)", equalized, equalize_s)):
+            if per_channel and not extra:
+                continue  # the default row above
+            start = time.perf_counter()
+            q = quantize(source, amax, QuantizeOptions(target="tensorrt", per_channel=per_channel))
+            bias_correction.correct(source, q, crops(args.samples, 32), 128)
+            weights = "per-channel" if per_channel else "per-tensor"
+            row(f"int8pipe {weights} weights{name} (mse, bias correction)", q,
+                calibration_s + extra + time.perf_counter() - start)  # fmt: skip
     observed = {k: (v.min, v.max) for k, v in ranges.tensors.items()}
     start = time.perf_counter()
     ort_opts = QuantizeOptions(target="onnxruntime", activations="asymmetric")

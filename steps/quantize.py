@@ -1,8 +1,10 @@
 """quantize: the INT8 model.
 
 ``mode: static`` (default): explicit Q/DQ built from ``ranges.json`` (never by calibrating again),
-optionally on smoothed layer inputs (pipeline.smoothing), nodes kept float by exclusion or role
-(pipeline.roles), then bias-corrected (pipeline.bias_correction). ``mode: dynamic``: ONNX Runtime's
+optionally on an equalized model (pipeline.equalization) and smoothed layer inputs
+(pipeline.smoothing), whose changed tensors alone are calibrated here; nodes kept float by exclusion
+or role (pipeline.roles), then bias-corrected (pipeline.bias_correction). A model changed that way
+is handed on as ``float_model`` too: recovery reverts a node to *its* float weights. ``mode: dynamic``: ONNX Runtime's
 dynamic quantization (pipeline.dynamic), no ranges needed.
 """
 
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import onnx
 
-from pipeline import bias_correction, data, dynamic, smoothing
+from pipeline import bias_correction, data, dynamic, equalization, smoothing
 from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
@@ -59,6 +61,8 @@ class QuantizeConfig:
     activation_matmuls: bool = False
     # LayerNorm/InstanceNorm/GroupNorm/unfolded BatchNorm stay float unless this is true (onnxruntime target)
     normalization: bool = False
+    # cross-layer equalization of Conv pairs, for per-tensor weights (per_channel: false)
+    equalization: bool = False
     # per-channel activation outliers moved into the weights (SmoothQuant); null: off
     smoothing: Smoothing | None = None
     # the mean output shift of each INT8 Conv/Gemm, measured on calibration samples, folded into its bias
@@ -132,13 +136,46 @@ class Quantize(Step):
         )  # fmt: skip
         tensors = dict(ranges.tensors)
         kept_float = float_nodes(fp32, opts)
-        source = self._smoothed(ctx, cfg, fp32, ranges, kept_float, tensors)
+        source = self._equalized(ctx, cfg, fp32, ranges, kept_float, tensors)
+        source = self._smoothed(ctx, cfg, source, ranges, kept_float, tensors)
+        if source is not fp32:
+            onnx_model.save_checked(source, ctx.output("float_model", "model/model_float.onnx"))
         observed = {k: (v.min, v.max) for k, v in tensors.items()}
         qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
         # excluded means float: also where an excluded node shares an input or weight with a quantized one
         qdq = keep_float_inputs(qdq, fp32, kept_float)
         corrected = self._correct_biases(ctx, cfg, source, qdq)
         self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
+
+    @staticmethod
+    def _equalized(
+        ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, ranges: Ranges, skip: list[str],
+        tensors: dict[str, TensorRange],
+    ) -> onnx.ModelProto:  # fmt: skip
+        """``fp32`` with its Conv pairs equalized (the renamed tensors' ranges added to ``tensors``), or ``fp32``."""
+        src = ctx.pipeline.data.calibration
+        if not cfg.equalization:
+            return fp32
+        if src is None:  # calibrated from a cache: the equalized tensors could not be measured
+            logger.warning("quantize: no equalization (it needs data.calibration samples)")
+            return fp32
+        if cfg.per_channel:
+            logger.warning(
+                "quantize: equalization with per_channel: true moves range into the activations, where one "
+                "scale per tensor pays for it; it is meant for per_channel: false (see docs/yaml-reference.md)"
+            )
+        calibrate = ctx.pipeline.steps["calibrate"]
+        method = ranges.method if ranges.method in ("minmax", "entropy", "percentile", "mse") else "mse"
+        specs = onnx_model.input_specs(fp32)
+        dirs = data.search_dirs(ctx.pipeline.base_dir)
+        equalized, new, count = equalization.equalize_and_calibrate(
+            fp32,
+            lambda: data.batches(src, calibrate.batch_size, specs, dirs, "data.calibration"),
+            skip, method, float(ranges.params.get("percentile", 99.99)), calibrate.memory_mb, Layout.of(src),
+        )  # fmt: skip
+        tensors.update(new)
+        ctx.log_metrics({"equalized_pairs": count})
+        return equalized
 
     @staticmethod
     def _smoothed(

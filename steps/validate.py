@@ -137,7 +137,11 @@ class Validate(Step):
         samples = scorer.kept
         result = None
         if cfg.recover is not None and not evaluation.gate_passed(scores.drop, cfg.max_drop):
-            result = self._recover(ctx, cfg, cfg.recover, fp32_model, int8_model, scorer, scores, errors)
+            # the quantize step's float model when it changed it (equalization, smoothing): a node reverts
+            # to its own float weights, which the FP32 model no longer holds
+            changed = ctx.inputs.get("float_model")
+            float_model = onnx_model.load(changed, check=False) if changed else fp32_model
+            result = self._recover(ctx, cfg, fp32_model, float_model, int8_model, scorer, scores, errors)
             if result.model is not None:  # from here on, everything describes the recovered model
                 scores = result.scores
                 errors = _layer_errors(cfg, scorer, fp32_model, result.model, exact)
@@ -209,8 +213,8 @@ class Validate(Step):
         self,
         ctx: StepContext,
         cfg: ValidateConfig,
-        rc: RecoverConfig,
         fp32_model: onnx.ModelProto,
+        float_model: onnx.ModelProto,
         int8_model: onnx.ModelProto,
         scorer: scoring.Scorer,
         scores: scoring.Scores,
@@ -218,6 +222,8 @@ class Validate(Step):
     ) -> recovery.Recovery:
         """Keep the quantized nodes that hurt the metric most in float (see :mod:`pipeline.recovery`);
         writes ``validation/recovery.json`` and, when a node was reverted, hands the model on."""
+        rc = cfg.recover
+        assert rc is not None
         name = scorer.metric.name
         logger.info(
             "validate: gate failed (%s drop %.4f > %.4f); recovering: at most %d node(s) in float",
@@ -232,7 +238,7 @@ class Validate(Step):
 
         result = recovery.recover(
             int8_model,
-            fp32_model,
+            float_model,
             scorer,
             scores,
             errors.candidates,

@@ -423,3 +423,29 @@ def matmul_layernorm() -> onnx.ModelProto:
     ]
     inits = [numpy_helper.from_array(a, k) for a, k in [(w1, "w1"), (w2, "w2"), (gamma, "gamma"), (beta, "beta")]]
     return _model(nodes, [_t("x", ["batch", 4, 8])], [_t("y", ["batch", 4, 8])], inits)
+
+
+@register
+def mobile_block() -> onnx.ModelProto:
+    """x[N,3,6,6] -> 1x1 Conv "expand" (8 ch, bias) -> Clip(0, 6) -> 3x3 depthwise Conv "dw" (pad 1, bias)
+    -> Relu -> 1x1 Conv "project" (4 ch) -> y: two equalizable pairs, "dw" in both.
+
+    The output channels of "expand" and "dw" span 100× in weight range (as BatchNorm folding leaves
+    them), so one per-tensor weight scale leaves the small channels a few levels.
+    """
+    rng = np.random.default_rng(71)
+    spread = np.geomspace(0.05, 5.0, 8).astype(np.float32)
+    w1 = rng.normal(size=(8, 3, 1, 1)).astype(np.float32) * spread[:, None, None, None]
+    w2 = rng.normal(size=(8, 1, 3, 3)).astype(np.float32) * spread[::-1, None, None, None]
+    w3 = rng.normal(size=(4, 8, 1, 1)).astype(np.float32)
+    b1, b2 = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32) * 0.1
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["e"], name="expand"),
+        helper.make_node("Clip", ["e", "zero", "six"], ["e6"], name="relu6"),
+        helper.make_node("Conv", ["e6", "w2", "b2"], ["d"], name="dw", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d"], ["dr"], name="relu"),
+        helper.make_node("Conv", ["dr", "w3"], ["y"], name="project"),
+    ]
+    inits = [numpy_helper.from_array(a, k) for a, k in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (w3, "w3")]]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in [("zero", 0.0), ("six", 6.0)]]
+    return _model(nodes, [_t("x", ["batch", 3, 6, 6])], [_t("y", ["batch", 4, 6, 6])], inits)
