@@ -15,9 +15,10 @@ Relu then Min with the per-channel bound ``hi / s``: the same function, one node
 What it is for: per-tensor weights (``per_channel: false``). With per-channel weights every channel
 already has its own scale and equalization only moves range between the activation's channels,
 which one per-tensor activation scale pays for: on EfficientNet-Lite0 it lowered top-1 agreement
-from 0.879 to 0.770 with per-channel weights and raised it from 0.703 to 0.773 with per-tensor ones
+from 0.879 to 0.762 with per-channel weights and raised it from 0.703 to 0.758 with per-tensor ones
 (benchmarks/results/efficientnet_lite0_peers.md). One pass, in graph order: iterating to convergence
-(as the paper does for chains) moved activation range further and measured worse (0.676 after 3).
+(as the paper does for chains) moved activation range further and measured worse (0.676 after 3
+passes, in a one-off run on the same crops).
 
 Every tensor between A and B gets a new name (``<tensor>_equalized``) and the new weights are new
 initializers, so the FP32 model's tensors keep their meaning (per-layer error compares by name) and

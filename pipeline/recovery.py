@@ -10,6 +10,11 @@ scoring against a cached FP32 reference; plain numerics, no tracking.
 3. Revert greedily in that order, one more node at a time, each model scored on the whole
    validation set, until the gate passes, ``max_fp_nodes`` nodes are float, the candidates run out
    or the time budget (checked before each evaluation) is spent.
+4. Hand on the best model scored (lowest drop; ties: fewer float nodes), not merely the last: a
+   revert can cost accuracy where the error is spread over many layers (bias correction fitted each
+   layer to its quantized neighbours), and a model no better than the quantized one is not worth
+   its float layers. A later revert may still undo an earlier one's harm (two nodes whose errors
+   cancel), so the greedy phase goes on past a bad step rather than dropping it.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class Iteration:
 class Recovery:
     """What recovery did: the nodes kept float, every model scored on the way, why it stopped."""
 
-    reverted: list[str]
+    reverted: list[str]  # the nodes float in the chosen model (``iterations[chosen]``)
     iterations: list[Iteration]  # the first is the quantized model as built (nothing reverted)
     passed: bool
     stopped: str  # GATE_PASSED | MAX_FP_NODES | TIME_BUDGET | EXHAUSTED
@@ -54,15 +59,17 @@ class Recovery:
     ranking_samples: int = 0
     seconds: float = 0.0
     model: onnx.ModelProto | None = None  # the recovered model (None when nothing was reverted)
+    chosen: int = 0  # the iteration handed on
 
     @property
     def scores(self) -> Scores:
-        """The final model's scores on the whole validation set."""
-        return self.iterations[-1].scores
+        """The chosen model's scores on the whole validation set."""
+        return self.iterations[self.chosen].scores
 
     def to_json(self) -> dict[str, Any]:
         return {
             "reverted": self.reverted,
+            "chosen": self.chosen,
             "iterations": [it.to_json() for it in self.iterations],
             "passed": self.passed,
             "stopped": self.stopped,
@@ -118,6 +125,19 @@ def recover(
         pool = ranked[: max(2 * max_fp_nodes, MIN_CANDIDATES)]
         result.candidates = _rank(qdq, fp32, scorer, baseline, pool, n, spent, scored)
         result.stopped = _greedy(qdq, fp32, scorer, result, max_drop, max_fp_nodes, spent, on_iteration, scored)
+    # the best model scored; a model no better than the one before it goes with its last revert
+    result.chosen = min(range(len(iterations)), key=lambda k: (iterations[k].scores.drop, k))
+    best = iterations[result.chosen]
+    if best.reverted != result.reverted:
+        logger.info(
+            "validate: recovery keeps iteration %d (%d node(s) float): the best %s scored, %.4f",
+            result.chosen,
+            len(best.reverted),
+            best.scores.metric.name,
+            best.scores.int8,
+        )
+        result.reverted = best.reverted
+        result.model = revert(qdq, fp32, best.reverted) if best.reverted else None
     result.passed = result.stopped == GATE_PASSED
     result.seconds = clock() - start
     return result

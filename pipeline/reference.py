@@ -130,8 +130,8 @@ DESCRIPTIONS = {
     "in float (a ReLU6 becomes Relu + a per-channel Min). The tensors between the pair are renamed "
     "`<tensor>_equalized` and calibrated anew with the calibrate step's method; the equalized float model is "
     "handed on as `model/model_float.onnx` so recovery reverts a node to its own float weights. On "
-    "EfficientNet-Lite0 with per-tensor weights top-1 agreement 0.703 -> 0.770; with per-channel weights it "
-    "hurt (0.879 -> 0.754: range moves into the per-tensor activations), so it warns there. Needs "
+    "EfficientNet-Lite0 with per-tensor weights top-1 agreement 0.703 -> 0.758; with per-channel weights it "
+    "hurt (0.879 -> 0.762: range moves into the per-tensor activations), so it warns there. Needs "
     "`data.calibration`; off when calibrating `from_cache`.",
     "steps.quantize.bias_correction": "Measure each INT8 Conv/Gemm's mean output shift per channel (quantized "
     "weights and input against FP32, on calibration samples) and subtract it from the float bias. Free at "

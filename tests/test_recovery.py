@@ -272,3 +272,28 @@ def test_time_budget_is_checked_before_each_evaluation(outlier: dict[str, Any]) 
     full = recovery.recover(qdq, fp32, scorer, baseline, ranked, MAX_DROP, max_fp_nodes=1)
     assert (full.stopped, full.reverted) == ("gate passed", ["fc2"])
     assert data.LABELS not in next(scorer.inputs(1))
+
+
+def test_recovery_hands_on_the_best_model_scored_not_the_last(tmp_path: Path) -> None:
+    """Keeping one of two cancelling MatMuls float makes the output worse: with room for one node,
+    recovery must hand on the quantized model unchanged; with room for both, the pair."""
+    from pipeline.calibration.calibrator import calibrate
+    from pipeline.quantization import QuantizeOptions, quantize
+    from tests.models import build
+
+    fp32 = build("cancelling_matmuls")
+    onnx.save(fp32, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(5).normal(size=(128, 8)).astype(np.float32)
+    cal = calibrate(tmp_path / "m.onnx", lambda: iter([{"x": x}]), "minmax")
+    qdq = quantize(fp32, cal.ranges.amax(), QuantizeOptions(target="tensorrt", per_channel=False))
+    metric = scoring.resolve_metric("cosine", None, ["y"], [])
+    scorer = scoring.Scorer(tmp_path / "m.onnx", metric, lambda: iter([{"x": x}]), int8_optimize=False)
+    baseline = scorer.first(qdq)
+    pair = [{"node": n, "op_type": "MatMul", "added_sqnr_db": 1.0} for n in ("big", "counter")]
+    one = recovery.recover(qdq, fp32, scorer, baseline, pair, 0.0, max_fp_nodes=1)
+    assert len(one.iterations) == 2 and one.iterations[1].scores.drop > baseline.drop  # the revert hurt
+    assert (one.chosen, one.reverted, one.model, one.stopped) == (0, [], None, "max_fp_nodes")
+    assert one.scores.int8 == baseline.int8 and one.to_json()["chosen"] == 0
+    both = recovery.recover(qdq, fp32, scorer, baseline, pair, 0.0, max_fp_nodes=2)
+    assert both.chosen == 2 and sorted(both.reverted) == ["big", "counter"] and both.model is not None
+    assert both.scores.drop < baseline.drop

@@ -449,3 +449,26 @@ def mobile_block() -> onnx.ModelProto:
     inits = [numpy_helper.from_array(a, k) for a, k in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (w3, "w3")]]
     inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in [("zero", 0.0), ("six", 6.0)]]
     return _model(nodes, [_t("x", ["batch", 3, 6, 6])], [_t("y", ["batch", 4, 6, 6])], inits)
+
+
+@register
+def cancelling_matmuls() -> onnx.ModelProto:
+    """x[N,8] -> MatMul(W) "big" + MatMul(-W + D) "counter" + MatMul(V) "signal" -> Add -> y[N,4].
+
+    "big" and "counter" nearly cancel (their sum is the small D): quantized together their rounding
+    errors cancel too, so keeping either one alone in float makes the output *worse*; only both
+    together, or neither, is accurate. What a greedy recovery must not hand on half of.
+    """
+    rng = np.random.default_rng(81)
+    w = rng.normal(size=(8, 4)).astype(np.float32) * 20.0
+    d = rng.normal(size=(8, 4)).astype(np.float32) * 0.01
+    v = rng.normal(size=(8, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"], name="big"),
+        helper.make_node("MatMul", ["x", "c"], ["b"], name="counter"),
+        helper.make_node("MatMul", ["x", "v"], ["s"], name="signal"),
+        helper.make_node("Add", ["a", "b"], ["ab"], name="sum"),
+        helper.make_node("Add", ["ab", "s"], ["y"], name="out"),
+    ]
+    inits = [numpy_helper.from_array(a, k) for a, k in [(w, "w"), (-w + d, "c"), (v, "v")]]
+    return _model(nodes, [_t("x", ["batch", 8])], [_t("y", ["batch", 4])], inits)
