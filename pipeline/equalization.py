@@ -73,8 +73,8 @@ def pairs(model: onnx.ModelProto, skip: Iterable[str] = ()) -> list[Pair]:
     """Conv → (Relu | Clip(0, hi))? → Conv chains that can be equalized.
 
     A's output (and the activation's) must feed B alone and not be a graph output; both weights
-    must be initializers; B must read all of A's channels (group 1) or one each (depthwise, one
-    output per input channel); nodes named in ``skip`` (kept float) are left out.
+    must be float32 initializers; B must read all of A's channels (group 1) or one each (depthwise,
+    one output per input channel); unnamed nodes and those named in ``skip`` (kept float) are left out.
     """
     graph = model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -90,18 +90,20 @@ def pairs(model: onnx.ModelProto, skip: Iterable[str] = ()) -> list[Pair]:
 
     found = []
     for a in graph.node:
-        if a.op_type != "Conv" or a.name in skipped or len(a.input) < 2 or a.input[1] not in inits:
+        if a.op_type != "Conv" or not a.name or a.name in skipped or len(a.input) < 2 or a.input[1] not in inits:
             continue
         act, b = None, only_reader(a.output[0])
         if b is not None and b.op_type == "Relu" or b is not None and b.op_type == "Clip":
             bounds = _clip_bounds(b, inits) if b.op_type == "Clip" else (0.0, np.inf)
             act, b = (b, only_reader(b.output[0])) if bounds is not None and bounds[0] == 0.0 else (None, None)
-        if b is None or b.op_type != "Conv" or b.name in skipped or b.input[0] != (act or a).output[0]:
+        if b is None or b.op_type != "Conv" or not b.name or b.name in skipped or b.input[0] != (act or a).output[0]:
             continue
-        if len(b.input) < 2 or b.input[1] not in inits:
+        if len(b.input) < 2 or b.input[1] not in inits or (act is not None and not act.name):
             continue
         # any A: its output channel c comes from W_A[c] alone, grouped or not
         w_a, w_b = inits[a.input[1]], inits[b.input[1]]
+        if w_a.dtype != np.float32 or w_b.dtype != np.float32:
+            continue
         channels, group = w_a.shape[0], _group(b)
         if (group == 1 and w_b.shape[1] == channels) or (group == channels and w_b.shape[:2] == (channels, 1)):
             found.append(Pair(a, act, b))

@@ -69,6 +69,8 @@ def _variant(change: str) -> onnx.ModelProto:
     elif change == "clip_below_zero":  # Clip(-1, 6) does not commute with a positive scale
         model.graph.initializer.append(numpy_helper.from_array(np.array(-1.0, np.float32), "minus_one"))
         nodes["relu6"].input[1] = "minus_one"
+    elif change == "unnamed":  # pairs are tracked by node name: an unnamed Conv is left alone
+        nodes["expand"].name = ""
     elif change == "runtime_bound":  # the upper bound is computed: no per-channel constant can replace it
         model.graph.node.insert(0, helper.make_node("Identity", ["six"], ["six_computed"], name="bound"))
         nodes["relu6"].input[2] = "six_computed"
@@ -83,6 +85,7 @@ def _variant(change: str) -> onnx.ModelProto:
         ("shared", [], [("dw", "project")]),
         ("clip_below_zero", [], [("dw", "project")]),
         ("runtime_bound", [], [("dw", "project")]),
+        ("unnamed", [], [("dw", "project")]),
     ],
 )
 def test_pairs_are_only_those_that_commute(change: str, skip: list[str], expected: list[tuple[str, str]]) -> None:
