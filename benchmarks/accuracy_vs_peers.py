@@ -54,7 +54,7 @@ def main() -> None:
     from data import crops
     from peers import ort_quantize_static, ort_static_variants
 
-    from pipeline import bias_correction, equalization, layers, recovery, runtime, scoring, smoothing
+    from pipeline import bias_correction, equalization, layers, recovery, runtime, scoring, shift, smoothing
     from pipeline.calibration.calibrator import calibrate, rethreshold
     from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 
@@ -94,6 +94,14 @@ def main() -> None:
         bias_correction.correct(fp32, models[method], crops(args.samples, 32), 128)  # the step's default
         corrected_s[method] = calibration_s + time.perf_counter() - start
     row("int8pipe default (mse, bias correction)", models["mse"], corrected_s["mse"])
+    for method in ("mse", "percentile", "minmax"):  # steps.quantize.shift_activations: true
+        ranges = rethreshold(cal.ranges, cal.histograms, method, 99.99)
+        start = time.perf_counter()
+        shifted = quantize(fp32, ranges.amax(), QuantizeOptions(target="tensorrt"))
+        count = len(shift.shift_inputs(shifted, {k: (v.min, v.max) for k, v in ranges.tensors.items()}))
+        bias_correction.correct(fp32, shifted, crops(args.samples, 32), 128)
+        row(f"int8pipe {method} + shift_activations ({count} Conv inputs), bias correction", shifted,
+            calibration_s + time.perf_counter() - start)  # fmt: skip
     row("int8pipe mse without bias correction", plain["mse"], calibration_s)
     row("int8pipe entropy without bias correction (the first default)", plain["entropy"], calibration_s)
     # recovery as validate.recover runs it, on the selection crops: agreement, max_drop 0.05, at most

@@ -291,7 +291,7 @@ def main() -> None:
     if args.size % 32:
         sys.exit(f"--size {args.size}: the detector downsamples by 32; use a multiple of 32.")
 
-    from pipeline import bias_correction, smoothing
+    from pipeline import bias_correction, shift, smoothing
     from pipeline.calibration.calibrator import calibrate, rethreshold
     from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 
@@ -352,6 +352,15 @@ def main() -> None:
         else:
             row(f"int8pipe {method} (bias correction)", models[method], corrected_s[method])
     row("int8pipe entropy without bias correction (the first default)", plain["entropy"], calibration_s)
+    for method in ("mse", "percentile"):  # steps.quantize.shift_activations: true
+        progress(f"int8pipe: {method}, shifted activations, bias correction")
+        ranges = rethreshold(cal.ranges, cal.histograms, method, 99.99)
+        start = time.perf_counter()
+        shifted = quantize(fp32, ranges.amax(), QuantizeOptions(target="tensorrt"))
+        count = len(shift.shift_inputs(shifted, {k: (v.min, v.max) for k, v in ranges.tensors.items()}))
+        bias_correction.correct(fp32, shifted, batches(x_cal), 128)
+        row(f"int8pipe {method} + shift_activations ({count} Conv inputs), bias correction", shifted,
+            calibration_s + time.perf_counter() - start)  # fmt: skip
 
     progress("int8pipe: smoothing (alpha 0.5), mse, bias correction")
     start = time.perf_counter()

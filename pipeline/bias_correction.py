@@ -33,6 +33,7 @@ from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks
 from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.model import append_reduce, opset_of
+from pipeline.shift import SHIFT_SUFFIX
 
 Batch = dict[str, np.ndarray]
 
@@ -43,6 +44,7 @@ class _Layer:
     scale: np.ndarray  # the input quantizer's scale and zero point, as the Q/DQ model holds them
     zero_point: np.ndarray
     weight_q: np.ndarray  # the dequantized INT8 weights
+    shift: float = 0.0  # the input is quantized as x - shift (pipeline/shift.py)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
@@ -83,8 +85,18 @@ def layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Layer]:
         if q_x is None or q_x.op_type != "QuantizeLinear" or len(q_x.input) < 3 or dq_w.input[0] not in q_inits:
             continue
         scale, zero_point = q_inits[q_x.input[1]], q_inits[q_x.input[2]]
-        out.append(_Layer(original, scale, zero_point, _dequantize(dq_w, q_inits)))
+        out.append(_Layer(original, scale, zero_point, _dequantize(dq_w, q_inits), _shift_of(q_x, producer, q_inits)))
     return out
+
+
+def _shift_of(q: onnx.NodeProto, producer: dict[str, onnx.NodeProto], inits: dict[str, np.ndarray]) -> float:
+    """c when ``q`` quantizes ``x - c`` as pipeline.shift writes it (Sub, then maybe Pad), else 0."""
+    node = producer.get(q.input[0])
+    if node is not None and node.op_type == "Pad":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Sub" or not node.name.endswith(SHIFT_SUFFIX) or node.input[1] not in inits:
+        return 0.0
+    return float(inits[node.input[1]])
 
 
 def _shift_model(fp32: onnx.ModelProto, todo: list[_Layer]) -> tuple[onnx.ModelProto, list[str]]:
@@ -110,10 +122,22 @@ def _shift_model(fp32: onnx.ModelProto, todo: list[_Layer]) -> tuple[onnx.ModelP
         del twin.output[:]
         twin.output.append(f"{p}_out")
         rank = layer.weight_q.ndim if layer.node.op_type == "Conv" else 2
+        x = layer.node.input[0]
+        if layer.shift:  # the INT8 layer computes the layer of DQ(Q(x - c)) + c, padding included
+            graph.initializer.append(numpy_helper.from_array(np.array(layer.shift, np.float32), f"{p}_offset"))
+            graph.node.append(helper.make_node("Sub", [x, f"{p}_offset"], [f"{p}_offset_x"]))
+            x = f"{p}_offset_x"
         graph.node.extend(
             [
-                helper.make_node("QuantizeLinear", [layer.node.input[0], f"{p}_scale", f"{p}_zero_point"], [f"{p}_q"]),
+                helper.make_node("QuantizeLinear", [x, f"{p}_scale", f"{p}_zero_point"], [f"{p}_q"]),
                 helper.make_node("DequantizeLinear", [f"{p}_q", f"{p}_scale", f"{p}_zero_point"], [f"{p}_dq"]),
+            ]
+        )
+        if layer.shift:
+            graph.node.append(helper.make_node("Add", [f"{p}_dq", f"{p}_offset"], [f"{p}_offset_back"]))
+            twin.input[0] = f"{p}_offset_back"
+        graph.node.extend(
+            [
                 twin,
                 helper.make_node("Sub", [f"{p}_out", layer.node.output[0]], [f"{p}_diff"]),
             ]

@@ -115,6 +115,9 @@ def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterab
                 src = q.input[0]
             node.input[k] = src
         del node.input[len(original.input) :]  # e.g. a bias that bias correction added to a Conv without one
+        if node.op_type == original.op_type:  # e.g. the padding a shifted input's Pad took over (shift.py)
+            del node.attribute[:]
+            node.attribute.extend(original.attribute)
     graph.node.extend(added)
     drop_unread_additions(qdq, fp32)
     if added:

@@ -133,6 +133,11 @@ DESCRIPTIONS = {
     "EfficientNet-Lite0 with per-tensor weights top-1 agreement 0.703 -> 0.758; with per-channel weights it "
     "hurt (0.879 -> 0.762: range moves into the per-tensor activations), so it warns there. Needs "
     "`data.calibration`; off when calibrating `from_cache`.",
+    "steps.quantize.shift_activations": "Give (almost) one-signed Conv inputs, such as ReLU/ReLU6 outputs, the whole "
+    "symmetric INT8 grid: quantize x - c over [-(hi-lo)/2, (hi-lo)/2] (c the middle of the calibrated [lo, hi]) "
+    "and add c times the sum of the INT8 weights to the bias; a Conv that pads gets an explicit Pad with -c. "
+    "TensorRT runs the added Sub (and Pad) in float; the Conv stays INT8. Applied where the step gets at least "
+    "1.25x finer (metric `shifted_inputs`); symmetric activations only.",
     "steps.quantize.bias_correction": "Measure each INT8 Conv/Gemm's mean output shift per channel (quantized "
     "weights and input against FP32, on calibration samples) and subtract it from the float bias. Free at "
     "inference; on EfficientNet-Lite0 top-1 agreement 0.81 -> 0.88-0.91. It hurt a transformer (all-MiniLM-L6-v2: "

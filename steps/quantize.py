@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import onnx
 
-from pipeline import bias_correction, data, dynamic, equalization, smoothing
+from pipeline import bias_correction, data, dynamic, equalization, shift, smoothing
 from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
@@ -65,6 +65,8 @@ class QuantizeConfig:
     equalization: bool = False
     # per-channel activation outliers moved into the weights (SmoothQuant); null: off
     smoothing: Smoothing | None = None
+    # Conv inputs that are (almost) one-signed quantized as x - c, c paid back in the bias: 8 bits, not 7
+    shift_activations: bool = False
     # the mean output shift of each INT8 Conv/Gemm, measured on calibration samples, folded into its bias
     bias_correction: bool = True
     bias_correction_samples: int = 128
@@ -95,6 +97,13 @@ class Quantize(Step):
                 "activations only with zero point 0. Use activations: symmetric (or auto).",
             )
 
+        if cfg.shift_activations and cfg.activation_scheme != "symmetric":
+            fail(
+                ConfigError,
+                "steps.quantize.shift_activations: shifts inputs onto a symmetric grid (zero point 0), but "
+                "activations are asymmetric here, which already use the whole grid. Drop shift_activations or "
+                "set activations: symmetric.",
+            )
         if cfg.mode == "dynamic" and cfg.target != "onnxruntime":
             fail(
                 ConfigError,
@@ -144,7 +153,9 @@ class Quantize(Step):
         qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
         # excluded means float: also where an excluded node shares an input or weight with a quantized one
         qdq = keep_float_inputs(qdq, fp32, kept_float)
-        corrected = self._correct_biases(ctx, cfg, source, qdq)
+        if cfg.shift_activations:
+            ctx.log_metrics({"shifted_inputs": len(shift.shift_inputs(qdq, observed))})
+        corrected = self._correct_biases(ctx, cfg, source, qdq)  # after the shift: it measures the grid used
         self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
 
     @staticmethod
