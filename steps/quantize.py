@@ -10,6 +10,7 @@ dynamic quantization (pipeline.dynamic), no ranges needed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -159,54 +160,51 @@ class Quantize(Step):
         self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
 
     @staticmethod
+    def _calibration_batches(ctx: StepContext, model: onnx.ModelProto, what: str) -> Callable[[], Any] | None:
+        """A fresh iterator over the calibration samples per call, or None (with a warning naming
+        ``what``) when calibrating from a cache left no samples to measure on."""
+        src = ctx.pipeline.data.calibration
+        if src is None:
+            logger.warning("quantize: no %s (it needs data.calibration samples)", what)
+            return None
+        calibrate = ctx.pipeline.steps["calibrate"]
+        specs, dirs = onnx_model.input_specs(model), data.search_dirs(ctx.pipeline.base_dir)
+        return lambda: data.batches(src, calibrate.batch_size, specs, dirs, "data.calibration")
+
     def _equalized(
-        ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, ranges: Ranges, skip: list[str],
+        self, ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, ranges: Ranges, skip: list[str],
         tensors: dict[str, TensorRange],
     ) -> onnx.ModelProto:  # fmt: skip
         """``fp32`` with its Conv pairs equalized (the renamed tensors' ranges added to ``tensors``), or ``fp32``."""
-        src = ctx.pipeline.data.calibration
-        if not cfg.equalization:
-            return fp32
-        if src is None:  # calibrated from a cache: the equalized tensors could not be measured
-            logger.warning("quantize: no equalization (it needs data.calibration samples)")
+        batches = self._calibration_batches(ctx, fp32, "equalization") if cfg.equalization else None
+        if batches is None:
             return fp32
         if cfg.per_channel:
             logger.warning(
                 "quantize: equalization with per_channel: true moves range into the activations, where one "
                 "scale per tensor pays for it; it is meant for per_channel: false (see docs/yaml-reference.md)"
             )
-        calibrate = ctx.pipeline.steps["calibrate"]
+        calibrate, src = ctx.pipeline.steps["calibrate"], ctx.pipeline.data.calibration
         method = ranges.method if ranges.method in ("minmax", "entropy", "percentile", "mse") else "mse"
-        specs = onnx_model.input_specs(fp32)
-        dirs = data.search_dirs(ctx.pipeline.base_dir)
         equalized, new, count = equalization.equalize_and_calibrate(
-            fp32,
-            lambda: data.batches(src, calibrate.batch_size, specs, dirs, "data.calibration"),
-            skip, method, float(ranges.params.get("percentile", 99.99)), calibrate.memory_mb, Layout.of(src),
+            fp32, batches, skip, method, float(ranges.params.get("percentile", 99.99)), calibrate.memory_mb,
+            Layout.of(src),
         )  # fmt: skip
         tensors.update(new)
         ctx.log_metrics({"equalized_pairs": count})
         return equalized
 
-    @staticmethod
     def _smoothed(
-        ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, ranges: Ranges, skip: list[str],
+        self, ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, ranges: Ranges, skip: list[str],
         tensors: dict[str, TensorRange],
     ) -> onnx.ModelProto:  # fmt: skip
         """``fp32`` with smoothed layer inputs (their ranges added to ``tensors``), or ``fp32``."""
-        src = ctx.pipeline.data.calibration
-        if cfg.smoothing is None:
+        batches = self._calibration_batches(ctx, fp32, "smoothing") if cfg.smoothing is not None else None
+        if batches is None or cfg.smoothing is None:
             return fp32
-        if src is None:  # calibrated from a cache: no samples to measure channels on
-            logger.warning("quantize: no smoothing (it needs data.calibration samples)")
-            return fp32
-        calibrate = ctx.pipeline.steps["calibrate"]
-        specs = onnx_model.input_specs(fp32)
-        dirs = data.search_dirs(ctx.pipeline.base_dir)
+        calibrate, src = ctx.pipeline.steps["calibrate"], ctx.pipeline.data.calibration
         smoothed, new = smoothing.smooth_and_calibrate(
-            fp32,
-            lambda: data.batches(src, calibrate.batch_size, specs, dirs, "data.calibration"),
-            cfg.smoothing.op_types, skip, cfg.smoothing.alpha, cfg.smoothing.samples,
+            fp32, batches, cfg.smoothing.op_types, skip, cfg.smoothing.alpha, cfg.smoothing.samples,
             cfg.smoothing.method, float(ranges.params.get("percentile", 99.99)), calibrate.memory_mb, Layout.of(src),
         )  # fmt: skip
         tensors.update(new)
