@@ -249,7 +249,7 @@ def main() -> None:
     if args.width % 8:
         sys.exit(f"--width {args.width}: the recogniser downsamples the width by 8; use a multiple of 8.")
 
-    from pipeline import bias_correction, dynamic, runtime, smoothing
+    from pipeline import bias_correction, dynamic, runtime, shift, smoothing
     from pipeline.calibration.calibrator import DEFAULT_MEMORY_MB, calibrate
     from pipeline.keep_float import keep_float_inputs
     from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize, quantized_activations
@@ -326,9 +326,9 @@ def main() -> None:
     trt_s = time.perf_counter() - start
 
     def static(
-        opts: QuantizeOptions, cal: Any, smooth: tuple[list[str], float, str] | None = None
+        opts: QuantizeOptions, cal: Any, smooth: tuple[list[str], float, str] | None = None, shifted: bool = False
     ) -> tuple[onnx.ModelProto, None]:
-        """Smoothing ``(op_types, alpha, method)``, Q/DQ, keep_float, bias correction."""
+        """Smoothing ``(op_types, alpha, method)``, Q/DQ, keep_float, shift_activations, bias correction."""
         tensors = dict(cal.ranges.tensors)
         source = fp32
         if smooth:
@@ -341,6 +341,8 @@ def main() -> None:
         observed = {k: (v.min, v.max) for k, v in tensors.items()}
         qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
         qdq = keep_float_inputs(qdq, fp32, float_nodes(fp32, opts))
+        if shifted:
+            progress(f"shift_activations: {len(shift.shift_inputs(qdq, observed))} Conv inputs")
         changed, _ = bias_correction.correct(source, qdq, batches(x_cal), 128)
         progress(f"bias correction on {changed} nodes")
         return qdq, None
@@ -364,6 +366,9 @@ def main() -> None:
         built[label] = attempt(
             f"int8pipe static {label} (mse, bias correction)", lambda o=opts, s=smooth: static(o, cal_trt, s), trt_s
         )
+
+    name = "int8pipe static tensorrt + shift_activations (mse, bias correction)"
+    built[name] = attempt(name, lambda: static(trt, cal_trt, shifted=True), trt_s)
 
     progress("int8pipe: calibrating (mse, every tensor) for target onnxruntime")
     start = time.perf_counter()
