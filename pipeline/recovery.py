@@ -125,7 +125,7 @@ def recover(
         pool = ranked[: max(2 * max_fp_nodes, MIN_CANDIDATES)]
         result.candidates = _rank(qdq, fp32, scorer, baseline, pool, n, spent, scored)
         result.stopped = _greedy(qdq, fp32, scorer, result, max_drop, max_fp_nodes, spent, on_iteration, scored)
-    # the best model scored; a model no better than the one before it goes with its last revert
+    # hand on the best model scored (lowest drop, then fewest float nodes): possibly an earlier one
     result.chosen = min(range(len(iterations)), key=lambda k: (iterations[k].scores.drop, k))
     best = iterations[result.chosen]
     if best.reverted != result.reverted:
