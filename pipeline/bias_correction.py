@@ -32,8 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks
 from pipeline.layout import Layout
 from pipeline.log import logger
-from pipeline.model import append_reduce, opset_of
-from pipeline.shift import SHIFT_SUFFIX
+from pipeline.model import append_reduce, attribute, dequantized, opset_of
+from pipeline.shift import shift_of
 
 Batch = dict[str, np.ndarray]
 
@@ -47,25 +47,6 @@ class _Layer:
     shift: float = 0.0  # the input is quantized as x - shift (pipeline/shift.py)
 
 
-def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
-    for a in node.attribute:
-        if a.name == name:
-            return float(helper.get_attribute_value(a))
-    return default
-
-
-def _dequantize(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray:
-    q = inits[dq.input[0]].astype(np.float64)
-    scale = inits[dq.input[1]].astype(np.float64)
-    zp = inits[dq.input[2]].astype(np.float64) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
-    if scale.ndim == 1 and scale.size > 1:  # per channel along `axis`
-        shape = [1] * q.ndim
-        axis = int(_attr(dq, "axis", 1)) % q.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return (q - zp) * scale
-
-
 def layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Layer]:
     """The Conv and Gemm nodes that run in INT8 in ``qdq``: activation and weight through Q/DQ."""
     producer = {o: n for n in qdq.graph.node for o in n.output}
@@ -76,7 +57,7 @@ def layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Layer]:
         original = originals.get(node.name)
         if node.op_type not in ("Conv", "Gemm") or original is None or original.op_type != node.op_type:
             continue
-        if node.op_type == "Gemm" and _attr(node, "beta", 1.0) == 0:
+        if node.op_type == "Gemm" and float(attribute(node, "beta", 1.0)) == 0:
             continue  # a bias that is multiplied by zero cannot carry a correction
         dq_x, dq_w = (producer.get(t) for t in node.input[:2])
         if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
@@ -85,18 +66,8 @@ def layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Layer]:
         if q_x is None or q_x.op_type != "QuantizeLinear" or len(q_x.input) < 3 or dq_w.input[0] not in q_inits:
             continue
         scale, zero_point = q_inits[q_x.input[1]], q_inits[q_x.input[2]]
-        out.append(_Layer(original, scale, zero_point, _dequantize(dq_w, q_inits), _shift_of(q_x, producer, q_inits)))
+        out.append(_Layer(original, scale, zero_point, dequantized(dq_w, q_inits), shift_of(q_x, producer, q_inits)))
     return out
-
-
-def _shift_of(q: onnx.NodeProto, producer: dict[str, onnx.NodeProto], inits: dict[str, np.ndarray]) -> float:
-    """c when ``q`` quantizes ``x - c`` as pipeline.shift writes it (Sub, then maybe Pad), else 0."""
-    node = producer.get(q.input[0])
-    if node is not None and node.op_type == "Pad":
-        node = producer.get(node.input[0])
-    if node is None or node.op_type != "Sub" or not node.name.endswith(SHIFT_SUFFIX) or node.input[1] not in inits:
-        return 0.0
-    return float(inits[node.input[1]])
 
 
 def _shift_model(fp32: onnx.ModelProto, todo: list[_Layer]) -> tuple[onnx.ModelProto, list[str]]:
@@ -197,7 +168,7 @@ def apply(qdq: onnx.ModelProto, corrections: dict[str, np.ndarray]) -> int:
         delta = corrections.get(node.name)
         if delta is None:
             continue
-        beta = _attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
+        beta = float(attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
         if beta == 0:
             continue
         name = f"{node.name}_corrected_bias"

@@ -39,7 +39,7 @@ from onnx import helper, numpy_helper
 from pipeline.calibration.ranges import TensorRange
 from pipeline.layout import Layout
 from pipeline.log import logger
-from pipeline.model import toposort
+from pipeline.model import attribute, toposort
 
 Batch = dict[str, np.ndarray]
 SUFFIX = "_equalized"
@@ -53,7 +53,7 @@ class Pair:
 
 
 def _group(node: onnx.NodeProto) -> int:
-    return next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == "group"), 1)
+    return int(attribute(node, "group", 1))
 
 
 def _clip_bounds(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> tuple[float, float] | None:
@@ -130,6 +130,8 @@ def equalize(model: onnx.ModelProto, skip: Iterable[str] = ()) -> tuple[onnx.Mod
     graph = out.graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     found = pairs(out, skip)
+    # weights, biases and Clip bounds about to be replaced: dropped at the end unless still read elsewhere
+    replaced = {i for p in found for n in (p.first, p.second, p.activation) if n is not None for i in n.input[1:]}
     by_name = {n.name: n for n in graph.node}
     # a node's weights as equalized so far: a Conv can be B of one pair and A of the next
     current: dict[str, np.ndarray] = {}
@@ -175,7 +177,7 @@ def equalize(model: onnx.ModelProto, skip: Iterable[str] = ()) -> tuple[onnx.Mod
         if node.name in current:
             node.input[1] = add(f"{node.name}{SUFFIX}_weight", current[node.name])
     read = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name not in read]:
+    for init in [i for i in graph.initializer if i.name in replaced and i.name not in read]:
         graph.initializer.remove(init)
     toposort(out)
     return out, list(dict.fromkeys(renamed)), len(found)

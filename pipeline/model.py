@@ -183,6 +183,24 @@ def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str], np.d
     return specs
 
 
+def attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    """The value of ``node``'s attribute ``name``, or ``default`` when it does not set it."""
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def dequantized(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray:
+    """The float64 values a DequantizeLinear of an initializer produces (per-tensor or per-axis)."""
+    q = inits[dq.input[0]].astype(np.float64)
+    scale = inits[dq.input[1]].astype(np.float64)
+    zp = inits[dq.input[2]].astype(np.float64) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+    if scale.ndim == 1 and scale.size > 1:  # per channel along `axis`
+        axis = int(attribute(dq, "axis", 1))
+        shape = [1] * q.ndim
+        shape[axis % q.ndim] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return (q - zp) * scale
+
+
 def append_reduce(graph: onnx.GraphProto, op: str, source: str, out: str, axes: list[int], opset: int) -> None:
     """Append ``op`` (ReduceMean, ReduceMax, ...) of ``source`` over ``axes`` to ``graph``, dims dropped:
     axes are an attribute before opset 18 and an input from 18 on."""

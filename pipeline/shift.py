@@ -27,10 +27,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pipeline.log import logger
-from pipeline.model import toposort
+from pipeline.model import attribute, dequantized, toposort
 
 MIN_GAIN = 1.25  # shift only where the step gets at least this much finer
-SHIFT_SUFFIX = "_shift_sub"  # the Sub's name ends so: bias correction recognises a shifted input by it
+SHIFT_SUFFIX = "_shift_sub"  # the Sub's name ends so: shift_of recognises a shifted input by it
 
 
 @dataclass
@@ -39,20 +39,6 @@ class Shifted:
     tensor: str  # its input as the FP32 model computes it
     shift: float  # c
     amax: float  # amax of the shifted tensor
-
-
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
-def _dequantized(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray:
-    q, scale = inits[dq.input[0]].astype(np.float64), inits[dq.input[1]].astype(np.float64)
-    zp = inits[dq.input[2]].astype(np.float64) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
-    if scale.ndim == 1 and scale.size > 1:
-        shape = [1] * q.ndim
-        shape[int(_attr(dq, "axis", 1)) % q.ndim] = -1  # type: ignore[call-overload]
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return (q - zp) * scale
 
 
 def shift_inputs(
@@ -72,9 +58,12 @@ def shift_inputs(
         for name in n.input:
             readers[name] = readers.get(name, 0) + 1
     done: list[Shifted] = []
+    replaced: set[str] = set()  # initializers the rewrite stopped reading (shared ones may still be read)
     for conv in list(graph.node):
-        if conv.op_type != "Conv" or not conv.name or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if conv.op_type != "Conv" or not conv.name:
             continue
+        if attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue  # SAME_* padding depends on the input size: no explicit Pad can stand in for it
         dq = producer.get(conv.input[0])
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         dq_w = producer.get(conv.input[1])
@@ -103,7 +92,7 @@ def shift_inputs(
         graph.initializer.append(numpy_helper.from_array(np.array(c, np.float32), f"{p}_c"))
         graph.node.append(helper.make_node("Sub", [x, f"{p}_c"], [f"{p}_x"], name=f"{conv.name}{SHIFT_SUFFIX}"))
         shifted = f"{p}_x"
-        pads = list(_attr(conv, "pads", []))  # type: ignore[call-overload]
+        pads = list(attribute(conv, "pads", []))
         if any(pads):
             rank = len(pads) // 2
             full = [0, 0, *pads[:rank], 0, 0, *pads[rank:]]  # Pad's order: every axis' begin, then every end
@@ -129,9 +118,10 @@ def shift_inputs(
             ]
         )
         q.input[0] = shifted
+        replaced.update((q.input[1], q.input[2], *([bias] if bias else [])))
         q.input[1], q.input[2] = f"{p}_scale", f"{p}_zero_point"
         dq.input[1], dq.input[2] = f"{p}_scale", f"{p}_zero_point"
-        w_q = _dequantized(dq_w, inits)
+        w_q = dequantized(dq_w, inits)
         paid_back = c * w_q.sum(axis=tuple(range(1, w_q.ndim)))
         old = inits[bias].astype(np.float64) if bias is not None else np.zeros(w_q.shape[0])
         graph.initializer.append(numpy_helper.from_array((old + paid_back).astype(np.float32), f"{p}_bias"))
@@ -141,8 +131,18 @@ def shift_inputs(
         done.append(Shifted(conv.name, x, c, half))
     if done:
         used = {i for n in graph.node for i in n.input}
-        for init in [i for i in graph.initializer if i.name not in used]:
+        for init in [i for i in graph.initializer if i.name in replaced and i.name not in used]:
             graph.initializer.remove(init)
         toposort(qdq)
         logger.info("quantize: shifted the INT8 inputs of %d Conv(s) onto the whole grid", len(done))
     return done
+
+
+def shift_of(q: onnx.NodeProto, producer: dict[str, onnx.NodeProto], inits: dict[str, np.ndarray]) -> float:
+    """c when ``q`` quantizes ``x - c`` as :func:`shift_inputs` writes it (Sub, then maybe Pad), else 0."""
+    node = producer.get(q.input[0])
+    if node is not None and node.op_type == "Pad":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Sub" or not node.name.endswith(SHIFT_SUFFIX) or node.input[1] not in inits:
+        return 0.0
+    return float(inits[node.input[1]])

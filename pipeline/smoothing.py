@@ -30,7 +30,7 @@ from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks
 from pipeline.calibration.ranges import TensorRange
 from pipeline.layout import Layout
 from pipeline.log import logger
-from pipeline.model import append_reduce, opset_of, toposort
+from pipeline.model import append_reduce, attribute, opset_of, toposort
 from pipeline.roles import activation_matmuls, constant_tensors
 
 Batch = dict[str, np.ndarray]
@@ -50,10 +50,6 @@ class _Input:
     rank: int  # of a Conv input (the weight's); 0 when unknown (MatMul)
     channels: int
     consumers: list[_Consumer] = field(default_factory=list)
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == name), default)
 
 
 def candidates(model: onnx.ModelProto, op_types: Iterable[str], skip: Iterable[str] = ()) -> list[_Input]:
@@ -76,15 +72,15 @@ def candidates(model: onnx.ModelProto, op_types: Iterable[str], skip: Iterable[s
             continue
         dims = list(inits[w].dims)
         if node.op_type == "Conv":
-            if _attr(node, "group", 1) != 1:
+            if int(attribute(node, "group", 1)) != 1:
                 continue
             entry = found.setdefault(x, _Input(x, 1, len(dims), dims[1]))
             axis = 1
         elif node.op_type == "MatMul" and len(dims) == 2:
             entry = found.setdefault(x, _Input(x, -1, 0, dims[0]))
             axis = 0
-        elif node.op_type == "Gemm" and len(dims) == 2 and not _attr(node, "transA", 0):
-            axis = 1 if _attr(node, "transB", 0) else 0
+        elif node.op_type == "Gemm" and len(dims) == 2 and not int(attribute(node, "transA", 0)):
+            axis = 1 if int(attribute(node, "transB", 0)) else 0
             entry = found.setdefault(x, _Input(x, -1, 2, dims[axis]))
         else:
             continue

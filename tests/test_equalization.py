@@ -169,3 +169,36 @@ def test_pipeline_equalizes_calibrates_the_new_tensors_and_recovers_with_its_flo
     curve = client.get_metric_history(s["steps"]["validate"], "recovery_cosine")
     assert len(curve) >= 6 and validate["recovered_fp_nodes"] >= 1
     assert min(m.value for m in curve) >= curve[0].value - 1e-4
+
+
+def test_without_samples_or_with_per_channel_weights_it_says_so(
+    tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Per-channel weights: equalized, with a warning that it is meant for per-tensor ones. A cache
+    without data.calibration: nothing to calibrate the renamed tensors on, so no equalization, said."""
+    from mlflow import MlflowClient
+
+    onnx.save(build("mobile_block"), str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(4).normal(size=(16, 3, 6, 6)).astype(np.float32))
+
+    def pipeline(data: dict, calibrate: dict) -> Path:
+        path = tmp_path / "pipeline.yaml"
+        steps = {"export": {}, "calibrate": calibrate, "quantize": {"equalization": True}}
+        path.write_text(yaml.safe_dump({"name": "eq", "model": {"onnx": "model.onnx"}, "data": data, "steps": steps}))
+        return path
+
+    capsys.readouterr()
+    first = tmp_path / "first.json"
+    assert main(run_args(pipeline({"calibration": {"npz": "cal.npz"}}, {}), tracking_uri, first)) == 0
+    assert "it is meant for per_channel: false" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri)
+    quantize_run = json.loads(first.read_text())["steps"]["quantize"]
+    assert client.get_run(quantize_run).data.metrics["equalized_pairs"] == 2
+    cache = client.download_artifacts(json.loads(first.read_text())["steps"]["calibrate"], "calibration", str(tmp_path))
+    second = tmp_path / "second.json"
+    config = pipeline({}, {"from_cache": str(Path(cache) / "calibration.cache")})
+    assert main(run_args(config, tracking_uri, second)) == 0
+    assert "no equalization (it needs data.calibration samples)" in capsys.readouterr().err
+    run = client.get_run(json.loads(second.read_text())["steps"]["quantize"])
+    assert "equalized_pairs" not in run.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model_int8.onnx"]
