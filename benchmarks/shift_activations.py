@@ -1,0 +1,85 @@
+"""What `steps.quantize.shift_activations` buys and costs on EfficientNet-Lite0, against ONNX Runtime's
+quantize_static in the same run.
+
+    pip install -e ".[torch,bench]"
+    python benchmarks/shift_activations.py [--validation 1024] [--rounds 5] [--runs 60]
+
+Accuracy: top-1 agreement and logits cosine against FP32 on held-out crops (seed 1), every Q/DQ model
+computed exactly (ORT graph optimisations off), for mse and percentile thresholds with and without the
+shift (bias correction on, as the quantize step runs it). Cost: batch-1 latency on ONNX Runtime CPU with
+its graph optimisations on (int8 kernels), models interleaved over ``--rounds`` rounds, median of
+medians; read the CPU flags printed with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from accuracy_vs_peers import agreement, cpu_flags, logits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=256, help="calibration crops (seed 0)")
+    ap.add_argument("--validation", type=int, default=1024, help="held-out scoring crops (seed 1)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    ap.add_argument("--runs", type=int, default=60, help="timed runs per model and round")
+    args = ap.parse_args()
+
+    import onnx
+    from accuracy_vs_ort import fp32_model
+    from data import crops
+    from peers import ort_quantize_static
+
+    from pipeline import bias_correction, runtime, shift
+    from pipeline.calibration.calibrator import calibrate, rethreshold
+    from pipeline.quantization import QuantizeOptions, quantize, quantized_activations
+
+    folder = Path(tempfile.mkdtemp(prefix="int8pipe-shift-"))
+    path = fp32_model(folder, args.samples)
+    fp32 = onnx.load(str(path))
+    x_val = np.concatenate([b["input"] for b in crops(args.validation, 32, seed=1)])
+    ref = logits(fp32.SerializeToString(), x_val, optimize=True)
+    cal = calibrate(
+        path, lambda: crops(args.samples, 32), "mse", histogram_tensors=quantized_activations(fp32, "tensorrt")
+    )
+
+    models: dict[str, bytes] = {}
+    for method in ("mse", "percentile"):
+        ranges = rethreshold(cal.ranges, cal.histograms, method, 99.99)
+        for shifted in (False, True):
+            q = quantize(fp32, ranges.amax(), QuantizeOptions(target="tensorrt"))
+            count = len(shift.shift_inputs(q, {k: (v.min, v.max) for k, v in ranges.tensors.items()})) if shifted else 0
+            bias_correction.correct(fp32, q, crops(args.samples, 32), 128)
+            label = f"int8pipe {method}" + (f" + shift_activations ({count} Conv inputs)" if shifted else "")
+            models[label] = q.SerializeToString()
+    peer = ort_quantize_static(path, folder / "ort.onnx", lambda: crops(args.samples, 32))
+    models["ORT quantize_static MinMax (its defaults)"] = peer.SerializeToString()
+
+    x1 = x_val[:1]
+    times: dict[str, list[float]] = {name: [] for name in ["FP32", *models]}
+    sessions = {"FP32": runtime.session(fp32.SerializeToString(), "cpu", optimize=True)}
+    sessions.update({name: runtime.session(m, "cpu", optimize=True) for name, m in models.items()})
+    for r in range(args.rounds):
+        print(f"latency round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        for name, sess in sessions.items():
+            times[name].append(float(np.median(runtime.time_session(sess, {"input": x1}, args.runs, 10))))
+
+    print(f"# EfficientNet-Lite0: {args.samples} calibration crops, {args.validation} held-out crops")
+    print(f"# CPU flags: {cpu_flags()}; accuracy computed exactly (ORT graph optimisations off); latency with")
+    print(f"# optimisations on, batch 1, median of {args.rounds} interleaved rounds of {args.runs} runs\n")
+    print("| model | top-1 agreement | cosine mean | p50 ms |")
+    print("| --- | --- | --- | --- |")
+    print(f"| FP32 | 1.000 | 1.0000 | {np.median(times['FP32']):.2f} |")
+    for name, model in models.items():
+        out = logits(model, x_val)
+        cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+        print(f"| {name} | {agreement(out, ref):.3f} | {cos.mean():.4f} | {np.median(times[name]):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
