@@ -86,7 +86,16 @@ def log_dataset(
             src = resolve_dataset_source(Path(source).resolve().as_uri())
     entity = _Counted(src, name=name, digest=digest[:16])._to_mlflow_entity()
     for run_id in run_ids:
-        client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", name)])])
+        inputs = [DatasetInput(entity, tags=[InputTag("mlflow.data.context", name)])]
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+        except Exception as exc:
+            # MLflow's SQL store looks the dataset up, then inserts it: two runs (a parallel sweep's
+            # trials) logging the same data at once can both miss it, and the second insert fails.
+            # By then the row exists, so logging again links the run to it.
+            if "UNIQUE constraint failed: datasets" not in str(exc) and "Duplicate entry" not in str(exc):
+                raise
+            client.log_inputs(run_id, datasets=inputs)
 
 
 class StepTracker:

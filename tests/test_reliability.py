@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -207,3 +209,34 @@ def test_fresh_sqlite_store_shared_by_concurrent_pipelines(digits_copy: Path, tm
         assert p.returncode == 0, err.decode()[-3000:]
     ids = {json.loads((tmp_path / f"s{i}.json").read_text())["run_id"] for i in range(3)}
     assert len(ids) == 3
+
+
+def _log_same_dataset(uri: str, run_id: str, source: str, barrier: Any) -> None:
+    from pipeline.tracking import log_dataset
+
+    barrier.wait()  # every process inserts at the same moment: the race a parallel sweep runs into
+    log_dataset(MlflowClient(uri), [run_id], "calibration", source, "ab" * 16, 8)
+
+
+def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path: Path) -> None:
+    """Parallel trials log the same calibration dataset; MLflow's SQL store may see two inserts of one
+    row. Every run must end up with the dataset, none with an IntegrityError."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    source = tmp_path / "cal.npz"
+    np.savez(source, x=np.zeros((8, 2), np.float32))
+    ctx = multiprocessing.get_context("spawn")
+    for attempt in range(3):  # the race is timing-dependent: three fresh experiments
+        experiment = client.create_experiment(f"race-{attempt}")
+        runs = [client.create_run(experiment).info.run_id for _ in range(6)]
+        barrier = ctx.Barrier(len(runs))
+        procs = [ctx.Process(target=_log_same_dataset, args=(uri, r, str(source), barrier)) for r in runs]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0] * len(runs)
+        for r in runs:
+            assert [d.dataset.name for d in client.get_run(r).inputs.dataset_inputs] == ["calibration"]
