@@ -2,7 +2,8 @@
 Runtime's quantize_static and NNCF, on the PP-OCRv4 text detector, same data for every tool.
 
     pip install rapidocr-onnxruntime nncf   # rapidocr ships ch_PP-OCRv4_det_infer.onnx (4.7 MB)
-    python benchmarks/detector_vs_peers.py [--model PATH] [--size 640] [--samples 32] [--validation 32]
+    python benchmarks/detector_vs_peers.py [--model PATH] [--frames text|mosaic] [--size 640]
+                                           [--samples 32] [--validation 32]
 
 The model is the DBNet-style detector that the PyPI package rapidocr-onnxruntime ships (not kept in
 this repository; it is licensed separately): input ``x`` [N,3,H,W], an image scaled to [0, 1] and
@@ -10,23 +11,33 @@ normalised with the ImageNet mean and std, channels in OpenCV's BGR order as Pad
 feed it; output a [N,1,H,W] text probability map. The export has dynamic H and W; the script fixes
 them to ``--size`` (calibration and the Q/DQ tools then see one static shape) and keeps N dynamic.
 
-Images: scikit-image's bundled photos (the scanned page, the text photo, the logo, coins, the
-camera man, the rocket, ...). Each sample is a 2x2 mosaic of random crops, each crop a random scale
-of a random photo, resized to a quarter of the frame: several text-like regions per frame.
-Calibration mosaics use seed 0, held-out mosaics seed 1; every number is on the held-out ones.
+Frames (``--frames``), calibration with seed 0, every number on held-out frames of seed 1:
 
-Detection metric, written against the FP32 model's output (there are no ground-truth boxes; the
-question is how much of what the FP32 detector finds the INT8 model still finds):
+- ``text`` (default): a random crop of one of scikit-image's bundled photos (the astronaut, the
+  rocket, coffee, coins, the scanned page, ...) with 3-8 lines of 1-4 English words written on it
+  (words of the stdlib's ``pydoc_data.topics``, Pillow's built-in TrueType font at 14-43 px, dark or
+  light by the background). This is what a text detector is for: FP32 finds the written lines with
+  confident probability maps.
+- ``mosaic``: 2x2 mosaics of random crops of the same photos and nothing written on them, the case
+  of the earlier results. Most photos hold no text, so most FP32 detections are faint texture blobs
+  near the threshold, which any perturbation, INT8 weights alone included, splits or drops.
 
-- a detection is a 4-connected component of the probability map binarised at 0.3 (DB's default
-  ``thresh``) with at least ``--min-area`` pixels (default 9: DB drops boxes under 3 px a side);
-  its box is the component's bounding box;
-- per image, FP32 and INT8 detections are matched one to one, greedily by box IoU, pairs with
-  IoU >= 0.5 only;
-- recall: matched pairs / FP32 detections; precision: matched pairs / INT8 detections (both pooled
-  over all held-out images);
-- mask IoU: |FP32 mask ∩ INT8 mask| / |FP32 mask ∪ INT8 mask| of the binarised maps, pooled;
-- cosine: per image, the cosine of the flattened FP32 and INT8 probability maps, averaged.
+Detection metrics, written against the FP32 model's output (there are no ground-truth boxes; the
+question is how much of what the FP32 detector finds the INT8 model still finds). Per image, FP32
+and INT8 detections are matched one to one, greedily by box IoU, pairs with IoU >= 0.5 only;
+recall = matched pairs / FP32 detections, precision = matched pairs / INT8 detections, pooled over
+the held-out images. Two definitions of a detection:
+
+- DB boxes (what RapidOCR keeps, its config.yaml: ``thresh 0.3``, ``box_thresh 0.5``,
+  ``use_dilation``): the map binarised at 0.3 and dilated by a 2x2 kernel, 4-connected components
+  with both sides >= 3 px, kept when the mean probability over the component is >= 0.5 (RapidOCR
+  averages over the box polygon of the component's contour; the component itself is close to it);
+  the box is the component's bounding box.
+- components (the earlier, stricter metric): every 4-connected component of the map binarised at
+  0.3 with at least ``--min-area`` pixels, whatever its score.
+
+Also: mask IoU, |FP32 mask ∩ INT8 mask| / |FP32 mask ∪ INT8 mask| of the maps binarised at 0.3,
+pooled; cosine, per image, of the flattened FP32 and INT8 maps, averaged.
 
 Every Q/DQ model runs with ORT's graph optimisations off: the quantised arithmetic computed exactly
 in float, which is what TensorRT computes.
@@ -36,10 +47,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +62,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from peers import ort_quantize_static, ort_static_variants, print_layer_report  # noqa: E402
 
+from examples.metrics.text_detection import BOX_THRESH, components, matched, text_boxes  # noqa: E402
+
 MODEL_FILE = "ch_PP-OCRv4_det_infer.onnx"
 PHOTOS = (
     "page", "text", "logo", "coins", "camera", "rocket", "astronaut", "coffee", "chelsea", "brick",
@@ -59,7 +72,6 @@ PHOTOS = (
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 THRESH = 0.3  # DB's binarisation threshold
-BOX_IOU = 0.5
 BATCH = 4
 
 
@@ -173,6 +185,45 @@ def mosaics(n: int, size: int, seed: int) -> np.ndarray:
     return out
 
 
+def _words() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return sorted({w for text in topics.values() for w in re.findall(r"[A-Za-z]{3,12}", text)})
+
+
+def text_frames(n: int, size: int, seed: int) -> np.ndarray:
+    """``n`` normalised BGR NCHW frames: a crop of a bundled photo with lines of words written on it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not isinstance(ImageFont.load_default(size=20), ImageFont.FreeTypeFont):
+        sys.exit("--frames text needs Pillow >= 10.1 built with FreeType (pip install -U pillow).")
+    rng = np.random.default_rng(seed)
+    photos, words = _photos(), _words()
+    out = np.empty((n, 3, size, size), np.float32)
+    for k in range(n):
+        img = photos[rng.integers(len(photos))]
+        h, w = img.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.5, 1.0))
+        y, x = rng.integers(h - side + 1), rng.integers(w - side + 1)
+        pil = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
+        draw = ImageDraw.Draw(pil)
+        for _ in range(rng.integers(3, 9)):
+            px = int(rng.integers(14, 44))
+            line = " ".join(words[i] for i in rng.integers(len(words), size=rng.integers(1, 5)))
+            tx, ty = int(rng.integers(0, size // 2)), int(rng.integers(0, size - px))
+            dark = np.asarray(pil)[ty : ty + px, tx : tx + 4 * px].mean() > 128
+            grey = 20 if dark else 235
+            colour = tuple(int(np.clip(grey + rng.integers(-20, 21), 0, 255)) for _ in range(3))
+            draw.text((tx, ty), line, fill=colour, font=ImageFont.load_default(size=px))
+        frame = np.asarray(pil, np.float32) / 255.0
+        out[k] = ((frame[:, :, ::-1] - MEAN) / STD).transpose(2, 0, 1)  # RGB -> BGR, as OpenCV reads
+    return out
+
+
+def frames(kind: str, n: int, size: int, seed: int) -> np.ndarray:
+    return text_frames(n, size, seed) if kind == "text" else mosaics(n, size, seed)
+
+
 def batches(x: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
     for i in range(0, len(x), BATCH):
         yield {"x": x[i : i + BATCH]}
@@ -181,78 +232,29 @@ def batches(x: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
 # ---------------------------------------------------------------- detection metric
 
 
-def _label_bfs(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected components, for when scipy is absent."""
-    labels = np.zeros(mask.shape, np.int32)
-    count = 0
-    h, w = mask.shape
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if labels[y0, x0]:
-            continue
-        count += 1
-        labels[y0, x0] = count
-        todo = deque([(y0, x0)])
-        while todo:
-            y, x = todo.popleft()
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
-                    labels[ny, nx] = count
-                    todo.append((ny, nx))
-    return labels, count
-
-
 def detections(prob: np.ndarray, min_area: int) -> np.ndarray:
-    """Boxes [k, 4] (y0, x0, y1, x1; exclusive ends) of the text components of one probability map."""
-    mask = prob > THRESH
-    try:
-        from scipy import ndimage
-
-        labels, count = ndimage.label(mask)
-    except ImportError:
-        labels, count = _label_bfs(mask)
-    if count == 0:
-        return np.zeros((0, 4), np.int64)
-    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    ys, xs = np.nonzero(labels)
-    lab = labels[ys, xs] - 1
-    y0 = np.full(count, mask.shape[0]); x0 = np.full(count, mask.shape[1])  # noqa: E702
-    y1 = np.zeros(count, np.int64); x1 = np.zeros(count, np.int64)  # noqa: E702
-    np.minimum.at(y0, lab, ys); np.minimum.at(x0, lab, xs)  # noqa: E702
-    np.maximum.at(y1, lab, ys + 1); np.maximum.at(x1, lab, xs + 1)  # noqa: E702
-    boxes = np.stack([y0, x0, y1, x1], axis=1)
-    return boxes[areas >= min_area]
+    """Boxes [k, 4] (y0, x0, y1, x1; ends exclusive) of every component of ``prob > THRESH`` of at
+    least ``min_area`` pixels, whatever its score (the components metric)."""
+    boxes = []
+    for runs in components(prob > THRESH):
+        if sum(b - a for _, a, b in runs) >= min_area:
+            ys = [y for y, _, _ in runs]
+            boxes.append((min(ys), min(r[1] for r in runs), max(ys) + 1, max(r[2] for r in runs)))
+    return np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a`` with every box of ``b``: [len(a), len(b)]."""
-    ty, tx = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
-    by, bx = np.minimum(a[:, None, 2], b[None, :, 2]), np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(by - ty, 0, None) * np.clip(bx - tx, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
-
-
-def matched(ref: np.ndarray, out: np.ndarray) -> int:
-    """One-to-one pairs with IoU >= 0.5, taken greedily from the highest IoU down."""
-    if len(ref) == 0 or len(out) == 0:
-        return 0
-    iou = box_iou(ref, out)
-    pairs = 0
-    while True:
-        i, j = np.unravel_index(np.argmax(iou), iou.shape)
-        if iou[i, j] < BOX_IOU:
-            return pairs
-        pairs += 1
-        iou[i, :] = -1
-        iou[:, j] = -1
-
-
-def score(out: np.ndarray, ref: np.ndarray, ref_boxes: list[np.ndarray], min_area: int) -> dict[str, float]:
-    n_ref = n_out = pairs = inter = union = 0
-    for prob, r, boxes in zip(out, ref, ref_boxes):
+def score(
+    out: np.ndarray, ref: np.ndarray, ref_boxes: list[np.ndarray], min_area: int, ref_db: list[np.ndarray] | None = None
+) -> dict[str, float]:
+    """Both metrics of ``out`` against the FP32 maps ``ref`` (their boxes precomputed: ``ref_boxes``
+    by ``detections``, ``ref_db`` by ``text_boxes``)."""
+    ref_db = ref_db if ref_db is not None else [text_boxes(r) for r in ref]
+    n_ref = n_out = pairs = inter = union = db_ref = db_out = db_pairs = 0
+    for prob, r, boxes, kept in zip(out, ref, ref_boxes, ref_db):
         found = detections(prob, min_area)
         n_ref, n_out, pairs = n_ref + len(boxes), n_out + len(found), pairs + matched(boxes, found)
+        found = text_boxes(prob)
+        db_ref, db_out, db_pairs = db_ref + len(kept), db_out + len(found), db_pairs + matched(kept, found)
         a, b = r > THRESH, prob > THRESH
         inter, union = inter + int((a & b).sum()), union + int((a | b).sum())
     flat_o, flat_r = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
@@ -263,6 +265,9 @@ def score(out: np.ndarray, ref: np.ndarray, ref_boxes: list[np.ndarray], min_are
         "mask_iou": inter / max(union, 1),
         "cosine": float(cos.mean()),
         "detections": n_out,
+        "db_recall": db_pairs / max(db_ref, 1),
+        "db_precision": db_pairs / max(db_out, 1),
+        "db_detections": db_out,
     }
 
 
@@ -282,8 +287,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help=f"path to {MODEL_FILE} (default: the one rapidocr-onnxruntime installs)")
     ap.add_argument("--size", type=int, default=640, help="frame side in pixels (multiple of 32)")
-    ap.add_argument("--samples", type=int, default=32, help="calibration mosaics (seed 0)")
-    ap.add_argument("--validation", type=int, default=32, help="held-out scoring mosaics (seed 1)")
+    ap.add_argument("--frames", choices=("text", "mosaic"), default="text", help="what the frames show (docstring)")
+    ap.add_argument("--samples", type=int, default=32, help="calibration frames (seed 0)")
+    ap.add_argument("--validation", type=int, default=32, help="held-out scoring frames (seed 1)")
     ap.add_argument("--min-area", type=int, default=9, help="smallest component counted as a detection")
     ap.add_argument("--raw-export", action="store_true", help="keep the export's Constant nodes (see the docstring)")
     ap.add_argument("--layers", type=int, default=4, help="held-out frames for the per-layer check (0: skip)")
@@ -298,33 +304,37 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-det-peers-"))
     path = fixed_size(find_model(args.model), args.size, folder, args.raw_export)
     fp32 = onnx.load(str(path))
-    progress(f"model {path.name}; building {args.samples} calibration and {args.validation} held-out mosaics")
-    x_cal = mosaics(args.samples, args.size, seed=0)
-    x_val = mosaics(args.validation, args.size, seed=1)
+    kind = "text frames" if args.frames == "text" else "mosaics"
+    progress(f"model {path.name}; building {args.samples} calibration and {args.validation} held-out {kind}")
+    x_cal = frames(args.frames, args.samples, args.size, seed=0)
+    x_val = frames(args.frames, args.validation, args.size, seed=1)
     ref = probability_maps(fp32.SerializeToString(), x_val, optimize=True)
     ref_boxes = [detections(p, args.min_area) for p in ref]
+    ref_db = [text_boxes(p) for p in ref]
     convs = sum(n.op_type == "Conv" for n in fp32.graph.node)
     lines = [
         f"# PP-OCRv4 text detector ({MODEL_FILE}), {args.size}x{args.size}: {args.samples} calibration, "
-        f"{args.validation} held-out mosaics; FP32 finds {sum(map(len, ref_boxes))} detections on the held-out "
-        f"frames (threshold {THRESH}, area >= {args.min_area} px)",
+        f"{args.validation} held-out {kind}; on the held-out frames FP32 finds {sum(map(len, ref_db))} DB boxes "
+        f"(thresh {THRESH}, box_thresh {BOX_THRESH}) and {sum(map(len, ref_boxes))} components (area >= "
+        f"{args.min_area} px)",
         f"# CPU flags: {cpu_flags()}; every Q/DQ model computed exactly (ORT graph optimisations off)",
         "",
-        "| INT8 model | Conv nodes INT8 | recall | precision | mask IoU | cosine mean | INT8 detections | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| INT8 model | Conv nodes INT8 | DB boxes recall | DB boxes precision | components recall "
+        "| components precision | mask IoU | cosine mean | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(lines), flush=True)
 
     def row(name: str, model: onnx.ModelProto | None, seconds: float, note: str = "") -> None:
         if model is None:
-            print(f"| {name} | failed: {note} | | | | | | {seconds:.0f} |", flush=True)
+            print(f"| {name} | failed: {note} | | | | | | | {seconds:.0f} |", flush=True)
             return
         progress(f"scoring {name}")
-        s = score(probability_maps(model.SerializeToString(), x_val), ref, ref_boxes, args.min_area)
+        s = score(probability_maps(model.SerializeToString(), x_val), ref, ref_boxes, args.min_area, ref_db)
         conv_int8 = sum(r["precision"] == "int8" and r["op_type"] == "Conv" for r in node_table(fp32, model))
         print(
-            f"| {name} | {conv_int8}/{convs} | {s['recall']:.3f} | {s['precision']:.3f} | {s['mask_iou']:.3f} "
-            f"| {s['cosine']:.4f} | {s['detections']} | {seconds:.0f} |",
+            f"| {name} | {conv_int8}/{convs} | {s['db_recall']:.3f} | {s['db_precision']:.3f} | {s['recall']:.3f} "
+            f"| {s['precision']:.3f} | {s['mask_iou']:.3f} | {s['cosine']:.4f} | {seconds:.0f} |",
             flush=True,
         )
 
@@ -400,7 +410,7 @@ def main() -> None:
     try:
         import nncf
     except ImportError:
-        print("| NNCF | not installed (pip install nncf) | | | | | | |")
+        print("| NNCF | not installed (pip install nncf) | | | | | | | |")
     else:
         progress("NNCF: quantizing")
         samples = [{"x": x_cal[i : i + 1]} for i in range(len(x_cal))]
@@ -416,6 +426,7 @@ def main() -> None:
         progress(f"per-layer check of the default model on {args.layers} held-out frames")
         errs = layer_errors(fp32, models["mse"], batches(x_val[: args.layers]), args.layers, int8_optimize=False)
         print_layer_report(errs, "int8pipe default", 6)
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,8 @@
 """Where a network's INT8 error comes from: the weights' rounding or the activations' quantizers.
 
     python benchmarks/error_sources.py efficientnet [--samples 256] [--validation 256]
-    python benchmarks/error_sources.py detector [--model PATH] [--size 640] [--samples 32] [--validation 96]
+    python benchmarks/error_sources.py detector [--model PATH] [--frames text|mosaic] [--size 640]
+                                                [--samples 32] [--validation 96]
 
 int8pipe's default Q/DQ model (mse thresholds, TensorRT placement) is scored against FP32 as built
 and in two halves: weights only (its activation quantizers bypassed) and activations only (every
@@ -51,16 +52,20 @@ def efficientnet(args: argparse.Namespace) -> tuple[Path, Batches, Scorer]:
 
 
 def detector(args: argparse.Namespace) -> tuple[Path, Batches, Scorer]:
-    from detector_vs_peers import batches, detections, find_model, fixed_size, mosaics, probability_maps, score
+    from detector_vs_peers import batches, detections, find_model, fixed_size, frames, probability_maps, score
 
     path = fixed_size(find_model(args.model), args.size, Path(tempfile.mkdtemp(prefix="int8pipe-sources-")))
-    x_cal, x_val = mosaics(args.samples, args.size, seed=0), mosaics(args.validation, args.size, seed=1)
+    x_cal = frames(args.frames, args.samples, args.size, seed=0)
+    x_val = frames(args.frames, args.validation, args.size, seed=1)
     ref = probability_maps(onnx.load(str(path)).SerializeToString(), x_val, optimize=True)
     ref_boxes = [detections(p, 9) for p in ref]
 
     def scored(model: onnx.ModelProto) -> str:
         s = score(probability_maps(model.SerializeToString(), x_val), ref, ref_boxes, 9)
-        return f"detections kept {s['recall']:.3f}, precision {s['precision']:.3f}, cosine {s['cosine']:.4f}"
+        return (
+            f"DB boxes kept {s['db_recall']:.3f} precision {s['db_precision']:.3f}; components kept "
+            f"{s['recall']:.3f} precision {s['precision']:.3f}; cosine {s['cosine']:.4f}"
+        )
 
     return path, lambda: batches(x_cal), scored
 
@@ -70,6 +75,7 @@ def main() -> None:
     ap.add_argument("network", choices=["efficientnet", "detector"])
     ap.add_argument("--model", help="detector: path to ch_PP-OCRv4_det_infer.onnx")
     ap.add_argument("--size", type=int, default=640, help="detector: frame side")
+    ap.add_argument("--frames", choices=("text", "mosaic"), default="text", help="detector: see detector_vs_peers.py")
     ap.add_argument("--samples", type=int, help="calibration samples (default 256 crops / 32 frames)")
     ap.add_argument("--validation", type=int, help="held-out samples (default 256 crops / 96 frames)")
     args = ap.parse_args()

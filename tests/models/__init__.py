@@ -472,3 +472,26 @@ def cancelling_matmuls() -> onnx.ModelProto:
     ]
     inits = [numpy_helper.from_array(a, k) for a, k in [(w, "w"), (-w + d, "c"), (v, "v")]]
     return _model(nodes, [_t("x", ["batch", 8])], [_t("y", ["batch", 4])], inits)
+
+
+@register
+def text_map() -> onnx.ModelProto:
+    """x[N,1,H,W] -> Conv(4, 3x3, pad 1) -> Relu -> Conv(1, 3x3, pad 1) -> Sigmoid -> y[N,1,H,W]: a
+    DB-style text probability map, near 1 where the input is above 0.5 and near 0 elsewhere (the
+    kernels are centre taps plus a little noise, so the map follows the input's edges)."""
+    rng = np.random.default_rng(23)
+    gains = np.array([4.0, 3.0, 2.0, 5.0], np.float32)
+    w1 = rng.normal(size=(4, 1, 3, 3)).astype(np.float32) * 0.02
+    w1[:, 0, 1, 1] += gains
+    b1 = -0.5 * gains
+    w2 = rng.normal(size=(1, 4, 3, 3)).astype(np.float32) * 0.02
+    w2[0, :, 1, 1] += 2.0
+    b2 = np.array([-4.0], np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c2"], ["y"], name="sigmoid"),
+    ]
+    inits = [numpy_helper.from_array(a, k) for a, k in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]]
+    return _model(nodes, [_t("x", ["batch", 1, "h", "w"])], [_t("y", ["batch", 1, "h", "w"])], inits)
