@@ -88,7 +88,7 @@ def main() -> None:
     print(f"# CPU flags: {cpu_flags()}; every Q/DQ model computed exactly (ORT graph optimisations off)")
     print(
         f"# FP32 is sure (top-2 margin >= {SURE_MARGIN}) on {int(is_sure.sum())} of {len(x_val)} held-out crops; "
-        f"FP32 with 1% input noise agrees with FP32 on {noisy:.3f} of them\n"
+        f"FP32 with 1% input noise agrees with FP32 on {noisy:.3f} of all held-out crops\n"
     )
     print("| INT8 model | Conv nodes INT8 | top-1 agreement | agreement, sure crops | cosine mean | seconds |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -156,7 +156,9 @@ class Quantize(Step):
         qdq = keep_float_inputs(qdq, fp32, kept_float)
         if cfg.shift_activations:
             ctx.log_metrics({"shifted_inputs": len(shift.shift_inputs(qdq, observed))})
-        corrected = self._correct_biases(ctx, cfg, source, qdq)  # after the shift: it measures the grid used
+        # after the shift: it measures the grid used; on at most the samples calibration saw (a true progress total)
+        seen = ranges.num_samples or cfg.bias_correction_samples
+        corrected = self._correct_biases(ctx, cfg, source, qdq, min(cfg.bias_correction_samples, seen))
         self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
 
     @staticmethod
@@ -252,7 +254,9 @@ class Quantize(Step):
         return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
 
     @staticmethod
-    def _correct_biases(ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> int:
+    def _correct_biases(
+        ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: int
+    ) -> int:
         src = ctx.pipeline.data.calibration
         if not cfg.bias_correction:
             return 0
@@ -264,7 +268,7 @@ class Quantize(Step):
         specs = onnx_model.input_specs(fp32)
         batches = data.batches(src, batch_size, specs, data.search_dirs(ctx.pipeline.base_dir), "data.calibration")
         memory_mb = getattr(calibrate, "memory_mb", bias_correction.DEFAULT_MEMORY_MB)
-        changed, _ = bias_correction.correct(fp32, qdq, batches, cfg.bias_correction_samples, Layout.of(src), memory_mb)
+        changed, _ = bias_correction.correct(fp32, qdq, batches, samples, Layout.of(src), memory_mb)
         return changed
 
 

@@ -41,6 +41,43 @@ def test_calibration_progress_counts_samples(tmp_path: Path, int8pipe_log: pytes
     assert first and first[-1] == "40"  # pass 1 reads a stream of unknown length: no total
 
 
+def test_bias_correction_progress_counts_the_samples_calibration_saw(
+    tmp_path: Path, int8pipe_log: pytest.LogCaptureFixture
+) -> None:
+    """40 calibration samples and bias_correction_samples 128 (the default): it measures on the 40
+    and says so, rather than counting towards 128; and a cap under the data ends with its line too."""
+    import yaml
+
+    from pipeline.cli import main
+
+    onnx.save(build("conv_relu_gemm"), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).normal(size=(40, 2, 4, 4)).astype(np.float32))
+    config = {
+        "name": "bc-progress",
+        "model": {"onnx": "m.onnx"},
+        "data": {"calibration": {"npz": "cal.npz"}},
+        "steps": {"export": {}, "calibrate": {"batch_size": 5}, "quantize": {}},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    lines = [r.getMessage() for r in int8pipe_log.records if r.getMessage().startswith("bias correction")]
+    counts = [int(m.group(1)) for m in map(re.compile(r"bias correction: (\d+)/40 samples \(").match, lines) if m]
+    assert counts and counts == sorted(counts) and counts[-1] == 40, lines
+    assert "bias correction: done, 40 samples in" in "\n".join(lines)
+
+    int8pipe_log.clear()
+    config["steps"]["quantize"] = {"bias_correction_samples": 12}  # 12 of the 40: the last batch is cut
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    lines = [r.getMessage() for r in int8pipe_log.records if r.getMessage().startswith("bias correction")]
+    assert [line.split(" (")[0] for line in lines[:-1]] == [
+        "bias correction: 5/12 samples",
+        "bias correction: 10/12 samples",
+        "bias correction: 12/12 samples",
+    ]
+    assert lines[-1].startswith("bias correction: done, 12 samples in"), lines
+
+
 def test_layer_plot_labels_fit_and_tell_long_names_apart() -> None:
     plt = plots._pyplot()
     tail = "/attention/multi_head/query_projection/MatMul_output_0_DequantizeLinear_Output"

@@ -93,14 +93,18 @@ def budgeted_chunks(
     if first is None:
         return
     chunk = samples_per_call(model, first, layout, memory_mb, copies)
-    seen = 0
-    for feeds in progress(rechunk(itertools.chain([first], it), chunk, layout), label,
-                          total=samples, size=layout.count, unit="samples"):  # fmt: skip
-        n = min(layout.count(feeds), samples - seen)
-        yield layout.take(feeds, 0, n) if n < layout.count(feeds) else feeds, n
-        seen += n
-        if seen >= samples:
-            return
+
+    def capped() -> Iterator[Batch]:  # cut before progress sees it: its count and "done" line stay true
+        seen = 0
+        for feeds in rechunk(itertools.chain([first], it), chunk, layout):
+            n = min(layout.count(feeds), samples - seen)
+            yield layout.take(feeds, 0, n) if n < layout.count(feeds) else feeds
+            seen += n
+            if seen >= samples:
+                return
+
+    for feeds in progress(capped(), label, total=samples, size=layout.count, unit="samples"):
+        yield feeds, layout.count(feeds)
 
 
 def expose(model: onnx.ModelProto, tensors: list[str]) -> bytes:
