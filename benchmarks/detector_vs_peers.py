@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import re
 import sys
 import tempfile
 import time
@@ -63,14 +62,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from peers import ort_quantize_static, ort_static_variants, print_layer_report  # noqa: E402
 
 from examples.metrics.text_detection import BOX_THRESH, components, matched, text_boxes  # noqa: E402
+from examples.ppocr_det.data import MEAN, STD, photos, text_frames  # noqa: E402
 
 MODEL_FILE = "ch_PP-OCRv4_det_infer.onnx"
-PHOTOS = (
-    "page", "text", "logo", "coins", "camera", "rocket", "astronaut", "coffee", "chelsea", "brick",
-    "immunohistochemistry", "clock", "stereo_motorcycle", "hubble_deep_field",
-)  # fmt: skip
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
 THRESH = 0.3  # DB's binarisation threshold
 BATCH = 4
 
@@ -145,77 +139,24 @@ def probability_maps(model: bytes, x: np.ndarray, optimize: bool = False) -> np.
 # ---------------------------------------------------------------- data
 
 
-def _photos() -> list[np.ndarray]:
-    from skimage import data
-
-    out = []
-    for name in PHOTOS:
-        fn = getattr(data, name, None)
-        if fn is None:
-            continue
-        try:
-            img = np.asarray(fn())
-        except Exception:  # a photo that needs a download: skip it, the rest ship offline
-            continue
-        if img.ndim == 2:
-            img = np.stack([img] * 3, axis=-1)
-        out.append(img[:, :, :3].astype(np.uint8))
-    return out
-
-
 def mosaics(n: int, size: int, seed: int) -> np.ndarray:
     """``n`` normalised BGR NCHW frames, each a 2x2 mosaic of random crops of the bundled photos."""
     from skimage.transform import resize
 
     rng = np.random.default_rng(seed)
-    photos = _photos()
+    images = photos()
     half = size // 2
     out = np.empty((n, 3, size, size), np.float32)
     for k in range(n):
         frame = np.empty((size, size, 3), np.float32)
         for ty in range(2):
             for tx in range(2):
-                img = photos[rng.integers(len(photos))]
+                img = images[rng.integers(len(images))]
                 h, w = img.shape[:2]
                 side = int(min(h, w) * rng.uniform(0.4, 1.0))
                 y, x = rng.integers(h - side + 1), rng.integers(w - side + 1)
                 tile = resize(img[y : y + side, x : x + side], (half, half), anti_aliasing=True)
                 frame[ty * half : (ty + 1) * half, tx * half : (tx + 1) * half] = tile
-        out[k] = ((frame[:, :, ::-1] - MEAN) / STD).transpose(2, 0, 1)  # RGB -> BGR, as OpenCV reads
-    return out
-
-
-def _words() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return sorted({w for text in topics.values() for w in re.findall(r"[A-Za-z]{3,12}", text)})
-
-
-def text_frames(n: int, size: int, seed: int) -> np.ndarray:
-    """``n`` normalised BGR NCHW frames: a crop of a bundled photo with lines of words written on it."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    if not isinstance(ImageFont.load_default(size=20), ImageFont.FreeTypeFont):
-        sys.exit("--frames text needs Pillow >= 10.1 built with FreeType (pip install -U pillow).")
-    rng = np.random.default_rng(seed)
-    photos, words = _photos(), _words()
-    out = np.empty((n, 3, size, size), np.float32)
-    for k in range(n):
-        img = photos[rng.integers(len(photos))]
-        h, w = img.shape[:2]
-        side = int(min(h, w) * rng.uniform(0.5, 1.0))
-        y, x = rng.integers(h - side + 1), rng.integers(w - side + 1)
-        pil = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
-        draw = ImageDraw.Draw(pil)
-        for _ in range(rng.integers(3, 9)):
-            px = int(rng.integers(14, 44))
-            line = " ".join(words[i] for i in rng.integers(len(words), size=rng.integers(1, 5)))
-            tx, ty = int(rng.integers(0, size // 2)), int(rng.integers(0, size - px))
-            dark = np.asarray(pil)[ty : ty + px, tx : tx + 4 * px].mean() > 128
-            grey = 20 if dark else 235
-            colour = tuple(int(np.clip(grey + rng.integers(-20, 21), 0, 255)) for _ in range(3))
-            draw.text((tx, ty), line, fill=colour, font=ImageFont.load_default(size=px))
-        frame = np.asarray(pil, np.float32) / 255.0
         out[k] = ((frame[:, :, ::-1] - MEAN) / STD).transpose(2, 0, 1)  # RGB -> BGR, as OpenCV reads
     return out
 

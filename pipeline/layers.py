@@ -17,6 +17,9 @@ from pipeline.layout import Layout
 from pipeline.quantization import dequantized_names, node_table
 
 LAYER_CHUNK = 2  # samples per call while comparing every tensor: every tensor of both models is alive at once
+# Sets of one chunk's FP32 activations alive then: both models' tensors (INT8's about twice FP32's),
+# each inside ONNX Runtime and again as the arrays it returns.
+LAYER_COPIES = 6
 SQNR_CAP = 999.0  # what an exact tensor's (infinite) SQNR is written as
 
 
@@ -42,6 +45,7 @@ def layer_errors(
     samples: int,
     int8_optimize: bool = True,
     layout: Layout | None = None,
+    chunk: int = LAYER_CHUNK,
 ) -> LayerErrors:
     """FP32-vs-INT8 error of every tensor over the first ``samples`` of ``feeds`` (model inputs), and
     the quantized nodes ranked by :func:`rank_quantized_nodes`.
@@ -69,13 +73,13 @@ def layer_errors(
     acc_before = {t: evaluation.ErrorAccumulator() for t in before_q}
     seen = 0
     layout = layout or Layout()  # the data source's batch_axes and constants
-    for chunk in data.rechunk(feeds, LAYER_CHUNK, layout):
+    for part in data.rechunk(feeds, chunk, layout):
         if seen >= samples:
             break
-        chunk = layout.take(chunk, 0, samples - seen)
-        seen += layout.count(chunk)
-        got = dict(zip(fetch, b.run(fetch, chunk)))
-        for t, n, x in zip(tensors, int8_names, a.run(tensors, chunk)):
+        part = layout.take(part, 0, samples - seen)
+        seen += layout.count(part)
+        got = dict(zip(fetch, b.run(fetch, part)))
+        for t, n, x in zip(tensors, int8_names, a.run(tensors, part)):
             acc[t].update(x, got[n])
             if t in before_q:
                 acc_before[t].update(x, got[before_q[t]])

@@ -89,9 +89,10 @@ DESCRIPTIONS = {
     "steps.calibrate.ray": "The Ray cluster a sharded calibration (`workers` > 1) runs on.",
     "steps.calibrate.ray.address": "Its address (default: `$RAY_ADDRESS`, which a Ray sweep sets for its trials).",
     "steps.calibrate.ray.num_cpus": "CPUs each calibration worker reserves.",
-    "steps.calibrate.memory_mb": "Activation memory while calibrating: samples per ONNX Runtime call are sized "
-    "from the first sample's activation bytes to stay within it (at most 8). Raise it for speed on large "
-    "machines; results do not change with `passes: 2`.",
+    "steps.calibrate.memory_mb": "Activation memory while calibrating, correcting biases and validating: samples "
+    "per ONNX Runtime call are sized from the first sample's activation bytes to stay within it (at most 8; "
+    "validate's layer comparison at most 2). Raise it for speed on large machines; results do not change "
+    "with `passes: 2`.",
     "steps.quantize.target": "`tensorrt` (Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul, symmetric) or "
     "`onnxruntime` (every op type ORT's QDQ quantizer supports).",
     "steps.quantize.per_channel": "Weights: one scale per output channel (max |w| / 127) instead of one per tensor.",

@@ -30,7 +30,10 @@ SAMPLES = 8  # validation samples kept with every output (validate hands them on
 # Samples per ONNX Runtime call: a Q/DQ model run exactly keeps every dequantized tensor too, and ORT's
 # arena grows to the largest call (32 EfficientNet-Lite0 samples: about 1 GB). Batches of a model whose
 # batch size is fixed go through as they come.
-RUN_CHUNK = 8
+RUN_CHUNK = 8  # samples per ONNX Runtime call while scoring, at most
+# Sets of one chunk's FP32 activations alive while scoring: FP32's arena, and the INT8 model's, which
+# holds about twice as many when computed exactly (every dequantized tensor is a float tensor too).
+SCORE_COPIES = 3
 INPUT_CACHE_BYTES = 512 << 20  # model inputs kept in memory for re-scoring; beyond, the source is read again
 
 
@@ -187,6 +190,7 @@ class Scorer:
         int8_optimize: bool = True,
         cache_bytes: int = INPUT_CACHE_BYTES,
         layout: Layout | None = None,
+        chunk: int = RUN_CHUNK,
     ):
         self.metric = metric
         self.int8_optimize = int8_optimize
@@ -201,7 +205,7 @@ class Scorer:
         )
         axes = [(i.shape, self.layout.axis(i.name)) for i in self._fp32.get_inputs()]
         fixed = any(a is not None and a < len(shape) and isinstance(shape[a], int) for shape, a in axes)
-        self._chunk = None if fixed else RUN_CHUNK
+        self._chunk = None if fixed else chunk
         self._reference: dict[str, np.ndarray] = {}
         self._labels: np.ndarray | None = None
         self._fp32_scores: dict[int, float] = {}  # samples -> FP32 score on the first that many

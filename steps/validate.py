@@ -22,6 +22,7 @@ import onnx
 
 from pipeline import data, evaluation, layers, plots, recovery, runtime, scoring
 from pipeline import model as onnx_model
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB, activation_bytes
 from pipeline.context import StepContext
 from pipeline.errors import ConfigError, GateFailed, fail
 from pipeline.layout import Layout
@@ -112,6 +113,34 @@ class Validate(Step):
         assert src is not None
         return data.batches(src, cfg.batch_size, specs, data.search_dirs(ctx.pipeline.base_dir), "data.validation")
 
+    def _chunks(
+        self, ctx: StepContext, cfg: ValidateConfig, specs: data.Specs, fp32: onnx.ModelProto, layout: Layout
+    ) -> tuple[int, int]:
+        """Samples per ONNX Runtime call while scoring and while comparing every layer, sized so the
+        activations alive stay within ``steps.calibrate.memory_mb`` (a 640x640 detector's are
+        hundreds of MB per sample): one sample's activations are measured on the first batch."""
+        calibrate = ctx.pipeline.steps.get("calibrate")
+        memory_mb = getattr(calibrate, "memory_mb", DEFAULT_MEMORY_MB)
+        it = self._batches(ctx, cfg, specs)
+        try:
+            first = next(it, None)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        if first is None:
+            return scoring.RUN_CHUNK, layers.LAYER_CHUNK
+        per_sample = activation_bytes(fp32, first, layout)
+        budget = memory_mb << 20
+        score = max(1, min(scoring.RUN_CHUNK, budget // max(1, scoring.SCORE_COPIES * per_sample)))
+        layer = max(1, min(layers.LAYER_CHUNK, budget // max(1, layers.LAYER_COPIES * per_sample)))
+        logger.info(
+            "validate: %.0f MB of activations per sample: %d sample(s) per call while scoring, %d while "
+            "comparing layers, to stay near %d MB (steps.calibrate.memory_mb)",
+            per_sample / 1e6, score, layer, memory_mb,
+        )  # fmt: skip
+        return score, layer
+
     @staticmethod
     def _scored(cfg: ValidateConfig, names: list[str]) -> tuple[list[str], bool]:
         """The outputs the metric scores, and whether it receives them as {name: array}."""
@@ -128,12 +157,14 @@ class Validate(Step):
         # resolved before the long loop: a typo in a custom metric fails fast
         metric = scoring.resolve_metric(cfg.metric, cfg.output, names, data.search_dirs(ctx.pipeline.base_dir))
         layout = Layout.of(ctx.pipeline.data.validation)
+        chunks = self._chunks(ctx, cfg, specs, fp32_model, layout)
         scorer = scoring.Scorer(
-            fp32, metric, lambda: self._batches(ctx, cfg, specs), int8_optimize=not exact, layout=layout
-        )
+            fp32, metric, lambda: self._batches(ctx, cfg, specs), int8_optimize=not exact, layout=layout,
+            chunk=chunks[0],
+        )  # fmt: skip
         scores = scorer.first(int8)
         int8_model = onnx_model.load(int8_path, check=False)
-        errors = _layer_errors(cfg, scorer, fp32_model, int8_model, exact)
+        errors = _layer_errors(cfg, scorer, fp32_model, int8_model, exact, chunks[1])
         samples = scorer.kept
         result = None
         if cfg.recover is not None and not evaluation.gate_passed(scores.drop, cfg.max_drop):
@@ -144,7 +175,7 @@ class Validate(Step):
             result = self._recover(ctx, cfg, fp32_model, float_model, int8_model, scorer, scores, errors)
             if result.model is not None:  # from here on, everything describes the recovered model
                 scores = result.scores
-                errors = _layer_errors(cfg, scorer, fp32_model, result.model, exact)
+                errors = _layer_errors(cfg, scorer, fp32_model, result.model, exact, chunks[1])
                 samples = scorer.kept_outputs(result.model)
         name, primary = metric.name, metric.outputs[0]
         ref, out = scores.reference[primary], scores.outputs[primary]
@@ -267,11 +298,16 @@ class Validate(Step):
 
 
 def _layer_errors(
-    cfg: ValidateConfig, scorer: scoring.Scorer, fp32: onnx.ModelProto, int8: onnx.ModelProto, exact: bool
+    cfg: ValidateConfig,
+    scorer: scoring.Scorer,
+    fp32: onnx.ModelProto,
+    int8: onnx.ModelProto,
+    exact: bool,
+    chunk: int,
 ) -> layers.LayerErrors:
     """The layer table and node ranking of ``int8`` on the first ``layer_samples`` validation samples."""
     return layers.layer_errors(
-        fp32, int8, scorer.inputs(cfg.layer_samples), cfg.layer_samples, not exact, scorer.layout
+        fp32, int8, scorer.inputs(cfg.layer_samples), cfg.layer_samples, not exact, scorer.layout, chunk
     )
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.calibration.collect import COPIES, chunk_for
@@ -78,3 +80,62 @@ def test_budget_bounds_peak_memory_and_keeps_the_ranges(tmp_path: Path) -> None:
     # seven samples fewer per call: at least ~2 buffer sets of 7 x 8 MB less at the peak
     assert roomy["peak"] - tight["peak"] > 2 * 7 * 8 * 2**20, (roomy["peak"], tight["peak"])
     assert roomy["amax"] == tight["amax"]  # chunking changes memory, never results
+
+
+VALIDATE_PROBE = """
+import json, sys
+from pipeline.cli import main
+config, uri, memory_mb, summary = sys.argv[1:5]
+code = main(["run", config, "--tracking-uri", uri, "--only", "validate", "--summary-json", summary,
+             "--set", f"steps.calibrate.memory_mb={memory_mb}"])
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"code": code, "peak": peak}))
+"""
+
+
+def test_validation_follows_the_memory_budget_and_scores_the_same(tmp_path: Path) -> None:
+    """The validate step sizes its ONNX Runtime calls (scoring and the layer comparison) from one
+    sample's activation bytes and steps.calibrate.memory_mb, as calibration does."""
+    import yaml
+
+    from pipeline.cli import main
+
+    onnx.save(wide_conv(), str(tmp_path / "wide.onnx"))
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "cal.npz", x=rng.normal(size=(16, 4, 128, 128)).astype(np.float32))
+    np.savez(tmp_path / "val.npz", x=rng.normal(size=(32, 4, 128, 128)).astype(np.float32))
+    config = {
+        "name": "validate-budget",
+        "model": {"onnx": "wide.onnx"},
+        "data": {"calibration": {"npz": "cal.npz"}, "validation": {"npz": "val.npz"}},
+        "steps": {
+            "export": {},
+            "calibrate": {"method": "minmax"},
+            "quantize": {"bias_correction": False},
+            "validate": {"metric": "cosine", "max_drop": 1.0, "batch_size": 16, "layer_samples": 8},
+        },
+    }
+    # the steps before validate once; then validate alone, each time on a copy of that store
+    path, before = tmp_path / "p.yaml", tmp_path / "before.yaml"
+    path.write_text(yaml.safe_dump(config))
+    steps_before = {k: v for k, v in config["steps"].items() if k != "validate"}
+    before.write_text(yaml.safe_dump({**config, "steps": steps_before}))
+    assert main(["run", str(before), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    runs = {}
+    for memory_mb in (4096, 16):
+        summary, store = tmp_path / f"{memory_mb}.json", tmp_path / f"{memory_mb}.db"
+        shutil.copy(tmp_path / "mlflow.db", store)
+        out = subprocess.run(
+            [sys.executable, "-c", VALIDATE_PROBE, str(path), f"sqlite:///{store}", str(memory_mb), str(summary)],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+        )  # fmt: skip
+        runs[memory_mb] = {**json.loads(out.stdout.splitlines()[-1]), "log": out.stderr}
+        runs[memory_mb]["metrics"] = json.loads(summary.read_text())["metrics"]
+    roomy, tight = runs[4096], runs[16]
+    assert roomy["code"] == tight["code"] == 0
+    assert "8 sample(s) per call while scoring, 2 while comparing layers" in roomy["log"]
+    assert "1 sample(s) per call while scoring, 1 while comparing layers" in tight["log"]
+    # 7 samples fewer per scoring call: at least two sets of 7 x 8 MB of activations less at the peak
+    assert roomy["peak"] - tight["peak"] > 2 * 7 * 8 * 2**20, (roomy["peak"], tight["peak"])
+    for name in ("int8_cosine", "cosine_min", "sqnr_db_min"):  # chunking changes memory, not results
+        assert tight["metrics"][name] == pytest.approx(roomy["metrics"][name], rel=1e-6), name

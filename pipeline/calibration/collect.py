@@ -65,16 +65,23 @@ def _measure(sess: Any, names: list[str], batches: Iterable[Batch], layout: Layo
     return size, itertools.chain([first], it)
 
 
-def samples_per_call(model: onnx.ModelProto, first: Batch, layout: Layout, memory_mb: int, copies: int) -> int:
-    """Samples per ONNX Runtime call of ``model`` (or a graph built on it) so that ``copies`` sets of
-    its activations fit ``memory_mb``: the activations of one sample are measured on ``first``."""
+def activation_bytes(model: onnx.ModelProto, first: Batch, layout: Layout) -> int:
+    """Bytes of every activation of ``model`` for one sample, measured by running it on ``first``'s first."""
     from pipeline import runtime
     from pipeline.model import activation_tensors
 
     sess = runtime.session(expose(model, activation_tensors(model)), "cpu")
     feeds = layout.take({k: first[k] for k in (i.name for i in sess.get_inputs())}, 0, 1)
-    per_sample = sum(int(v.nbytes) for v in sess.run(None, feeds))
-    return max(1, min(CHUNK, (memory_mb << 20) // max(1, copies * per_sample)))
+    return sum(int(v.nbytes) for v in sess.run(None, feeds))
+
+
+def samples_per_call(
+    model: onnx.ModelProto, first: Batch, layout: Layout, memory_mb: int, copies: int, most: int = CHUNK
+) -> int:
+    """Samples per ONNX Runtime call of ``model`` (or a graph built on it), at most ``most``, so that
+    ``copies`` sets of its activations fit ``memory_mb``: one sample's are measured on ``first``."""
+    per_sample = activation_bytes(model, first, layout)
+    return max(1, min(most, (memory_mb << 20) // max(1, copies * per_sample)))
 
 
 def budgeted_chunks(
