@@ -29,8 +29,8 @@ from pipeline.log import progress
 SAMPLES = 8  # validation samples kept with every output (validate hands them on)
 # Samples per ONNX Runtime call: a Q/DQ model run exactly keeps every dequantized tensor too, and ORT's
 # arena grows to the largest call (32 EfficientNet-Lite0 samples: about 1 GB). Batches of a model whose
-# batch size is fixed go through as they come.
-RUN_CHUNK = 8  # samples per ONNX Runtime call while scoring, at most
+# batch size is fixed go through as they come. At most; the validate step lowers it to fit memory_mb.
+RUN_CHUNK = 8
 # Sets of one chunk's FP32 activations alive while scoring: FP32's arena, and the INT8 model's, which
 # holds about twice as many when computed exactly (every dequantized tensor is a float tensor too).
 SCORE_COPIES = 3

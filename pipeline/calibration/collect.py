@@ -66,7 +66,7 @@ def _measure(sess: Any, names: list[str], batches: Iterable[Batch], layout: Layo
 
 
 def activation_bytes(model: onnx.ModelProto, first: Batch, layout: Layout) -> int:
-    """Bytes of every activation of ``model`` for one sample, measured by running it on ``first``'s first."""
+    """Bytes of every activation of ``model`` for one sample, measured on the first sample of ``first``."""
     from pipeline import runtime
     from pipeline.model import activation_tensors
 
@@ -75,13 +75,11 @@ def activation_bytes(model: onnx.ModelProto, first: Batch, layout: Layout) -> in
     return sum(int(v.nbytes) for v in sess.run(None, feeds))
 
 
-def samples_per_call(
-    model: onnx.ModelProto, first: Batch, layout: Layout, memory_mb: int, copies: int, most: int = CHUNK
-) -> int:
-    """Samples per ONNX Runtime call of ``model`` (or a graph built on it), at most ``most``, so that
-    ``copies`` sets of its activations fit ``memory_mb``: one sample's are measured on ``first``."""
+def samples_per_call(model: onnx.ModelProto, first: Batch, layout: Layout, memory_mb: int, copies: int) -> int:
+    """Samples per ONNX Runtime call of ``model`` (or a graph built on it) so that ``copies`` sets of
+    its activations fit ``memory_mb``: one sample's are measured on ``first``."""
     per_sample = activation_bytes(model, first, layout)
-    return max(1, min(most, (memory_mb << 20) // max(1, copies * per_sample)))
+    return max(1, min(CHUNK, (memory_mb << 20) // max(1, copies * per_sample)))
 
 
 def budgeted_chunks(
