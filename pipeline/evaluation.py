@@ -36,6 +36,28 @@ def class_scores(x: np.ndarray) -> np.ndarray | None:
     return None
 
 
+UNSURE_MARGIN = 0.1  # top-1 minus top-2 class probability under which FP32's own top-1 is a coin toss
+
+
+def unsure_share(scores: np.ndarray) -> float | None:
+    """Share of samples whose top two class probabilities are less than ``UNSURE_MARGIN`` apart, or
+    None when ``scores`` are not class scores. Rows that are already probabilities (non-negative,
+    summing to 1) are read as such, anything else as logits (softmax).
+
+    On such samples any perturbation, INT8 or 1% input noise, flips top-1 often: agreement with FP32
+    measured there says little about the model.
+    """
+    x = class_scores(scores)
+    if x is None:
+        return None
+    x = x.astype(np.float64)
+    if not ((x >= 0).all() and np.allclose(x.sum(axis=1), 1.0, atol=1e-3)):
+        x = np.exp(x - x.max(axis=1, keepdims=True))
+        x /= x.sum(axis=1, keepdims=True)
+    top2 = np.sort(x, axis=1)[:, -2:]
+    return float((top2[:, 1] - top2[:, 0] < UNSURE_MARGIN).mean())
+
+
 def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     top = np.argsort(-logits.reshape(len(logits), -1), axis=1)[:, :k]
     return (top == labels.reshape(-1, 1)).any(axis=1)

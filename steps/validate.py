@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 
 WORST_NODES = 3  # quantized nodes the gate message names
+UNSURE_WARN = 0.25  # share of unsure FP32 samples above which an agreement gate gets a warning
 
 
 @dataclass
@@ -163,6 +164,16 @@ class Validate(Step):
             chunk=chunks[0],
         )  # fmt: skip
         scores = scorer.first(int8)
+        # before recovery spends time on a gate that may be measuring FP32's own indecision
+        unsure = evaluation.unsure_share(scores.reference[metric.outputs[0]])
+        if unsure is not None and unsure > UNSURE_WARN and cfg.metric == "agreement":
+            logger.warning(
+                "validate: FP32 itself is unsure on %.0f%% of the validation samples (its top two classes "
+                "less than %.1f apart in probability): any perturbation flips top-1 there, so agreement "
+                "measures little on them. Validate on data the model is meant for, with labels (metric: "
+                "top1), or gate on metric: cosine.",
+                100 * unsure, evaluation.UNSURE_MARGIN,
+            )  # fmt: skip
         int8_model = onnx_model.load(int8_path, check=False)
         errors = _layer_errors(cfg, scorer, fp32_model, int8_model, exact, chunks[1])
         samples = scorer.kept
@@ -209,6 +220,7 @@ class Validate(Step):
             "samples": scores.samples,
             "outputs": metric.outputs,
             "metric_receives": "dict" if metric.as_dict else "array",
+            "fp32_unsure_share": unsure,  # class scores only: see evaluation.unsure_share
             "int8_execution": "exact Q/DQ in float (graph optimisations off)" if exact else "onnxruntime optimised",
             "metrics": metrics,
             "output_cosine": {

@@ -320,3 +320,54 @@ def test_failed_gate_names_quantized_nodes_not_the_sigmoid(
     assert "accuracy gate failed" in err
     pasted = yaml.safe_load(err.split("steps.quantize.exclude.nodes: ")[1].split("]")[0] + "]")
     assert pasted == ["head", "conv1", "gap"]  # nodes_table's int8 nodes, worst first
+
+
+# --- FP32's own indecision under an agreement gate -------------------------------------------------
+
+
+def test_unsure_share_reads_probabilities_and_logits() -> None:
+    probs = np.array([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05]])  # margins 0.05 (unsure) and 0.85
+    assert evaluation.unsure_share(probs) == 0.5
+    logits = np.array([[2.0, 0.0], [0.1, 0.0], [0.0, 0.3], [5.0, -5.0]])  # softmax margins .76, .05, .15, 1.0
+    assert evaluation.unsure_share(logits) == 0.25
+    assert evaluation.unsure_share(np.zeros((3, 6, 64))) is None  # a detector's output: no classes
+
+
+@pytest.mark.parametrize(("scale", "warned"), [(0.01, True), (5.0, False)])
+def test_agreement_gate_warns_when_fp32_itself_is_unsure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], scale: float, warned: bool
+) -> None:
+    """A linear classifier on inputs near zero (every class about equally likely: FP32 is unsure on
+    all of them) against the same inputs scaled up (one class clearly first)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.eye(4, dtype=np.float32) + np.random.default_rng(3).normal(size=(4, 4)).astype(np.float32) * 0.05
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(4)
+    x = (np.eye(4, dtype=np.float32)[rng.integers(4, size=32)] + rng.normal(size=(32, 4)) * 0.1) * scale
+    np.savez(tmp_path / "cal.npz", x=x.astype(np.float32))
+    np.savez(tmp_path / "val.npz", x=x.astype(np.float32))
+    config = {
+        "name": "unsure",
+        "model": {"onnx": "m.onnx"},
+        "data": {"calibration": {"npz": "cal.npz"}, "validation": {"npz": "val.npz"}},
+        "steps": {"export": {}, "calibrate": {}, "quantize": {}, "validate": {"metric": "agreement", "max_drop": 1.0}},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    uri, summary = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "s.json"
+    assert main(["run", str(tmp_path / "p.yaml"), "--tracking-uri", uri, "--summary-json", str(summary)]) == 0
+    err = capsys.readouterr().err
+    assert ("FP32 itself is unsure on 100% of the validation samples" in err) is warned
+    run_id = json.loads(summary.read_text())["steps"]["validate"]
+    art = Path(mlflow.artifacts.download_artifacts(run_id=run_id, tracking_uri=uri))
+    share = json.loads((art / "validation/report.json").read_text())["fp32_unsure_share"]
+    assert share == (1.0 if warned else 0.0)
