@@ -25,6 +25,7 @@ from pipeline import data, evaluation, runtime
 from pipeline.errors import ConfigError, DataError, fail
 from pipeline.layout import Layout, output_axes, samples_first
 from pipeline.log import progress
+from pipeline.user_code import import_object
 
 SAMPLES = 8  # validation samples kept with every output (validate hands them on)
 # Samples per ONNX Runtime call: a Q/DQ model run exactly keeps every dequantized tensor too, and ORT's
@@ -114,7 +115,7 @@ def resolve_metric(
     scored, as_dict = scored_outputs(spec, output, names, where)
     fn = None
     if spec not in evaluation.BUILTIN_METRICS:
-        fn = data.import_object(spec, search_dirs, f"{where}.metric")
+        fn = import_object(spec, search_dirs, f"{where}.metric")
         try:
             evaluation.metric_arity(fn)
         except ValueError as exc:

@@ -48,6 +48,7 @@ from pipeline.distributed import connected
 from pipeline.errors import CalibrationError, ConfigError, DataError, Int8PipeError, fail
 from pipeline.layout import Layout
 from pipeline.log import logger
+from pipeline.user_code import import_object
 
 Batch = dict[str, np.ndarray]
 SHARD_ARGS = ("shard_index", "num_shards")
@@ -129,7 +130,7 @@ def shard_batches(
         if lo < hi:
             yield from _rows(data.batches(src, batch_size, specs, dirs, where), lo, hi, layout)
     else:
-        fn = data.import_object(src.python or "", dirs, "python data source")
+        fn = import_object(src.python or "", dirs, "python data source")
         if takes_shard_args(fn) and src.limit is None:
             sub = dataclasses.replace(src, args={**src.args, "shard_index": index, "num_shards": num})
             yield from data.batches(sub, batch_size, specs, dirs, where)
