@@ -40,6 +40,23 @@ class BenchmarkConfig:
 SHAPES_KEY = "steps.benchmark.shapes"
 
 
+def placement_note(provider: str, target: str | None, speedup: float) -> str | None:
+    """Why an INT8 model built for TensorRT runs slower than FP32 on ONNX Runtime's CPU provider, or None.
+
+    ORT's CPU int8 kernels (QLinearConv, QLinearMatMul) replace a DequantizeLinear -> op ->
+    QuantizeLinear group; TensorRT's placement quantizes a layer's inputs and leaves its output float,
+    so on ORT CPU every layer dequantizes and runs in float, plus the Q/DQ nodes themselves.
+    """
+    if provider != "cpu" or target != "tensorrt" or speedup >= 1.0:
+        return None
+    return (
+        f"INT8 runs at {speedup:.2f}x FP32's speed on ONNX Runtime's CPU provider: target: tensorrt places "
+        "Q/DQ on layer inputs only (TensorRT's placement), and ORT's CPU int8 kernels need the layer's "
+        "output quantized too, so it dequantizes and computes in float. For CPU serving use "
+        "steps.quantize.target: onnxruntime (or mode: dynamic); TensorRT itself runs this model in INT8."
+    )
+
+
 def data_sample(pipeline: PipelineConfig, specs: data.Specs, size: int) -> tuple[data.Batch | None, str | None]:
     """The model inputs of one real batch (at most ``size`` samples) of data.validation, else
     data.calibration, and which source it came from; (None, None) without data."""
@@ -172,6 +189,8 @@ class Benchmark(Step):
         env = environment.fingerprint()
         ctx.output("environment", "benchmark/environment.json").write_text(json.dumps(env, indent=1))
         models = {"fp32": ctx.input("fp32_model"), "int8": ctx.input("int8_model")}
+        quantize = ctx.pipeline.steps.get("quantize")
+        target = None if quantize is None or getattr(quantize, "mode", "static") == "dynamic" else quantize.target
         specs = onnx_model.input_specs(onnx_model.load(models["fp32"], check=False))
         sample, source = data_sample(ctx.pipeline, specs, max(cfg.batch_sizes))
         layout = data_layout(ctx.pipeline)
@@ -222,6 +241,10 @@ class Benchmark(Step):
                 metrics[f"{provider}.bs{bs}.speedup"] = p50["fp32"] / p50["int8"]
                 if i == 0:
                     metrics[f"{provider}.speedup"] = p50["fp32"] / p50["int8"]
+                    note = placement_note(provider, target, metrics[f"{provider}.speedup"])
+                    if note is not None:
+                        logger.warning("benchmark: %s", note)
+                        entry["note"] = note
             report["providers"][provider] = entry
         ctx.output("benchmark_report", "benchmark/report.json").write_text(json.dumps(report, indent=1))
         labels = [k.removesuffix(".latency_p50_ms") for k in metrics if ".bs" in k and k.endswith("latency_p50_ms")]

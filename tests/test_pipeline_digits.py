@@ -238,3 +238,24 @@ def test_onnxruntime_target_uses_asymmetric_uint8_activations(tmp_path: Path) ->
     layers = json.loads(Path(report).read_text())["layers"]
     assert {r["int8_value"] for r in layers} == {"dequantized", "float"}
     assert min(r["sqnr_db"] for r in layers) > 10  # no layer compared against a renamed, unclipped tensor
+
+
+def test_placement_note_names_why_tensorrt_placed_int8_is_slow_on_ort_cpu() -> None:
+    from steps.benchmark import placement_note
+
+    note = placement_note("cpu", "tensorrt", 0.25)
+    assert note is not None and "0.25x" in note and "target: onnxruntime" in note
+    assert placement_note("cpu", "tensorrt", 1.3) is None  # faster: nothing to explain
+    assert placement_note("cpu", "onnxruntime", 0.8) is None  # ORT's own placement: not this cause
+    assert placement_note("cuda", "tensorrt", 0.8) is None
+    assert placement_note("cpu", None, 0.8) is None  # dynamic mode: no placement
+
+
+def test_benchmark_report_explains_a_slow_int8_model(digits_run: dict[str, Any]) -> None:
+    """Whichever way this machine's timing fell, the report's note and warning follow the speedup."""
+    report = json.loads((digits_run["artifacts"]["benchmark"] / "benchmark/report.json").read_text())
+    cpu = report["providers"]["cpu"]
+    speedup = digits_run["client"].get_run(digits_run["summary"]["steps"]["benchmark"]).data.metrics["cpu.speedup"]
+    assert ("note" in cpu) is (speedup < 1.0)
+    if speedup < 1.0:
+        assert "target: tensorrt places Q/DQ on layer inputs only" in cpu["note"]
