@@ -61,7 +61,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from peers import ort_quantize_static, ort_static_variants, print_layer_report  # noqa: E402
 
-from examples.metrics.text_detection import BOX_THRESH, components, matched, text_boxes  # noqa: E402
+from examples.metrics.text_detection import BOX_THRESH, bounding_box, components, matched, text_boxes  # noqa: E402
 from examples.ppocr_det.data import MEAN, STD, photos, text_frames  # noqa: E402
 
 MODEL_FILE = "ch_PP-OCRv4_det_infer.onnx"
@@ -176,11 +176,7 @@ def batches(x: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
 def detections(prob: np.ndarray, min_area: int) -> np.ndarray:
     """Boxes [k, 4] (y0, x0, y1, x1; ends exclusive) of every component of ``prob > THRESH`` of at
     least ``min_area`` pixels, whatever its score (the components metric)."""
-    boxes = []
-    for runs in components(prob > THRESH):
-        if sum(b - a for _, a, b in runs) >= min_area:
-            ys = [y for y, _, _ in runs]
-            boxes.append((min(ys), min(r[1] for r in runs), max(ys) + 1, max(r[2] for r in runs)))
+    boxes = [bounding_box(runs) for runs in components(prob > THRESH) if sum(b - a for _, a, b in runs) >= min_area]
     return np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
 
 

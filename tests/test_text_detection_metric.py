@@ -145,3 +145,37 @@ def test_the_metric_gates_a_pipeline_and_scores_what_the_logged_model_computes(t
     assert not np.array_equal(int8, fp32)
     assert metrics["int8_boxes_f1"] == pytest.approx(boxes_f1(int8, None, fp32))
     assert metrics["accuracy_drop"] == pytest.approx(1.0 - metrics["int8_boxes_f1"])
+
+
+def test_several_outputs_need_one_named() -> None:
+    maps = {"map": np.zeros((1, 1, 8, 8)), "aux": np.zeros((1, 1, 8, 8))}
+    with pytest.raises(ValueError, match=r"reads one output, got \['aux', 'map'\]: set steps.validate.output"):
+        boxes_f1(maps, None, maps)
+
+
+def test_fetch_script_says_what_to_do_when_pip_cannot_download(tmp_path: Path) -> None:
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("rapidocr_onnxruntime") is not None:
+        pytest.skip("rapidocr-onnxruntime is installed: the script copies the model from it instead")
+    script = tmp_path / "fetch_model.py"
+    shutil.copy(ROOT / "examples" / "ppocr_det" / "fetch_model.py", script)
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert out.returncode == 1
+    assert "pip could not download rapidocr-onnxruntime==1.4.4; install it" in out.stderr
+    assert not (tmp_path / "ch_PP-OCRv4_det_infer.onnx").exists()
+
+
+def test_text_frames_refuse_a_pillow_without_freetype(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("skimage")
+    from PIL import ImageFont
+
+    from examples.ppocr_det.data import text_frames
+
+    monkeypatch.setattr(ImageFont, "load_default", lambda size=None: ImageFont.ImageFont())  # the bitmap font
+    with pytest.raises(RuntimeError, match="Pillow >= 10.1 built with FreeType"):
+        text_frames(1, 64, 0)

@@ -77,6 +77,12 @@ def components(mask: np.ndarray) -> list[list[tuple[int, int, int]]]:
     return list(groups.values())
 
 
+def bounding_box(runs: list[tuple[int, int, int]]) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1), ends exclusive, of a component given as its runs."""
+    ys = [y for y, _, _ in runs]
+    return min(ys), min(r[1] for r in runs), max(ys) + 1, max(r[2] for r in runs)
+
+
 def text_boxes(prob: np.ndarray) -> np.ndarray:
     """The boxes [k, 4] (y0, x0, y1, x1; ends exclusive) DB keeps in one [H, W] probability map."""
     prob = np.asarray(prob, dtype=np.float64)
@@ -88,9 +94,7 @@ def text_boxes(prob: np.ndarray) -> np.ndarray:
     cumulative = np.concatenate([np.zeros((prob.shape[0], 1)), prob.cumsum(axis=1)], axis=1)
     boxes = []
     for runs in components(dilated):
-        ys = [y for y, _, _ in runs]
-        y0, y1 = min(ys), max(ys) + 1
-        x0, x1 = min(r[1] for r in runs), max(r[2] for r in runs)
+        y0, x0, y1, x1 = bounding_box(runs)
         if min(y1 - y0, x1 - x0) < MIN_SIDE:
             continue
         total = sum(cumulative[y, b] - cumulative[y, a] for y, a, b in runs)
