@@ -141,7 +141,7 @@ def main() -> None:
     ):
         start = time.perf_counter()
         first = scorer.first(runtime.session(qdq.SerializeToString(), optimize=False))
-        errors = layers.layer_errors(fp32, qdq, scorer.inputs(16), 16, False)
+        errors = layers.layer_errors(fp32, qdq, lambda: scorer.inputs(16), 16, False)
         result = recovery.recover(qdq, fp32, scorer, first, errors.candidates, 0.05, max_fp_nodes=4)
         row(
             f"int8pipe {name} + recovery ({len(result.reverted)} Conv float; agreement {first.int8:.3f} -> "

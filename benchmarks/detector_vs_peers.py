@@ -361,7 +361,8 @@ def main() -> None:
         from pipeline.layers import layer_errors
 
         progress(f"per-layer check of the default model on {args.layers} held-out frames")
-        errs = layer_errors(fp32, models["mse"], batches(x_val[: args.layers]), args.layers, int8_optimize=False)
+        feeds = lambda: batches(x_val[: args.layers])  # noqa: E731
+        errs = layer_errors(fp32, models["mse"], feeds, args.layers, int8_optimize=False)
         print_layer_report(errs, "int8pipe default", 6)
 
 

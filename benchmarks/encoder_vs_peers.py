@@ -439,8 +439,8 @@ def main() -> None:
         from pipeline.layers import layer_errors
 
         progress(f"per-layer check of the default model on {args.layers} scored sentences")
-        errs = layer_errors(fp32, default, batches({k: v[: args.layers] for k, v in x_val.items()}), args.layers,
-                            int8_optimize=False)  # fmt: skip
+        feeds = lambda: batches({k: v[: args.layers] for k, v in x_val.items()})  # noqa: E731
+        errs = layer_errors(fp32, default, feeds, args.layers, int8_optimize=False)
         print_layer_report(errs, "int8pipe tensorrt default", 8)
 
 

@@ -417,7 +417,7 @@ def main() -> None:
         from pipeline.layers import layer_errors
 
         progress(f"per-layer check of the default model on {args.layers} held-out samples")
-        errs = layer_errors(fp32, default, batches(x_val[: args.layers]), args.layers, int8_optimize=False)
+        errs = layer_errors(fp32, default, lambda: batches(x_val[: args.layers]), args.layers, int8_optimize=False)
         print_layer_report(errs, "int8pipe static tensorrt (default)", 8)
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ error their own quantization adds. Plain numerics on two ONNX models, no trackin
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ from pipeline import data, evaluation, runtime
 from pipeline import model as onnx_model
 from pipeline.calibration.collect import expose
 from pipeline.layout import Layout
+from pipeline.log import logger
 from pipeline.quantization import dequantized_names, node_table
 
 LAYER_CHUNK = 2  # samples per call while comparing every tensor: every tensor of both models is alive at once
@@ -38,51 +39,65 @@ class LayerErrors:
         return worst if math.isfinite(worst) else SQNR_CAP
 
 
+def tensor_groups(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """``sizes``' tensors (in their order) cut into consecutive groups of at most ``limit`` bytes each;
+    a tensor larger than ``limit`` on its own makes a group."""
+    groups: list[list[str]] = []
+    total = 0
+    for name, size in sizes.items():
+        if not groups or total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += size
+    return groups
+
+
 def layer_errors(
     fp32_model: onnx.ModelProto,
     int8_model: onnx.ModelProto,
-    feeds: Iterable[data.Batch],
+    feeds: Callable[[], Iterable[data.Batch]],
     samples: int,
     int8_optimize: bool = True,
     layout: Layout | None = None,
     chunk: int = LAYER_CHUNK,
+    groups: list[list[str]] | None = None,
 ) -> LayerErrors:
-    """FP32-vs-INT8 error of every tensor over the first ``samples`` of ``feeds`` (model inputs), and
+    """FP32-vs-INT8 error of every tensor over the first ``samples`` of ``feeds()`` (model inputs), and
     the quantized nodes ranked by :func:`rank_quantized_nodes`.
 
     For a quantized tensor the INT8 side is its DequantizeLinear output, the value the next layer
     consumes; the float tensor a QuantizeLinear reads is measured too (the error a node receives
     before its own quantization).
+
+    Every compared tensor of both models is alive at once during a call. ``groups`` (FP32 tensor
+    names, see :func:`tensor_groups`) compares them a group per pass over the data instead: memory
+    bounded by the largest group, at the cost of one pass of both models per group.
     """
     graph_inputs = {vi.name for vi in onnx_model.graph_inputs(int8_model)}
     int8_producer = {o: n for n in int8_model.graph.node for o in n.output}
     seen_as = dequantized_names(int8_model)
     tensors = [t for t in onnx_model.activation_tensors(fp32_model) if t in int8_producer or t in seen_as]
     producer = onnx_model.producers(fp32_model)
-    int8_names = [seen_as.get(t, t) for t in tensors]
+    int8_name = {t: seen_as.get(t, t) for t in tensors}
     # the float value a QuantizeLinear reads (graph inputs are exact, nothing to measure)
     before_q: dict[str, str] = {}
-    for t, n in zip(tensors, int8_names):
+    for t, n in int8_name.items():
         q_input = _quantizer_input(n, int8_producer)
         if q_input is not None and q_input not in graph_inputs:
             before_q[t] = q_input
-    fetch = list(dict.fromkeys([*int8_names, *before_q.values()]))
-    a = runtime.session(expose(fp32_model, tensors))
-    b = runtime.session(expose(int8_model, fetch), optimize=int8_optimize)
     acc = {t: evaluation.ErrorAccumulator() for t in tensors}
     acc_before = {t: evaluation.ErrorAccumulator() for t in before_q}
-    seen = 0
     layout = layout or Layout()  # the data source's batch_axes and constants
-    for part in data.rechunk(feeds, chunk, layout):
-        if seen >= samples:
-            break
-        part = layout.take(part, 0, samples - seen)
-        seen += layout.count(part)
-        got = dict(zip(fetch, b.run(fetch, part)))
-        for t, n, x in zip(tensors, int8_names, a.run(tensors, part)):
-            acc[t].update(x, got[n])
-            if t in before_q:
-                acc_before[t].update(x, got[before_q[t]])
+    compared = set(tensors)
+    passes = [[t for t in g if t in compared] for g in groups or []]
+    grouped = {t for g in passes for t in g}
+    passes = [g for g in [*passes, [t for t in tensors if t not in grouped]] if g]
+    if len(passes) > 1:
+        logger.info("validate: comparing layers in %d passes over the data, a group of tensors each", len(passes))
+    for group in passes:
+        _compare(fp32_model, int8_model, group, int8_name, before_q, acc, acc_before, feeds(), samples,
+                 int8_optimize, layout, chunk)  # fmt: skip
     readers: dict[str, list[str]] = {}
     for node in int8_model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -99,17 +114,49 @@ def layer_errors(
             "cosine": acc[t].cosine,
             "max_abs_err": acc[t].max_abs_err,
         }
-        for t, n in zip(tensors, int8_names)
+        for t, n in int8_name.items()
     ]
     args = (
         fp32_model,
         int8_model,
         {t: acc[t].sqnr_db for t in tensors},
         {t: acc_before[t].sqnr_db for t in before_q},
-        dict(zip(tensors, int8_names)),
+        int8_name,
         before_q,
     )
     return LayerErrors(rows, rank_quantized_nodes(*args), rank_quantized_nodes(*args, precisions=("int8", "partial")))
+
+
+def _compare(
+    fp32_model: onnx.ModelProto,
+    int8_model: onnx.ModelProto,
+    tensors: list[str],
+    int8_name: dict[str, str],
+    before_q: dict[str, str],
+    acc: dict[str, evaluation.ErrorAccumulator],
+    acc_before: dict[str, evaluation.ErrorAccumulator],
+    feeds: Iterable[data.Batch],
+    samples: int,
+    int8_optimize: bool,
+    layout: Layout,
+    chunk: int,
+) -> None:
+    """One pass over the data comparing ``tensors`` of both models, into the accumulators."""
+    fetch = [int8_name[t] for t in tensors]
+    fetch = list(dict.fromkeys([*fetch, *(before_q[t] for t in tensors if t in before_q)]))
+    a = runtime.session(expose(fp32_model, tensors))
+    b = runtime.session(expose(int8_model, fetch), optimize=int8_optimize)
+    seen = 0
+    for part in data.rechunk(feeds, chunk, layout):
+        if seen >= samples:
+            break
+        part = layout.take(part, 0, samples - seen)
+        seen += layout.count(part)
+        got = dict(zip(fetch, b.run(fetch, part)))
+        for t, x in zip(tensors, a.run(tensors, part)):
+            acc[t].update(x, got[int8_name[t]])
+            if t in before_q:
+                acc_before[t].update(x, got[before_q[t]])
 
 
 def _cap(sqnr_db: float) -> float:

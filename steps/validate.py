@@ -22,7 +22,7 @@ import onnx
 
 from pipeline import data, evaluation, layers, plots, recovery, runtime, scoring
 from pipeline import model as onnx_model
-from pipeline.calibration.collect import DEFAULT_MEMORY_MB, activation_bytes
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB, activation_sizes
 from pipeline.context import StepContext
 from pipeline.errors import ConfigError, GateFailed, fail
 from pipeline.layout import Layout
@@ -116,10 +116,11 @@ class Validate(Step):
 
     def _chunks(
         self, ctx: StepContext, cfg: ValidateConfig, specs: data.Specs, fp32: onnx.ModelProto, layout: Layout
-    ) -> tuple[int, int]:
-        """Samples per ONNX Runtime call while scoring and while comparing every layer, sized so the
-        activations alive stay within ``steps.calibrate.memory_mb`` (a 640x640 detector's are
-        hundreds of MB per sample): one sample's activations are measured on the first batch."""
+    ) -> tuple[int, int, list[list[str]] | None]:
+        """Samples per ONNX Runtime call while scoring and while comparing every layer, and the groups
+        of tensors compared per pass when one sample's are too many for one, sized so the activations
+        alive stay within ``steps.calibrate.memory_mb`` (a 640x640 detector's are hundreds of MB per
+        sample): one sample's activations are measured on the first batch."""
         calibrate = ctx.pipeline.steps.get("calibrate")
         memory_mb = getattr(calibrate, "memory_mb", DEFAULT_MEMORY_MB)
         it = self._batches(ctx, cfg, specs)
@@ -130,17 +131,21 @@ class Validate(Step):
             if close is not None:
                 close()
         if first is None:
-            return scoring.RUN_CHUNK, layers.LAYER_CHUNK
-        per_sample = activation_bytes(fp32, first, layout)
+            return scoring.RUN_CHUNK, layers.LAYER_CHUNK, None
+        sizes = activation_sizes(fp32, first, layout)
+        per_sample = sum(sizes.values())
         budget = memory_mb << 20
         score = max(1, min(scoring.RUN_CHUNK, budget // max(1, scoring.SCORE_COPIES * per_sample)))
         layer = max(1, min(layers.LAYER_CHUNK, budget // max(1, layers.LAYER_COPIES * per_sample)))
+        groups = None
+        if layers.LAYER_COPIES * per_sample > budget:  # not even one sample's tensors at once
+            groups = layers.tensor_groups(sizes, budget // layers.LAYER_COPIES)
         logger.info(
             "validate: %.0f MB of activations per sample: %d sample(s) per call while scoring, %d while "
-            "comparing layers, to stay near %d MB (steps.calibrate.memory_mb)",
-            per_sample / 1e6, score, layer, memory_mb,
+            "comparing layers%s, to stay near %d MB (steps.calibrate.memory_mb)",
+            per_sample / 1e6, score, layer, f" in {len(groups)} groups of tensors" if groups else "", memory_mb,
         )  # fmt: skip
-        return score, layer
+        return score, layer, groups
 
     @staticmethod
     def _scored(cfg: ValidateConfig, names: list[str]) -> tuple[list[str], bool]:
@@ -175,7 +180,7 @@ class Validate(Step):
                 100 * unsure, evaluation.UNSURE_MARGIN,
             )  # fmt: skip
         int8_model = onnx_model.load(int8_path, check=False)
-        errors = _layer_errors(cfg, scorer, fp32_model, int8_model, exact, chunks[1])
+        errors = _layer_errors(cfg, scorer, fp32_model, int8_model, exact, chunks[1:])
         samples = scorer.kept
         result = None
         if cfg.recover is not None and not evaluation.gate_passed(scores.drop, cfg.max_drop):
@@ -186,7 +191,7 @@ class Validate(Step):
             result = self._recover(ctx, cfg, fp32_model, float_model, int8_model, scorer, scores, errors)
             if result.model is not None:  # from here on, everything describes the recovered model
                 scores = result.scores
-                errors = _layer_errors(cfg, scorer, fp32_model, result.model, exact, chunks[1])
+                errors = _layer_errors(cfg, scorer, fp32_model, result.model, exact, chunks[1:])
                 samples = scorer.kept_outputs(result.model)
         name, primary = metric.name, metric.outputs[0]
         ref, out = scores.reference[primary], scores.outputs[primary]
@@ -315,12 +320,14 @@ def _layer_errors(
     fp32: onnx.ModelProto,
     int8: onnx.ModelProto,
     exact: bool,
-    chunk: int,
+    sizing: tuple[int, list[list[str]] | None],
 ) -> layers.LayerErrors:
-    """The layer table and node ranking of ``int8`` on the first ``layer_samples`` validation samples."""
+    """The layer table and node ranking of ``int8`` on the first ``layer_samples`` validation samples,
+    ``sizing[0]`` samples per call, tensors compared in the groups ``sizing[1]`` (None: all at once)."""
     return layers.layer_errors(
-        fp32, int8, scorer.inputs(cfg.layer_samples), cfg.layer_samples, not exact, scorer.layout, chunk
-    )
+        fp32, int8, lambda: scorer.inputs(cfg.layer_samples), cfg.layer_samples, not exact, scorer.layout,
+        sizing[0], sizing[1],
+    )  # fmt: skip
 
 
 def gate_message(

@@ -134,8 +134,78 @@ def test_validation_follows_the_memory_budget_and_scores_the_same(tmp_path: Path
     roomy, tight = runs[4096], runs[16]
     assert roomy["code"] == tight["code"] == 0
     assert "8 sample(s) per call while scoring, 2 while comparing layers" in roomy["log"]
-    assert "1 sample(s) per call while scoring, 1 while comparing layers" in tight["log"]
+    # 6 copies of x, c, r and y (4 + 8 + 8 MB + 512 B) exceed 16 MB: each of the 4 tensors in its own group
+    assert "1 sample(s) per call while scoring, 1 while comparing layers in 4 groups of tensors" in tight["log"]
+    assert "comparing layers in 4 passes over the data" in tight["log"]
     # 7 samples fewer per scoring call: at least two sets of 7 x 8 MB of activations less at the peak
     assert roomy["peak"] - tight["peak"] > 2 * 7 * 8 * 2**20, (roomy["peak"], tight["peak"])
     for name in ("int8_cosine", "cosine_min", "sqnr_db_min"):  # chunking changes memory, not results
         assert tight["metrics"][name] == pytest.approx(roomy["metrics"][name], rel=1e-6), name
+
+
+def deep_conv(layers: int = 6, channels: int = 16) -> onnx.ModelProto:
+    """x[N,16,128,128] -> (Conv -> Relu) x ``layers``: 1 MB per tensor per sample, 12 MB in all."""
+    rng = np.random.default_rng(3)
+    nodes, inits, t = [], [], "x"
+    for i in range(layers):
+        w = rng.normal(scale=0.1, size=(channels, channels, 3, 3)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [t, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+        t = f"r{i}"
+    shape = ["batch", channels, 128, 128]
+    graph = helper.make_graph(
+        nodes,
+        "deep",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(t, TensorProto.FLOAT, shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+LAYERS_PROBE = """
+import json, sys
+import numpy as np, onnx
+from pipeline import layers
+from pipeline.calibration.collect import activation_sizes
+from pipeline.layout import Layout
+fp32, int8, x, budget = onnx.load(sys.argv[1]), onnx.load(sys.argv[2]), np.load(sys.argv[3]), int(sys.argv[4])
+groups = layers.tensor_groups(activation_sizes(fp32, {"x": x[:1]}, Layout()), budget) if budget else None
+errors = layers.layer_errors(fp32, int8, lambda: ({"x": x[i : i + 1]} for i in range(len(x))), len(x), False,
+                             chunk=1, groups=groups)
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak": peak, "groups": len(groups or [0]), "rows": errors.rows,
+                  "ranked": [r["node"] for r in errors.candidates]}))
+"""
+
+
+def test_layer_comparison_in_groups_bounds_memory_and_measures_the_same(tmp_path: Path) -> None:
+    """Comparing every tensor of both models holds all of them for a sample; in groups of tensors, one
+    pass over the data per group, only a group's are alive, and every number stays the same."""
+    from pipeline.calibration.calibrator import calibrate
+    from pipeline.quantization import QuantizeOptions, quantize
+
+    fp32 = deep_conv()
+    x = np.random.default_rng(4).normal(size=(4, 16, 128, 128)).astype(np.float32)
+    paths = {name: tmp_path / f"{name}.onnx" for name in ("fp32", "int8")}
+    onnx.save(fp32, str(paths["fp32"]))
+    cal = calibrate(paths["fp32"], lambda: [{"x": x}], "minmax")
+    onnx.save(quantize(fp32, cal.ranges.amax(), QuantizeOptions(target="tensorrt")), str(paths["int8"]))
+    np.save(tmp_path / "x.npy", x)
+
+    def probe(budget: int) -> dict:
+        args = [sys.executable, "-c", LAYERS_PROBE, str(paths["fp32"]), str(paths["int8"]), str(tmp_path / "x.npy")]
+        out = subprocess.run([*args, str(budget)], capture_output=True, text=True, check=True, cwd=ROOT)
+        return json.loads(out.stdout.splitlines()[-1])
+
+    at_once, grouped = probe(0), probe(2 * 2**20)  # two 1 MB tensors per group
+    assert grouped["groups"] == 7 and at_once["groups"] == 1  # x and 12 tensors of 1 MB, two per group
+    assert grouped["rows"] == at_once["rows"] and grouped["ranked"] == at_once["ranked"]
+    assert len(at_once["rows"]) == 13
+    # all at once: 12 FP32 tensors and, on the INT8 side, 12 more plus the 6 float values its quantizers
+    # read, each inside ONNX Runtime and again as arrays; in groups, at most a sixth of that (and the
+    # one-sample measurement of every tensor's size, two sets of 12 MB)
+    assert at_once["peak"] - grouped["peak"] > 24 * 2**20, (at_once["peak"], grouped["peak"])

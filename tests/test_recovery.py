@@ -250,7 +250,7 @@ def test_time_budget_is_checked_before_each_evaluation(outlier: dict[str, Any]) 
     qdq = onnx.load(str(art["quantize"] / "model/model_int8.onnx"))
     scorer = _scorer(outlier, [])
     baseline = scorer.first(qdq)
-    ranked = layers.layer_errors(fp32, qdq, scorer.inputs(64), 64, int8_optimize=False).candidates
+    ranked = layers.layer_errors(fp32, qdq, lambda: scorer.inputs(64), 64, int8_optimize=False).candidates
     assert [r["node"] for r in ranked][0] == "fc2"
     ticks = iter(range(100))
     seen: list[int] = []

@@ -65,14 +65,20 @@ def _measure(sess: Any, names: list[str], batches: Iterable[Batch], layout: Layo
     return size, itertools.chain([first], it)
 
 
-def activation_bytes(model: onnx.ModelProto, first: Batch, layout: Layout) -> int:
-    """Bytes of every activation of ``model`` for one sample, measured on the first sample of ``first``."""
+def activation_sizes(model: onnx.ModelProto, first: Batch, layout: Layout) -> dict[str, int]:
+    """Bytes of each activation of ``model`` for one sample, measured on the first sample of ``first``."""
     from pipeline import runtime
     from pipeline.model import activation_tensors
 
-    sess = runtime.session(expose(model, activation_tensors(model)), "cpu")
+    names = activation_tensors(model)
+    sess = runtime.session(expose(model, names), "cpu")
     feeds = layout.take({k: first[k] for k in (i.name for i in sess.get_inputs())}, 0, 1)
-    return sum(int(v.nbytes) for v in sess.run(None, feeds))
+    return {name: int(v.nbytes) for name, v in zip(names, sess.run(names, feeds))}
+
+
+def activation_bytes(model: onnx.ModelProto, first: Batch, layout: Layout) -> int:
+    """Bytes of every activation of ``model`` for one sample, measured on the first sample of ``first``."""
+    return sum(activation_sizes(model, first, layout).values())
 
 
 def samples_per_call(model: onnx.ModelProto, first: Batch, layout: Layout, memory_mb: int, copies: int) -> int:
