@@ -158,6 +158,9 @@ DESCRIPTIONS = {
     "steps.validate.recover.time_budget_s": "No new evaluation starts after this many seconds (null: no limit).",
     "steps.validate.recover.ranking_samples": "Each candidate node is ranked on the first this-many validation "
     "samples (kept float alone).",
+    "steps.validate.recover.sensitivity_samples": "When there are more quantized nodes than candidates, every one "
+    "is kept float alone on the first this-many validation samples and the candidates are those that raise the "
+    "output's cosine to FP32 most.",
     "steps.benchmark.providers": "Execution providers timed: `cpu`, `cuda`, `tensorrt`; one that is not really "
     "available is reported as such.",
     "steps.benchmark.batch_sizes": "Batch sizes timed; the first also gives the unsuffixed metric names.",

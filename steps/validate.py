@@ -43,6 +43,7 @@ class RecoverConfig:
     max_fp_nodes: int = 8  # at most this many quantized nodes are kept in float
     time_budget_s: float | None = None  # no new evaluation starts after this long (null: no limit)
     ranking_samples: int = 64  # the first validation samples each candidate is ranked on
+    sensitivity_samples: int = 8  # the first validation samples every quantized node is preselected on
 
 
 @dataclass
@@ -94,8 +95,9 @@ class Validate(Step):
                     f"steps.validate.recover.max_fp_nodes: expected >= 0 (the most quantized nodes recovery "
                     f"may keep in float), got {rc.max_fp_nodes}.",
                 )
-            if rc.ranking_samples < 1:
-                fail(ConfigError, f"steps.validate.recover.ranking_samples: expected >= 1, got {rc.ranking_samples}.")
+            for key in ("ranking_samples", "sensitivity_samples"):
+                if getattr(rc, key) < 1:
+                    fail(ConfigError, f"steps.validate.recover.{key}: expected >= 1, got {getattr(rc, key)}.")
             if rc.time_budget_s is not None and rc.time_budget_s < 0:
                 fail(
                     ConfigError,
@@ -295,6 +297,7 @@ class Validate(Step):
             rc.time_budget_s,
             rc.ranking_samples,
             on_iteration=logged,
+            sensitivity_samples=rc.sensitivity_samples,
         )
         (ctx.workdir / "validation").mkdir(parents=True, exist_ok=True)
         (ctx.workdir / "validation" / "recovery.json").write_text(json.dumps(result.to_json(), indent=1))

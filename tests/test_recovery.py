@@ -201,6 +201,7 @@ def test_recover_config_is_checked(outlier: dict[str, Any], tmp_path: Path, caps
     for override, says in [
         ("steps.validate.recover.max_fp_nodes=-1", "steps.validate.recover.max_fp_nodes: expected >= 0"),
         ("steps.validate.recover.ranking_samples=0", "steps.validate.recover.ranking_samples: expected >= 1"),
+        ("steps.validate.recover.sensitivity_samples=0", "steps.validate.recover.sensitivity_samples: expected >= 1"),
         ("steps.validate.recover.budget=3", "unknown key 'budget'"),
     ]:
         assert main(run_args(outlier["config"], outlier["uri"], tmp_path / "s.json", override)) == 2
@@ -297,3 +298,32 @@ def test_recovery_hands_on_the_best_model_scored_not_the_last(tmp_path: Path) ->
     both = recovery.recover(qdq, fp32, scorer, baseline, pair, 0.0, max_fp_nodes=2)
     assert both.chosen == 2 and sorted(both.reverted) == ["big", "counter"] and both.model is not None
     assert both.scores.drop < baseline.drop
+
+
+def test_preselection_finds_the_node_whose_error_reaches_the_output(tmp_path: Path) -> None:
+    """The node whose own quantization adds the least error (b9, best local SQNR of ten) is the one
+    whose error dominates the output; nine nodes with worse local SQNR barely reach it. Ranked by
+    added SQNR alone, b9 is tenth and outside the eight candidates; by sensitivity it is first."""
+    from pipeline.calibration.calibrator import calibrate
+    from pipeline.quantization import QuantizeOptions, quantize
+
+    fp32 = build("loud_and_quiet_branches")
+    onnx.save(fp32, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(5).normal(size=(128, 80)).astype(np.float32)
+    cal = calibrate(tmp_path / "m.onnx", lambda: iter([{"x": x}]), "minmax")
+    qdq = quantize(fp32, cal.ranges.amax(), QuantizeOptions(target="tensorrt"))
+    metric = scoring.resolve_metric("cosine", None, ["y"], [])
+    scorer = scoring.Scorer(tmp_path / "m.onnx", metric, lambda: iter([{"x": x}]), int8_optimize=False)
+    baseline = scorer.first(qdq)
+    ranked = layers.layer_errors(fp32, qdq, lambda: scorer.inputs(64), 64, int8_optimize=False).candidates
+    assert [r["node"] for r in ranked][-1] == "b9" and len(ranked) == 10 > recovery.MIN_CANDIDATES
+    max_drop = 1e-4
+    assert baseline.drop > 2 * max_drop
+
+    result = recovery.recover(qdq, fp32, scorer, baseline, ranked, max_drop, max_fp_nodes=1)
+    assert (result.reverted, result.stopped) == (["b9"], "gate passed")
+    assert result.sensitivity_samples == recovery.SENSITIVITY_SAMPLES
+    assert len(result.candidates) == recovery.MIN_CANDIDATES
+    first, *rest = result.candidates
+    assert first["node"] == "b9" and all(first["sensitivity"] > 10 * abs(c["sensitivity"]) for c in rest)
+    assert result.scores.drop < max_drop / 10

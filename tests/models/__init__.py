@@ -495,3 +495,32 @@ def text_map() -> onnx.ModelProto:
     ]
     inits = [numpy_helper.from_array(a, k) for a, k in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]]
     return _model(nodes, [_t("x", ["batch", 1, "h", "w"])], [_t("y", ["batch", 1, "h", "w"])], inits)
+
+
+@register
+def loud_and_quiet_branches() -> onnx.ModelProto:
+    """x[N,80] -> Mul(gain) "widen" -> Split into ten [N,8] -> MatMul "b0".."b9" ([8,4] each) -> Sum -> y[N,4].
+
+    Branches b0..b8 read one channel 100x wider than the rest that their weights ignore: per-tensor
+    INT8 leaves their other channels a level or two, the worst local SQNR of the model, but their
+    weights are 1000x smaller, so their error hardly reaches y. b9 reads a milder outlier (8x) that its
+    weights use: a better local SQNR than any other branch, and the error that dominates y.
+    """
+    rng = np.random.default_rng(71)
+    gain = np.ones(80, np.float32)
+    gain[0:72:8] = 100.0
+    gain[72] = 8.0
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["h"], name="widen"),
+        helper.make_node("Split", ["h", "parts"], [f"h{i}" for i in range(10)], name="split", axis=1),
+    ]
+    inits = [numpy_helper.from_array(gain, "gain"), numpy_helper.from_array(np.full(10, 8, np.int64), "parts")]
+    for i in range(10):
+        w = rng.normal(size=(8, 4)).astype(np.float32)
+        if i < 9:
+            w[0] = 0.0
+            w *= 1e-3
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"y{i}"], name=f"b{i}"))
+    nodes.append(helper.make_node("Sum", [f"y{i}" for i in range(10)], ["y"], name="sum"))
+    return _model(nodes, [_t("x", ["batch", 80])], [_t("y", ["batch", 4])], inits)
