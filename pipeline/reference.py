@@ -91,8 +91,8 @@ DESCRIPTIONS = {
     "steps.calibrate.ray.num_cpus": "CPUs each calibration worker reserves.",
     "steps.calibrate.memory_mb": "Activation memory while calibrating, correcting biases and validating: samples "
     "per ONNX Runtime call are sized from the first sample's activation bytes to stay within it (at most 8; "
-    "validate's layer comparison at most 2). Raise it for speed on large machines; results do not change "
-    "with `passes: 2`.",
+    "validate's layer comparison at most 2, and in groups of tensors, a pass over the data each, when one "
+    "sample's are too many). Raise it for speed on large machines; results do not change with `passes: 2`.",
     "steps.quantize.target": "`tensorrt` (Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul, symmetric) or "
     "`onnxruntime` (every op type ORT's QDQ quantizer supports).",
     "steps.quantize.per_channel": "Weights: one scale per output channel (max |w| / 127) instead of one per tensor.",

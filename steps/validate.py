@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -36,6 +36,12 @@ if TYPE_CHECKING:
 
 WORST_NODES = 3  # quantized nodes the gate message names
 UNSURE_WARN = 0.25  # share of unsure FP32 samples above which an agreement gate gets a warning
+
+
+class Sizing(NamedTuple):
+    score_chunk: int  # samples per ONNX Runtime call while scoring
+    layer_chunk: int  # samples per call while comparing layers
+    groups: list[list[str]] | None  # tensors compared a group per pass (None: all at once)
 
 
 @dataclass
@@ -116,13 +122,12 @@ class Validate(Step):
         assert src is not None
         return data.batches(src, cfg.batch_size, specs, data.search_dirs(ctx.pipeline.base_dir), "data.validation")
 
-    def _chunks(
+    def _sizing(
         self, ctx: StepContext, cfg: ValidateConfig, specs: data.Specs, fp32: onnx.ModelProto, layout: Layout
-    ) -> tuple[int, int, list[list[str]] | None]:
-        """Samples per ONNX Runtime call while scoring and while comparing every layer, and the groups
-        of tensors compared per pass when one sample's are too many for one, sized so the activations
-        alive stay within ``steps.calibrate.memory_mb`` (a 640x640 detector's are hundreds of MB per
-        sample): one sample's activations are measured on the first batch."""
+    ) -> Sizing:
+        """How the ONNX Runtime calls are sized so the activations alive stay within
+        ``steps.calibrate.memory_mb`` (a 640x640 detector's are hundreds of MB per sample): one sample's
+        activations are measured on the first batch."""
         calibrate = ctx.pipeline.steps.get("calibrate")
         memory_mb = getattr(calibrate, "memory_mb", DEFAULT_MEMORY_MB)
         it = self._batches(ctx, cfg, specs)
@@ -133,7 +138,7 @@ class Validate(Step):
             if close is not None:
                 close()
         if first is None:
-            return scoring.RUN_CHUNK, layers.LAYER_CHUNK, None
+            return Sizing(scoring.RUN_CHUNK, layers.LAYER_CHUNK, None)
         sizes = activation_sizes(fp32, first, layout)
         per_sample = sum(sizes.values())
         budget = memory_mb << 20
@@ -147,7 +152,7 @@ class Validate(Step):
             "comparing layers%s, to stay near %d MB (steps.calibrate.memory_mb)",
             per_sample / 1e6, score, layer, f" in {len(groups)} groups of tensors" if groups else "", memory_mb,
         )  # fmt: skip
-        return score, layer, groups
+        return Sizing(score, layer, groups)
 
     @staticmethod
     def _scored(cfg: ValidateConfig, names: list[str]) -> tuple[list[str], bool]:
@@ -165,10 +170,10 @@ class Validate(Step):
         # resolved before the long loop: a typo in a custom metric fails fast
         metric = scoring.resolve_metric(cfg.metric, cfg.output, names, data.search_dirs(ctx.pipeline.base_dir))
         layout = Layout.of(ctx.pipeline.data.validation)
-        chunks = self._chunks(ctx, cfg, specs, fp32_model, layout)
+        sizing = self._sizing(ctx, cfg, specs, fp32_model, layout)
         scorer = scoring.Scorer(
             fp32, metric, lambda: self._batches(ctx, cfg, specs), int8_optimize=not exact, layout=layout,
-            chunk=chunks[0],
+            chunk=sizing.score_chunk,
         )  # fmt: skip
         scores = scorer.first(int8)
         # before recovery spends time on a gate that may be measuring FP32's own indecision
@@ -182,7 +187,7 @@ class Validate(Step):
                 100 * unsure, evaluation.UNSURE_MARGIN,
             )  # fmt: skip
         int8_model = onnx_model.load(int8_path, check=False)
-        errors = _layer_errors(cfg, scorer, fp32_model, int8_model, exact, chunks[1:])
+        errors = _layer_errors(cfg, scorer, fp32_model, int8_model, exact, sizing)
         samples = scorer.kept
         result = None
         if cfg.recover is not None and not evaluation.gate_passed(scores.drop, cfg.max_drop):
@@ -193,7 +198,7 @@ class Validate(Step):
             result = self._recover(ctx, cfg, fp32_model, float_model, int8_model, scorer, scores, errors)
             if result.model is not None:  # from here on, everything describes the recovered model
                 scores = result.scores
-                errors = _layer_errors(cfg, scorer, fp32_model, result.model, exact, chunks[1:])
+                errors = _layer_errors(cfg, scorer, fp32_model, result.model, exact, sizing)
                 samples = scorer.kept_outputs(result.model)
         name, primary = metric.name, metric.outputs[0]
         ref, out = scores.reference[primary], scores.outputs[primary]
@@ -323,13 +328,12 @@ def _layer_errors(
     fp32: onnx.ModelProto,
     int8: onnx.ModelProto,
     exact: bool,
-    sizing: tuple[int, list[list[str]] | None],
+    sizing: Sizing,
 ) -> layers.LayerErrors:
-    """The layer table and node ranking of ``int8`` on the first ``layer_samples`` validation samples,
-    ``sizing[0]`` samples per call, tensors compared in the groups ``sizing[1]`` (None: all at once)."""
+    """The layer table and node ranking of ``int8`` on the first ``layer_samples`` validation samples."""
     return layers.layer_errors(
         fp32, int8, lambda: scorer.inputs(cfg.layer_samples), cfg.layer_samples, not exact, scorer.layout,
-        sizing[0], sizing[1],
+        sizing.layer_chunk, sizing.groups,
     )  # fmt: skip
 
 

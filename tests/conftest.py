@@ -99,6 +99,29 @@ def digits_copy(tmp_path: Path) -> Path:
     return dst
 
 
+def npz_pipeline(
+    folder: Path, model: Any, cal: dict[str, Any], val: dict[str, Any], steps: dict[str, Any], **top: Any
+) -> Path:
+    """Write ``folder``/pipeline.yaml running ``model`` (saved as model.onnx) on cal.npz and val.npz
+    (arrays by input name) through ``steps``; ``top`` holds the other top-level keys (name, ...)."""
+    import numpy as np
+    import onnx
+    import yaml
+
+    onnx.save(model, str(folder / "model.onnx"))
+    np.savez(folder / "cal.npz", **cal)
+    np.savez(folder / "val.npz", **val)
+    config = {
+        **top,
+        "model": {"onnx": "model.onnx"},
+        "data": {"calibration": {"npz": "cal.npz"}, "validation": {"npz": "val.npz"}},
+        "steps": steps,
+    }
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def run_args(config: Path, tracking_uri: str, summary: Path, *overrides: str) -> list[str]:
     """CLI arguments for `int8pipe run` with a summary file and ``--set`` overrides."""
     args = ["run", str(config), "--tracking-uri", tracking_uri, "--summary-json", str(summary)]

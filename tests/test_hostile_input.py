@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from pipeline import data, runtime
@@ -31,7 +30,7 @@ from pipeline.config import DataSource, load
 from pipeline.errors import CalibrationError, ConfigError, DataError, ModelError
 from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 from pipeline.subgraphs import control_flow_report
-from tests.conftest import ROOT, run_args, run_pipeline
+from tests.conftest import ROOT, npz_pipeline, run_args, run_pipeline
 from tests.models import build
 
 
@@ -233,24 +232,15 @@ def test_bad_npy_files_are_data_errors(tmp_path: Path, kind: str) -> None:
 
 def _dynamic_hw_pipeline(folder: Path) -> Path:
     folder.mkdir()
-    onnx.save(build("dynamic_hw_conv"), folder / "model.onnx")
     rng = np.random.default_rng(0)
-    np.savez(folder / "cal.npz", x=rng.normal(size=(16, 3, 12, 10)).astype(np.float32))
-    np.savez(folder / "val.npz", x=rng.normal(size=(6, 3, 12, 10)).astype(np.float32))
-    config = {
-        "name": "dynamic-hw",
-        "model": {"onnx": "model.onnx"},
-        "data": {"calibration": {"npz": "cal.npz"}, "validation": {"npz": "val.npz"}},
-        "steps": {
-            "export": {},
-            "calibrate": {"method": "minmax"},
-            "quantize": {},
-            "benchmark": {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1},
-        },
+    cal, val = (rng.normal(size=(n, 3, 12, 10)).astype(np.float32) for n in (16, 6))
+    steps = {
+        "export": {},
+        "calibrate": {"method": "minmax"},
+        "quantize": {},
+        "benchmark": {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1},
     }
-    path = folder / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return npz_pipeline(folder, build("dynamic_hw_conv"), {"x": cal}, {"x": val}, steps, name="dynamic-hw")
 
 
 def _benchmark_report(tracking_uri: str, summary: dict, dst: Path) -> dict:

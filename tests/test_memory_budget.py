@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.calibration.collect import COPIES, chunk_for
-from tests.conftest import ROOT
+from tests.conftest import ROOT, npz_pipeline
 
 
 def wide_conv(channels: int = 128) -> onnx.ModelProto:
@@ -100,24 +100,17 @@ def test_validation_follows_the_memory_budget_and_scores_the_same(tmp_path: Path
 
     from pipeline.cli import main
 
-    onnx.save(wide_conv(), str(tmp_path / "wide.onnx"))
     rng = np.random.default_rng(2)
-    np.savez(tmp_path / "cal.npz", x=rng.normal(size=(16, 4, 128, 128)).astype(np.float32))
-    np.savez(tmp_path / "val.npz", x=rng.normal(size=(32, 4, 128, 128)).astype(np.float32))
-    config = {
-        "name": "validate-budget",
-        "model": {"onnx": "wide.onnx"},
-        "data": {"calibration": {"npz": "cal.npz"}, "validation": {"npz": "val.npz"}},
-        "steps": {
-            "export": {},
-            "calibrate": {"method": "minmax"},
-            "quantize": {"bias_correction": False},
-            "validate": {"metric": "cosine", "max_drop": 1.0, "batch_size": 16, "layer_samples": 8},
-        },
+    cal, val = (rng.normal(size=(n, 4, 128, 128)).astype(np.float32) for n in (16, 32))
+    steps = {
+        "export": {},
+        "calibrate": {"method": "minmax"},
+        "quantize": {"bias_correction": False},
+        "validate": {"metric": "cosine", "max_drop": 1.0, "batch_size": 16, "layer_samples": 8},
     }
+    path = npz_pipeline(tmp_path, wide_conv(), {"x": cal}, {"x": val}, steps, name="validate-budget")
     # the steps before validate once; then validate alone, each time on a copy of that store
-    path, before = tmp_path / "p.yaml", tmp_path / "before.yaml"
-    path.write_text(yaml.safe_dump(config))
+    config, before = yaml.safe_load(path.read_text()), tmp_path / "before.yaml"
     steps_before = {k: v for k, v in config["steps"].items() if k != "validate"}
     before.write_text(yaml.safe_dump({**config, "steps": steps_before}))
     assert main(["run", str(before), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0

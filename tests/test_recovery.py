@@ -14,13 +14,12 @@ import mlflow
 import numpy as np
 import onnx
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from pipeline import data, evaluation, layers, model, recovery, runtime, scoring
 from pipeline.cli import main
 from pipeline.quantization import node_table
-from tests.conftest import run_args, run_pipeline
+from tests.conftest import npz_pipeline, run_args, run_pipeline
 from tests.models import build
 
 MAX_DROP = 0.05
@@ -29,27 +28,18 @@ MAX_DROP = 0.05
 def _write_outlier_pipeline(folder: Path) -> Path:
     """outlier_mlp (fc2's input has one channel at ~1000: per-tensor INT8 wipes the rest) with
     minmax calibration, so the gate fails by a wide margin unless fc2 stays float."""
-    onnx.save(build("outlier_mlp"), str(folder / "model.onnx"))
     rng = np.random.default_rng(5)
-    np.savez(folder / "cal.npz", x=rng.normal(size=(128, 8)).astype(np.float32))
-    np.savez(folder / "val.npz", x=rng.normal(size=(200, 8)).astype(np.float32))
-    config = {
-        "name": "outlier",
-        "experiment": "outlier",
-        "model": {"onnx": "model.onnx"},
-        "data": {"calibration": {"npz": "cal.npz"}, "validation": {"npz": "val.npz"}},
-        "steps": {
-            "export": {},
-            "calibrate": {"method": "minmax"},
-            "quantize": {},
-            "validate": {"metric": "agreement", "max_drop": MAX_DROP, "batch_size": 64, "recover": {}},
-            "benchmark": {"iterations": 5, "warmup": 1, "batch_sizes": [1]},
-            "promote": {"registered_model": "outlier-int8"},
-        },
+    cal, val = rng.normal(size=(128, 8)).astype(np.float32), rng.normal(size=(200, 8)).astype(np.float32)
+    steps = {
+        "export": {},
+        "calibrate": {"method": "minmax"},
+        "quantize": {},
+        "validate": {"metric": "agreement", "max_drop": MAX_DROP, "batch_size": 64, "recover": {}},
+        "benchmark": {"iterations": 5, "warmup": 1, "batch_sizes": [1]},
+        "promote": {"registered_model": "outlier-int8"},
     }
-    path = folder / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    model = build("outlier_mlp")
+    return npz_pipeline(folder, model, {"x": cal}, {"x": val}, steps, name="outlier", experiment="outlier")
 
 
 def _artifacts(run_id: str, uri: str, dst: Path) -> Path:

@@ -12,12 +12,12 @@ import mlflow
 import numpy as np
 import onnx
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from examples.metrics.text_detection import boxes_f1, boxes_kept, components, counts, text_boxes
 from pipeline import runtime
 from pipeline.cli import main
+from tests.conftest import npz_pipeline
 from tests.models import build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,24 +110,16 @@ def _frames(n: int, seed: int) -> tuple[np.ndarray, list[list[tuple[int, int, in
 def test_the_metric_gates_a_pipeline_and_scores_what_the_logged_model_computes(tmp_path: Path) -> None:
     model = build("text_map")
     onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(tmp_path / "model.onnx"))
     x_cal, _ = _frames(16, 0)
     x_val, bars = _frames(12, 1)
-    np.savez(tmp_path / "cal.npz", x=x_cal)
-    np.savez(tmp_path / "val.npz", x=x_val)
     shutil.copy(ROOT / "examples" / "metrics" / "text_detection.py", tmp_path)  # as the docs say: beside the YAML
-    config = {
-        "name": "text-map",
-        "model": {"onnx": "model.onnx"},
-        "data": {"calibration": {"npz": "cal.npz"}, "validation": {"npz": "val.npz"}},
-        "steps": {
-            "export": {},
-            "calibrate": {"method": "minmax"},
-            "quantize": {},
-            "validate": {"metric": "text_detection:boxes_f1", "max_drop": 0.05},
-        },
+    steps = {
+        "export": {},
+        "calibrate": {"method": "minmax"},
+        "quantize": {},
+        "validate": {"metric": "text_detection:boxes_f1", "max_drop": 0.05},
     }
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    npz_pipeline(tmp_path, model, {"x": x_cal}, {"x": x_val}, steps, name="text-map")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = tmp_path / "s.json"
     code = main(["run", str(tmp_path / "pipeline.yaml"), "--tracking-uri", uri, "--summary-json", str(summary)])

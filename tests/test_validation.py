@@ -19,6 +19,7 @@ from pipeline import evaluation, runtime
 from pipeline.cli import main
 from pipeline.errors import ConfigError
 from steps.validate import Validate, ValidateConfig, gate_message
+from tests.conftest import npz_pipeline
 from tests.models import build
 
 # --- evaluation: plain numerics ---------------------------------------------------------------
@@ -217,23 +218,16 @@ def received(outputs, labels, reference):
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("detector")
-    onnx.save(build("tiny_detector"), str(folder / "model.onnx"))
     rng = np.random.default_rng(4)
-    np.savez(folder / "cal.npz", x=rng.normal(size=(32, 3, 8, 8)).astype(np.float32))
-    np.savez(folder / "val.npz", x=rng.normal(size=(20, 3, 8, 8)).astype(np.float32))
+    cal, val = (rng.normal(size=(n, 3, 8, 8)).astype(np.float32) for n in (32, 20))
     (folder / "taskmetric.py").write_text(METRIC)
-    config = {
-        "name": "detector",
-        "model": {"onnx": "model.onnx"},
-        "data": {"calibration": {"npz": "cal.npz"}, "validation": {"npz": "val.npz"}},
-        "steps": {
-            "export": {},
-            "calibrate": {"method": "minmax", "batch_size": 16},
-            "quantize": {},
-            "validate": {"metric": "taskmetric:received", "max_drop": 1.0, "batch_size": 6},
-        },
+    steps = {
+        "export": {},
+        "calibrate": {"method": "minmax", "batch_size": 16},
+        "quantize": {},
+        "validate": {"metric": "taskmetric:received", "max_drop": 1.0, "batch_size": 6},
     }
-    (folder / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    npz_pipeline(folder, build("tiny_detector"), {"x": cal}, {"x": val}, steps, name="detector")
     return {"folder": folder, "uri": f"sqlite:///{folder / 'mlflow.db'}"}
 
 
