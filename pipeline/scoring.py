@@ -143,6 +143,19 @@ class Scores:
     def samples(self) -> int:
         return len(self.outputs[self.metric.outputs[0]])
 
+    @property
+    def drop_se(self) -> float | None:
+        """The standard error of :attr:`drop` over these samples (built-in metrics; a custom metric
+        returns one number, so None), see :func:`pipeline.evaluation.drop_standard_error`."""
+        if self.metric.fn is not None:
+            return None
+        spec, primary = self.metric.spec, self.metric.outputs[0]
+        ref = self.reference[primary]
+        return evaluation.drop_standard_error(
+            evaluation.per_sample(spec, ref, self.labels, ref),
+            evaluation.per_sample(spec, self.outputs[primary], self.labels, ref),
+        )
+
     def cosines(self, name: str | None = None) -> np.ndarray:
         """Per-sample cosine of the INT8 and FP32 values of output ``name`` (default: the primary)."""
         name = name or self.metric.outputs[0]

@@ -203,10 +203,12 @@ class Validate(Step):
         name, primary = metric.name, metric.outputs[0]
         ref, out = scores.reference[primary], scores.outputs[primary]
         cosines = scores.cosines()
+        drop_se = scores.drop_se  # built-in metrics only: a custom one returns a single number
         metrics = {
             f"fp32_{name}": scores.fp32,
             f"int8_{name}": scores.int8,
             "accuracy_drop": scores.drop,
+            **({"accuracy_drop_se": drop_se} if drop_se is not None else {}),
             "cosine_min": float(cosines.min()),
             "cosine_mean": float(cosines.mean()),
             "sqnr_db_min": errors.sqnr_db_min,
@@ -230,6 +232,7 @@ class Validate(Step):
             "max_drop": cfg.max_drop,
             "passed": passed,
             "samples": scores.samples,
+            "accuracy_drop_se": drop_se,  # null for a custom metric
             "outputs": metric.outputs,
             "metric_receives": "dict" if metric.as_dict else "array",
             "fp32_unsure_share": unsure,  # class scores only: see evaluation.unsure_share
@@ -251,17 +254,22 @@ class Validate(Step):
         ctx.output("validation_report", "validation/report.json").write_text(json.dumps(report, indent=1))
         ctx.log_metrics(metrics)
         logger.info(
-            "validate: fp32 %s %.4f, int8 %.4f, drop %.4f (max %.4f)",
+            "validate: fp32 %s %.4f, int8 %.4f, drop %.4f%s (max %.4f)",
             name,
             scores.fp32,
             scores.int8,
             scores.drop,
+            f" +- {drop_se:.4f} (standard error, {scores.samples} samples)" if drop_se is not None else "",
             cfg.max_drop,
         )
+        narrow = near_gate(scores.drop, cfg.max_drop, drop_se, scores.samples)
+        if passed and narrow:
+            logger.warning("validate: the gate passed narrowly.%s", narrow)
         if not passed:
             message = gate_message(
-                name, scores.fp32, scores.int8, scores.drop, cfg.max_drop, errors.quantized_nodes, result, cfg.recover
-            )
+                name, scores.fp32, scores.int8, scores.drop, cfg.max_drop, errors.quantized_nodes, result,
+                cfg.recover, drop_se, scores.samples,
+            )  # fmt: skip
             fail(GateFailed, message)
 
     def _recover(
@@ -346,9 +354,39 @@ def gate_message(
     nodes: list[dict[str, Any]],
     result: recovery.Recovery | None = None,
     recover: RecoverConfig | None = None,
+    drop_se: float | None = None,
+    samples: int = 0,
 ) -> str:
-    """The failed gate's paragraph: the numbers, what recovery did (if it ran), and the quantized
-    nodes worth keeping in FP32."""
+    """The failed gate's paragraph: the numbers, what recovery did (if it ran), the quantized nodes
+    worth keeping in FP32 and, when the drop is within two standard errors of ``max_drop``, that more
+    validation samples would settle it."""
+    return _failure(metric, fp32_score, int8_score, drop, max_drop, nodes, result, recover) + near_gate(
+        drop, max_drop, drop_se, samples
+    )
+
+
+def near_gate(drop: float, max_drop: float, drop_se: float | None, samples: int) -> str:
+    """A sentence when ``drop`` is within two standard errors of ``max_drop`` (else ""): the gate's
+    verdict then says more about which samples were drawn than about the model."""
+    if drop_se is None or abs(drop - max_drop) > 2 * drop_se:
+        return ""
+    return (
+        f" The drop is within two standard errors (+-{drop_se:.4f} on {samples} samples) of max_drop, so "
+        "another draw of validation samples could decide the gate the other way: validate on more samples "
+        "(data.validation) before reading much into it."
+    )
+
+
+def _failure(
+    metric: str,
+    fp32_score: float,
+    int8_score: float,
+    drop: float,
+    max_drop: float,
+    nodes: list[dict[str, Any]],
+    result: recovery.Recovery | None,
+    recover: RecoverConfig | None,
+) -> str:
     worst = [r["node"] for r in nodes[:WORST_NODES]]
     if result is None or recover is None:
         head = (

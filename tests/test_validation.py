@@ -56,6 +56,37 @@ def test_drop_sign_is_fp32_minus_int8() -> None:
     assert evaluation.score("agreement", int8, None, fp32) == 0.75
 
 
+def test_per_sample_scores_average_to_the_metric_and_give_the_drop_standard_error() -> None:
+    labels = np.array([0, 1, 2, 3])
+    fp32 = np.eye(4, dtype=np.float32) * 5
+    fp32[1] = [5, 0, 0, 0]  # FP32 wrong on sample 1
+    int8 = np.eye(4, dtype=np.float32) * 5  # INT8 right on sample 1 ...
+    int8[2] = [0, 0, 0, 5]  # ... and wrong on sample 2
+    for metric, got in [("top1", labels), ("agreement", None), ("cosine", None)]:
+        each = evaluation.per_sample(metric, int8, got, fp32)
+        assert each.shape == (4,) and each.mean() == evaluation.score(metric, int8, got, fp32)
+    hits = evaluation.per_sample("top1", int8, labels, fp32)
+    assert hits.tolist() == [1.0, 1.0, 0.0, 1.0]
+    # paired: d = fp32 - int8 = [0, -1, 1, 0], mean 0, sample std sqrt(2/3), se sqrt(2/3)/2
+    fp32_hits = evaluation.per_sample("top1", fp32, labels, fp32)
+    assert evaluation.drop_standard_error(fp32_hits, hits) == pytest.approx(np.sqrt(2 / 3) / 2, rel=1e-12)
+    # agreement: FP32 agrees with itself everywhere, INT8 misses sample 1 and 2: d = [0, 1, 1, 0]
+    agree = evaluation.per_sample("agreement", int8, None, fp32)
+    assert agree.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert evaluation.drop_standard_error(np.ones(4), agree) == pytest.approx(np.sqrt(1 / 3) / 2, rel=1e-12)
+    assert evaluation.drop_standard_error(np.ones(1), np.zeros(1)) is None  # one sample says nothing of spread
+
+
+def test_gate_message_says_when_the_drop_is_within_two_standard_errors() -> None:
+    nodes = [{"node": "conv1", "added_sqnr_db": 9.0}]
+    near = gate_message("agreement", 1.0, 0.94, 0.06, 0.05, nodes, drop_se=0.02, samples=128)
+    assert "within two standard errors (+-0.0200 on 128 samples) of max_drop" in near
+    assert "data.validation" in near and 'steps.quantize.exclude.nodes: ["conv1"]' in near
+    far = gate_message("agreement", 1.0, 0.80, 0.20, 0.05, nodes, drop_se=0.02, samples=128)
+    assert "standard error" not in far
+    assert "standard error" not in gate_message("det", 1.0, 0.8, 0.2, 0.19, nodes)  # custom metric: no se
+
+
 def test_cosine_of_an_output_wiped_to_zero_is_zero_not_one() -> None:
     """An INT8 output that quantization wiped to zeros matches nothing; two all-zero rows are identical."""
     ref = np.array([[1.0, 2.0], [0.0, 0.0]])
@@ -301,6 +332,36 @@ def test_class_score_metric_on_a_detector_output_is_a_data_error(
     assert "Traceback" not in err
     code, s = _run(detector, "steps.validate.metric=agreement", "steps.validate.output=feat")
     assert code == 0 and s is not None and "top1_agreement" in s["metrics"]
+
+
+def test_drop_standard_error_is_logged_for_built_in_metrics_only(
+    detector: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validate run's accuracy_drop_se is the paired standard error recomputed here from both
+    models' outputs on every validation sample; a custom metric (one number per set) has none."""
+    monkeypatch.chdir(tmp_path)  # the custom metric writes calls.jsonl to the working directory
+    uri = detector["uri"]
+    code, s = _run(detector, "steps.validate.metric=cosine", "steps.validate.output=feat")
+    assert code == 0 and s is not None
+    client = MlflowClient(uri)
+    metrics = client.get_run(s["steps"]["validate"]).data.metrics
+    fp32 = runtime.session(str(detector["folder"] / "model.onnx"))
+    int8_path = mlflow.artifacts.download_artifacts(
+        run_id=s["steps"]["quantize"], artifact_path="model/model_int8.onnx", tracking_uri=uri
+    )
+    int8 = runtime.session(int8_path, optimize=False)  # target tensorrt: validate computes Q/DQ exactly
+    x = np.load(detector["folder"] / "val.npz")["x"]
+    ref, out = fp32.run(["feat"], {"x": x})[0], int8.run(["feat"], {"x": x})[0]
+    a, b = ref.astype(np.float64), out.astype(np.float64)
+    lost = 1.0 - (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # FP32 scores 1 per sample
+    assert lost.std() > 0  # a spread to measure
+    assert metrics["accuracy_drop"] == pytest.approx(lost.mean(), rel=1e-6)
+    assert metrics["accuracy_drop_se"] == pytest.approx(lost.std(ddof=1) / np.sqrt(len(x)), rel=1e-6)
+    art = Path(mlflow.artifacts.download_artifacts(run_id=s["steps"]["validate"], tracking_uri=uri))
+    assert json.loads((art / "validation/report.json").read_text())["accuracy_drop_se"] == metrics["accuracy_drop_se"]
+    code, s = _run(detector)  # taskmetric:received
+    assert code == 0 and s is not None
+    assert "accuracy_drop_se" not in client.get_run(s["steps"]["validate"]).data.metrics
 
 
 def test_failed_gate_names_quantized_nodes_not_the_sigmoid(
