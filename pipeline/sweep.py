@@ -202,6 +202,7 @@ def _report(tracker: Tracker, sweep_run: str, trials: list[Trial], best: Trial |
             "selected": t is best,
             "int8_nodes": t.metrics.get("int8_nodes"),
             "accuracy_drop": t.metrics.get("accuracy_drop"),
+            "accuracy_drop_se": t.metrics.get("accuracy_drop_se"),  # drops closer than ~2 of these are a tie
             "latency_p50_ms": t.metrics.get(LATENCY),
             "run_id": t.run_id,
             "error": t.error[:300],

@@ -69,7 +69,7 @@ class Validate(Step):
     needs_steps = ("export", "quantize")
     needs_data = ("validation",)
     # int8_* takes int8_nodes too, and fp_nodes goes with it: after a recovery both describe the recovered model
-    parent_metrics = ("fp32_*", "int8_*", "accuracy_drop", "recovered_fp_nodes", "fp_nodes")
+    parent_metrics = ("fp32_*", "int8_*", "accuracy_drop", "accuracy_drop_se", "recovered_fp_nodes", "fp_nodes")
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:

@@ -96,6 +96,14 @@ def test_method_sweep_calibrates_once_and_promotes_only_the_best(
     assert tags["int8pipe.calibration_method"] == best["overrides"]["steps.calibrate.method"]
     files = {a.path for a in client.list_artifacts(s["run_id"], "sweep")}
     assert {"sweep/trials_table.json", "sweep/tradeoff.png"} <= files
+    # the table carries each drop's standard error, so a user can tell a real difference from a tie
+    table_path = client.download_artifacts(s["run_id"], "sweep/trials_table.json", str(tmp_path))
+    table = json.loads(Path(table_path).read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    for t, row in zip(trials, rows):
+        validate = client.get_run(t["steps"]["validate"]).data.metrics
+        assert t["metrics"]["accuracy_drop_se"] == validate["accuracy_drop_se"] > 0
+        assert row["accuracy_drop_se"] == pytest.approx(validate["accuracy_drop_se"], rel=1e-4)  # the table rounds
 
 
 def test_sweep_time_budget_keeps_what_finished(
