@@ -360,33 +360,7 @@ def gate_message(
     """The failed gate's paragraph: the numbers, what recovery did (if it ran), the quantized nodes
     worth keeping in FP32 and, when the drop is within two standard errors of ``max_drop``, that more
     validation samples would settle it."""
-    return _failure(metric, fp32_score, int8_score, drop, max_drop, nodes, result, recover) + near_gate(
-        drop, max_drop, drop_se, samples
-    )
-
-
-def near_gate(drop: float, max_drop: float, drop_se: float | None, samples: int) -> str:
-    """A sentence when ``drop`` is within two standard errors of ``max_drop`` (else ""): the gate's
-    verdict then says more about which samples were drawn than about the model."""
-    if drop_se is None or abs(drop - max_drop) > 2 * drop_se:
-        return ""
-    return (
-        f" The drop is within two standard errors (+-{drop_se:.4f} on {samples} samples) of max_drop, so "
-        "another draw of validation samples could decide the gate the other way: validate on more samples "
-        "(data.validation) before reading much into it."
-    )
-
-
-def _failure(
-    metric: str,
-    fp32_score: float,
-    int8_score: float,
-    drop: float,
-    max_drop: float,
-    nodes: list[dict[str, Any]],
-    result: recovery.Recovery | None,
-    recover: RecoverConfig | None,
-) -> str:
+    noise = near_gate(drop, max_drop, drop_se, samples)
     worst = [r["node"] for r in nodes[:WORST_NODES]]
     if result is None or recover is None:
         head = (
@@ -394,12 +368,12 @@ def _failure(
             f"more than steps.validate.max_drop={max_drop}. Try another steps.calibrate.method"
         )
         if not worst:
-            return head + "."
+            return head + "." + noise
         return (
             f"{head}, or keep the {len(worst)} quantized node(s) that add the most error in FP32: "
             f"steps.quantize.exclude.nodes: {json.dumps(worst)} (every quantized node is ranked under "
             "quantized_nodes in validation/report.json; per-tensor errors and the nodes reading them are in "
-            "validation/layer_errors_table.json)."
+            "validation/layer_errors_table.json)." + noise
         )
     why = {
         recovery.MAX_FP_NODES: f"its limit, steps.validate.recover.max_fp_nodes={recover.max_fp_nodes}",
@@ -416,6 +390,19 @@ def _failure(
         + " (every model it scored is in validation/recovery.json). Raise that limit, try another "
         "steps.calibrate.method, or keep these quantized nodes in FP32"
         + (f": steps.quantize.exclude.nodes: {json.dumps(keep)}." if keep else ".")
+        + noise
+    )
+
+
+def near_gate(drop: float, max_drop: float, drop_se: float | None, samples: int) -> str:
+    """A sentence when ``drop`` is within two standard errors of ``max_drop`` (else ""): the gate's
+    verdict then says more about which samples were drawn than about the model."""
+    if drop_se is None or abs(drop - max_drop) > 2 * drop_se:
+        return ""
+    return (
+        f" The drop is within two standard errors (+-{drop_se:.4f} on {samples} samples) of max_drop, so "
+        "another draw of validation samples could decide the gate the other way: validate on more samples "
+        "(data.validation) before reading much into it."
     )
 
 
