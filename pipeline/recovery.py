@@ -51,7 +51,7 @@ class Iteration:
     scores: Scores  # the model with those nodes float, on the whole validation set
 
     def to_json(self) -> dict[str, Any]:
-        return {"reverted": self.reverted, "metric": self.scores.int8}
+        return {"reverted": self.reverted, "metric": self.scores.int8, "drop_se": self.scores.drop_se}
 
 
 @dataclass

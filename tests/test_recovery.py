@@ -66,6 +66,9 @@ def test_recovery_keeps_exactly_the_broken_layer_float_and_passes_the_gate(outli
     first, last = rec["iterations"]
     assert first["reverted"] == [] and first["metric"] < 0.5  # the quantized model as built: broken
     assert last["reverted"] == ["fc2"] and last["metric"] >= 1.0 - MAX_DROP
+    # the drop's standard error over the 200 samples: binary misses p, sample variance n/(n-1) p(1-p)
+    p = 1.0 - first["metric"]
+    assert first["drop_se"] == pytest.approx(np.sqrt(p * (1 - p) / 199), rel=1e-9)
     assert rec["candidates"][0]["node"] == "fc2"  # ranked first by its measured gain
     assert rec["candidates"][0]["gain"] > 0.5
     assert all(c["gain"] <= 0.02 for c in rec["candidates"][1:])  # the other layers are harmless
@@ -75,6 +78,7 @@ def test_recovery_keeps_exactly_the_broken_layer_float_and_passes_the_gate(outli
     assert metrics["recovered_fp_nodes"] == 1
     assert metrics["int8_agreement"] == last["metric"]  # the step's metrics describe the recovered model
     assert metrics["accuracy_drop"] == pytest.approx(1.0 - last["metric"]) and metrics["accuracy_drop"] <= MAX_DROP
+    assert metrics["accuracy_drop_se"] == last["drop_se"]
     assert (metrics["int8_nodes"], metrics["fp_nodes"]) == (2, 2)  # fc2 moved from INT8 to float
     quantized = client.get_run(s["steps"]["quantize"]).data.metrics
     assert (quantized["int8_nodes"], quantized["fp_nodes"]) == (3, 1)
