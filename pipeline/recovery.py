@@ -7,8 +7,8 @@ scoring against a cached FP32 reference; plain numerics, no tracking.
    samples (a continuous measure: a few samples rank it, where a discrete metric needs many). The
    error a node's own quantization adds (``added_sqnr_db``, :func:`pipeline.layers.rank_quantized_nodes`)
    misses where error is amplified downstream: on EfficientNet-Lite0 the first depthwise Conv and
-   the stem rank 33rd and 34th of 59 candidates by it, 1st and 6th by sensitivity, and keeping them
-   float gains the most held out (benchmarks/recovery_bound.py). Nodes the time budget leaves
+   the stem rank 33rd and 34th of 59 candidates by it, 1st and 6th by sensitivity, and every choice
+   that did well held out keeps them float (benchmarks/recovery_bound.py). Nodes the time budget leaves
    unmeasured follow in ``added_sqnr_db`` order.
 2. Rank: keep each candidate alone in float and score the model on the first ``ranking_samples``
    validation samples; sort by metric gain (ties by the gain in output cosine to FP32, then by SQNR
