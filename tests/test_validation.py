@@ -364,6 +364,23 @@ def test_drop_standard_error_is_logged_for_built_in_metrics_only(
     assert "accuracy_drop_se" not in client.get_run(s["steps"]["validate"]).data.metrics
 
 
+@pytest.mark.parametrize(("margin", "warned"), [(1.0, True), (3.0, False)])
+def test_a_gate_passed_within_two_standard_errors_warns(
+    detector: dict[str, Any], capsys: pytest.CaptureFixture[str], margin: float, warned: bool
+) -> None:
+    """max_drop set to the measured drop plus ``margin`` standard errors: the gate passes either way,
+    and only the narrow pass says that another draw of samples could fail it."""
+    code, s = _run(detector, "steps.validate.metric=cosine", "steps.validate.output=feat")
+    assert code == 0 and s is not None
+    m = MlflowClient(detector["uri"]).get_run(s["steps"]["validate"]).data.metrics
+    max_drop = m["accuracy_drop"] + margin * m["accuracy_drop_se"]
+    capsys.readouterr()
+    code, _ = _run(detector, "steps.validate.metric=cosine", "steps.validate.output=feat",
+                   f"steps.validate.max_drop={max_drop!r}")  # fmt: skip
+    assert code == 0
+    assert ("the gate passed narrowly. The drop is within two standard errors" in capsys.readouterr().err) is warned
+
+
 def test_failed_gate_names_quantized_nodes_not_the_sigmoid(
     detector: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
