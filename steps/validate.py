@@ -397,7 +397,7 @@ def gate_message(
 def near_gate(drop: float, max_drop: float, drop_se: float | None, samples: int) -> str:
     """A sentence when ``drop`` is within two standard errors of ``max_drop`` (else ""): the gate's
     verdict then says more about which samples were drawn than about the model."""
-    if drop_se is None or abs(drop - max_drop) > 2 * drop_se:
+    if not drop_se or abs(drop - max_drop) > 2 * drop_se:  # None, or 0: every sample moved alike, no noise
         return ""
     return (
         f" The drop is within two standard errors (+-{drop_se:.4f} on {samples} samples) of max_drop, so "

@@ -85,6 +85,7 @@ def test_gate_message_says_when_the_drop_is_within_two_standard_errors() -> None
     far = gate_message("agreement", 1.0, 0.80, 0.20, 0.05, nodes, drop_se=0.02, samples=128)
     assert "standard error" not in far
     assert "standard error" not in gate_message("det", 1.0, 0.8, 0.2, 0.19, nodes)  # custom metric: no se
+    assert "standard error" not in gate_message("top1", 1.0, 0.9, 0.1, 0.1, nodes, drop_se=0.0, samples=10)
 
 
 def test_cosine_of_an_output_wiped_to_zero_is_zero_not_one() -> None:
