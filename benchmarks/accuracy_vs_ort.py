@@ -36,6 +36,13 @@ def fp32_model(folder: Path, samples: int) -> Path:
     )
 
 
+def crop_array(n: int, seed: int) -> np.ndarray:
+    """``n`` crops of the example's photos (examples/efficientnet_lite0/data.py) as one [n, 3, 224, 224] array."""
+    from data import crops
+
+    return np.concatenate([b["input"] for b in crops(n, 32, seed=seed)])
+
+
 def logits(model: bytes, x: np.ndarray, optimize: bool) -> np.ndarray:
     from pipeline import runtime
 
@@ -66,7 +73,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-accuracy-"))
     path = fp32_model(folder, args.samples)
     fp32 = onnx.load(str(path))
-    x = np.concatenate([b["input"] for b in crops(args.validation, 32, seed=1)])
+    x = crop_array(args.validation, 1)
     ref = logits(fp32.SerializeToString(), x, optimize=True)
     prob = np.exp(ref - ref.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)

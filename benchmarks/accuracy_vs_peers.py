@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import onnx
-    from accuracy_vs_ort import fp32_model
+    from accuracy_vs_ort import crop_array, fp32_model
     from data import crops
     from peers import ort_quantize_static, ort_static_variants
 
@@ -83,8 +83,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-peers-"))
     path = fp32_model(folder, args.samples)
     fp32 = onnx.load(str(path))
-    x_val = np.concatenate([b["input"] for b in crops(args.validation, 32, seed=1)])
-    x_sel = np.concatenate([b["input"] for b in crops(args.select, 32, seed=2)])
+    x_val = crop_array(args.validation, 1)
+    x_sel = crop_array(args.select, 2)
     ref_val = logits(fp32.SerializeToString(), x_val, optimize=True)
     ref_sel = logits(fp32.SerializeToString(), x_sel, optimize=True)
     convs = sum(n.op_type == "Conv" for n in fp32.graph.node)

@@ -35,12 +35,12 @@ Scorer = Callable[[onnx.ModelProto], str]
 
 
 def efficientnet(args: argparse.Namespace) -> tuple[Path, Batches, Scorer]:
-    from accuracy_vs_ort import fp32_model
+    from accuracy_vs_ort import crop_array, fp32_model
     from accuracy_vs_peers import agreement, logits
     from data import crops
 
     path = fp32_model(Path(tempfile.mkdtemp(prefix="int8pipe-sources-")), args.samples)
-    x_val = np.concatenate([b["input"] for b in crops(args.validation, 32, seed=1)])
+    x_val = crop_array(args.validation, 1)
     ref = logits(onnx.load(str(path)).SerializeToString(), x_val, optimize=True)
 
     def score(model: onnx.ModelProto) -> str:

@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import onnx
-    from accuracy_vs_ort import fp32_model
+    from accuracy_vs_ort import crop_array, fp32_model
     from accuracy_vs_peers import agreement, cpu_flags, logits
     from data import crops
 
@@ -63,11 +63,11 @@ def main() -> None:
 
     path = fp32_model(Path(tempfile.mkdtemp(prefix="int8pipe-bound-")), 256)
     fp32 = onnx.load(str(path))
-    x_val = np.concatenate([b["input"] for b in crops(args.validation, 32, seed=1)])
-    x_sel = np.concatenate([b["input"] for b in crops(args.select, 32, seed=2)])
+    x_val = crop_array(args.validation, 1)
+    x_sel = crop_array(args.select, 2)
     ref_val = logits(fp32.SerializeToString(), x_val, optimize=True)
     ref_sel = logits(fp32.SerializeToString(), x_sel, optimize=True)
-    x_ind = np.concatenate([b["input"] for b in crops(args.independent, 32, seed=3)])
+    x_ind = crop_array(args.independent, 3)
     ref_ind = logits(fp32.SerializeToString(), x_ind, optimize=True)
     cal = calibrate(path, lambda: crops(256, 32), "mse", histogram_tensors=quantized_activations(fp32, "tensorrt"))
     ranges = rethreshold(cal.ranges, cal.histograms, "percentile", 99.99)

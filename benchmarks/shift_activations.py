@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import onnx
-    from accuracy_vs_ort import fp32_model
+    from accuracy_vs_ort import crop_array, fp32_model
     from data import crops
     from peers import ort_quantize_static
 
@@ -42,7 +42,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-shift-"))
     path = fp32_model(folder, args.samples)
     fp32 = onnx.load(str(path))
-    x_val = np.concatenate([b["input"] for b in crops(args.validation, 32, seed=1)])
+    x_val = crop_array(args.validation, 1)
     ref = logits(fp32.SerializeToString(), x_val, optimize=True)
     cal = calibrate(
         path, lambda: crops(args.samples, 32), "mse", histogram_tensors=quantized_activations(fp32, "tensorrt")
