@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import random
 import shutil
@@ -188,6 +189,28 @@ def attach_evidence(client: MlflowClient, model_id: str, evidence: list[tuple[st
     return attached
 
 
+# The distributions that install the ``onnxruntime`` module, most specific first: a model promoted
+# on a GPU host must not tell its server to install the CPU package.
+ORT_DISTRIBUTIONS = ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime")
+
+
+def serving_requirements() -> list[str]:
+    """What ``mlflow.onnx``/pyfunc needs to load the model, pinned to the versions installed here.
+
+    MLflow infers the same list when it is not given, by loading the model in a subprocess and
+    scanning every installed distribution: seconds per promotion. MLflow adds its own pin."""
+    ort = next((d for d in ORT_DISTRIBUTIONS if _installed(d)), "onnxruntime")
+    return [f"{d}=={importlib.metadata.version(d)}" for d in ("numpy", "onnx", ort) if _installed(d)]
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def promote_model(
     client: MlflowClient,
     run_id: str,
@@ -216,6 +239,7 @@ def promote_model(
         signature=signature,
         input_example=input_example,
         save_as_external_data=False,
+        pip_requirements=serving_requirements(),
     )
     for key, metric in metrics.items():  # linked to the LoggedModel, so the model page shows them
         mlflow.log_metric(key, metric, model_id=info.model_id, run_id=run_id)

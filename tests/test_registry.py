@@ -74,6 +74,12 @@ def test_registered_model_loads_with_both_loaders(
     np.testing.assert_array_equal(sess.run(["logits"], inputs)[0], int8_validated)
 
     pyfunc = mlflow.pyfunc.load_model(uri)
+    # a model server installs what the model declares: this environment's packages, pinned
+    reqs = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt", dst_path=str(tmp_path))).read_text()
+    import importlib.metadata as md
+
+    pinned = [f"{d}=={md.version(d)}" for d in ("mlflow", "numpy", "onnx", "onnxruntime")]
+    assert sorted(reqs.split()) == pinned
     example = pyfunc.input_example
     assert set(example) == {"input"} and example["input"].shape == (1, 1, 16, 16)
     np.testing.assert_array_equal(example["input"], inputs["input"][:1])  # a real validation sample
