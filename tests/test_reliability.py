@@ -211,11 +211,17 @@ def test_fresh_sqlite_store_shared_by_concurrent_pipelines(digits_copy: Path, tm
     assert len(ids) == 3
 
 
-def _log_same_dataset(uri: str, run_id: str, source: str, barrier: Any) -> None:
+def _log_same_dataset(uri: str, run_ids: list[str], source: str, barrier: Any) -> None:
     from pipeline.tracking import log_dataset
 
-    barrier.wait()  # every process inserts at the same moment: the race a parallel sweep runs into
-    log_dataset(MlflowClient(uri), [run_id], "calibration", source, "ab" * 16, 8)
+    client = MlflowClient(uri)
+    for run_id in run_ids:
+        barrier.wait(timeout=60)  # every process inserts at the same moment: the race a parallel sweep runs into
+        try:
+            log_dataset(client, [run_id], "calibration", source, "ab" * 16, 8)
+        except BaseException:
+            barrier.abort()  # the others stop waiting for this process in the next round
+            raise
 
 
 def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path: Path) -> None:
@@ -227,16 +233,17 @@ def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path: Path) -> Non
     client = MlflowClient(uri)
     source = tmp_path / "cal.npz"
     np.savez(source, x=np.zeros((8, 2), np.float32))
+    # the race is timing-dependent: three rounds, each in a fresh experiment (a new dataset row), six
+    # processes inserting at once; the processes are started once (each start imports MLflow)
+    rounds = [client.create_experiment(f"race-{k}") for k in range(3)]
+    runs = [[client.create_run(experiment).info.run_id for experiment in rounds] for _ in range(6)]
     ctx = multiprocessing.get_context("spawn")
-    for attempt in range(3):  # the race is timing-dependent: three fresh experiments
-        experiment = client.create_experiment(f"race-{attempt}")
-        runs = [client.create_run(experiment).info.run_id for _ in range(6)]
-        barrier = ctx.Barrier(len(runs))
-        procs = [ctx.Process(target=_log_same_dataset, args=(uri, r, str(source), barrier)) for r in runs]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(120)
-        assert [p.exitcode for p in procs] == [0] * len(runs)
-        for r in runs:
-            assert [d.dataset.name for d in client.get_run(r).inputs.dataset_inputs] == ["calibration"]
+    barrier = ctx.Barrier(len(runs))
+    procs = [ctx.Process(target=_log_same_dataset, args=(uri, ids, str(source), barrier)) for ids in runs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * len(runs)
+    for r in (r for ids in runs for r in ids):
+        assert [d.dataset.name for d in client.get_run(r).inputs.dataset_inputs] == ["calibration"]

@@ -123,11 +123,10 @@ def test_a_live_registry_lock_times_out_with_a_tracking_error(tracking_uri: str)
 
 @pytest.mark.parametrize("value", ["0", "-64"])
 def test_calibrate_memory_mb_must_be_positive(
-    digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+    digits_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
 ) -> None:
-    args = run_args(
-        digits_copy / "pipeline.yaml", tracking_uri, tmp_path / "s.json", f"steps.calibrate.memory_mb={value}"
-    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = run_args(digits_copy / "pipeline.yaml", uri, tmp_path / "s.json", f"steps.calibrate.memory_mb={value}")
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"steps.calibrate.memory_mb: expected a positive number of MB, got {value}" in err
