@@ -76,7 +76,17 @@ def main() -> None:
     from data import crops
     from peers import ort_quantize_static, ort_static_variants
 
-    from pipeline import bias_correction, equalization, layers, recovery, runtime, scoring, shift, smoothing
+    from pipeline import (
+        bias_correction,
+        equalization,
+        layers,
+        recovery,
+        runtime,
+        scoring,
+        shift,
+        smoothing,
+        weight_rounding,
+    )
     from pipeline.calibration.calibrator import calibrate, rethreshold
     from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 
@@ -135,6 +145,18 @@ def main() -> None:
         shifted_models[method], shifted_s[method] = shifted, calibration_s + time.perf_counter() - start
         row(f"int8pipe {method} + shift_activations ({count} Conv inputs), bias correction", shifted,
             shifted_s[method])  # fmt: skip
+    gptq_models, gptq_s = {}, {}
+    for method, shifted_too in (("mse", False), ("percentile", True)):  # steps.quantize.weight_rounding: gptq
+        ranges = rethreshold(cal.ranges, cal.histograms, method, 99.99)
+        start = time.perf_counter()
+        rounded = quantize(fp32, ranges.amax(), QuantizeOptions(target="tensorrt"))
+        count, _ = weight_rounding.round_weights(fp32, rounded, crops(args.samples, 32), 128)
+        if shifted_too:
+            shift.shift_inputs(rounded, {k: (v.min, v.max) for k, v in ranges.tensors.items()})
+        bias_correction.correct(fp32, rounded, crops(args.samples, 32), 128)
+        name = f"{method}{' + shift_activations' if shifted_too else ''} + GPTQ weight rounding ({count} Convs)"
+        gptq_models[method], gptq_s[method] = rounded, calibration_s + time.perf_counter() - start
+        row(f"int8pipe {name}, bias correction", rounded, gptq_s[method])
     row("int8pipe mse without bias correction", plain["mse"], calibration_s)
     row("int8pipe entropy without bias correction (the first default)", plain["entropy"], calibration_s)
     # recovery as validate.recover runs it, on the selection crops: agreement, max_drop 0.05, at most
@@ -146,6 +168,7 @@ def main() -> None:
     for name, qdq, before_s in (
         ("default", models["mse"], corrected_s["mse"]),
         ("percentile + shift_activations", shifted_models["percentile"], shifted_s["percentile"]),
+        ("percentile + shift_activations + GPTQ", gptq_models["percentile"], gptq_s["percentile"]),
     ):
         start = time.perf_counter()
         first = scorer.first(runtime.session(qdq.SerializeToString(), optimize=False))

@@ -234,7 +234,7 @@ def main() -> None:
     if args.size % 32:
         sys.exit(f"--size {args.size}: the detector downsamples by 32; use a multiple of 32.")
 
-    from pipeline import bias_correction, shift, smoothing
+    from pipeline import bias_correction, shift, smoothing, weight_rounding
     from pipeline.calibration.calibrator import calibrate, rethreshold
     from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 
@@ -308,6 +308,17 @@ def main() -> None:
         bias_correction.correct(fp32, shifted, batches(x_cal), 128)
         row(f"int8pipe {method} + shift_activations ({count} Conv inputs), bias correction", shifted,
             calibration_s + time.perf_counter() - start)  # fmt: skip
+    for method, shifted_too in (("mse", False), ("mse", True)):  # steps.quantize.weight_rounding: gptq
+        progress(f"int8pipe: {method}{', shifted activations' if shifted_too else ''}, GPTQ, bias correction")
+        ranges = rethreshold(cal.ranges, cal.histograms, method, 99.99)
+        start = time.perf_counter()
+        rounded = quantize(fp32, ranges.amax(), QuantizeOptions(target="tensorrt"))
+        count, _ = weight_rounding.round_weights(fp32, rounded, batches(x_cal), 128)
+        if shifted_too:
+            shift.shift_inputs(rounded, {k: (v.min, v.max) for k, v in ranges.tensors.items()})
+        bias_correction.correct(fp32, rounded, batches(x_cal), 128)
+        name = f"{method}{' + shift_activations' if shifted_too else ''} + GPTQ weight rounding ({count} Convs)"
+        row(f"int8pipe {name}, bias correction", rounded, calibration_s + time.perf_counter() - start)
 
     progress("int8pipe: smoothing (alpha 0.5), mse, bias correction")
     start = time.perf_counter()

@@ -3,7 +3,8 @@
 ``mode: static`` (default): explicit Q/DQ built from ``ranges.json`` (never by calibrating again),
 optionally on an equalized model (pipeline.equalization) and smoothed layer inputs
 (pipeline.smoothing), whose changed tensors alone are calibrated here; nodes kept float by exclusion
-or role (pipeline.roles), then bias-corrected (pipeline.bias_correction). A model changed that way
+or role (pipeline.roles), Conv weights optionally re-rounded by GPTQ (pipeline.weight_rounding), inputs
+optionally shifted (pipeline.shift), then bias-corrected (pipeline.bias_correction). A model changed that way
 is handed on as ``float_model`` too: recovery reverts a node to *its* float weights. ``mode: dynamic``: ONNX Runtime's
 dynamic quantization (pipeline.dynamic), no ranges needed.
 """
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import onnx
 
-from pipeline import bias_correction, data, dynamic, equalization, shift, smoothing
+from pipeline import bias_correction, data, dynamic, equalization, shift, smoothing, weight_rounding
 from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
@@ -71,6 +72,10 @@ class QuantizeConfig:
     # the mean output shift of each INT8 Conv/Gemm, measured on calibration samples, folded into its bias
     bias_correction: bool = True
     bias_correction_samples: int = 128
+    # nearest: each weight to its nearest INT8 value; gptq: each Conv's weights rounded together for the
+    # least output error on calibration samples (pipeline/weight_rounding.py)
+    weight_rounding: Literal["nearest", "gptq"] = "nearest"
+    weight_rounding_samples: int = 128
 
     @property
     def activation_scheme(self) -> str:
@@ -123,6 +128,12 @@ class Quantize(Step):
             fail(ConfigError, f"steps.quantize.smoothing.alpha: expected a number in [0, 1], got {smooth.alpha}.")
         if smooth is not None and smooth.samples <= 0:
             fail(ConfigError, f"steps.quantize.smoothing.samples: expected a positive number, got {smooth.samples}.")
+        if cfg.weight_rounding_samples <= 0:
+            fail(
+                ConfigError,
+                f"steps.quantize.weight_rounding_samples: expected a positive number of samples, "
+                f"got {cfg.weight_rounding_samples}.",
+            )
         if cfg.bias_correction_samples <= 0:
             fail(
                 ConfigError,
@@ -154,12 +165,16 @@ class Quantize(Step):
         qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
         # excluded means float: also where an excluded node shares an input or weight with a quantized one
         qdq = keep_float_inputs(qdq, fp32, kept_float)
+        # before the shift and bias correction: both read the INT8 weights
+        seen = ranges.num_samples or cfg.weight_rounding_samples
+        rounded = self._round_weights(ctx, cfg, source, qdq, min(cfg.weight_rounding_samples, seen))
         if cfg.shift_activations:
             ctx.log_metrics({"shifted_inputs": len(shift.shift_inputs(qdq, observed))})
         # after the shift: it measures the grid used; on at most the samples calibration saw (a true progress total)
         seen = ranges.num_samples or cfg.bias_correction_samples
         corrected = self._correct_biases(ctx, cfg, source, qdq, min(cfg.bias_correction_samples, seen))
         self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
+        ctx.log_metrics({"gptq_rounded_nodes": rounded})
 
     @staticmethod
     def _calibration_batches(ctx: StepContext, model: onnx.ModelProto, what: str) -> Callable[[], Any] | None:
@@ -249,7 +264,8 @@ class Quantize(Step):
 
     def key_material(self, ctx: StepContext, cfg: QuantizeConfig) -> dict[str, Any]:
         src = ctx.pipeline.data.calibration
-        if not (cfg.bias_correction or cfg.smoothing) or cfg.mode == "dynamic" or src is None:
+        uses_data = cfg.bias_correction or cfg.smoothing or cfg.weight_rounding == "gptq"
+        if not uses_data or cfg.mode == "dynamic" or src is None:
             return {}
         return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
 
@@ -270,6 +286,18 @@ class Quantize(Step):
         memory_mb = getattr(calibrate, "memory_mb", bias_correction.DEFAULT_MEMORY_MB)
         changed, _ = bias_correction.correct(fp32, qdq, batches, samples, Layout.of(src), memory_mb)
         return changed
+
+    def _round_weights(
+        self, ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: int
+    ) -> int:
+        if cfg.weight_rounding != "gptq":
+            return 0
+        batches = self._calibration_batches(ctx, fp32, "GPTQ weight rounding")
+        if batches is None:
+            return 0
+        calibrate, src = ctx.pipeline.steps["calibrate"], ctx.pipeline.data.calibration
+        rounded, _ = weight_rounding.round_weights(fp32, qdq, batches(), samples, Layout.of(src), calibrate.memory_mb)
+        return rounded
 
 
 STEP = Quantize

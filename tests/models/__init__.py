@@ -524,3 +524,24 @@ def loud_and_quiet_branches() -> onnx.ModelProto:
         nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"y{i}"], name=f"b{i}"))
     nodes.append(helper.make_node("Sum", [f"y{i}" for i in range(10)], ["y"], name="sum"))
     return _model(nodes, [_t("x", ["batch", 80])], [_t("y", ["batch", 4])], inits)
+
+
+@register
+def stem_conv() -> onnx.ModelProto:
+    """x[N,3,9,9] -> Conv(8 ch, 3x3, stride 2, pads [1, 1, 0, 0], bias) -> y[N,8,4,4]: an image network's
+    first layer, its 27 weights per channel rounded on one grid, with padding on two sides only."""
+    rng = np.random.default_rng(33)
+    w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    b = rng.normal(size=8).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="stem", strides=[2, 2], pads=[1, 1, 0, 0])]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    return _model(nodes, [_t("x", ["batch", 3, 9, 9])], [_t("y", ["batch", 8, 4, 4])], inits)
+
+
+@register
+def dilated_grouped_conv() -> onnx.ModelProto:
+    """x[N,4,9,9] -> Conv(6 ch, 2 groups, 3x3, dilation 2, no padding) -> y[N,6,5,5]."""
+    w = np.random.default_rng(34).normal(size=(6, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="dilated", group=2, dilations=[2, 2])]
+    inits = [numpy_helper.from_array(w, "w")]
+    return _model(nodes, [_t("x", ["batch", 4, 9, 9])], [_t("y", ["batch", 6, 5, 5])], inits)
