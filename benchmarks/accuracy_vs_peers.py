@@ -174,7 +174,7 @@ def main() -> None:
         first = scorer.first(runtime.session(qdq.SerializeToString(), optimize=False))
         errors = layers.layer_errors(fp32, qdq, lambda: scorer.inputs(16), 16, False)
         result = recovery.recover(qdq, fp32, scorer, first, errors.candidates, 0.05, max_fp_nodes=4)
-        short = ", ".join(f"`{n.removesuffix('/Conv').strip('/')}`" for n in result.reverted)
+        short = ", ".join(f"`{n.removesuffix('/Conv').strip('/')}`" for n in result.reverted) or "none better"
         row(
             f"int8pipe {name} + recovery ({len(result.reverted)} Conv float: {short}; agreement "
             f"{first.int8:.3f} -> {result.scores.int8:.3f} on the selection crops, {result.stopped})",
