@@ -70,7 +70,9 @@ def convs(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Conv]:
         scale = numpy_helper.to_array(q_inits[dq.input[1]]).astype(np.float64).reshape(-1)
         if weight.ndim != 4 or np.any(zero != 0) or (scale.size > 1 and int(attribute(dq, "axis", 1)) != 0):
             continue  # not a 2-D Conv, asymmetric, or scales along another axis than the output channels'
-
+        if attribute(original, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
+            logger.info("quantize: GPTQ leaves %s rounded to nearest (auto_pad SAME_*)", original.name)
+            continue  # its padding depends on the input size; exporters write explicit pads
         out.append(_Conv(original, weight, dq.input[0], np.broadcast_to(scale, weight.shape[:1]).copy()))
     return out
 
@@ -78,14 +80,12 @@ def convs(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Conv]:
 def receptive_fields(x: np.ndarray, node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
     """The rows a Conv multiplies with its weights: (groups, positions, C/group·kh·kw), one sample ``x`` (C, H, W).
 
-    Row order matches ``weight[o].reshape(-1)`` (channel, kernel row, kernel column)."""
+    Row order matches ``weight[o].reshape(-1)`` (channel, kernel row, kernel column). Explicit pads only."""
     _, per_group, kh, kw = weight.shape
     groups = int(attribute(node, "group", 1))
     sh, sw = attribute(node, "strides", [1, 1])
     dh, dw = attribute(node, "dilations", [1, 1])
     top, left, bottom, right = attribute(node, "pads", [0, 0, 0, 0])
-    if attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise ValueError("auto_pad SAME is not supported")  # the exporters this pipeline runs write pads
     padded = np.pad(x, ((0, 0), (top, bottom), (left, right)))
     span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
     windows = sliding_window_view(padded, span, axis=(1, 2))[:, ::sh, ::sw, ::dh, ::dw]  # C Ho Wo kh kw
@@ -104,8 +104,8 @@ def second_moments(
 ) -> tuple[dict[str, np.ndarray], int]:
     """Per Conv, H = Σ x xᵀ over the receptive fields of the first ``samples`` samples: (groups, D, D).
 
-    Held in float32 for every Conv at once: Σ groups·D² · 4 bytes, D = C/group·kh·kw (EfficientNet-Lite0:
-    7 MB; a 3×3 Conv over 512 channels alone: 85 MB)."""
+    Held in float32 for every Conv at once: Σ groups·D² · 4 bytes, D = C/group·kh·kw (a 3×3 Conv over
+    512 channels alone: 85 MB)."""
     from pipeline import runtime
 
     layout = layout or Layout()

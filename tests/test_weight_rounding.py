@@ -143,3 +143,18 @@ def test_weight_rounding_samples_must_be_positive(
         capsys.readouterr().err
     )
     assert not (tmp_path / "mlflow.db").exists()  # refused before any run
+
+
+def test_a_conv_with_implicit_padding_keeps_nearest_rounding() -> None:
+    fp32 = build("stem_conv")
+    node = fp32.graph.node[0]
+    del node.attribute[:]
+    node.attribute.extend(
+        [onnx.helper.make_attribute("strides", [2, 2]), onnx.helper.make_attribute("auto_pad", "SAME_UPPER")]
+    )
+    x = _smooth_images(64, 3)
+    amax = float(np.abs(x).max())
+    qdq = quantize(fp32, {"x": amax}, QuantizeOptions(target="tensorrt"), {"x": (-amax, amax)})
+    before, _ = _dequantized_weight(qdq)
+    assert weight_rounding.round_weights(fp32, qdq, [{"x": x}], samples=64) == (0, 0)
+    np.testing.assert_array_equal(_dequantized_weight(qdq)[0], before)
