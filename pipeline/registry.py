@@ -199,16 +199,15 @@ def serving_requirements() -> list[str]:
 
     MLflow infers the same list when it is not given, by loading the model in a subprocess and
     scanning every installed distribution: seconds per promotion. MLflow adds its own pin."""
-    ort = next((d for d in ORT_DISTRIBUTIONS if _installed(d)), "onnxruntime")
-    return [f"{d}=={importlib.metadata.version(d)}" for d in ("numpy", "onnx", ort) if _installed(d)]
+    ort = next((d for d in ORT_DISTRIBUTIONS if _version(d)), "onnxruntime")
+    return [f"{d}=={v}" for d in ("numpy", "onnx", ort) if (v := _version(d))]
 
 
-def _installed(distribution: str) -> bool:
+def _version(distribution: str) -> str | None:
     try:
-        importlib.metadata.version(distribution)
+        return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+        return None
 
 
 def promote_model(

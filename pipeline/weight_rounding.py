@@ -16,6 +16,7 @@ FP32 model's own Conv inputs; bias correction, run afterwards, measures the roun
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,10 +53,7 @@ def convs(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Conv]:
     q_inits = {i.name: i for i in qdq.graph.initializer}
     f_inits = {i.name: i for i in fp32.graph.initializer}
     originals = {n.name: n for n in fp32.graph.node if n.name and n.op_type == "Conv"}
-    uses: dict[str, int] = {}
-    for node in qdq.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = Counter(name for node in qdq.graph.node for name in node.input)
     out = []
     for node in qdq.graph.node:
         original = originals.get(node.name)
@@ -63,7 +61,7 @@ def convs(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Conv]:
         if original is None or dq is None or dq.op_type != "DequantizeLinear" or original.input[1] not in f_inits:
             continue
         values = q_inits.get(dq.input[0])
-        if values is None or values.data_type != TensorProto.INT8 or uses.get(dq.input[0], 0) != 1:
+        if values is None or values.data_type != TensorProto.INT8 or uses[dq.input[0]] != 1:
             continue  # activations, uint8 weights, or an initializer another node reads too
         zero = numpy_helper.to_array(q_inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1)
         weight = numpy_helper.to_array(f_inits[original.input[1]])
@@ -130,8 +128,12 @@ def second_moments(
             x = np.asarray(got[conv.node.input[0]], np.float32)
             for sample in x[:n]:  # one sample at a time: a k×k Conv's fields are k² times its input
                 rows = receptive_fields(sample, conv.node, conv.weight)
-                h = np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)
-                sums[conv.node.name] = sums[conv.node.name] + h if conv.node.name in sums else h
+                h = np.matmul(rows.transpose(0, 2, 1), rows)
+                total = sums.get(conv.node.name)
+                if total is None:
+                    sums[conv.node.name] = h.astype(np.float64)
+                else:
+                    total += h  # in place: a large Conv's H is tens of MB, and this runs per sample
         seen += n
     return sums, seen
 
