@@ -158,3 +158,27 @@ def test_a_conv_with_implicit_padding_keeps_nearest_rounding() -> None:
     before, _ = _dequantized_weight(qdq)
     assert weight_rounding.round_weights(fp32, qdq, [{"x": x}], samples=64) == (0, 0)
     np.testing.assert_array_equal(_dequantized_weight(qdq)[0], before)
+
+
+def test_without_calibration_samples_it_warns_and_rounds_to_nearest(
+    tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Calibrated from a TensorRT cache, a pipeline has no samples to take H from: the step says so
+    and keeps nearest rounding instead of failing."""
+    onnx.save(build("stem_conv"), str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "cal.npz", x=_smooth_images(64, 4))
+
+    def pipeline(data: dict, calibrate: dict) -> Path:
+        path = tmp_path / "pipeline.yaml"
+        steps = {"export": {}, "calibrate": calibrate, "quantize": {"weight_rounding": "gptq"}}
+        path.write_text(yaml.safe_dump({"name": "wr", "model": {"onnx": "model.onnx"}, "data": data, "steps": steps}))
+        return path
+
+    client = MlflowClient(tracking_uri)
+    first = run_pipeline(pipeline({"calibration": {"npz": "cal.npz"}}, {}), tracking_uri, tmp_path)
+    assert client.get_run(first["steps"]["quantize"]).data.metrics["gptq_rounded_nodes"] == 1
+    cache = client.download_artifacts(first["steps"]["calibrate"], "calibration", str(tmp_path))
+    capsys.readouterr()
+    second = run_pipeline(pipeline({}, {"from_cache": str(Path(cache) / "calibration.cache")}), tracking_uri, tmp_path)
+    assert "no GPTQ weight rounding (it needs data.calibration samples)" in capsys.readouterr().err
+    assert client.get_run(second["steps"]["quantize"]).data.metrics["gptq_rounded_nodes"] == 0
