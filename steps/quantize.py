@@ -269,22 +269,14 @@ class Quantize(Step):
             return {}
         return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
 
-    @staticmethod
     def _correct_biases(
-        ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: int
+        self, ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: int
     ) -> int:
-        src = ctx.pipeline.data.calibration
-        if not cfg.bias_correction:
+        batches = self._calibration_batches(ctx, fp32, "bias correction") if cfg.bias_correction else None
+        if batches is None:
             return 0
-        if src is None:  # calibrated from a cache: no samples to measure the shift on
-            logger.info("quantize: no bias correction (it needs data.calibration samples)")
-            return 0
-        calibrate = ctx.pipeline.steps.get("calibrate")
-        batch_size = getattr(calibrate, "batch_size", 32)
-        specs = onnx_model.input_specs(fp32)
-        batches = data.batches(src, batch_size, specs, data.search_dirs(ctx.pipeline.base_dir), "data.calibration")
-        memory_mb = getattr(calibrate, "memory_mb", bias_correction.DEFAULT_MEMORY_MB)
-        changed, _ = bias_correction.correct(fp32, qdq, batches, samples, Layout.of(src), memory_mb)
+        calibrate, src = ctx.pipeline.steps["calibrate"], ctx.pipeline.data.calibration
+        changed, _ = bias_correction.correct(fp32, qdq, batches(), samples, Layout.of(src), calibrate.memory_mb)
         return changed
 
     def _round_weights(

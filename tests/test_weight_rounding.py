@@ -163,8 +163,8 @@ def test_a_conv_with_implicit_padding_keeps_nearest_rounding() -> None:
 def test_without_calibration_samples_it_warns_and_rounds_to_nearest(
     tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Calibrated from a TensorRT cache, a pipeline has no samples to take H from: the step says so
-    and keeps nearest rounding instead of failing."""
+    """Calibrated from a TensorRT cache, a pipeline has no samples to take H from (nor to measure
+    bias correction on): the step says so and keeps nearest rounding instead of failing."""
     onnx.save(build("stem_conv"), str(tmp_path / "model.onnx"))
     np.savez(tmp_path / "cal.npz", x=_smooth_images(64, 4))
 
@@ -180,5 +180,8 @@ def test_without_calibration_samples_it_warns_and_rounds_to_nearest(
     cache = client.download_artifacts(first["steps"]["calibrate"], "calibration", str(tmp_path))
     capsys.readouterr()
     second = run_pipeline(pipeline({}, {"from_cache": str(Path(cache) / "calibration.cache")}), tracking_uri, tmp_path)
-    assert "no GPTQ weight rounding (it needs data.calibration samples)" in capsys.readouterr().err
-    assert client.get_run(second["steps"]["quantize"]).data.metrics["gptq_rounded_nodes"] == 0
+    err = capsys.readouterr().err
+    assert "no GPTQ weight rounding (it needs data.calibration samples)" in err
+    assert "no bias correction (it needs data.calibration samples)" in err  # on by default: said too
+    metrics = client.get_run(second["steps"]["quantize"]).data.metrics
+    assert metrics["gptq_rounded_nodes"] == 0 and metrics["bias_corrected_nodes"] == 0
