@@ -249,7 +249,7 @@ def main() -> None:
     if args.width % 8:
         sys.exit(f"--width {args.width}: the recogniser downsamples the width by 8; use a multiple of 8.")
 
-    from pipeline import bias_correction, dynamic, runtime, shift, smoothing
+    from pipeline import bias_correction, dynamic, runtime, shift, smoothing, weight_rounding
     from pipeline.calibration.calibrator import DEFAULT_MEMORY_MB, calibrate
     from pipeline.keep_float import keep_float_inputs
     from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize, quantized_activations
@@ -326,9 +326,13 @@ def main() -> None:
     trt_s = time.perf_counter() - start
 
     def static(
-        opts: QuantizeOptions, cal: Any, smooth: tuple[list[str], float, str] | None = None, shifted: bool = False
+        opts: QuantizeOptions,
+        cal: Any,
+        smooth: tuple[list[str], float, str] | None = None,
+        shifted: bool = False,
+        gptq: bool = False,
     ) -> tuple[onnx.ModelProto, None]:
-        """Smoothing ``(op_types, alpha, method)``, Q/DQ, keep_float, shift_activations, bias correction."""
+        """Smoothing ``(op_types, alpha, method)``, Q/DQ, keep_float, GPTQ, shift_activations, bias correction."""
         tensors = dict(cal.ranges.tensors)
         source = fp32
         if smooth:
@@ -341,6 +345,9 @@ def main() -> None:
         observed = {k: (v.min, v.max) for k, v in tensors.items()}
         qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
         qdq = keep_float_inputs(qdq, fp32, float_nodes(fp32, opts))
+        if gptq:
+            rounded, _ = weight_rounding.round_weights(source, qdq, batches(x_cal), 128)
+            progress(f"GPTQ weight rounding: {rounded} Convs")
         if shifted:
             progress(f"shift_activations: {len(shift.shift_inputs(qdq, observed))} Conv inputs")
         changed, _ = bias_correction.correct(source, qdq, batches(x_cal), 128)
@@ -369,6 +376,10 @@ def main() -> None:
 
     name = "int8pipe static tensorrt + shift_activations (mse, bias correction)"
     built[name] = attempt(name, lambda: static(trt, cal_trt, shifted=True), trt_s)
+    name = "int8pipe static tensorrt + weight_rounding: gptq (mse, bias correction)"
+    built[name] = attempt(name, lambda: static(trt, cal_trt, gptq=True), trt_s)
+    name = "int8pipe static tensorrt + shift_activations + weight_rounding: gptq (mse, bias correction)"
+    built[name] = attempt(name, lambda: static(trt, cal_trt, shifted=True, gptq=True), trt_s)
 
     progress("int8pipe: calibrating (mse, every tensor) for target onnxruntime")
     start = time.perf_counter()
@@ -419,6 +430,7 @@ def main() -> None:
         progress(f"per-layer check of the default model on {args.layers} held-out samples")
         errs = layer_errors(fp32, default, lambda: batches(x_val[: args.layers]), args.layers, int8_optimize=False)
         print_layer_report(errs, "int8pipe static tensorrt (default)", 8)
+
 
 if __name__ == "__main__":
     main()
