@@ -156,6 +156,18 @@ class Scores:
             evaluation.per_sample(spec, self.outputs[primary], self.labels, ref),
         )
 
+    def gain_se(self, base: Scores) -> float | None:
+        """The standard error of ``self.int8 - base.int8``, two models scored on the same samples
+        (paired; built-in metrics only, like :attr:`drop_se`)."""
+        if self.metric.fn is not None or self.samples != base.samples:
+            return None
+        spec, primary = self.metric.spec, self.metric.outputs[0]
+        ref = self.reference[primary]
+        return evaluation.drop_standard_error(
+            evaluation.per_sample(spec, self.outputs[primary], self.labels, ref),
+            evaluation.per_sample(spec, base.outputs[primary], base.labels, ref),
+        )
+
     def cosines(self, name: str | None = None) -> np.ndarray:
         """Per-sample cosine of the INT8 and FP32 values of output ``name`` (default: the primary)."""
         name = name or self.metric.outputs[0]

@@ -321,3 +321,48 @@ def test_preselection_finds_the_node_whose_error_reaches_the_output(tmp_path: Pa
     first, *rest = result.candidates
     assert first["node"] == "b9" and all(first["sensitivity"] > 10 * abs(c["sensitivity"]) for c in rest)
     assert result.scores.drop < max_drop / 10
+
+
+def test_ranking_counts_a_gain_within_noise_as_a_tie(tmp_path: Path) -> None:
+    """On 64 samples a top-1 agreement gain of one sample is within two standard errors of zero: no
+    evidence, so "common" (a large error that never flips a top-1) ranks before "split" (a small error,
+    one flip) by the gain in output cosine. With twelve flips of 64, split's gain is evident and ranks
+    first although its cosine gain is the smaller."""
+    from pipeline.calibration.calibrator import calibrate
+    from pipeline.quantization import QuantizeOptions, quantize
+
+    fp32 = build("tied_scores")
+    path = tmp_path / "m.onnx"
+    onnx.save(fp32, str(path))
+    cal_x = np.random.default_rng(5).normal(size=(256, 8)).astype(np.float32)
+    cal = calibrate(path, lambda: iter([{"x": cal_x}]), "minmax")
+    qdq = quantize(fp32, cal.ranges.amax(), QuantizeOptions(target="tensorrt"))
+    pool = np.random.default_rng(6).normal(size=(20000, 8)).clip(-3, 3).astype(np.float32)
+    fp, q = (
+        runtime.run(runtime.session(m.SerializeToString(), "cpu", optimize=False), {"x": pool}, ["y"])[0]
+        for m in (fp32, qdq)
+    )
+    margin_fp, margin_q = fp[:, 0] - fp[:, 1], q[:, 0] - q[:, 1]
+    flips = pool[np.sign(margin_fp) != np.sign(margin_q)]  # INT8 picks the other class
+    sure = pool[np.abs(margin_fp) > 3 * np.abs(margin_fp - margin_q).max()]
+    assert len(flips) >= 12 and len(sure) >= 64
+
+    def ranked(flipped: int) -> list[dict[str, Any]]:
+        x = np.concatenate([flips[:flipped], sure[: 64 - flipped]])
+        metric = scoring.resolve_metric("agreement", None, ["y"], [])
+        scorer = scoring.Scorer(path, metric, lambda: iter([{"x": x}]), int8_optimize=False)
+        pair = [{"node": n, "op_type": "MatMul", "added_sqnr_db": 1.0} for n in ("split", "common")]
+        return recovery.recover(qdq, fp32, scorer, scorer.first(qdq), pair, 0.0, max_fp_nodes=1).candidates
+
+    one = ranked(1)
+    by_node = {c["node"]: c for c in one}
+    split, common = by_node["split"], by_node["common"]
+    assert split["gain"] == pytest.approx(1 / 64) and common["gain"] == 0.0
+    assert split["gain"] <= recovery.NOISE_SE * split["gain_se"]  # one sample of 64: noise
+    assert common["cosine_gain"] > split["cosine_gain"] > 0
+    assert [c["node"] for c in one] == ["common", "split"]  # by metric gain alone, split would lead
+
+    twelve = ranked(12)
+    assert [c["node"] for c in twelve] == ["split", "common"]
+    assert twelve[0]["gain"] == pytest.approx(12 / 64) and twelve[0]["gain"] > recovery.NOISE_SE * twelve[0]["gain_se"]
+    assert twelve[1]["cosine_gain"] > twelve[0]["cosine_gain"]

@@ -527,6 +527,31 @@ def loud_and_quiet_branches() -> onnx.ModelProto:
 
 
 @register
+def tied_scores() -> onnx.ModelProto:
+    """x[N,8] -> Mul(gain) -> MatMul "common" (two equal columns) + MatMul "split" -> Add -> y[N,2].
+
+    Two class scores. "common" reads x with channel 0 made 100x wider, which its weights ignore:
+    per-tensor INT8 leaves its other channels a few levels, a large error, but it adds the same value
+    to both classes and so never changes the top-1. "split" reads x as it is (a small error) and
+    alone decides which class wins: only its quantization flips a top-1, on samples near the tie.
+    """
+    rng = np.random.default_rng(29)
+    gain = np.ones(8, np.float32)
+    gain[0] = 100.0
+    common = np.repeat(rng.normal(size=(8, 1)).astype(np.float32), 2, axis=1)
+    common[0] = 0.0
+    split = rng.normal(size=(8, 2)).astype(np.float32)
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["h"], name="widen"),
+        helper.make_node("MatMul", ["h", "wc"], ["c"], name="common"),
+        helper.make_node("MatMul", ["x", "ws"], ["s"], name="split"),
+        helper.make_node("Add", ["c", "s"], ["y"], name="out"),
+    ]
+    inits = [numpy_helper.from_array(a, k) for a, k in [(gain, "gain"), (common, "wc"), (split, "ws")]]
+    return _model(nodes, [_t("x", ["batch", 8])], [_t("y", ["batch", 2])], inits)
+
+
+@register
 def stem_conv() -> onnx.ModelProto:
     """x[N,3,9,9] -> Conv(8 ch, 3x3, stride 2, pads [1, 1, 0, 0], bias) -> y[N,8,4,4]: an image network's
     first layer, its 27 weights per channel rounded on one grid, with padding on two sides only."""
