@@ -16,7 +16,7 @@ scoring against a cached FP32 reference; plain numerics, no tracking.
    gain within ``NOISE_SE`` standard errors of zero (paired, sample by sample) counts as a tie: on
    64 samples top-1 agreement moves in steps of 1/64, and flips of a few unsure samples otherwise
    outrank the cosine. On EfficientNet-Lite0 with GPTQ every candidate's agreement gain was -1 to -4
-   crops of 64, noise, and the node whose float kept the most cosine (5× the next) ranked 4th.
+   crops of 64, noise, and the node whose float kept the most cosine (twice the next) ranked 4th.
 3. Revert greedily in that order, one more node at a time, each model scored on the whole
    validation set, until the gate passes, ``max_fp_nodes`` nodes are float, the candidates run out
    or the time budget (checked before each evaluation) is spent.
