@@ -13,10 +13,12 @@ scoring against a cached FP32 reference; plain numerics, no tracking.
 2. Rank: keep each candidate alone in float and score the model on the first ``ranking_samples``
    validation samples; sort by metric gain (ties by the gain in output cosine to FP32, then by SQNR
    rank). One cheap evaluation per candidate instead of one full validation. A built-in metric's
-   gain within ``NOISE_SE`` standard errors of zero (paired, sample by sample) counts as a tie: on
-   64 samples top-1 agreement moves in steps of 1/64, and flips of a few unsure samples otherwise
-   outrank the cosine. On EfficientNet-Lite0 with GPTQ every candidate's agreement gain was -1 to -4
-   crops of 64, noise, and the node whose float kept the most cosine (twice the next) ranked 4th.
+   gain that is not significant counts as a tie: within :func:`noise_z` standard errors of zero
+   (paired, sample by sample), a two-sided test at 5% over all the candidates ranked together
+   (Bonferroni: among 8 candidates, one gain past 2 standard errors turns up by chance about one time
+   in three). On 64 samples top-1 agreement moves in steps of 1/64, and flips of a few unsure samples
+   otherwise outrank the cosine: on EfficientNet-Lite0 with GPTQ every candidate's agreement gain was
+   -1 to -4 crops of 64, and the node whose float kept the most cosine (twice the next) ranked 4th.
 3. Revert greedily in that order, one more node at a time, each model scored on the whole
    validation set, until the gate passes, ``max_fp_nodes`` nodes are float, the candidates run out
    or the time budget (checked before each evaluation) is spent.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import onnx
@@ -47,7 +50,7 @@ TIME_BUDGET = "time budget"
 EXHAUSTED = "candidates exhausted"
 MIN_CANDIDATES = 8
 SENSITIVITY_SAMPLES = 8
-NOISE_SE = 2.0  # a ranking gain smaller than this many standard errors is no evidence either way
+FAMILY_ERROR = 0.05  # chance that any of the ranked candidates' metric gains passes as real by noise alone
 
 
 @dataclass
@@ -230,16 +233,22 @@ def _rank(
                 n,
             )
         rows.append((row, k))
+    z = noise_z(sum(r["gain"] is not None for r, _ in rows))
     measured = sorted(
-        (r for r in rows if r[0]["gain"] is not None), key=lambda r: (-_evident(r[0]), -r[0]["cosine_gain"], r[1])
+        (r for r in rows if r[0]["gain"] is not None), key=lambda r: (-_evident(r[0], z), -r[0]["cosine_gain"], r[1])
     )
     return [r for r, _ in measured] + [r for r, _ in rows if r["gain"] is None]
 
 
-def _evident(row: dict[str, Any]) -> float:
-    """A candidate's metric gain, or 0.0 when it is within ``NOISE_SE`` standard errors of zero."""
+def noise_z(candidates: int) -> float:
+    """Standard errors a gain must pass to count, among ``candidates`` ranked together (1: 1.96, 8: 2.73)."""
+    return NormalDist().inv_cdf(1.0 - FAMILY_ERROR / (2 * max(candidates, 1)))
+
+
+def _evident(row: dict[str, Any], z: float) -> float:
+    """A candidate's metric gain, or 0.0 when it is within ``z`` standard errors of zero."""
     gain, se = row["gain"], row["gain_se"]
-    return 0.0 if se is not None and abs(gain) <= NOISE_SE * se else float(gain)
+    return 0.0 if se is not None and abs(gain) <= z * se else float(gain)
 
 
 def _greedy(
