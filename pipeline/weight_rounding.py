@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
-from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks, expose
 from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.model import attribute
@@ -108,21 +108,16 @@ def second_moments(
     from pipeline import runtime
 
     layout = layout or Layout()
-    model = onnx.ModelProto()
-    model.CopyFrom(fp32)
-    graph_inputs = {i.name for i in model.graph.input}
-    outputs = {o.name for o in model.graph.output}
+    graph_inputs = {i.name for i in fp32.graph.input}
     wanted = list(dict.fromkeys(c.node.input[0] for c in todo))
-    for name in wanted:
-        if name not in outputs and name not in graph_inputs:
-            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    sess = runtime.session(model.SerializeToString(), "cpu", optimize=False)
-    feed_names = [i.name for i in sess.get_inputs()]
     fetch = [n for n in wanted if n not in graph_inputs]
+    # Convs that read a graph input (a stem) need no inference at all
+    sess = runtime.session(expose(fp32, fetch), "cpu", optimize=False) if fetch else None
+    feed_names = [i.name for i in sess.get_inputs()] if sess is not None else []
     sums: dict[str, np.ndarray] = {}
     seen = 0
     for feeds, n in budgeted_chunks(fp32, batches, samples, layout, memory_mb, COPIES, "weight rounding"):
-        got = dict(zip(fetch, runtime.run(sess, {k: feeds[k] for k in feed_names}, fetch)))
+        got = dict(zip(fetch, runtime.run(sess, {k: feeds[k] for k in feed_names}, fetch))) if sess is not None else {}
         got.update({k: feeds[k] for k in wanted if k in graph_inputs})
         for conv in todo:
             x = np.asarray(got[conv.node.input[0]], np.float32)
