@@ -165,14 +165,17 @@ class Quantize(Step):
         qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
         # excluded means float: also where an excluded node shares an input or weight with a quantized one
         qdq = keep_float_inputs(qdq, fp32, kept_float)
-        # before the shift and bias correction: both read the INT8 weights
-        seen = ranges.num_samples or cfg.weight_rounding_samples
-        rounded = self._round_weights(ctx, cfg, source, qdq, min(cfg.weight_rounding_samples, seen))
+        # on at most the samples calibration saw (a true progress total)
+        seen = ranges.num_samples or max(cfg.weight_rounding_samples, cfg.bias_correction_samples)
+        rounded = corrected = 0
+        if cfg.weight_rounding == "gptq":  # before the shift and bias correction: both read the INT8 weights
+            samples = min(cfg.weight_rounding_samples, seen)
+            rounded = self._on_samples(ctx, weight_rounding.round_weights, "GPTQ weight rounding", source, qdq, samples)
         if cfg.shift_activations:
             ctx.log_metrics({"shifted_inputs": len(shift.shift_inputs(qdq, observed))})
-        # after the shift: it measures the grid used; on at most the samples calibration saw (a true progress total)
-        seen = ranges.num_samples or cfg.bias_correction_samples
-        corrected = self._correct_biases(ctx, cfg, source, qdq, min(cfg.bias_correction_samples, seen))
+        if cfg.bias_correction:  # after the shift: it measures the grid used
+            samples = min(cfg.bias_correction_samples, seen)
+            corrected = self._on_samples(ctx, bias_correction.correct, "bias correction", source, qdq, samples)
         self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
         ctx.log_metrics({"gptq_rounded_nodes": rounded})
 
@@ -269,27 +272,18 @@ class Quantize(Step):
             return {}
         return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
 
-    def _correct_biases(
-        self, ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: int
-    ) -> int:
-        batches = self._calibration_batches(ctx, fp32, "bias correction") if cfg.bias_correction else None
+    def _on_samples(
+        self, ctx: StepContext, fn: Callable[..., tuple[int, int]], what: str, fp32: onnx.ModelProto,
+        qdq: onnx.ModelProto, samples: int,
+    ) -> int:  # fmt: skip
+        """``fn(fp32, qdq, batches, samples, layout, memory_mb)`` (GPTQ, bias correction) on the calibration
+        samples, changing ``qdq`` in place; the nodes it changed, 0 when there are no samples."""
+        batches = self._calibration_batches(ctx, fp32, what)
         if batches is None:
             return 0
         calibrate, src = ctx.pipeline.steps["calibrate"], ctx.pipeline.data.calibration
-        changed, _ = bias_correction.correct(fp32, qdq, batches(), samples, Layout.of(src), calibrate.memory_mb)
-        return changed
-
-    def _round_weights(
-        self, ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: int
-    ) -> int:
-        if cfg.weight_rounding != "gptq":
-            return 0
-        batches = self._calibration_batches(ctx, fp32, "GPTQ weight rounding")
-        if batches is None:
-            return 0
-        calibrate, src = ctx.pipeline.steps["calibrate"], ctx.pipeline.data.calibration
-        rounded, _ = weight_rounding.round_weights(fp32, qdq, batches(), samples, Layout.of(src), calibrate.memory_mb)
-        return rounded
+        changed, _ = fn(fp32, qdq, batches(), samples, Layout.of(src), calibrate.memory_mb)
+        return int(changed)
 
 
 STEP = Quantize
