@@ -149,24 +149,21 @@ class Scores:
         returns one number, so None), see :func:`pipeline.evaluation.drop_standard_error`."""
         if self.metric.fn is not None:
             return None
-        spec, primary = self.metric.spec, self.metric.outputs[0]
-        ref = self.reference[primary]
-        return evaluation.drop_standard_error(
-            evaluation.per_sample(spec, ref, self.labels, ref),
-            evaluation.per_sample(spec, self.outputs[primary], self.labels, ref),
-        )
+        primary = self.metric.outputs[0]
+        return evaluation.drop_standard_error(self._hits(self.reference[primary]), self._hits(self.outputs[primary]))
 
     def gain_se(self, base: Scores) -> float | None:
         """The standard error of ``self.int8 - base.int8``, two models scored on the same samples
         (paired; built-in metrics only, like :attr:`drop_se`)."""
         if self.metric.fn is not None or self.samples != base.samples:
             return None
-        spec, primary = self.metric.spec, self.metric.outputs[0]
-        ref = self.reference[primary]
-        return evaluation.drop_standard_error(
-            evaluation.per_sample(spec, self.outputs[primary], self.labels, ref),
-            evaluation.per_sample(spec, base.outputs[primary], base.labels, ref),
-        )
+        primary = self.metric.outputs[0]
+        return evaluation.drop_standard_error(self._hits(self.outputs[primary]), self._hits(base.outputs[primary]))
+
+    def _hits(self, outputs: np.ndarray) -> np.ndarray:
+        """The built-in metric sample by sample for ``outputs`` of these samples (primary output)."""
+        ref = self.reference[self.metric.outputs[0]]
+        return evaluation.per_sample(self.metric.spec, outputs, self.labels, ref)
 
     def cosines(self, name: str | None = None) -> np.ndarray:
         """Per-sample cosine of the INT8 and FP32 values of output ``name`` (default: the primary)."""
