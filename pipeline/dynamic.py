@@ -23,6 +23,7 @@ from typing import Any
 
 import onnx
 
+from pipeline.cpu_kernels import SCHEMES, Scheme
 from pipeline.errors import ModelError, fail
 
 OP_TYPES = ["MatMul", "Gemm", "Gather"]
@@ -30,8 +31,13 @@ INTEGER_OPS = {"MatMulInteger", "ConvInteger"}
 
 
 def quantize_dynamic(
-    model: onnx.ModelProto, per_channel: bool, exclude_nodes: tuple[str, ...], exclude_op_types: tuple[str, ...]
+    model: onnx.ModelProto,
+    per_channel: bool,
+    exclude_nodes: tuple[str, ...],
+    exclude_op_types: tuple[str, ...],
+    scheme: Scheme = SCHEMES["int8"],
 ) -> onnx.ModelProto:
+    """``model`` with ORT's dynamic quantization, weights stored as ``scheme`` says (cpu_kernels)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
@@ -50,7 +56,8 @@ def quantize_dynamic(
                 dst,
                 op_types_to_quantize=[o for o in OP_TYPES if o not in exclude_op_types],
                 per_channel=per_channel,
-                weight_type=QuantType.QInt8,
+                reduce_range=scheme.reduce_range,
+                weight_type=QuantType.QUInt8 if scheme.uint8_weights else QuantType.QInt8,
                 nodes_to_exclude=list(exclude_nodes),
                 extra_options={"MatMulConstBOnly": True},
             )

@@ -1,7 +1,9 @@
 """Build the Q/DQ model from precomputed ranges with ONNX Runtime's quantization tooling.
 
 No calibration happens here: ranges come from ``ranges.json`` and are handed to ORT's
-``QDQQuantizer`` as ``TensorsData``. Weights are INT8, symmetric, per output channel (max |w|).
+``QDQQuantizer`` as ``TensorsData``. Weights are INT8, symmetric, per output channel (max |w|);
+for ORT's CPU kernels on a fleet with CPUs without VNNI they are 7-bit or uint8 instead
+(``QuantizeOptions.weights``, chosen by :mod:`pipeline.cpu_kernels`).
 Activations are per tensor, either symmetric INT8 (scale = amax/127, zero point 0: TensorRT's only
 scheme) or asymmetric UINT8 over the observed [min, max] clipped to [-amax, amax] (ONNX Runtime's
 default: a ReLU output that never goes negative gets all 256 levels instead of 128).
@@ -17,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from pipeline.cpu_kernels import SCHEMES
 from pipeline.errors import ModelError, fail
 from pipeline.log import logger
 from pipeline.model import FLOAT_TYPES, name_nodes, tensor_types
@@ -36,6 +39,7 @@ class QuantizeOptions:
     activations: str = "symmetric"  # symmetric (s8, zero point 0) | asymmetric (u8 with a zero point)
     activation_matmuls: bool = False  # quantize MatMuls of two activations (attention's Q·Kᵀ, P·V) too
     normalization: bool = False  # quantize normalization layers too (roles.NORMALIZATION_OPS; onnxruntime target)
+    weights: str = "int8"  # cpu_kernels.SCHEMES: int8 | int7 (reduce_range) | uint8; tensorrt takes int8 only
 
 
 def float_nodes(model: onnx.ModelProto, opts: QuantizeOptions) -> list[str]:
@@ -219,13 +223,16 @@ def quantize(
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     symmetric = opts.activations == "symmetric"
+    scheme = SCHEMES[opts.weights]
+    if scheme.uint8_weights and symmetric:
+        raise ValueError("ORT has no kernel for int8 activations with uint8 weights (cpu_kernels.PORTABLE)")
     bounds = activation_bounds(amax, observed, symmetric)
     ranges = TensorsData(
         CalibrationMethod.MinMax,
         {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in bounds.items()},
     )
     op_types = _op_types(model, opts)
-    extra: dict[str, Any] = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
+    extra: dict[str, Any] = {"ActivationSymmetric": symmetric, "WeightSymmetric": not scheme.uint8_weights}
     if opts.target == "tensorrt":
         extra.update(
             {
@@ -259,8 +266,8 @@ def quantize(
         quantizer = QDQQuantizer(
             model,
             opts.per_channel,
-            False,  # reduce_range: a workaround for pre-VNNI x86 kernels, not what TensorRT wants
-            QuantType.QInt8,  # weights
+            scheme.reduce_range,  # 7-bit weights: ORT's u8 x s8 kernels cannot saturate without VNNI
+            QuantType.QUInt8 if scheme.uint8_weights else QuantType.QInt8,  # weights
             QuantType.QInt8 if symmetric else QuantType.QUInt8,  # activations
             ranges,
             [],

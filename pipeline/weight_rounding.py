@@ -173,9 +173,12 @@ def round_weights(
         groups, out_ch = h.shape[0], conv.weight.shape[0]
         flat = conv.weight.reshape(out_ch, -1)
         per = out_ch // groups
+        # the quantizer's own range: 127, or 64 for 7-bit weights (cpu_kernels: int7 must not saturate)
+        limit = int(np.abs(numpy_helper.to_array(inits[conv.values]).astype(np.int32)).max())
         values = np.concatenate(
-            [gptq(flat[g * per : (g + 1) * per], conv.scale[g * per : (g + 1) * per], h[g]) for g in range(groups)]
-        )
+            [gptq(flat[g * per : (g + 1) * per], conv.scale[g * per : (g + 1) * per], h[g], limit)
+             for g in range(groups)]
+        )  # fmt: skip
         inits[conv.values].CopyFrom(numpy_helper.from_array(values.reshape(conv.weight.shape), conv.values))
     logger.info("quantize: GPTQ weight rounding on %d Convs from %d calibration samples", len(todo), seen)
     return len(todo), seen

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from pipeline import data, environment, plots, runtime
+from pipeline import cpu_kernels, data, environment, plots, runtime
 from pipeline import model as onnx_model
 from pipeline.context import StepContext
 from pipeline.errors import BackendUnavailable, ConfigError, fail
@@ -188,6 +188,7 @@ class Benchmark(Step):
             fail(ConfigError, "steps.benchmark: batch_sizes must be positive and iterations > 0.")
         env = environment.fingerprint()
         ctx.output("environment", "benchmark/environment.json").write_text(json.dumps(env, indent=1))
+        ctx.set_tags(cpu_kernels.tags(cpu_kernels.this_machine()))  # the int8 kernels the latencies were taken on
         models = {"fp32": ctx.input("fp32_model"), "int8": ctx.input("int8_model")}
         quantize = ctx.pipeline.steps.get("quantize")
         target = None if quantize is None or getattr(quantize, "mode", "static") == "dynamic" else quantize.target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -10,7 +11,7 @@ import onnx
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
-from pipeline import data
+from pipeline import cpu_kernels, data
 from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges
 from pipeline.context import StepContext
@@ -83,6 +84,7 @@ class Promote(Step):
             "int8pipe.gate": "passed" if validate is not None else "not run",
             "int8pipe.pipeline": ctx.pipeline.name,
         }
+        tags.update(cpu_tags(ctx))
         tags.update({f"int8pipe.run.{step}": run_id for step, run_id in ctx.upstream_runs.items()})
         tags.update({f"int8pipe.fp32_{k}": v for k, v in fp32_source(ctx).items()})
         for key in ("accuracy_drop", "int8_nodes", "fp_nodes", "cpu.int8.latency_p50_ms", "cpu.speedup"):
@@ -139,6 +141,23 @@ EVIDENCE = {
 def evidence(runs: dict[str, str]) -> list[tuple[str, str, str, str]]:
     """(name, run id, artifact path, file name) of each piece of evidence this pipeline produced."""
     return [(name, runs[step], path, file) for name, (step, path, file) in EVIDENCE.items() if step in runs]
+
+
+def cpu_tags(ctx: StepContext) -> dict[str, str]:
+    """Where the model was validated and, for ORT's CPU kernels, on which CPUs it computes the same."""
+    report = ctx.inputs.get("validation_report")
+    cap = json.loads(report.read_text()).get("cpu") if report is not None and report.is_file() else None
+    tags = {}
+    if cap is not None:
+        numerics = json.loads(report.read_text()).get("kernel_fidelity") or {}  # type: ignore[union-attr]
+        tags["int8pipe.validated_on"] = cpu_kernels.describe(cap)
+        tags["int8pipe.int8_numerics"] = numerics.get("gated_on", "exact")
+    quantize = ctx.pipeline.steps["quantize"]
+    if quantize.target == "onnxruntime":
+        tags["int8pipe.weight_scheme"] = quantize.weight_scheme.name
+        tags["int8pipe.cpu_fleet"] = ",".join(quantize.cpu_fleet or [cpu_kernels.ALL])
+        tags["int8pipe.cpu_portability"] = cpu_kernels.portability(quantize.weight_scheme, quantize.cpu_fleet, cap)
+    return tags
 
 
 def fp32_source(ctx: StepContext) -> dict[str, str]:

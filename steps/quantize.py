@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import onnx
 
-from pipeline import bias_correction, data, dynamic, equalization, shift, smoothing, weight_rounding
+from pipeline import bias_correction, cpu_kernels, data, dynamic, equalization, shift, smoothing, weight_rounding
 from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
@@ -76,12 +76,22 @@ class QuantizeConfig:
     # least output error on calibration samples (pipeline/weight_rounding.py)
     weight_rounding: Literal["nearest", "gptq"] = "nearest"
     weight_rounding_samples: int = 128
+    # target onnxruntime: the CPUs the model must compute the same on (pipeline/cpu_kernels.py ISAS);
+    # null: all of them. A CPU without VNNI in the list gets weights ORT's kernels cannot saturate.
+    cpu_fleet: list[str] | None = None
 
     @property
     def activation_scheme(self) -> str:
         if self.activations != "auto":
             return self.activations
         return "symmetric" if self.target == "tensorrt" else "asymmetric"
+
+    @property
+    def weight_scheme(self) -> cpu_kernels.Scheme:
+        """int8 for TensorRT; for ORT's CPU kernels the scheme that cannot saturate on ``cpu_fleet``."""
+        if self.target == "tensorrt":
+            return cpu_kernels.SCHEMES["int8"]
+        return cpu_kernels.choose(self.cpu_fleet, "asymmetric" if self.mode == "dynamic" else self.activation_scheme)
 
 
 class Quantize(Step):
@@ -116,6 +126,22 @@ class Quantize(Step):
                 "steps.quantize.mode: dynamic needs target: onnxruntime; TensorRT runs INT8 only from explicit "
                 "Q/DQ (mode: static).",
             )
+        if cfg.cpu_fleet is not None:
+            if cfg.target == "tensorrt":
+                fail(
+                    ConfigError,
+                    "steps.quantize.cpu_fleet: names the CPUs that run the model through ONNX Runtime's int8 "
+                    "kernels, but target is tensorrt (a GPU). Use target: onnxruntime, or drop cpu_fleet.",
+                )
+            allowed = [*cpu_kernels.ISAS, cpu_kernels.ALL]
+            unknown = [n for n in cfg.cpu_fleet if n not in allowed]
+            if unknown or not cfg.cpu_fleet:
+                what = f"unknown ISA {unknown[0]!r}" if unknown else "the list is empty"
+                fail(
+                    ConfigError,
+                    f"steps.quantize.cpu_fleet: {what}; "
+                    f"expected a list of {', '.join(allowed)} (null or [all]: every CPU, the safe default).",
+                )
         validate = pipeline.steps.get("validate")
         if cfg.mode == "dynamic" and validate is not None and getattr(validate, "recover", None):
             fail(
@@ -146,14 +172,14 @@ class Quantize(Step):
         fp32 = onnx_model.load(fp32_path, check=False)
         if cfg.mode == "dynamic":  # activation ranges are taken per batch at run time: nothing calibrated
             exclude = tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types)
-            int8 = dynamic.quantize_dynamic(fp32, cfg.per_channel, *exclude)
+            int8 = dynamic.quantize_dynamic(fp32, cfg.per_channel, *exclude, scheme=cfg.weight_scheme)
             self._finish(ctx, cfg, fp32_path, int8, dynamic.node_table(fp32, int8, cfg.per_channel), 0)
             return
         ranges = Ranges.read(ctx.input("ranges"))
         ranges.check_model(onnx_model.sha256(fp32_path), "steps.quantize")
         opts = QuantizeOptions(
             cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types), cfg.activation_scheme,
-            cfg.activation_matmuls, cfg.normalization,
+            cfg.activation_matmuls, cfg.normalization, cfg.weight_scheme.name,
         )  # fmt: skip
         tensors = dict(ranges.tensors)
         kept_float = float_nodes(fp32, opts)
@@ -248,13 +274,18 @@ class Quantize(Step):
                 f"{', '.join(ops[:20])}). Nothing would be gained, so no INT8 model is produced: check "
                 "steps.quantize.exclude, or use target: onnxruntime, which quantizes more op types.",
             )
+        scheme = cfg.weight_scheme
         logger.info(
-            "quantize: %d of %d nodes run in INT8 (target %s, %s)",
+            "quantize: %d of %d nodes run in INT8 (target %s, %s, %s)",
             int8,
             len(rows),
             cfg.target,
             "dynamic activation ranges" if cfg.mode == "dynamic" else f"{cfg.activation_scheme} activations",
+            f"weights {scheme.name}: {scheme.detail}",
         )
+        if cfg.target == "onnxruntime":
+            fleet = ",".join(cfg.cpu_fleet or [cpu_kernels.ALL])
+            ctx.set_tags({"int8pipe.cpu_fleet": fleet, "int8pipe.weight_scheme": scheme.name})
         ctx.log_metrics(
             {
                 "int8_nodes": int8,

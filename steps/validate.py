@@ -8,6 +8,10 @@ config, runs them, logs what they found and decides the gate.
 For ``target: tensorrt`` the INT8 model runs with graph optimisations off: ORT then executes each
 QuantizeLinear/DequantizeLinear in float, which is the arithmetic TensorRT performs. ORT's fused
 int8 kernels on x86 without VNNI saturate and would charge TensorRT for a CPU artefact.
+
+For ``target: onnxruntime`` the model is scored both ways, exact and through this CPU's fused
+kernels (:mod:`pipeline.kernel_fidelity`), and the gate reads the numerics it will be served with
+(:func:`pipeline.cpu_kernels.deployed_numerics`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import onnx
 
-from pipeline import data, evaluation, layers, plots, recovery, runtime, scoring
+from pipeline import cpu_kernels, data, evaluation, kernel_fidelity, layers, plots, recovery, runtime, scoring
 from pipeline import model as onnx_model
 from pipeline.calibration.collect import DEFAULT_MEMORY_MB, activation_sizes
 from pipeline.context import StepContext
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 
 
 WORST_NODES = 3  # quantized nodes the gate message names
+FIDELITY_SAMPLES = 16  # validation samples the layer-by-layer kernel check runs on
 UNSURE_WARN = 0.25  # share of unsure FP32 samples above which an agreement gate gets a warning
 
 
@@ -115,7 +120,11 @@ class Validate(Step):
         src = ctx.pipeline.data.validation
         assert src is not None
         target = ctx.pipeline.steps["quantize"].target
-        return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir)), "target": target}
+        key = {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir)), "target": target}
+        if target == "onnxruntime":  # ORT's int8 kernels compute differently per ISA: another CPU validates anew
+            cap = cpu_kernels.this_machine()
+            key["cpu"] = f"{cap['isa']} onnxruntime {cap['onnxruntime']}"
+        return key
 
     def _batches(self, ctx: StepContext, cfg: ValidateConfig, specs: data.Specs) -> Iterator[data.Batch]:
         src = ctx.pipeline.data.validation
@@ -161,11 +170,30 @@ class Validate(Step):
 
     def run(self, ctx: StepContext, cfg: ValidateConfig) -> None:
         fp32_path, int8_path = ctx.input("fp32_model"), ctx.input("int8_model")
-        exact = ctx.pipeline.steps["quantize"].target == "tensorrt"
+        quantize = ctx.pipeline.steps["quantize"]
+        cap = cpu_kernels.this_machine()
+        ctx.set_tags(cpu_kernels.tags(cap))
+        # TensorRT computes the Q/DQ arithmetic exactly; ORT's CPU kernels are checked against it
+        check_kernels = quantize.target == "onnxruntime"
+        numerics = cpu_kernels.deployed_numerics(quantize.weight_scheme, cap) if check_kernels else "exact"
+        exact = numerics == "exact"
+        ctx.set_tags({"int8pipe.int8_numerics": numerics})
         fp32_model = onnx_model.load(fp32_path, check=False)
         specs = onnx_model.input_specs(fp32_model)
         fp32 = runtime.session(fp32_path)
-        int8 = runtime.session(int8_path, optimize=not exact)
+        int8_model = onnx_model.load(int8_path, check=False)
+        # a dynamic model's MatMulInteger is a kernel even unoptimised: its exact twin computes it in float64
+        twin = kernel_fidelity.exact_twin(int8_model) if kernel_fidelity.is_dynamic(int8_model) else None
+        exact_session = runtime.session(twin.SerializeToString() if twin else int8_path, optimize=False)
+        kernel_session = runtime.session(int8_path, optimize=True) if check_kernels else None
+        int8 = exact_session if exact or kernel_session is None else kernel_session
+        if exact and check_kernels:
+            logger.warning(
+                "validate: this CPU (%s) saturates ORT's int8 kernels on %s weights, which steps.quantize.cpu_fleet "
+                "(%s) chose for CPUs that do not: the gate reads the exact arithmetic those CPUs compute, not "
+                "this machine's kernels.",
+                cap["isa"], quantize.weight_scheme.name, ",".join(quantize.cpu_fleet or [cpu_kernels.ALL]),
+            )  # fmt: skip
         names = [o.name for o in fp32.get_outputs()]
         # resolved before the long loop: a typo in a custom metric fails fast
         metric = scoring.resolve_metric(cfg.metric, cfg.output, names, data.search_dirs(ctx.pipeline.base_dir))
@@ -186,8 +214,12 @@ class Validate(Step):
                 "top1), or gate on metric: cosine.",
                 100 * unsure, evaluation.UNSURE_MARGIN,
             )  # fmt: skip
-        int8_model = onnx_model.load(int8_path, check=False)
-        errors = _layer_errors(cfg, scorer, fp32_model, int8_model, exact, sizing)
+        fidelity = None
+        if kernel_session is not None:
+            other = scorer.score(kernel_session if exact else exact_session)
+            sessions = (kernel_session, exact_session)
+            fidelity = self._fidelity(ctx, cfg, scorer, int8_model, twin, sessions, (scores, other), numerics)
+        errors = _layer_errors(cfg, scorer, fp32_model, twin if exact and twin else int8_model, exact, sizing)
         samples = scorer.kept
         result = None
         if cfg.recover is not None and not evaluation.gate_passed(scores.drop, cfg.max_drop):
@@ -204,7 +236,12 @@ class Validate(Step):
         ref, out = scores.reference[primary], scores.outputs[primary]
         cosines = scores.cosines()
         drop_se = scores.drop_se  # built-in metrics only: a custom one returns a single number
+        if fidelity is not None:
+            metrics_fidelity = {f"int8_{name}_exact": fidelity["exact"], f"int8_{name}_kernels": fidelity["kernels"],
+                                "kernel_drop": fidelity["exact"] - fidelity["kernels"],
+                                "kernel_departing_layers": len(fidelity["departing"])}  # fmt: skip
         metrics = {
+            **(metrics_fidelity if fidelity is not None else {}),
             f"fp32_{name}": scores.fp32,
             f"int8_{name}": scores.int8,
             "accuracy_drop": scores.drop,
@@ -237,6 +274,8 @@ class Validate(Step):
             "metric_receives": "dict" if metric.as_dict else "array",
             "fp32_unsure_share": unsure,  # class scores only: see evaluation.unsure_share
             "int8_execution": "exact Q/DQ in float (graph optimisations off)" if exact else "onnxruntime optimised",
+            "cpu": cap,  # the int8 capability of the machine that validated (cpu_kernels.this_machine)
+            "kernel_fidelity": fidelity,  # target onnxruntime: this CPU's int8 kernels against the exact arithmetic
             "metrics": metrics,
             "output_cosine": {
                 k: {"mean": float(c.mean()), "min": float(c.min())}
@@ -270,7 +309,55 @@ class Validate(Step):
                 name, scores.fp32, scores.int8, scores.drop, cfg.max_drop, errors.quantized_nodes, result,
                 cfg.recover, drop_se, scores.samples,
             )  # fmt: skip
+            if fidelity is not None and fidelity["departing"]:
+                message = kernels_note(name, fidelity, cap) + " " + message
             fail(GateFailed, message)
+
+    def _fidelity(
+        self, ctx: StepContext, cfg: ValidateConfig, scorer: scoring.Scorer, int8_model: onnx.ModelProto,
+        twin: onnx.ModelProto | None, sessions: tuple[Any, Any], scored: tuple[scoring.Scores, scoring.Scores],
+        numerics: str,
+    ) -> dict[str, Any]:  # fmt: skip
+        """This CPU's int8 kernels against the model's exact arithmetic: both scores, how far the model's
+        outputs differ on the first validation samples and, when beyond rounding, the layers where the
+        kernels' results depart."""
+        exact_scores, kernel_scores = scored if numerics == "exact" else scored[::-1]
+        samples = min(cfg.layer_samples, FIDELITY_SAMPLES)
+        feeds = list(scorer.inputs(samples))
+        names = [o.name for o in sessions[0].get_outputs()]
+        output_error = max(
+            kernel_fidelity.relative_error(np.concatenate(a), np.concatenate(b))
+            for a, b in zip(*(zip(*(s.run(names, f) for f in feeds)) for s in sessions))
+        )
+        rows = []
+        if output_error > kernel_fidelity.DEPARTS:  # the layer scan costs two sessions per layer: only when needed
+            logger.info("validate: the int8 kernels' outputs differ from the exact ones; comparing layer by layer")
+            rows = kernel_fidelity.compare(int8_model, twin, feeds)
+        departing = kernel_fidelity.first_departures(rows)
+        if rows:
+            ctx.log_table(rows, "validation/kernel_fidelity_table.json")
+        name = scorer.metric.name
+        if departing:
+            logger.warning(
+                "validate: this CPU's int8 kernels depart from the model's exact arithmetic, first at %s: %s "
+                "%.4f exact, %.4f through the kernels (table: validation/kernel_fidelity_table.json)",
+                ", ".join(departing), name, exact_scores.int8, kernel_scores.int8,
+            )  # fmt: skip
+        else:
+            logger.info(
+                "validate: this CPU's int8 kernels compute the model's exact arithmetic (outputs %.2g apart, "
+                "relative RMS, on %d samples; %s %.4f exact, %.4f through the kernels)",
+                output_error, samples, name, exact_scores.int8, kernel_scores.int8,
+            )  # fmt: skip
+        return {
+            "gated_on": numerics,
+            "exact": exact_scores.int8,
+            "kernels": kernel_scores.int8,
+            "output_relative_error": output_error,
+            "departing": departing,
+            "samples": samples,
+            "layers": rows,
+        }
 
     def _recover(
         self,
@@ -343,6 +430,16 @@ def _layer_errors(
         fp32, int8, lambda: scorer.inputs(cfg.layer_samples), cfg.layer_samples, not exact, scorer.layout,
         sizing.layer_chunk, sizing.groups,
     )  # fmt: skip
+
+
+def kernels_note(metric: str, fidelity: dict[str, Any], cap: dict[str, Any]) -> str:
+    """The sentence that tells a failed gate caused by this CPU's kernels from a model that lost accuracy."""
+    return (
+        f"The quantized model computes {metric} {fidelity['exact']:.4f} exactly, but this CPU's int8 kernels "
+        f"({cap['isa']}, onnxruntime {cap['onnxruntime']}) give {fidelity['kernels']:.4f}: their results depart from "
+        f"the exact arithmetic first at {', '.join(fidelity['departing'])}. That is the CPU, not the model: list "
+        "this CPU in steps.quantize.cpu_fleet (or leave it null, every CPU) so the weights cannot saturate."
+    )
 
 
 def gate_message(

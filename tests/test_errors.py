@@ -50,6 +50,18 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
             lambda d: d["steps"]["quantize"].update(target="tensorrt", activations="asymmetric"),
             "steps.quantize.activations: asymmetric needs target: onnxruntime",
         ),
+        (
+            lambda d: d["steps"]["quantize"].update(target="onnxruntime", cpu_fleet=["avx2", "avx3"]),
+            "steps.quantize.cpu_fleet: unknown ISA 'avx3'; expected a list of avx2, avx512bw, avx_vnni",
+        ),
+        (
+            lambda d: d["steps"]["quantize"].update(target="onnxruntime", cpu_fleet=[]),
+            "steps.quantize.cpu_fleet: the list is empty",
+        ),
+        (
+            lambda d: d["steps"]["quantize"].update(cpu_fleet=["avx2"]),
+            "steps.quantize.cpu_fleet: names the CPUs that run the model through ONNX Runtime",
+        ),
     ],
 )
 def test_config_errors_name_the_key(

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from mlflow import MlflowClient
 
+from pipeline import cpu_kernels
 from pipeline.calibration import flatbuffers_table, trt_cache
 from pipeline.cli import main
 from tests.conftest import DIGITS, run_pipeline
@@ -235,9 +236,48 @@ def test_onnxruntime_target_uses_asymmetric_uint8_activations(tmp_path: Path) ->
     report = mlflow.artifacts.download_artifacts(
         run_id=summary["steps"]["validate"], artifact_path="validation/report.json", tracking_uri=uri
     )
-    layers = json.loads(Path(report).read_text())["layers"]
+    report_json = json.loads(Path(report).read_text())
+    layers = report_json["layers"]
     assert {r["int8_value"] for r in layers} == {"dequantized", "float"}
     assert min(r["sqnr_db"] for r in layers) > 10  # no layer compared against a renamed, unclipped tensor
+    # the default fleet (every CPU): weights ORT's kernels cannot saturate, so this CPU's kernels
+    # compute the exact arithmetic, whatever its ISA, and the gate reads the kernels
+    w = next(inits[n.input[0]] for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+             and len(inits[n.input[0]].dims) == 4)  # fmt: skip
+    assert (w.data_type, cpu_kernels.PORTABLE["asymmetric"]) in ((onnx.TensorProto.UINT8, "uint8"),
+                                                                  (onnx.TensorProto.INT8, "int7"))  # fmt: skip
+    assert m["int8_top1_exact"] == m["int8_top1_kernels"] == m["int8_top1"]
+    assert m["kernel_departing_layers"] == 0 and report_json["kernel_fidelity"]["gated_on"] == "kernels"
+    client = MlflowClient(uri)
+    cap = cpu_kernels.this_machine()
+    for step in ("validate", "benchmark"):
+        tags = client.get_run(summary["steps"][step]).data.tags
+        assert tags["int8pipe.cpu.isa"] == cap["isa"] and tags["int8pipe.onnxruntime"] == cap["onnxruntime"]
+    version = client.get_model_version(summary["registered_model"]["name"], summary["registered_model"]["version"])
+    assert version.tags["int8pipe.validated_on"] == cpu_kernels.describe(cap)
+    assert version.tags["int8pipe.weight_scheme"] == cpu_kernels.PORTABLE["asymmetric"]
+    assert version.tags["int8pipe.cpu_fleet"] == "all"
+    assert "on every CPU of the fleet" in version.tags["int8pipe.cpu_portability"]
+
+
+def test_a_vnni_only_fleet_gets_full_8_bit_weights_and_says_so(tmp_path: Path) -> None:
+    """Where every CPU of the fleet sums in int32 the weights keep 8 bits; a CPU that saturates them
+    (this one, if it has no VNNI) is then no witness: the gate reads the exact arithmetic."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = ["steps.quantize.target=onnxruntime", "steps.quantize.cpu_fleet=[avx512_vnni, amx_int8]",
+                 "steps.promote.alias=null"]  # fmt: skip
+    summary = run_pipeline(DIGITS / "pipeline.yaml", uri, tmp_path, *overrides, "steps.benchmark.iterations=5")
+    client = MlflowClient(uri)
+    saturates = cpu_kernels.this_machine()["u8s8_saturates"]
+    tags = client.get_run(summary["steps"]["validate"]).data.tags
+    assert tags["int8pipe.int8_numerics"] == ("exact" if saturates else "kernels")
+    m = summary["metrics"]
+    assert m["int8_top1"] == (m["int8_top1_exact"] if saturates else m["int8_top1_kernels"])
+    assert m["accuracy_drop"] <= 0.01
+    version = client.get_model_version(summary["registered_model"]["name"], summary["registered_model"]["version"])
+    assert version.tags["int8pipe.weight_scheme"] == "int8"
+    assert "do not serve it there" in version.tags["int8pipe.cpu_portability"]
+    assert ("Validated only on int32 (VNNI-class)" in version.tags["int8pipe.cpu_portability"]) is not saturates
 
 
 def test_placement_note_names_why_tensorrt_placed_int8_is_slow_on_ort_cpu() -> None:

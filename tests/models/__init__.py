@@ -570,3 +570,17 @@ def dilated_grouped_conv() -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="dilated", group=2, dilations=[2, 2])]
     inits = [numpy_helper.from_array(w, "w")]
     return _model(nodes, [_t("x", ["batch", 4, 9, 9])], [_t("y", ["batch", 6, 5, 5])], inits)
+
+
+@register
+def saturating_conv() -> onnx.ModelProto:
+    """x[N,16,4,4] -> 1x1 Conv(4 ch, every weight of a channel equal) -> y.
+
+    Inputs near the top of their range times weights at the top of theirs: on x86 without VNNI ORT's
+    u8 x s8 kernels sum two products 255 x 127 = 64770 into int16 and saturate, whatever the pairing;
+    a channel of 7-bit or uint8 weights cannot. Channel k's weights are (k + 1) / 4, so each channel
+    is quantized to its own full range."""
+    w = np.repeat((np.arange(1, 5, dtype=np.float32) / 4)[:, None], 16, axis=1).reshape(4, 16, 1, 1)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    return _model(nodes, [_t("x", ["batch", 16, 4, 4])], [_t("y", ["batch", 4, 4, 4])],
+                  [numpy_helper.from_array(w, "w")])  # fmt: skip

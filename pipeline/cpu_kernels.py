@@ -1,0 +1,190 @@
+"""What ONNX Runtime's int8 CPU kernels compute on each instruction set, and the weight scheme that
+computes the same on every CPU of a fleet.
+
+A Q/DQ model is portable; the arithmetic of ORT's fused int8 kernels is not. ORT multiplies uint8
+activations (int8 activations are moved to uint8 by adding 128 first) by int8 weights:
+
+- x86 with AVX2 or AVX-512BW but without VNNI: ``vpmaddubsw`` multiplies pairs and sums each pair
+  into int16 *with saturation*: 2 x 255 x 127 = 64770 does not fit in 32767, so a layer whose inputs
+  and weights are both large loses the excess silently.
+- x86 with VNNI (AVX512-VNNI, AVX-VNNI, AMX-INT8) and arm64: four products summed straight into int32.
+  Nothing saturates; the kernels compute the exact integer arithmetic.
+
+Two weight schemes cannot saturate on any of them (``SCHEMES``): 7-bit weights (ORT's
+``reduce_range``: |w| <= 64, so a pair sums to at most 2 x 255 x 64 = 32640) and uint8 weights
+(ORT then runs its u8 x u8 kernels, which widen both operands to 16 bits and sum in int32).
+Which of them a fleet gets is measured, not assumed: ``benchmarks/cpu_portability.py``.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+INT16_MAX = 2**15 - 1
+INT32_MAX = 2**31 - 1
+ACTIVATION_MAX = 255  # what the u8 x s8 kernels multiply: uint8, or int8 shifted by 128
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One kind of CPU as ORT's int8 kernels see it."""
+
+    name: str
+    pair_sums_in_int16: bool  # u8 x s8 products summed two at a time into int16, saturating
+    detail: str
+
+
+ISAS: dict[str, Isa] = {
+    i.name: i
+    for i in (
+        Isa("avx2", True, "AVX2 without VNNI: vpmaddubsw sums u8 x s8 pairs in int16 and saturates"),
+        Isa("avx512bw", True, "AVX-512 without VNNI: the same vpmaddubsw, 512 bits wide, saturates"),
+        Isa("avx_vnni", False, "AVX-VNNI: vpdpbusd sums four u8 x s8 products in int32"),
+        Isa("avx512_vnni", False, "AVX512-VNNI: vpdpbusd sums four u8 x s8 products in int32"),
+        Isa("amx_int8", False, "AMX-INT8: tile multiplies accumulate in int32"),
+        Isa("arm64", False, "arm64 NEON: widening multiplies accumulate in int32"),
+        Isa("arm64_dotprod", False, "arm64 dot product (sdot/udot): four products summed in int32"),
+    )
+}
+ALL = "all"  # every ISA above: the fleet nobody has described
+# the /proc/cpuinfo flag that identifies each x86 ISA, best first (a VNNI CPU also has avx2)
+_X86_ORDER = (("amx_int8", "amx_int8"), ("avx512_vnni", "avx512_vnni"), ("avx_vnni", "avx_vnni"),
+              ("avx512bw", "avx512bw"), ("avx2", "avx2"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How weights are stored for ORT's int8 CPU kernels."""
+
+    name: str
+    weight_range: tuple[int, int]  # the integer levels a weight may take
+    uint8_weights: bool  # u8 x u8 kernels (widened to int16, summed in int32) instead of u8 x s8
+    reduce_range: bool  # ORT's option for 7-bit weights
+    detail: str
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("int8", (-127, 127), False, False, "8-bit symmetric int8 weights (saturates without VNNI)"),
+        Scheme("int7", (-64, 64), False, True, "7-bit int8 weights (reduce_range): cannot saturate"),
+        Scheme("uint8", (0, 255), True, False, "8-bit asymmetric uint8 weights (u8 x u8 kernels): cannot saturate"),
+    )
+}
+# The scheme a fleet with a CPU without VNNI gets. uint8 weights keep 8 bits but ORT has no int8-
+# activation x uint8-weight kernel, so symmetric (int8) activations fall back to int7.
+PORTABLE = {"asymmetric": "uint8", "symmetric": "int7"}
+
+
+def worst_sum(scheme: Scheme, isa: Isa) -> tuple[int, int]:
+    """(the largest |partial sum| the kernel forms, the largest its accumulator holds)."""
+    w = max(abs(v) for v in scheme.weight_range)
+    if scheme.uint8_weights:  # both operands widened to int16, pairs summed by vpmaddwd into int32
+        return 2 * ACTIVATION_MAX * w, INT32_MAX
+    if isa.pair_sums_in_int16:
+        return 2 * ACTIVATION_MAX * w, INT16_MAX
+    return 4 * ACTIVATION_MAX * w, INT32_MAX  # VNNI/dot product: four products into int32
+
+
+def saturates(scheme: Scheme, isa: Isa) -> bool:
+    total, limit = worst_sum(scheme, isa)
+    return total > limit
+
+
+def fleet(names: list[str] | None) -> list[Isa]:
+    """The ISAs of a ``cpu_fleet`` list (None or ``all``: every known ISA)."""
+    if not names or ALL in names:
+        return list(ISAS.values())
+    return [ISAS[n] for n in names]
+
+
+def choose(names: list[str] | None, activations: str) -> Scheme:
+    """The scheme with full 8-bit int8 weights where no CPU of the fleet can saturate, else the
+    portable one for these activations (``PORTABLE``)."""
+    isas = fleet(names)
+    if not any(saturates(SCHEMES["int8"], i) for i in isas):
+        return SCHEMES["int8"]
+    return SCHEMES[PORTABLE[activations]]
+
+
+def machine_isa(flags: set[str], machine: str) -> str | None:
+    """This CPU's entry in ``ISAS`` from its /proc/cpuinfo flags (None: an x86 older than AVX2)."""
+    if machine.lower() in ("aarch64", "arm64"):
+        return "arm64_dotprod" if "asimddp" in flags else "arm64"
+    return next((isa for isa, flag in _X86_ORDER if flag in flags), None)
+
+
+def this_machine() -> dict[str, Any]:
+    """The int8 capability of the machine this runs on: its ISA, the flags it was read from, whether
+    ORT's u8 x s8 kernels saturate here, and the ORT version."""
+    import onnxruntime
+
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+            elif key.strip() == "model name" and value.strip():
+                model = value.strip()
+    isa = machine_isa(flags, platform.machine())
+    known = {"avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
+    return {
+        "cpu": model,
+        "isa": isa or "unknown",
+        "int8_flags": sorted(flags & known),
+        # unknown x86 (pre-AVX2) kernels: counted as saturating, the cautious reading
+        "u8s8_saturates": ISAS[isa].pair_sums_in_int16 if isa else True,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def describe(cap: dict[str, Any]) -> str:
+    """One line for a tag: ``AMD EPYC; avx2 (u8 x s8 saturates in int16); onnxruntime 1.20.0``."""
+    kernels = "u8 x s8 saturates in int16" if cap["u8s8_saturates"] else "int32 dot products, exact"
+    return f"{cap['cpu']}; {cap['isa']} ({kernels}); onnxruntime {cap['onnxruntime']}"
+
+
+def tags(cap: dict[str, Any]) -> dict[str, str]:
+    """The run tags that say which int8 kernels a number was measured on."""
+    return {
+        "int8pipe.cpu": describe(cap),
+        "int8pipe.cpu.isa": cap["isa"],
+        "int8pipe.cpu.int8_flags": ",".join(cap["int8_flags"]) or "none",
+        "int8pipe.onnxruntime": cap["onnxruntime"],
+    }
+
+
+def deployed_numerics(scheme: Scheme, cap: dict[str, Any]) -> str:
+    """``kernels`` when this machine's int8 kernels compute what the fleet's do, else ``exact``: a
+    full 8-bit model (chosen only for a fleet without saturating CPUs) on a CPU that saturates is
+    judged on the exact arithmetic, which is what every CPU of its fleet computes."""
+    isa = ISAS.get(cap["isa"])
+    here = (
+        saturates(scheme, isa) if isa is not None else saturates(scheme, ISAS["avx2"])
+    )  # unknown: the cautious reading
+    return "exact" if here else "kernels"
+
+
+def portability(scheme: Scheme, names: list[str] | None, cap: dict[str, Any] | None) -> str:
+    """The registry version's answer to "does this model compute the same on every CPU I serve from?"."""
+    listed = ", ".join(i.name for i in fleet(names))
+    if scheme.name != "int8":
+        total, limit = worst_sum(scheme, ISAS["avx2"])
+        text = (
+            f"{scheme.detail}; worst-case partial sum {total} <= {limit} on CPUs without VNNI, so ORT's int8 "
+            f"kernels compute the exact arithmetic on every CPU of the fleet ({listed})."
+        )
+    else:
+        text = (
+            f"full 8-bit int8 weights for a fleet whose CPUs all sum in int32 ({listed}); on a CPU without "
+            "VNNI (AVX2, AVX-512BW) ORT's kernels saturate: do not serve it there."
+        )
+    if cap is not None and not cap["u8s8_saturates"] and scheme.name == "int8":
+        text += f" Validated only on int32 (VNNI-class) kernel numerics ({cap['isa']})."
+    return text
