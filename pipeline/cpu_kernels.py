@@ -13,7 +13,7 @@ activations (int8 activations are moved to uint8 by adding 128 first) by int8 we
 Two weight schemes cannot saturate on any of them (``SCHEMES``): 7-bit weights (ORT's
 ``reduce_range``: |w| <= 64, so a pair sums to at most 2 x 255 x 64 = 32640) and uint8 weights
 (ORT then runs its u8 x u8 kernels, which widen both operands to 16 bits and sum in int32).
-Which of them a fleet gets is measured, not assumed: ``benchmarks/cpu_portability.py``.
+Which of them a fleet gets was measured, not assumed (``PORTABLE``; ``benchmarks/cpu_portability.py``).
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("uint8", (0, 255), True, False, "8-bit asymmetric uint8 weights (u8 x u8 kernels): cannot saturate"),
     )
 }
-# The scheme a fleet with a CPU without VNNI gets. uint8 weights keep 8 bits but ORT has no int8-
-# activation x uint8-weight kernel, so symmetric (int8) activations fall back to int7.
-PORTABLE = {"asymmetric": "uint8", "symmetric": "int7"}
+# The scheme a fleet with a CPU without VNNI gets, by measurement (benchmarks/results/cpu_portability.md):
+# int7 ran as fast as int8 where uint8 weights took ORT's slow u8 x u8 kernels (3.7x the latency on the
+# PP-OCRv4 recogniser, AVX2), and ORT has no int8-activation x uint8-weight kernel at all.
+PORTABLE = "int7"
 
 
 def worst_sum(scheme: Scheme, isa: Isa) -> tuple[int, int]:
@@ -101,13 +102,11 @@ def fleet(names: list[str] | None) -> list[Isa]:
     return [ISAS[n] for n in names]
 
 
-def choose(names: list[str] | None, activations: str) -> Scheme:
-    """The scheme with full 8-bit int8 weights where no CPU of the fleet can saturate, else the
-    portable one for these activations (``PORTABLE``)."""
-    isas = fleet(names)
-    if not any(saturates(SCHEMES["int8"], i) for i in isas):
+def choose(names: list[str] | None) -> Scheme:
+    """Full 8-bit int8 weights where no CPU of the fleet can saturate them, else ``PORTABLE``."""
+    if not any(saturates(SCHEMES["int8"], i) for i in fleet(names)):
         return SCHEMES["int8"]
-    return SCHEMES[PORTABLE[activations]]
+    return SCHEMES[PORTABLE]
 
 
 def machine_isa(flags: set[str], machine: str) -> str | None:

@@ -91,7 +91,7 @@ class QuantizeConfig:
         """int8 for TensorRT; for ORT's CPU kernels the scheme that cannot saturate on ``cpu_fleet``."""
         if self.target == "tensorrt":
             return cpu_kernels.SCHEMES["int8"]
-        return cpu_kernels.choose(self.cpu_fleet, "asymmetric" if self.mode == "dynamic" else self.activation_scheme)
+        return cpu_kernels.choose(self.cpu_fleet)
 
 
 class Quantize(Step):

@@ -41,7 +41,7 @@ def test_dynamic_matmul_is_the_integer_arithmetic(per_channel: bool) -> None:
 def test_attention_roles() -> None:
     fp32 = build("tiny_attention")
     # the step's default fleet (every CPU): weights that cannot saturate ORT's MatMulInteger without VNNI
-    int8 = dynamic.quantize_dynamic(fp32, True, (), (), scheme=cpu_kernels.choose(None, "asymmetric"))
+    int8 = dynamic.quantize_dynamic(fp32, True, (), (), scheme=cpu_kernels.choose(None))
     onnx.checker.check_model(int8, full_check=True)
     rows = {r["node"]: r["precision"] for r in dynamic.node_table(fp32, int8, True)}
     assert {n for n, p in rows.items() if p == "int8"} == {"wq", "wk", "wv", "wo"}  # the weight MatMuls
