@@ -9,6 +9,8 @@ fused int8 kernels, with its batch-1 latency, beside ORT's quantize_static in th
   held-out crops (seed 1; calibration seed 0), as benchmarks/accuracy_vs_peers.py does.
 - ocr_rec: the PP-OCRv4 recogniser that ``pip install rapidocr-onnxruntime`` ships, scored as exact
   string agreement with FP32 (benchmarks/ocr_rec_vs_peers.py's text lines), static and dynamic mode.
+- minilm: all-MiniLM-L6-v2 exported as benchmarks/encoder_vs_peers.py does (its docstring says where
+  the weights come from), dynamic mode only, scored as the mean cosine of the pooled embeddings.
 
 Every int8pipe model is built as steps/quantize.py builds it for ``target: onnxruntime`` (mse ranges
 over every tensor, asymmetric uint8 activations, bias correction). "exact": ORT's graph optimisations
@@ -33,21 +35,31 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "examples" / "efficientnet_lite0")]
 
 Batches = Callable[[], Iterator[dict[str, np.ndarray]]]
+Samples = dict[str, np.ndarray]  # one array per model input, samples on the first axis
 
 
-def outputs(model: onnx.ModelProto, x: np.ndarray, optimize: bool) -> np.ndarray:
+def take(x: Samples, start: int, stop: int) -> Samples:
+    return {k: v[start:stop] for k, v in x.items()}
+
+
+def count(x: Samples) -> int:
+    return len(next(iter(x.values())))
+
+
+def outputs(model: onnx.ModelProto, x: Samples, optimize: bool) -> np.ndarray:
     from pipeline import runtime
 
     sess = runtime.session(model.SerializeToString(), optimize=optimize)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i : i + 16]})[0] for i in range(0, len(x), 16)])
+    fixed = sess.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) and fixed > 0 else 16  # an export with a fixed batch takes only it
+    return np.concatenate([sess.run(None, take(x, i, i + step))[0] for i in range(0, count(x), step)])
 
 
-def latency_ms(model: onnx.ModelProto, x: np.ndarray, iterations: int) -> float:
+def latency_ms(model: onnx.ModelProto, x: Samples, iterations: int) -> float:
     from pipeline import runtime
 
     sess = runtime.session(model.SerializeToString(), optimize=True, threads=1)
-    return float(np.median(runtime.time_session(sess, {sess.get_inputs()[0].name: x[:1]}, iterations, 5)))
+    return float(np.median(runtime.time_session(sess, take(x, 0, 1), iterations, 5)))
 
 
 def static_model(fp32: onnx.ModelProto, path: Path, batches: Batches, cal: Any, weights: str) -> onnx.ModelProto:
@@ -69,7 +81,7 @@ def ort_model(path: Path, folder: Path, batches: Batches, reduce_range: bool) ->
     return ort_quantize_static(path, folder / f"ort_rr{int(reduce_range)}.onnx", batches, reduce_range=reduce_range)
 
 
-def report(name: str, build: Callable[[], onnx.ModelProto], score: Callable[[np.ndarray], float], x: np.ndarray,
+def report(name: str, build: Callable[[], onnx.ModelProto], score: Callable[[np.ndarray], float], x: Samples,
            iterations: int) -> None:  # fmt: skip
     from pipeline import kernel_fidelity
 
@@ -82,7 +94,7 @@ def report(name: str, build: Callable[[], onnx.ModelProto], score: Callable[[np.
     seconds = time.perf_counter() - start
     exact_model = kernel_fidelity.exact_twin(model) if kernel_fidelity.is_dynamic(model) else model
     exact, kernels = score(outputs(exact_model, x, False)), score(outputs(model, x, True))
-    feeds = [{model.graph.input[0].name: x[:8]}]
+    feeds = [take(x, i, i + 1) for i in range(8)]
     rows = kernel_fidelity.compare(model, exact_model if exact_model is not model else None, feeds, max_probes=24)
     departing = kernel_fidelity.first_departures(rows, 1)
     print(
@@ -92,7 +104,7 @@ def report(name: str, build: Callable[[], onnx.ModelProto], score: Callable[[np.
     )
 
 
-def network(kind: str, folder: Path, n_val: int) -> tuple[Path, Batches, np.ndarray, Callable[[np.ndarray], float]]:
+def network(kind: str, folder: Path, n_val: int) -> tuple[Path, Batches, Samples, Callable[[np.ndarray], float]]:
     """(FP32 path, calibration batches, held-out inputs, score of outputs on them)."""
     if kind == "digits":
         cal = np.load(ROOT / "examples/digits/data/calibration.npz")["input"][:512]
@@ -103,13 +115,13 @@ def network(kind: str, folder: Path, n_val: int) -> tuple[Path, Batches, np.ndar
         path = folder / "digits.onnx"  # as the export step writes it: BatchNorm folded into the Convs
         prepare(onnx.load(str(ROOT / "examples/digits/model.onnx")), ExportConfig(), None, path, "model")
         return (path, lambda: ({"input": cal[i : i + 32]} for i in range(0, 512, 32)),
-                val["input"], lambda out: float((out.argmax(1) == labels).mean()))  # fmt: skip
+                {"input": val["input"]}, lambda out: float((out.argmax(1) == labels).mean()))  # fmt: skip
     if kind == "efficientnet":
         from accuracy_vs_ort import crop_array, fp32_model
         from data import crops
 
         path = fp32_model(folder, 256)
-        x = crop_array(n_val, 1)
+        x = {"input": crop_array(n_val, 1)}
         ref = outputs(onnx.load(str(path)), x, True).argmax(1)
         return path, lambda: crops(256, 32), x, lambda out: float((out.argmax(1) == ref).mean())
     if kind == "ocr_rec":
@@ -118,9 +130,28 @@ def network(kind: str, folder: Path, n_val: int) -> tuple[Path, Batches, np.ndar
 
         path = fixed_width(find_model(None, MODEL_FILE, "recogniser"), 320, folder)
         cal_lines, held_lines = text_lines()
-        x_cal, x = samples(cal_lines, 64, 320, seed=0), samples(held_lines, min(n_val, 96), 320, seed=1)
+        x_cal, x = samples(cal_lines, 64, 320, seed=0), {"x": samples(held_lines, min(n_val, 96), 320, seed=1)}
         ref = [decode(r) for r in outputs(onnx.load(str(path)), x, True)]
         return path, lambda: batches(x_cal), x, lambda out: float(np.mean([decode(o) == r for o, r in zip(out, ref)]))
+    if kind == "minilm":
+        import random
+
+        from encoder_vs_peers import find_model_dir, prepared, sentences, tokenize, torch_export
+
+        model_dir = find_model_dir(None)
+        torch_export(model_dir, False, folder / "raw.onnx")
+        path = folder / "fp32.onnx"
+        prepared(onnx.load(str(folder / "raw.onnx")), False, path)
+        texts = sentences()
+        random.Random(0).shuffle(texts)
+        x_cal, x = tokenize(model_dir / "tokenizer.json", texts[:128]), tokenize(model_dir / "tokenizer.json",
+                                                                              texts[128 : 128 + n_val])  # fmt: skip
+        ref = outputs(onnx.load(str(path)), x, True)
+
+        def cosine(out: np.ndarray) -> float:  # mean cosine of the pooled embeddings with FP32's
+            return float(((out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)).mean())
+
+        return path, lambda: (take(x_cal, i, i + 1) for i in range(128)), x, cosine
     raise SystemExit(f"unknown network {kind!r}")
 
 
@@ -148,10 +179,17 @@ def one_network(kind: str, args: argparse.Namespace) -> None:
     folder = Path(tempfile.mkdtemp(prefix=f"int8pipe-portability-{kind}-"))
     path, batches, x, score = network(kind, folder, args.validation)
     fp32 = onnx.load(str(path))
-    print(f"## {kind}: FP32 scores {score(outputs(fp32, x, True)):.4f} on {len(x)} held-out samples")
+    print(f"## {kind}: FP32 scores {score(outputs(fp32, x, True)):.4f} on {count(x)} held-out samples")
     print("| INT8 model | exact | kernels | layers departing | p50 ms | build s |")
     print("| --- | --- | --- | --- | --- | --- |")
     print(f"| FP32 | | | | {latency_ms(fp32, x, args.iterations):.3f} | |", flush=True)
+    if kind == "minilm":  # mode: dynamic, the README's recipe for transformers on ORT's CPU provider
+        for name, scheme in cpu_kernels.SCHEMES.items():
+            report(f"int8pipe dynamic, weights {name}",
+                   lambda s=scheme: dynamic.quantize_dynamic(fp32, True, (), (), scheme=s), score, x,
+                   args.iterations)  # fmt: skip
+        print()
+        return
     start = time.perf_counter()
     cal = calibrate(path, batches, "mse")
     print(f"<!-- calibration (mse, every tensor): {time.perf_counter() - start:.0f} s -->", flush=True)

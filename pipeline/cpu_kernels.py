@@ -64,13 +64,18 @@ class Scheme:
     uint8_weights: bool  # u8 x u8 kernels (widened to int16, summed in int32) instead of u8 x s8
     reduce_range: bool  # ORT's option for 7-bit weights
     detail: str
+    # depthwise Convs keep 8-bit weights: ORT's depthwise int8 kernel widens its operands and sums in
+    # int32, no pair sums (measured on AVX2 with worst-case inputs: tests/test_cpu_kernels.py)
+    depthwise_8bit: bool = False
 
 
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
         Scheme("int8", (-127, 127), False, False, "8-bit symmetric int8 weights (saturates without VNNI)"),
-        Scheme("int7", (-64, 64), False, True, "7-bit int8 weights (reduce_range): cannot saturate"),
+        Scheme("int7", (-64, 64), False, True, "7-bit int8 weights (reduce_range), 8-bit in depthwise Convs: "
+               "cannot saturate", depthwise_8bit=True),  # fmt: skip
+        Scheme("int7_all", (-64, 64), False, True, "7-bit int8 weights (reduce_range) everywhere: cannot saturate"),
         Scheme("uint8", (0, 255), True, False, "8-bit asymmetric uint8 weights (u8 x u8 kernels): cannot saturate"),
     )
 }

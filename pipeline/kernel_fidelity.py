@@ -3,8 +3,9 @@ layer by layer: "the model is fine, this CPU's kernels are not" versus "the mode
 
 - Static Q/DQ: the exact arithmetic is the same model with graph optimisations off (every Q/DQ in
   float); with them on, ORT fuses DequantizeLinear -> op -> QuantizeLinear into QLinearConv, QGemm...
-  A layer is read from the model cut after its QuantizeLinear (:func:`truncated`): a graph output or
-  an extra consumer on a quantized tensor would change what ORT fuses before it.
+  Each layer is run alone, as a small model from the quantized tensors it reads to its own
+  QuantizeLinear, whose output a probe DequantizeLinear reads (a quantized tensor that is a graph
+  output stops ORT from fusing the node that produces it).
 - Dynamic (MatMulInteger): always a kernel. :func:`exact_twin` computes each MatMulInteger as a
   float64 MatMul of the same integers (exact: sums stay far below 2**53); the original MatMul's
   output, which ORT's dynamic quantizer keeps as the name of the float result, is the probe.
@@ -26,7 +27,8 @@ from onnx import TensorProto, helper
 from pipeline import runtime
 
 DEPARTS = 0.02  # relative RMS error of a tensor, kernels vs exact, beyond which it departs
-MAX_PROBES = 48  # layer results compared at most (evenly spaced in graph order)
+MAX_PROBES = 64  # layer results compared at most (evenly spaced in graph order)
+DYNAMIC_UNIT = {"DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul"}  # one dynamic layer, run alone
 INTEGER_OPS = {"MatMulInteger", "ConvInteger"}
 
 
@@ -87,39 +89,6 @@ def probes(model: onnx.ModelProto) -> list[Probe]:
     ]
 
 
-def truncated(model: onnx.ModelProto, probe: Probe) -> onnx.ModelProto:
-    """``model`` cut after ``probe``'s tensor, which becomes the only output (dequantized for a
-    static probe). Everything after it is gone, so nothing new consumes it: adding a consumer or a
-    graph output to a quantized tensor changes what ORT fuses, which is what is being measured."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    needed, todo = set(), [probe.tensor]
-    while todo:
-        node = producer.get(todo.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            todo.extend(i for i in node.input if i)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    keep = [n for n in model.graph.node if id(n) in needed]
-    del out.graph.node[:]
-    out.graph.node.extend(keep)
-    del out.graph.output[:]
-    result = probe.tensor
-    if probe.scale is not None:
-        q = next(n for n in keep if n.op_type == "QuantizeLinear" and n.output[0] == probe.tensor)
-        result = f"{probe.tensor}_int8pipe_probe"
-        out.graph.node.append(helper.make_node("DequantizeLinear", [probe.tensor, *q.input[1:]], [result]))
-    out.graph.output.append(helper.make_value_info(result, onnx.TypeProto()))
-    used = {i for n in out.graph.node for i in n.input}
-    kept_inits = [i for i in out.graph.initializer if i.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept_inits)
-    kept_inputs = [i for i in out.graph.input if i.name in used]
-    del out.graph.input[:]
-    out.graph.input.extend(kept_inputs)
-    return out
-
-
 def _float_result(model: onnx.ModelProto, start: str) -> str | None:
     """Follow the single-consumer chain after a MatMulInteger (Cast, Mul by the scales, Add bias) to
     its last float tensor."""
@@ -141,28 +110,91 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return err / ref if ref > 0 else float(err > 0)
 
 
+def _walk(model: onnx.ModelProto, output: str, stop: set[str], through: Any) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes ``output`` is computed from, back to tensors in ``stop``, initializers, graph inputs or
+    tensors whose producer ``through(node)`` refuses; returns them in graph order with those inputs."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    seen: set[int] = set()
+    inputs: set[str] = set()
+    todo = [output]
+    while todo:
+        t = todo.pop()
+        node = producer.get(t)
+        if t in inits or not t:
+            continue
+        if node is None or (t in stop and t != output) or (t != output and not through(node)):
+            inputs.add(t)
+            continue
+        if id(node) not in seen:
+            seen.add(id(node))
+            todo.extend(node.input)
+    return [n for n in model.graph.node if id(n) in seen], inputs
+
+
+def _unit_model(
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: dict[str, np.ndarray], output: str
+) -> onnx.ModelProto:
+    """A model of ``nodes`` alone, reading ``inputs`` (their values give the types) and giving ``output``."""
+    used = {i for n in nodes for i in n.input}
+    graph = helper.make_graph(
+        nodes,
+        "unit",
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), None) for k, v in inputs.items()],
+        [helper.make_value_info(output, onnx.TypeProto())],
+        [i for i in model.graph.initializer if i.name in used],
+    )
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
 def compare(
     kernels_model: onnx.ModelProto,
     exact_model: onnx.ModelProto | None,
     feeds: list[dict[str, np.ndarray]],
     max_probes: int = MAX_PROBES,
 ) -> list[dict[str, Any]]:
-    """Per layer result, in graph order (at most ``max_probes``, evenly spaced): the relative RMS
-    error of this CPU's kernels against the exact arithmetic, the share of elements more than 1 LSB
-    off (static), and whether it departs. One pair of sessions per probe, each on a cut model.
+    """Per layer, in graph order (at most ``max_probes``, evenly spaced), on the exact values of its own
+    inputs: the relative RMS error of this CPU's kernels against the exact arithmetic, the share of
+    elements more than 1 LSB off (static), and whether it departs.
 
-    ``exact_model``: a dynamic model's :func:`exact_twin`; None for a Q/DQ model (run unoptimised)."""
+    Each layer runs alone (its quantized inputs, or a dynamic layer's float input, fed from one exact
+    run of the whole model), so an error is charged to the layer that makes it, not to every layer
+    after it. ``exact_model``: a dynamic model's :func:`exact_twin`; None for a Q/DQ model."""
     found = probes(kernels_model)
     if len(found) > max_probes:
         found = [found[round(k * (len(found) - 1) / (max_probes - 1))] for k in range(max_probes)]
+    exact_model = exact_model or kernels_model
+    quantized = {n.output[0] for n in kernels_model.graph.node if n.op_type == "QuantizeLinear"}
+    units = []
+    for p in found:
+        if p.scale is not None:  # static: back to the quantized tensors (and graph inputs) it reads
+            nodes, inputs = _walk(kernels_model, p.tensor, quantized, lambda n: True)
+        else:  # dynamic: the MatMulInteger, its run-time quantization and its rescaling
+            nodes, inputs = _walk(kernels_model, p.tensor, set(), lambda n: n.op_type in DYNAMIC_UNIT)
+        units.append((p, nodes, inputs))
+    wanted = sorted(set().union(*(u[2] for u in units))) if units else []
+    full = onnx.ModelProto()
+    full.CopyFrom(exact_model)
+    have = {o.name for o in full.graph.output}
+    full.graph.output.extend(helper.make_value_info(t, onnx.TypeProto()) for t in wanted if t not in have)
+    exact_run = runtime.session(full.SerializeToString(), optimize=False)
+    values = [dict(zip(wanted, exact_run.run(wanted, f))) for f in feeds] if wanted else [{} for _ in feeds]
     scales = {i.name: onnx.numpy_helper.to_array(i) for i in kernels_model.graph.initializer}
     rows = []
-    for p in found:
-        fast = runtime.session(truncated(kernels_model, p).SerializeToString(), optimize=True)
-        slow = runtime.session(truncated(exact_model or kernels_model, p).SerializeToString(), optimize=False)
-        names = {i.name for i in fast.get_inputs()}
-        pairs = [(fast.run(None, f2)[0], slow.run(None, f2)[0]) for f2 in ({k: v for k, v in f.items() if k in names}
-                                                                             for f in feeds)]  # fmt: skip
+    for p, nodes, inputs in units:
+        output = p.tensor
+        exact_nodes = _walk(exact_model, p.tensor, inputs, lambda n: True)[0]
+        if p.scale is not None:  # a probe DequantizeLinear: the quantized tensor must not be a graph output
+            q = next(n for n in nodes if n.op_type == "QuantizeLinear" and n.output[0] == p.tensor)
+            output = f"{p.tensor}_int8pipe_probe"
+            probe = helper.make_node("DequantizeLinear", [p.tensor, *q.input[1:]], [output])
+            nodes, exact_nodes = [*nodes, probe], [*exact_nodes, probe]
+        example = {k: values[0][k] for k in inputs}
+        fast = runtime.session(_unit_model(kernels_model, nodes, example, output).SerializeToString(), optimize=True)
+        slow = runtime.session(_unit_model(exact_model, exact_nodes, example, output).SerializeToString(),
+                               optimize=False)  # fmt: skip
+        pairs = [(fast.run(None, {k: v[k] for k in inputs})[0], slow.run(None, {k: v[k] for k in inputs})[0])
+                 for v in values]  # fmt: skip
         a = np.concatenate([x.reshape(-1) for x, _ in pairs]).astype(np.float64)
         b = np.concatenate([y.reshape(-1) for _, y in pairs]).astype(np.float64)
         rel = relative_error(a, b)

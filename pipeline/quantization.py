@@ -233,6 +233,10 @@ def quantize(
     )
     op_types = _op_types(model, opts)
     extra: dict[str, Any] = {"ActivationSymmetric": symmetric, "WeightSymmetric": not scheme.uint8_weights}
+    if scheme.reduce_range and scheme.depthwise_8bit:
+        # an override replaces the tensor's defaults: without its axis a per-channel weight turns per-tensor
+        keep = {"reduce_range": False, **({"axis": 0} if opts.per_channel else {})}
+        extra["TensorQuantOverrides"] = {w: [dict(keep)] for w in depthwise_weights(model)}
     if opts.target == "tensorrt":
         extra.update(
             {
@@ -287,6 +291,18 @@ def quantize(
         )
     finally:
         logging.getLogger().setLevel(level)
+    return out
+
+
+def depthwise_weights(model: onnx.ModelProto) -> list[str]:
+    """The weight initializers of depthwise Convs (one input channel per group)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if w is not None and len(w.dims) == 4 and group > 1 and w.dims[1] == 1:
+            out.append(w.name)
     return out
 
 

@@ -136,3 +136,27 @@ def test_fidelity_names_the_layer_a_disagreeing_model_departs_at() -> None:
     first = kernel_fidelity.first_departures(rows, 1)
     assert first == [order[0]]  # the twin's first MatMulInteger is the one altered
     assert rows[0]["relative_error"] == pytest.approx(1 / 3, rel=1e-3)  # |1 - 1.5| / 1.5
+
+
+def test_int7_keeps_depthwise_weights_8_bit_and_exact_on_this_cpu() -> None:
+    """ORT's depthwise int8 kernel does not sum pairs in int16: with every product at its maximum it
+    computes the exact arithmetic (on AVX2 this is the real check; with VNNI it holds trivially),
+    so int7 keeps depthwise weights at 8 bits and reduces only the others."""
+    amax = {"x": 1.0, "a": 9.0, "y": 72.0}
+    observed = {k: (0.0, v) for k, v in amax.items()}
+    x = np.random.default_rng(1).uniform(0.95, 1.0, size=(2, 8, 6, 6)).astype(np.float32)
+    saturates_here = cpu_kernels.this_machine()["u8s8_saturates"]
+    for scheme in ("int8", "int7", "int7_all"):
+        opts = QuantizeOptions(target="onnxruntime", activations="asymmetric", weights=scheme)
+        model = quantize(build("saturating_depthwise"), amax, opts, observed)
+        toposort(model)
+        onnx.checker.check_model(model, full_check=True)
+        levels = {i.name: int(np.abs(numpy_helper.to_array(i).astype(int)).max()) for i in model.graph.initializer
+                  if i.name in ("dw_quantized", "pw_quantized")}  # fmt: skip
+        assert levels == {"dw_quantized": 64 if scheme == "int7_all" else 127,
+                          "pw_quantized": 127 if scheme == "int8" else 64}  # fmt: skip
+        scales = {i.name: list(i.dims) for i in model.graph.initializer if i.name in ("dw_scale", "pw_scale")}
+        assert scales == {"dw_scale": [8], "pw_scale": [8]}  # both stay per channel
+        rows = {r["node"]: r["departs"] for r in kernel_fidelity.compare(model, None, [{"x": x}])}
+        assert rows["depthwise"] is False  # 8-bit depthwise weights never saturate
+        assert rows["pointwise"] is (scheme == "int8" and saturates_here)

@@ -584,3 +584,19 @@ def saturating_conv() -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
     return _model(nodes, [_t("x", ["batch", 16, 4, 4])], [_t("y", ["batch", 4, 4, 4])],
                   [numpy_helper.from_array(w, "w")])  # fmt: skip
+
+
+@register
+def saturating_depthwise() -> onnx.ModelProto:
+    """x[N,8,6,6] -> 3x3 depthwise Conv (every weight 1) -> 1x1 Conv (8 -> 8, every weight 1) -> y.
+
+    With inputs near their maximum every product is 255 x 127 in both Convs: the pointwise one sums
+    pairs past int16 on x86 without VNNI, the depthwise one (ORT's own kernel) does not."""
+    dw = np.ones((8, 1, 3, 3), np.float32)
+    pw = np.ones((8, 8, 1, 1), np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "dw"], ["a"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "pw"], ["y"], name="pointwise"),
+    ]
+    inits = [numpy_helper.from_array(dw, "dw"), numpy_helper.from_array(pw, "pw")]
+    return _model(nodes, [_t("x", ["batch", 8, 6, 6])], [_t("y", ["batch", 8, 6, 6])], inits)
