@@ -95,7 +95,7 @@ def report(name: str, build: Callable[[], onnx.ModelProto], score: Callable[[np.
     exact_model = kernel_fidelity.exact_twin(model) if kernel_fidelity.is_dynamic(model) else model
     exact, kernels = score(outputs(exact_model, x, False)), score(outputs(model, x, True))
     feeds = [take(x, i, i + 1) for i in range(8)]
-    rows = kernel_fidelity.compare(model, exact_model if exact_model is not model else None, feeds, max_probes=24)
+    rows = kernel_fidelity.compare(model, exact_model if exact_model is not model else None, feeds)
     departing = kernel_fidelity.first_departures(rows, 1)
     print(
         f"| {name} | {exact:.4f} | {kernels:.4f} | {sum(r['departs'] for r in rows)}/{len(rows)}"

@@ -158,8 +158,8 @@ DESCRIPTIONS = {
     "CPU, the default). ONNX Runtime's int8 kernels on x86 without VNNI (`avx2`, `avx512bw`) sum pairs of uint8 x "
     "int8 products in 16 bits and saturate; a fleet with such a CPU gets 7-bit weights (`reduce_range`; depthwise "
     "Convs, whose kernel sums in 32 bits, keep 8), which cannot. A fleet whose CPUs all have VNNI or arm64 dot "
-    "products keeps 8-bit weights. The scheme is tagged `int8pipe.weight_scheme` on the quantize run and the registry version. See the README's CPU portability "
-    "section.",
+    "products keeps 8-bit weights. The scheme is tagged `int8pipe.weight_scheme` on the quantize run and the "
+    "registry version. See the README's CPU portability section.",
     "steps.validate.metric": "`top1`, `top5` (need labels), `agreement` (top-1 agreement with FP32), `cosine`, "
     "or `package.module:function` called as `fn(outputs, labels, reference)`; higher is better.",
     "steps.validate.max_drop": "The gate: FP32 score - INT8 score may be at most this.",
