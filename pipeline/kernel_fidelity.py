@@ -160,7 +160,9 @@ def compare(
 
     Each layer runs alone, from the float tensors its quantized inputs are made of (or a dynamic
     layer's float input), fed from one exact run of the whole model: an error is charged to the layer
-    that makes it, not to every layer after it. ``exact_model``: a dynamic model's :func:`exact_twin`; None for a Q/DQ model."""
+    that makes it, not to every layer after it.
+
+    ``exact_model``: a dynamic model's :func:`exact_twin`; None for a Q/DQ model."""
     found = probes(kernels_model)
     if len(found) > max_probes:
         found = [found[round(k * (len(found) - 1) / (max_probes - 1))] for k in range(max_probes)]
