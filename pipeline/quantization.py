@@ -235,8 +235,8 @@ def quantize(
     extra: dict[str, Any] = {"ActivationSymmetric": symmetric, "WeightSymmetric": not scheme.uint8_weights}
     if scheme.reduce_range and scheme.depthwise_8bit:
         # an override replaces the tensor's defaults: without its axis a per-channel weight turns per-tensor
-        keep = {"reduce_range": False, **({"axis": 0} if opts.per_channel else {})}
-        extra["TensorQuantOverrides"] = {w: [dict(keep)] for w in depthwise_weights(model)}
+        eight_bit = {"reduce_range": False, **({"axis": 0} if opts.per_channel else {})}
+        extra["TensorQuantOverrides"] = {w: [dict(eight_bit)] for w in depthwise_weights(model)}
     if opts.target == "tensorrt":
         extra.update(
             {
