@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import ConfigError, fail
+from pipeline.facts import Facts
+from pipeline.facts import resolve as resolve_facts
 from pipeline.schema import from_mapping, to_mapping
 
 TORCH_DTYPES = ("float32", "float16", "int64", "int32", "bool")
@@ -115,6 +117,11 @@ class PipelineConfig:
 
     def step(self, name: str) -> Any:
         return self.steps.get(name)
+
+    @property
+    def facts(self) -> Facts:
+        """What several steps act on (target, weight scheme, memory budget...), from the steps' configs."""
+        return resolve_facts(self.steps)
 
     def resolved(self) -> dict[str, Any]:
         """The fully resolved configuration, defaults included (logged with every pipeline run).

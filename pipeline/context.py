@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
+    from pipeline.facts import Facts
     from pipeline.tracking import StepTracker
 
 
@@ -26,6 +27,11 @@ class StepContext:
     outputs: dict[str, Path] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)  # non-file results for the summary
+
+    @property
+    def facts(self) -> Facts:
+        """The pipeline-level facts (pipeline/facts.py): what a step may know of the others' configs."""
+        return self.pipeline.facts
 
     def input(self, name: str) -> Path:
         return self.inputs[name]

@@ -10,10 +10,10 @@ activations (int8 activations are moved to uint8 by adding 128 first) by int8 we
 - x86 with VNNI (AVX512-VNNI, AVX-VNNI, AMX-INT8) and arm64: four products summed straight into int32.
   Nothing saturates; the kernels compute the exact integer arithmetic.
 
-Two weight schemes cannot saturate on any of them (``SCHEMES``): 7-bit weights (ORT's
-``reduce_range``: |w| <= 64, so a pair sums to at most 2 x 255 x 64 = 32640) and uint8 weights
-(ORT then runs its u8 x u8 kernels, which widen both operands to 16 bits and sum in int32).
-Which of them a fleet gets was measured, not assumed (``PORTABLE``; ``benchmarks/cpu_portability.py``).
+7-bit weights cannot saturate on any of them (ORT's ``reduce_range``: |w| <= 64, so a pair sums to
+at most 2 x 255 x 64 = 32640). uint8 weights (ORT's u8 x u8 kernels) were measured too and are not
+chosen: about 7x slower on AVX2, and some EfficientNet-Lite0 layers still departed from the exact
+arithmetic on AVX2, so they are counted as saturating there (``benchmarks/cpu_portability.py``).
 """
 
 from __future__ import annotations
@@ -76,20 +76,20 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("int7", (-64, 64), False, True, "7-bit int8 weights (reduce_range), 8-bit in depthwise Convs: "
                "cannot saturate", depthwise_8bit=True),  # fmt: skip
         Scheme("int7_all", (-64, 64), False, True, "7-bit int8 weights (reduce_range) everywhere: cannot saturate"),
-        Scheme("uint8", (0, 255), True, False, "8-bit asymmetric uint8 weights (u8 x u8 kernels): cannot saturate"),
+        Scheme("uint8", (0, 255), True, False, "8-bit asymmetric uint8 weights (u8 x u8 kernels), measured only"),
     )
 }
 # The scheme a fleet with a CPU without VNNI gets, by measurement (benchmarks/results/cpu_portability.md):
-# int7 ran as fast as int8 where uint8 weights took ORT's slow u8 x u8 kernels (3.7x the latency on the
-# PP-OCRv4 recogniser, AVX2), and ORT has no int8-activation x uint8-weight kernel at all.
+# int7 ran as fast as int8 where uint8 weights took ORT's slow u8 x u8 kernels (several times the
+# latency on AVX2), and ORT has no int8-activation x uint8-weight kernel at all.
 PORTABLE = "int7"
 
 
 def worst_sum(scheme: Scheme, isa: Isa) -> tuple[int, int]:
     """(the largest |partial sum| the kernel forms, the largest its accumulator holds)."""
     w = max(abs(v) for v in scheme.weight_range)
-    if scheme.uint8_weights:  # both operands widened to int16, pairs summed by vpmaddwd into int32
-        return 2 * ACTIVATION_MAX * w, INT32_MAX
+    if scheme.uint8_weights:  # not proven either way: layers departed on AVX2, so counted as an int8 grid
+        w = 128
     if isa.pair_sums_in_int16:
         return 2 * ACTIVATION_MAX * w, INT16_MAX
     return 4 * ACTIVATION_MAX * w, INT32_MAX  # VNNI/dot product: four products into int32

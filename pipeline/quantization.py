@@ -225,7 +225,7 @@ def quantize(
     symmetric = opts.activations == "symmetric"
     scheme = SCHEMES[opts.weights]
     if scheme.uint8_weights and symmetric:
-        raise ValueError("ORT has no kernel for int8 activations with uint8 weights (cpu_kernels.PORTABLE)")
+        raise ValueError("ORT has no kernel for int8 activations with uint8 weights: use int8 or int7 weights")
     bounds = activation_bounds(amax, observed, symmetric)
     ranges = TensorsData(
         CalibrationMethod.MinMax,

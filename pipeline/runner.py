@@ -405,7 +405,10 @@ def run_tags(cfg: PipelineConfig) -> dict[str, str]:
         c = cfg.steps["calibrate"]
         tags["int8pipe.method"] = "from_cache" if c.from_cache else c.method
     if "quantize" in cfg.steps:
-        tags["int8pipe.target"] = cfg.steps["quantize"].target
+        facts = cfg.facts
+        tags["int8pipe.target"] = facts.target
+        if facts.cpu_kernels:  # the CPUs it computes the same on decide its weights
+            tags["int8pipe.weight_scheme"] = facts.weight_scheme.name
     return tags
 
 

@@ -190,8 +190,8 @@ class Benchmark(Step):
         ctx.output("environment", "benchmark/environment.json").write_text(json.dumps(env, indent=1))
         ctx.set_tags(cpu_kernels.tags(cpu_kernels.this_machine()))  # the int8 kernels the latencies were taken on
         models = {"fp32": ctx.input("fp32_model"), "int8": ctx.input("int8_model")}
-        quantize = ctx.pipeline.steps.get("quantize")
-        target = None if quantize is None or getattr(quantize, "mode", "static") == "dynamic" else quantize.target
+        facts = ctx.facts
+        target = None if "quantize" not in ctx.pipeline.steps or facts.mode == "dynamic" else facts.target
         specs = onnx_model.input_specs(onnx_model.load(models["fp32"], check=False))
         sample, source = data_sample(ctx.pipeline, specs, max(cfg.batch_sizes))
         layout = data_layout(ctx.pipeline)

@@ -179,11 +179,7 @@ class Calibrate(Step):
         if cfg.from_cache:
             return {"cache": onnx_model.sha256(cfg.from_cache)}
         assert src is not None
-        quantize = ctx.pipeline.steps.get("quantize")
-        return {
-            "data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir)),
-            "target": quantize.target if quantize is not None else "tensorrt",
-        }
+        return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir)), "target": ctx.facts.target}
 
     def run(self, ctx: StepContext, cfg: CalibrateConfig) -> None:
         model_path = ctx.input("fp32_model")
@@ -196,9 +192,7 @@ class Calibrate(Step):
             model = onnx_model.load(model_path, check=False)
             specs = onnx_model.input_specs(model)
             dirs = data.search_dirs(ctx.pipeline.base_dir)
-            quantize = ctx.pipeline.steps.get("quantize")
-            target = quantize.target if quantize is not None else "tensorrt"
-            histogram_tensors = None if cfg.tensors == "all" else quantized_activations(model, target)
+            histogram_tensors = None if cfg.tensors == "all" else quantized_activations(model, ctx.facts.target)
             if cfg.workers > 1:
                 from pipeline.calibration.sharded import calibrate_sharded
                 from pipeline.distributed import resolve_address

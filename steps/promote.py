@@ -74,14 +74,14 @@ class Promote(Step):
         method = ranges.method if ranges is not None else "dynamic (run-time ranges)"
         fp32_sha = ranges.model_sha256 if ranges is not None else onnx_model.sha256(ctx.input("fp32_model"))
         up = ctx.upstream_metrics
-        target = ctx.pipeline.steps["quantize"].target
-        validate = ctx.pipeline.steps.get("validate")
+        target = ctx.facts.target
+        gate_metric = ctx.facts.gate_metric
         tags = {
             "int8pipe.calibration_method": method,
             "int8pipe.target": target,
             "int8pipe.fp32_sha256": fp32_sha,
             "int8pipe.int8_sha256": onnx_model.sha256(ctx.input("int8_model")),
-            "int8pipe.gate": "passed" if validate is not None else "not run",
+            "int8pipe.gate": "passed" if gate_metric is not None else "not run",
             "int8pipe.pipeline": ctx.pipeline.name,
         }
         tags.update(cpu_tags(ctx))
@@ -91,12 +91,12 @@ class Promote(Step):
             if key in up:
                 tags[f"int8pipe.{key}"] = f"{up[key]:.6g}"
         score = None
-        if validate is not None:
-            name = validate.metric.rpartition(":")[2]
+        if gate_metric is not None:
+            name = gate_metric.rpartition(":")[2]
             src = ctx.pipeline.data.validation
             assert src is not None
             digest = data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))
-            score = Score(validate.metric, up[f"int8_{name}"], digest)
+            score = Score(gate_metric, up[f"int8_{name}"], digest)
         drop = f"accuracy drop {up['accuracy_drop']:.4f}" if "accuracy_drop" in up else "not validated"
         calibration = (
             f"calibration {ranges.method} over {ranges.num_samples} samples"
@@ -152,11 +152,11 @@ def cpu_tags(ctx: StepContext) -> dict[str, str]:
         numerics = json.loads(report.read_text()).get("kernel_fidelity") or {}  # type: ignore[union-attr]
         tags["int8pipe.validated_on"] = cpu_kernels.describe(cap)
         tags["int8pipe.int8_numerics"] = numerics.get("gated_on", "exact")
-    quantize = ctx.pipeline.steps["quantize"]
-    if quantize.target == "onnxruntime":
-        tags["int8pipe.weight_scheme"] = quantize.weight_scheme.name
-        tags["int8pipe.cpu_fleet"] = ",".join(quantize.cpu_fleet or [cpu_kernels.ALL])
-        tags["int8pipe.cpu_portability"] = cpu_kernels.portability(quantize.weight_scheme, quantize.cpu_fleet, cap)
+    facts = ctx.facts
+    if facts.cpu_kernels:
+        tags["int8pipe.weight_scheme"] = facts.weight_scheme.name
+        tags["int8pipe.cpu_fleet"] = facts.fleet_label
+        tags["int8pipe.cpu_portability"] = cpu_kernels.portability(facts.weight_scheme, list(facts.cpu_fleet), cap)
     return tags
 
 

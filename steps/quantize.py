@@ -86,12 +86,6 @@ class QuantizeConfig:
             return self.activations
         return "symmetric" if self.target == "tensorrt" else "asymmetric"
 
-    @property
-    def weight_scheme(self) -> cpu_kernels.Scheme:
-        """int8 for TensorRT; for ORT's CPU kernels the scheme that cannot saturate on ``cpu_fleet``."""
-        if self.target == "tensorrt":
-            return cpu_kernels.SCHEMES["int8"]
-        return cpu_kernels.choose(self.cpu_fleet)
 
 
 class Quantize(Step):
@@ -142,13 +136,6 @@ class Quantize(Step):
                     f"steps.quantize.cpu_fleet: {what}; "
                     f"expected a list of {', '.join(allowed)} (null or [all]: every CPU, the safe default).",
                 )
-        validate = pipeline.steps.get("validate")
-        if cfg.mode == "dynamic" and validate is not None and getattr(validate, "recover", None):
-            fail(
-                ConfigError,
-                "steps.validate.recover works on Q/DQ models (quantize.mode: static); with mode: dynamic keep "
-                "nodes float with steps.quantize.exclude.nodes instead.",
-            )
         smooth = cfg.smoothing
         if smooth is not None and not 0.0 <= smooth.alpha <= 1.0:
             fail(ConfigError, f"steps.quantize.smoothing.alpha: expected a number in [0, 1], got {smooth.alpha}.")
@@ -172,14 +159,14 @@ class Quantize(Step):
         fp32 = onnx_model.load(fp32_path, check=False)
         if cfg.mode == "dynamic":  # activation ranges are taken per batch at run time: nothing calibrated
             exclude = tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types)
-            int8 = dynamic.quantize_dynamic(fp32, cfg.per_channel, *exclude, scheme=cfg.weight_scheme)
+            int8 = dynamic.quantize_dynamic(fp32, cfg.per_channel, *exclude, scheme=ctx.facts.weight_scheme)
             self._finish(ctx, cfg, fp32_path, int8, dynamic.node_table(fp32, int8, cfg.per_channel), 0)
             return
         ranges = Ranges.read(ctx.input("ranges"))
         ranges.check_model(onnx_model.sha256(fp32_path), "steps.quantize")
         opts = QuantizeOptions(
             cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types), cfg.activation_scheme,
-            cfg.activation_matmuls, cfg.normalization, cfg.weight_scheme.name,
+            cfg.activation_matmuls, cfg.normalization, ctx.facts.weight_scheme.name,
         )  # fmt: skip
         tensors = dict(ranges.tensors)
         kept_float = float_nodes(fp32, opts)
@@ -213,9 +200,8 @@ class Quantize(Step):
         if src is None:
             logger.warning("quantize: no %s (it needs data.calibration samples)", what)
             return None
-        calibrate = ctx.pipeline.steps["calibrate"]
         specs, dirs = onnx_model.input_specs(model), data.search_dirs(ctx.pipeline.base_dir)
-        return lambda: data.batches(src, calibrate.batch_size, specs, dirs, "data.calibration")
+        return lambda: data.batches(src, ctx.facts.batch_size, specs, dirs, "data.calibration")
 
     def _equalized(
         self, ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, ranges: Ranges, skip: list[str],
@@ -230,10 +216,10 @@ class Quantize(Step):
                 "quantize: equalization with per_channel: true moves range into the activations, where one "
                 "scale per tensor pays for it; it is meant for per_channel: false (see docs/yaml-reference.md)"
             )
-        calibrate, src = ctx.pipeline.steps["calibrate"], ctx.pipeline.data.calibration
+        src = ctx.pipeline.data.calibration
         method = ranges.method if ranges.method in ("minmax", "entropy", "percentile", "mse") else "mse"
         equalized, new, count = equalization.equalize_and_calibrate(
-            fp32, batches, skip, method, float(ranges.params.get("percentile", 99.99)), calibrate.memory_mb,
+            fp32, batches, skip, method, float(ranges.params.get("percentile", 99.99)), ctx.facts.memory_mb,
             Layout.of(src),
         )  # fmt: skip
         tensors.update(new)
@@ -248,10 +234,10 @@ class Quantize(Step):
         batches = self._calibration_batches(ctx, fp32, "smoothing") if cfg.smoothing is not None else None
         if batches is None or cfg.smoothing is None:
             return fp32
-        calibrate, src = ctx.pipeline.steps["calibrate"], ctx.pipeline.data.calibration
+        src = ctx.pipeline.data.calibration
         smoothed, new = smoothing.smooth_and_calibrate(
             fp32, batches, cfg.smoothing.op_types, skip, cfg.smoothing.alpha, cfg.smoothing.samples,
-            cfg.smoothing.method, float(ranges.params.get("percentile", 99.99)), calibrate.memory_mb, Layout.of(src),
+            cfg.smoothing.method, float(ranges.params.get("percentile", 99.99)), ctx.facts.memory_mb, Layout.of(src),
         )  # fmt: skip
         tensors.update(new)
         ctx.log_metrics({"smoothed_inputs": len(new)})
@@ -274,7 +260,7 @@ class Quantize(Step):
                 f"{', '.join(ops[:20])}). Nothing would be gained, so no INT8 model is produced: check "
                 "steps.quantize.exclude, or use target: onnxruntime, which quantizes more op types.",
             )
-        scheme = cfg.weight_scheme
+        scheme = ctx.facts.weight_scheme
         logger.info(
             "quantize: %d of %d nodes run in INT8 (target %s, %s, %s)",
             int8,
@@ -284,8 +270,7 @@ class Quantize(Step):
             f"weights {scheme.name}: {scheme.detail}",
         )
         if cfg.target == "onnxruntime":
-            fleet = ",".join(cfg.cpu_fleet or [cpu_kernels.ALL])
-            ctx.set_tags({"int8pipe.cpu_fleet": fleet, "int8pipe.weight_scheme": scheme.name})
+            ctx.set_tags({"int8pipe.cpu_fleet": ctx.facts.fleet_label, "int8pipe.weight_scheme": scheme.name})
         ctx.log_metrics(
             {
                 "int8_nodes": int8,
@@ -312,8 +297,7 @@ class Quantize(Step):
         batches = self._calibration_batches(ctx, fp32, what)
         if batches is None:
             return 0
-        calibrate, src = ctx.pipeline.steps["calibrate"], ctx.pipeline.data.calibration
-        changed, _ = fn(fp32, qdq, batches(), samples, Layout.of(src), calibrate.memory_mb)
+        changed, _ = fn(fp32, qdq, batches(), samples, Layout.of(ctx.pipeline.data.calibration), ctx.facts.memory_mb)
         return int(changed)
 
 

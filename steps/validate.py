@@ -26,7 +26,7 @@ import onnx
 
 from pipeline import cpu_kernels, data, evaluation, kernel_fidelity, layers, plots, recovery, runtime, scoring
 from pipeline import model as onnx_model
-from pipeline.calibration.collect import DEFAULT_MEMORY_MB, activation_sizes
+from pipeline.calibration.collect import activation_sizes
 from pipeline.context import StepContext
 from pipeline.errors import ConfigError, GateFailed, fail
 from pipeline.layout import Layout
@@ -102,6 +102,12 @@ class Validate(Step):
                     "receives them all as {output name: array}.",
                 )
         rc = cfg.recover
+        if rc is not None and pipeline.facts.mode == "dynamic":
+            fail(
+                ConfigError,
+                "steps.validate.recover works on Q/DQ models (quantize.mode: static); with mode: dynamic keep "
+                "nodes float with steps.quantize.exclude.nodes instead.",
+            )
         if rc is not None:
             if rc.max_fp_nodes < 0:
                 fail(
@@ -122,9 +128,8 @@ class Validate(Step):
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
         src = ctx.pipeline.data.validation
         assert src is not None
-        target = ctx.pipeline.steps["quantize"].target
-        key = {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir)), "target": target}
-        if target == "onnxruntime":  # ORT's int8 kernels compute differently per ISA: another CPU validates anew
+        key = {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir)), "target": ctx.facts.target}
+        if ctx.facts.cpu_kernels:  # ORT's int8 kernels compute differently per ISA: another CPU validates anew
             cap = cpu_kernels.this_machine()
             key["cpu"] = f"{cap['isa']} onnxruntime {cap['onnxruntime']}"
         return key
@@ -140,8 +145,7 @@ class Validate(Step):
         """How the ONNX Runtime calls are sized so the activations alive stay within
         ``steps.calibrate.memory_mb`` (a 640x640 detector's are hundreds of MB per sample): one sample's
         activations are measured on the first batch."""
-        calibrate = ctx.pipeline.steps.get("calibrate")
-        memory_mb = getattr(calibrate, "memory_mb", DEFAULT_MEMORY_MB)
+        memory_mb = ctx.facts.memory_mb
         it = self._batches(ctx, cfg, specs)
         try:
             first = next(it, None)
@@ -173,12 +177,12 @@ class Validate(Step):
 
     def run(self, ctx: StepContext, cfg: ValidateConfig) -> None:
         fp32_path, int8_path = ctx.input("fp32_model"), ctx.input("int8_model")
-        quantize = ctx.pipeline.steps["quantize"]
+        facts = ctx.facts
         cap = cpu_kernels.this_machine()
         ctx.set_tags(cpu_kernels.tags(cap))
         # TensorRT computes the Q/DQ arithmetic exactly; ORT's CPU kernels are checked against it
-        check_kernels = quantize.target == "onnxruntime"
-        numerics = cpu_kernels.deployed_numerics(quantize.weight_scheme, cap) if check_kernels else "exact"
+        check_kernels = facts.cpu_kernels
+        numerics = cpu_kernels.deployed_numerics(facts.weight_scheme, cap) if check_kernels else "exact"
         exact = numerics == "exact"
         ctx.set_tags({"int8pipe.int8_numerics": numerics})
         fp32_model = onnx_model.load(fp32_path, check=False)
@@ -195,7 +199,7 @@ class Validate(Step):
                 "validate: this CPU (%s) saturates ORT's int8 kernels on %s weights, which steps.quantize.cpu_fleet "
                 "(%s) chose for CPUs that do not: the gate reads the exact arithmetic those CPUs compute, not "
                 "this machine's kernels.",
-                cap["isa"], quantize.weight_scheme.name, ",".join(quantize.cpu_fleet or [cpu_kernels.ALL]),
+                cap["isa"], facts.weight_scheme.name, facts.fleet_label,
             )  # fmt: skip
         names = [o.name for o in fp32.get_outputs()]
         # resolved before the long loop: a typo in a custom metric fails fast

@@ -28,6 +28,7 @@ from pipeline.calibration import histogram
 from pipeline.calibration.histogram import TensorStats
 from pipeline.data import rechunk
 from pipeline.layout import Layout
+from pipeline.limits import DEFAULT_MEMORY_MB
 from pipeline.log import logger, progress
 
 Batch = dict[str, np.ndarray]
@@ -36,7 +37,6 @@ WORKERS = 2  # threads digesting a chunk while ONNX Runtime computes the next
 # Copies of a chunk's exposed activations alive at once: the two bound output sets, and about one
 # more inside ONNX Runtime (its arena holds the same tensors while it computes them).
 COPIES = 3
-DEFAULT_MEMORY_MB = 512
 
 
 @dataclass
