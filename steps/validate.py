@@ -246,7 +246,7 @@ class Validate(Step):
         if fidelity is not None:
             metrics_fidelity = {f"int8_{name}_exact": fidelity["exact"], f"int8_{name}_kernels": fidelity["kernels"],
                                 "kernel_drop": fidelity["exact"] - fidelity["kernels"],
-                                "kernel_departing_layers": len(fidelity["departing"])}  # fmt: skip
+                                "kernel_departing_layers": sum(r["departs"] for r in fidelity["layers"])}  # fmt: skip
         metrics = {
             **(metrics_fidelity if fidelity is not None else {}),
             f"fp32_{name}": scores.fp32,

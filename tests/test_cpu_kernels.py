@@ -162,3 +162,14 @@ def test_int7_keeps_depthwise_weights_8_bit_and_exact_on_this_cpu() -> None:
         rows = {r["node"]: r["departs"] for r in kernel_fidelity.compare(model, None, [{"x": x}])}
         assert rows["depthwise"] is False  # 8-bit depthwise weights never saturate
         assert rows["pointwise"] is (scheme == "int8" and saturates_here)
+
+
+def test_a_gate_failed_by_the_kernels_says_so() -> None:
+    from steps.validate import kernels_note
+
+    cap = {"isa": "avx2", "onnxruntime": "1.32.0"}
+    fidelity = {"exact": 0.9917, "kernels": 0.8, "departing": ["/features/features.0/Conv", "/fc/Gemm"]}
+    note = kernels_note("top1", fidelity, cap)
+    assert "computes top1 0.9917 exactly" in note and "give 0.8000" in note
+    assert "first at /features/features.0/Conv, /fc/Gemm" in note and "That is the CPU, not the model" in note
+    assert "steps.quantize.cpu_fleet" in note

@@ -272,6 +272,14 @@ def test_a_vnni_only_fleet_gets_full_8_bit_weights_and_says_so(tmp_path: Path) -
     assert tags["int8pipe.int8_numerics"] == ("exact" if saturates else "kernels")
     m = summary["metrics"]
     assert m["int8_top1"] == (m["int8_top1_exact"] if saturates else m["int8_top1_kernels"])
+    # on a CPU that saturates the kernels depart from the first Conv on (the stem sees the whole input range)
+    assert (m["kernel_departing_layers"] > 0) is saturates
+    if saturates:
+        folder = mlflow.artifacts.download_artifacts(run_id=summary["steps"]["validate"], tracking_uri=uri)
+        fidelity = json.loads((Path(folder) / "validation/report.json").read_text())["kernel_fidelity"]
+        assert fidelity["gated_on"] == "exact" and fidelity["departing"][0] == "/features/features.0/Conv"
+        table = json.loads((Path(folder) / "validation/kernel_fidelity_table.json").read_text())
+        assert len(table["data"]) >= 9 and "share_off_by_more_than_1_lsb" in table["columns"]
     assert m["accuracy_drop"] <= 0.01
     version = client.get_model_version(summary["registered_model"]["name"], summary["registered_model"]["version"])
     assert version.tags["int8pipe.weight_scheme"] == "int8"
