@@ -18,9 +18,7 @@ arithmetic on AVX2, so they are counted as saturating there (``benchmarks/cpu_po
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 INT16_MAX = 2**15 - 1
@@ -126,20 +124,14 @@ def this_machine() -> dict[str, Any]:
     ORT's u8 x s8 kernels saturate here, and the ORT version."""
     import onnxruntime
 
-    flags: set[str] = set()
-    model = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        for line in info.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-            elif key.strip() == "model name" and value.strip():
-                model = value.strip()
-    isa = machine_isa(flags, platform.machine())
+    from pipeline.environment import cpu
+
+    here = cpu()
+    flags = set(here["flags"])
+    isa = machine_isa(flags, here["machine"])
     known = {"avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
     return {
-        "cpu": model,
+        "cpu": here["model"],
         "isa": isa or "unknown",
         "int8_flags": sorted(flags & known),
         # unknown x86 (pre-AVX2) kernels: counted as saturating, the cautious reading
