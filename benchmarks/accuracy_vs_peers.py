@@ -76,17 +76,7 @@ def main() -> None:
     from data import crops
     from peers import ort_quantize_static, ort_static_variants
 
-    from pipeline import (
-        bias_correction,
-        equalization,
-        layers,
-        recovery,
-        runtime,
-        scoring,
-        shift,
-        smoothing,
-        weight_rounding,
-    )
+    from pipeline import bias_correction, equalization, layers, recipe, recovery, runtime, scoring
     from pipeline.calibration.calibrator import calibrate, rethreshold
     from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 
@@ -126,22 +116,22 @@ def main() -> None:
     quantized_inputs = quantized_activations(fp32, "tensorrt")
     cal = calibrate(path, lambda: crops(args.samples, 32), "mse", histogram_tensors=quantized_inputs)
     calibration_s = time.perf_counter() - start
+    # every int8pipe row but equalization's is the quantize step's own recipe (pipeline/recipe.py)
+    samples = recipe.Samples(lambda: crops(args.samples, 32))
     plain, models, corrected_s = {}, {}, {}
     for method in ("minmax", "entropy", "percentile", "mse"):
         ranges = rethreshold(cal.ranges, cal.histograms, method, 99.99)
-        plain[method] = quantize(fp32, ranges.amax(), QuantizeOptions(target="tensorrt"))
-        models[method] = quantize(fp32, ranges.amax(), QuantizeOptions(target="tensorrt"))
+        plain[method] = recipe.quantize_static(fp32, ranges, recipe.Recipe(bias_correction=False), samples).model
         start = time.perf_counter()
-        bias_correction.correct(fp32, models[method], crops(args.samples, 32), 128)  # the step's default
+        models[method] = recipe.quantize_static(fp32, ranges, recipe.Recipe(), samples).model  # the step's default
         corrected_s[method] = calibration_s + time.perf_counter() - start
     row("int8pipe default (mse, bias correction)", models["mse"], corrected_s["mse"])
     shifted_models, shifted_s = {}, {}
     for method in ("mse", "percentile", "minmax"):  # steps.quantize.shift_activations: true
         ranges = rethreshold(cal.ranges, cal.histograms, method, 99.99)
         start = time.perf_counter()
-        shifted = quantize(fp32, ranges.amax(), QuantizeOptions(target="tensorrt"))
-        count = len(shift.shift_inputs(shifted, {k: (v.min, v.max) for k, v in ranges.tensors.items()}))
-        bias_correction.correct(fp32, shifted, crops(args.samples, 32), 128)
+        done = recipe.quantize_static(fp32, ranges, recipe.Recipe(shift_activations=True), samples)
+        shifted, count = done.model, done.counts["shifted_inputs"]
         shifted_models[method], shifted_s[method] = shifted, calibration_s + time.perf_counter() - start
         row(f"int8pipe {method} + shift_activations ({count} Conv inputs), bias correction", shifted,
             shifted_s[method])  # fmt: skip
@@ -149,11 +139,10 @@ def main() -> None:
     for method, shifted_too in (("mse", False), ("percentile", True)):  # steps.quantize.weight_rounding: gptq
         ranges = rethreshold(cal.ranges, cal.histograms, method, 99.99)
         start = time.perf_counter()
-        rounded = quantize(fp32, ranges.amax(), QuantizeOptions(target="tensorrt"))
-        count, _ = weight_rounding.round_weights(fp32, rounded, crops(args.samples, 32), 128)
-        if shifted_too:
-            shift.shift_inputs(rounded, {k: (v.min, v.max) for k, v in ranges.tensors.items()})
-        bias_correction.correct(fp32, rounded, crops(args.samples, 32), 128)
+        done = recipe.quantize_static(
+            fp32, ranges, recipe.Recipe(weight_rounding="gptq", shift_activations=shifted_too), samples
+        )
+        rounded, count = done.model, done.counts["gptq_rounded_nodes"]
         name = f"{method}{' + shift_activations' if shifted_too else ''} + GPTQ weight rounding ({count} Convs)"
         gptq_models[method], gptq_s[method] = rounded, calibration_s + time.perf_counter() - start
         row(f"int8pipe {name}, bias correction", rounded, gptq_s[method])
@@ -184,13 +173,9 @@ def main() -> None:
 
     ranges = rethreshold(cal.ranges, cal.histograms, "mse", 99.99)
     start = time.perf_counter()
-    smoothed, new = smoothing.smooth_and_calibrate(
-        fp32, lambda: crops(args.samples, 32), ["Conv", "MatMul", "Gemm"], [], 0.5, 128, "mse", 99.99, 512
-    )
-    amax = {**ranges.amax(), **{k: v.amax for k, v in new.items()}}
-    smooth_q = quantize(smoothed, amax, QuantizeOptions(target="tensorrt"))
-    bias_correction.correct(smoothed, smooth_q, crops(args.samples, 32), 128)
-    row(f"int8pipe smoothing alpha 0.5 ({len(new)} inputs), mse, bias correction", smooth_q,
+    smooth = recipe.Smoothing(0.5, ("Conv", "MatMul", "Gemm"), 128, "mse")
+    done = recipe.quantize_static(fp32, ranges, recipe.Recipe(smoothing=smooth), samples)
+    row(f"int8pipe smoothing alpha 0.5 ({done.counts['smoothed_inputs']} inputs), mse, bias correction", done.model,
         calibration_s + time.perf_counter() - start)  # fmt: skip
     # cross-layer equalization (steps.quantize.equalization) is meant for per-tensor weights
     start = time.perf_counter()
@@ -209,13 +194,12 @@ def main() -> None:
             weights = "per-channel" if per_channel else "per-tensor"
             row(f"int8pipe {weights} weights{name} (mse, bias correction)", q,
                 calibration_s + extra + time.perf_counter() - start)  # fmt: skip
-    observed = {k: (v.min, v.max) for k, v in ranges.tensors.items()}
     start = time.perf_counter()
-    ort_opts = QuantizeOptions(target="onnxruntime", activations="asymmetric")
-    ort_target = quantize(fp32, ranges.amax(), ort_opts, observed)
-    bias_correction.correct(fp32, ort_target, crops(args.samples, 32), 128)
-    row("int8pipe target onnxruntime (mse, u8 asymmetric, bias correction)", ort_target,
-        calibration_s + time.perf_counter() - start)  # fmt: skip
+    for weights in ("int8", "int7"):  # a VNNI-only cpu_fleet, and the default (every CPU)
+        ort_opts = QuantizeOptions(target="onnxruntime", activations="asymmetric", weights=weights)
+        ort_target = recipe.quantize_static(fp32, ranges, recipe.Recipe(quantize=ort_opts), samples).model
+        row(f"int8pipe target onnxruntime (mse, u8 asymmetric, {weights} weights, bias correction)", ort_target,
+            calibration_s + time.perf_counter() - start)  # fmt: skip
     chosen = max(models, key=lambda m: agreement(logits(models[m].SerializeToString(), x_sel), ref_sel))
     row(
         f"int8pipe best of the method sweep ({chosen}, bias correction, chosen on the selection crops)",

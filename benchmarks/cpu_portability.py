@@ -62,17 +62,13 @@ def latency_ms(model: onnx.ModelProto, x: Samples, iterations: int) -> float:
     return float(np.median(runtime.time_session(sess, take(x, 0, 1), iterations, 5)))
 
 
-def static_model(fp32: onnx.ModelProto, path: Path, batches: Batches, cal: Any, weights: str) -> onnx.ModelProto:
-    from pipeline import bias_correction
-    from pipeline.keep_float import keep_float_inputs
-    from pipeline.quantization import QuantizeOptions, float_nodes, quantize
+def static_model(fp32: onnx.ModelProto, batches: Batches, cal: Any, weights: str) -> onnx.ModelProto:
+    """What steps/quantize.py builds for ``target: onnxruntime`` with these weights (its own recipe)."""
+    from pipeline import recipe
+    from pipeline.quantization import QuantizeOptions
 
     opts = QuantizeOptions(target="onnxruntime", activations="asymmetric", weights=weights)
-    observed = {k: (v.min, v.max) for k, v in cal.ranges.tensors.items()}
-    qdq = quantize(fp32, cal.ranges.amax(), opts, observed)
-    qdq = keep_float_inputs(qdq, fp32, float_nodes(fp32, opts))
-    bias_correction.correct(fp32, qdq, batches(), 128)
-    return qdq
+    return recipe.quantize_static(fp32, cal.ranges, recipe.Recipe(quantize=opts), recipe.Samples(batches)).model
 
 
 def ort_model(path: Path, folder: Path, batches: Batches, reduce_range: bool) -> onnx.ModelProto:
@@ -195,7 +191,7 @@ def one_network(kind: str, args: argparse.Namespace) -> None:
     print(f"<!-- calibration (mse, every tensor): {time.perf_counter() - start:.0f} s -->", flush=True)
     for name, scheme in cpu_kernels.SCHEMES.items():
         report(f"int8pipe static, weights {name}: {scheme.detail}",
-               lambda s=name: static_model(fp32, path, batches, cal, s), score, x, args.iterations)  # fmt: skip
+               lambda s=name: static_model(fp32, batches, cal, s), score, x, args.iterations)  # fmt: skip
     for rr in (False, True):
         report(f"ORT quantize_static (u8/s8, per channel{', reduce_range' if rr else ''})",
                lambda rr=rr: ort_model(path, folder, batches, rr), score, x, args.iterations)  # fmt: skip

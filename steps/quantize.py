@@ -1,36 +1,34 @@
 """quantize: the INT8 model.
 
-``mode: static`` (default): explicit Q/DQ built from ``ranges.json`` (never by calibrating again),
-optionally on an equalized model (pipeline.equalization) and smoothed layer inputs
-(pipeline.smoothing), whose changed tensors alone are calibrated here; nodes kept float by exclusion
-or role (pipeline.roles), Conv weights optionally re-rounded by GPTQ (pipeline.weight_rounding), inputs
-optionally shifted (pipeline.shift), then bias-corrected (pipeline.bias_correction). A model changed that way
-is handed on as ``float_model`` too: recovery reverts a node to *its* float weights. ``mode: dynamic``: ONNX Runtime's
+``mode: static`` (default): explicit Q/DQ built from ``ranges.json`` (never by calibrating again) by
+the recipe in :mod:`pipeline.recipe` (equalization, smoothing, Q/DQ, float paths, GPTQ, shifted
+inputs, bias correction), which this step configures and records. A float model the recipe changed
+(equalization, smoothing) is handed on as ``float_model`` too: recovery reverts a node to *its* float
+weights. ``mode: dynamic``: ONNX Runtime's
 dynamic quantization (pipeline.dynamic), no ranges needed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import onnx
 
-from pipeline import bias_correction, cpu_kernels, data, dynamic, equalization, shift, smoothing, weight_rounding
+from pipeline import cpu_kernels, data, dynamic, recipe
 from pipeline import model as onnx_model
-from pipeline.calibration.ranges import Ranges, TensorRange
+from pipeline.calibration.ranges import Ranges
 from pipeline.context import StepContext
 from pipeline.errors import ConfigError, ModelError, fail
-from pipeline.keep_float import keep_float_inputs
 from pipeline.layout import Layout
 from pipeline.log import logger
-from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize
+from pipeline.quantization import QuantizeOptions, node_table
 from steps.base import Step, require_step
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
+    from pipeline.facts import Facts
 
 
 @dataclass
@@ -79,6 +77,22 @@ class QuantizeConfig:
     # target onnxruntime: the CPUs the model must compute the same on (pipeline/cpu_kernels.py ISAS);
     # null: all of them. A CPU without VNNI in the list gets weights ORT's kernels cannot saturate.
     cpu_fleet: list[str] | None = None
+
+    def as_recipe(self, facts: Facts) -> recipe.Recipe:
+        """These keys as the static recipe (pipeline/recipe.py) takes them; the weight scheme is a pipeline fact."""
+        opts = QuantizeOptions(
+            target=self.target, per_channel=self.per_channel, exclude_nodes=tuple(self.exclude.nodes),
+            exclude_op_types=tuple(self.exclude.op_types), activations=self.activation_scheme,
+            activation_matmuls=self.activation_matmuls, normalization=self.normalization,
+            weights=facts.weight_scheme.name,
+        )  # fmt: skip
+        s = self.smoothing
+        return recipe.Recipe(
+            quantize=opts, equalization=self.equalization, shift_activations=self.shift_activations,
+            smoothing=recipe.Smoothing(s.alpha, tuple(s.op_types), s.samples, s.method) if s is not None else None,
+            bias_correction=self.bias_correction, bias_correction_samples=self.bias_correction_samples,
+            weight_rounding=self.weight_rounding, weight_rounding_samples=self.weight_rounding_samples,
+        )  # fmt: skip
 
     @property
     def activation_scheme(self) -> str:
@@ -164,84 +178,23 @@ class Quantize(Step):
             return
         ranges = Ranges.read(ctx.input("ranges"))
         ranges.check_model(onnx_model.sha256(fp32_path), "steps.quantize")
-        opts = QuantizeOptions(
-            cfg.target, cfg.per_channel, tuple(cfg.exclude.nodes), tuple(cfg.exclude.op_types), cfg.activation_scheme,
-            cfg.activation_matmuls, cfg.normalization, ctx.facts.weight_scheme.name,
-        )  # fmt: skip
-        tensors = dict(ranges.tensors)
-        kept_float = float_nodes(fp32, opts)
-        source = self._equalized(ctx, cfg, fp32, ranges, kept_float, tensors)
-        source = self._smoothed(ctx, cfg, source, ranges, kept_float, tensors)
-        if source is not fp32:
-            onnx_model.save_checked(source, ctx.output("float_model", "model/model_float.onnx"))
-        observed = {k: (v.min, v.max) for k, v in tensors.items()}
-        qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
-        # excluded means float: also where an excluded node shares an input or weight with a quantized one
-        qdq = keep_float_inputs(qdq, fp32, kept_float)
-        # on at most the samples calibration saw (a true progress total)
-        seen = ranges.num_samples or max(cfg.weight_rounding_samples, cfg.bias_correction_samples)
-        rounded = corrected = 0
-        if cfg.weight_rounding == "gptq":  # before the shift and bias correction: both read the INT8 weights
-            samples = min(cfg.weight_rounding_samples, seen)
-            rounded = self._on_samples(ctx, weight_rounding.round_weights, "GPTQ weight rounding", source, qdq, samples)
-        if cfg.shift_activations:
-            ctx.log_metrics({"shifted_inputs": len(shift.shift_inputs(qdq, observed))})
-        if cfg.bias_correction:  # after the shift: it measures the grid used
-            samples = min(cfg.bias_correction_samples, seen)
-            corrected = self._on_samples(ctx, bias_correction.correct, "bias correction", source, qdq, samples)
-        self._finish(ctx, cfg, fp32_path, qdq, node_table(fp32, qdq), corrected)
-        ctx.log_metrics({"gptq_rounded_nodes": rounded})
+        result = recipe.quantize_static(fp32, ranges, cfg.as_recipe(ctx.facts), self._samples(ctx, fp32))
+        if result.float_model is not None:
+            onnx_model.save_checked(result.float_model, ctx.output("float_model", "model/model_float.onnx"))
+        counts = dict(result.counts)
+        corrected = counts.pop("bias_corrected_nodes")
+        self._finish(ctx, cfg, fp32_path, result.model, node_table(fp32, result.model), corrected)
+        ctx.log_metrics({k: float(v) for k, v in counts.items()})
 
     @staticmethod
-    def _calibration_batches(ctx: StepContext, model: onnx.ModelProto, what: str) -> Callable[[], Any] | None:
-        """A fresh iterator over the calibration samples per call, or None (with a warning naming
-        ``what``) when calibrating from a cache left no samples to measure on."""
+    def _samples(ctx: StepContext, model: onnx.ModelProto) -> recipe.Samples:
+        """The calibration samples (none when calibrating from a cache left none to measure on)."""
         src = ctx.pipeline.data.calibration
         if src is None:
-            logger.warning("quantize: no %s (it needs data.calibration samples)", what)
-            return None
+            return recipe.Samples(None, None, ctx.facts.memory_mb)
         specs, dirs = onnx_model.input_specs(model), data.search_dirs(ctx.pipeline.base_dir)
-        return lambda: data.batches(src, ctx.facts.batch_size, specs, dirs, "data.calibration")
-
-    def _equalized(
-        self, ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, ranges: Ranges, skip: list[str],
-        tensors: dict[str, TensorRange],
-    ) -> onnx.ModelProto:  # fmt: skip
-        """``fp32`` with its Conv pairs equalized (the renamed tensors' ranges added to ``tensors``), or ``fp32``."""
-        batches = self._calibration_batches(ctx, fp32, "equalization") if cfg.equalization else None
-        if batches is None:
-            return fp32
-        if cfg.per_channel:
-            logger.warning(
-                "quantize: equalization with per_channel: true moves range into the activations, where one "
-                "scale per tensor pays for it; it is meant for per_channel: false (see docs/yaml-reference.md)"
-            )
-        src = ctx.pipeline.data.calibration
-        method = ranges.method if ranges.method in ("minmax", "entropy", "percentile", "mse") else "mse"
-        equalized, new, count = equalization.equalize_and_calibrate(
-            fp32, batches, skip, method, float(ranges.params.get("percentile", 99.99)), ctx.facts.memory_mb,
-            Layout.of(src),
-        )  # fmt: skip
-        tensors.update(new)
-        ctx.log_metrics({"equalized_pairs": count})
-        return equalized
-
-    def _smoothed(
-        self, ctx: StepContext, cfg: QuantizeConfig, fp32: onnx.ModelProto, ranges: Ranges, skip: list[str],
-        tensors: dict[str, TensorRange],
-    ) -> onnx.ModelProto:  # fmt: skip
-        """``fp32`` with smoothed layer inputs (their ranges added to ``tensors``), or ``fp32``."""
-        batches = self._calibration_batches(ctx, fp32, "smoothing") if cfg.smoothing is not None else None
-        if batches is None or cfg.smoothing is None:
-            return fp32
-        src = ctx.pipeline.data.calibration
-        smoothed, new = smoothing.smooth_and_calibrate(
-            fp32, batches, cfg.smoothing.op_types, skip, cfg.smoothing.alpha, cfg.smoothing.samples,
-            cfg.smoothing.method, float(ranges.params.get("percentile", 99.99)), ctx.facts.memory_mb, Layout.of(src),
-        )  # fmt: skip
-        tensors.update(new)
-        ctx.log_metrics({"smoothed_inputs": len(new)})
-        return smoothed
+        batches = lambda: data.batches(src, ctx.facts.batch_size, specs, dirs, "data.calibration")  # noqa: E731
+        return recipe.Samples(batches, Layout.of(src), ctx.facts.memory_mb)
 
     def _finish(
         self, ctx: StepContext, cfg: QuantizeConfig, fp32_path: Path, int8_model: onnx.ModelProto,
@@ -287,18 +240,6 @@ class Quantize(Step):
         if not uses_data or cfg.mode == "dynamic" or src is None:
             return {}
         return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}
-
-    def _on_samples(
-        self, ctx: StepContext, fn: Callable[..., tuple[int, int]], what: str, fp32: onnx.ModelProto,
-        qdq: onnx.ModelProto, samples: int,
-    ) -> int:  # fmt: skip
-        """``fn(fp32, qdq, batches, samples, layout, memory_mb)`` (GPTQ, bias correction) on the calibration
-        samples, changing ``qdq`` in place; the nodes it changed, 0 when there are no samples."""
-        batches = self._calibration_batches(ctx, fp32, what)
-        if batches is None:
-            return 0
-        changed, _ = fn(fp32, qdq, batches(), samples, Layout.of(ctx.pipeline.data.calibration), ctx.facts.memory_mb)
-        return int(changed)
 
 
 STEP = Quantize

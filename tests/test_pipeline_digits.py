@@ -306,3 +306,32 @@ def test_benchmark_report_explains_a_slow_int8_model(digits_run: dict[str, Any])
     assert ("note" in cpu) is (speedup < 1.0)
     if speedup < 1.0:
         assert "target: tensorrt places Q/DQ on layer inputs only" in cpu["note"]
+
+
+def test_the_public_recipe_builds_what_the_step_shipped(digits_run: dict[str, Any]) -> None:
+    """pipeline.recipe.quantize_static, called outside any pipeline on the step's inputs (the exported
+    model, ranges.json, the calibration samples) gives the quantize step's model, weight for weight:
+    what a benchmark measures through it is what ships."""
+    from pipeline import data, recipe
+    from pipeline import model as onnx_model
+    from pipeline.calibration.ranges import Ranges
+    from pipeline.config import load
+    from pipeline.layout import Layout
+
+    cfg = load(DIGITS / "pipeline.yaml", [])
+    art = digits_run["artifacts"]
+    fp32 = onnx.load(str(art["export"] / "model/model.onnx"))
+    ranges = Ranges.read(art["calibrate"] / "calibration/ranges.json")
+    src = cfg.data.calibration
+    assert src is not None
+    specs, dirs = onnx_model.input_specs(fp32), data.search_dirs(cfg.base_dir)
+    samples = recipe.Samples(lambda: data.batches(src, cfg.facts.batch_size, specs, dirs, "data.calibration"),
+                             Layout.of(src), cfg.facts.memory_mb)  # fmt: skip
+    built = recipe.quantize_static(fp32, ranges, cfg.steps["quantize"].as_recipe(cfg.facts), samples)
+    shipped = onnx.load(str(art["quantize"] / "model/model_int8.onnx"))
+    ours = {i.name: onnx.numpy_helper.to_array(i) for i in built.model.graph.initializer}
+    theirs = {i.name: onnx.numpy_helper.to_array(i) for i in shipped.graph.initializer}
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+    assert built.counts["bias_corrected_nodes"] > 0 and built.float_model is None
