@@ -40,9 +40,6 @@ if TYPE_CHECKING:
 
 WORST_NODES = 3  # quantized nodes the gate message names
 FIDELITY_SAMPLES = 16  # validation samples the layer-by-layer kernel check runs on
-# relative RMS difference of the model's outputs, kernels vs exact, below which no layer is looked at:
-# 1-LSB requantization differences stay far below it on the models measured (benchmarks/cpu_portability.py)
-OUTPUT_ROUNDING = 0.01
 UNSURE_WARN = 0.25  # share of unsure FP32 samples above which an agreement gate gets a warning
 
 
@@ -330,16 +327,7 @@ class Validate(Step):
         kernels' results depart."""
         exact_scores, kernel_scores = scored if numerics == "exact" else scored[::-1]
         samples = min(cfg.layer_samples, FIDELITY_SAMPLES)
-        feeds = list(scorer.inputs(samples))
-        names = [o.name for o in sessions[0].get_outputs()]
-        output_error = max(
-            kernel_fidelity.relative_error(np.concatenate(a), np.concatenate(b))
-            for a, b in zip(*(zip(*(s.run(names, f) for f in feeds)) for s in sessions))
-        )
-        rows = []
-        if output_error > OUTPUT_ROUNDING:  # the layer scan costs two sessions per layer: only when needed
-            logger.info("validate: the int8 kernels' outputs differ from the exact ones; comparing layer by layer")
-            rows = kernel_fidelity.compare(int8_model, twin, feeds)
+        output_error, rows = kernel_fidelity.check(int8_model, twin, sessions, list(scorer.inputs(samples)))
         departing = kernel_fidelity.first_departures(rows)
         if rows:
             ctx.log_table(rows, "validation/kernel_fidelity_table.json")
@@ -352,8 +340,8 @@ class Validate(Step):
             )  # fmt: skip
         else:
             logger.info(
-                "validate: this CPU's int8 kernels compute the model's exact arithmetic (outputs %.2g apart, "
-                "relative RMS, on %d samples; %s %.4f exact, %.4f through the kernels)",
+                "validate: this CPU's int8 kernels compute the model's exact arithmetic up to rounding (outputs "
+                "%.2g apart, relative RMS, on %d samples; %s %.4f exact, %.4f through the kernels)",
                 output_error, samples, name, exact_scores.int8, kernel_scores.int8,
             )  # fmt: skip
         return {
