@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.calibration.methods import METHODS as CALIBRATION_METHODS
 from pipeline.errors import ConfigError, fail
 from pipeline.facts import Facts
 from pipeline.facts import resolve as resolve_facts
@@ -380,7 +381,7 @@ def parse(raw: Any, base_dir: Path, source: Path | None = None) -> PipelineConfi
     return cfg
 
 
-AUTO_METHODS = ["minmax", "entropy", "percentile", "mse"]
+AUTO_METHODS = list(CALIBRATION_METHODS)
 AUTO_FALLBACK = "mse"  # without a validate step there is nothing to choose by
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from pipeline import bias_correction, equalization, shift, smoothing, weight_rounding
+from pipeline.calibration.methods import METHODS
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.keep_float import keep_float_inputs
 from pipeline.layout import Layout
@@ -25,7 +26,6 @@ from pipeline.log import logger
 from pipeline.quantization import QuantizeOptions, float_nodes, quantize
 
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
-METHODS = ("minmax", "entropy", "percentile", "mse")  # what equalization may recalibrate with
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def _equalized(
             "quantize: equalization with per_channel: true moves range into the activations, where one "
             "scale per tensor pays for it; it is meant for per_channel: false (see docs/yaml-reference.md)"
         )
-    method = ranges.method if ranges.method in METHODS else "mse"
+    method = ranges.method if ranges.method in METHODS else "mse"  # from_cache: no method to repeat
     equalized, new, count = equalization.equalize_and_calibrate(
         fp32, samples.batches, skip, method, float(ranges.params.get("percentile", 99.99)), samples.memory_mb,
         samples.layout or Layout(),

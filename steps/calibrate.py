@@ -18,6 +18,7 @@ from pipeline import model as onnx_model
 from pipeline.calibration import flatbuffers_table, trt_cache
 from pipeline.calibration.calibrator import Calibration, calibrate, load_histograms, rethreshold, save_histograms
 from pipeline.calibration.collect import DEFAULT_MEMORY_MB
+from pipeline.calibration.methods import METHODS
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.context import StepContext
 from pipeline.errors import CalibrationError, ConfigError, fail
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
 
 DEFAULT_TRT_VERSION = "10.14.1"
 CLIPPED_RATIO = 0.9  # a tensor counts as clipped when amax < 0.9 * max |x|
+
+
+def _histograms(method: str) -> bool:
+    """Whether ``method`` reads histograms (``auto``: a sweep over methods that mostly do)."""
+    return method not in METHODS or METHODS[method].needs_histograms
 
 
 @dataclass
@@ -128,7 +134,7 @@ class Calibrate(Step):
         if cfg.workers < 1:
             fail(ConfigError, f"steps.calibrate.workers: expected a positive integer, got {cfg.workers}.")
         if cfg.workers > 1 and not cfg.from_cache:
-            if cfg.passes == 1 and cfg.method != "minmax":
+            if cfg.passes == 1 and _histograms(cfg.method):
                 fail(
                     ConfigError,
                     "steps.calibrate.workers > 1 needs passes: 2 (or method: minmax): single-pass histograms "
@@ -151,7 +157,8 @@ class Calibrate(Step):
         m.pop("ray")
         if cfg.passes == 2:  # exact histograms: the chunk size, so the memory budget, changes nothing
             m.pop("memory_mb")
-        m["method"] = "minmax" if cfg.method == "minmax" else "histogram"
+        # one histogram pass serves every histogram method: they differ only in the threshold read off it
+        m["method"] = "histogram" if _histograms(cfg.method) else cfg.method
         return m
 
     def fallback_configs(self, cfg: CalibrateConfig) -> list[Any]:

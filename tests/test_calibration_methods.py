@@ -199,3 +199,24 @@ def test_clipped_fraction() -> None:
     st.update(np.arange(1, 101, dtype=np.float32))
     h = st.finalize()
     assert clipped_fraction(h, 90.0) == pytest.approx(0.10, abs=0.011)
+
+
+def test_the_method_registry_is_the_one_list() -> None:
+    """Every place that names calibration methods takes them from methods.METHODS."""
+    import typing
+
+    from pipeline.calibration import calibrator, methods, trt_cache
+    from pipeline.config import AUTO_METHODS
+    from steps.calibrate import CalibrateConfig
+    from steps.quantize import Smoothing
+
+    names = list(methods.METHODS)
+    assert names == ["minmax", "entropy", "percentile", "mse"]
+    hints = typing.get_type_hints(CalibrateConfig)
+    assert list(typing.get_args(hints["method"])) == [*names, "auto"]
+    assert list(typing.get_args(typing.get_type_hints(Smoothing)["method"])) == names
+    assert list(calibrator.METHODS) == AUTO_METHODS == names
+    assert trt_cache.ALGORITHMS == {"minmax": "MinMaxCalibration", "entropy": "EntropyCalibration2",
+                                    "percentile": "EntropyCalibration2", "mse": "EntropyCalibration2"}  # fmt: skip
+    assert CalibrateConfig().method == methods.DEFAULT
+    assert [m.needs_histograms for m in methods.METHODS.values()] == [False, True, True, True]

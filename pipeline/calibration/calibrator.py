@@ -23,7 +23,7 @@ from pipeline.errors import CalibrationError, fail
 from pipeline.layout import Layout
 from pipeline.log import logger
 
-METHODS = ("minmax", "entropy", "percentile", "mse")
+METHODS = tuple(methods.METHODS)
 
 
 @dataclass
@@ -36,13 +36,10 @@ class Calibration:
 
 
 def choose_amax(method: str, hist: FinalHistogram, percentile: float) -> float:
-    if method == "entropy":
-        return methods.entropy_amax(hist.counts, hist.width)
-    if method == "percentile":
-        return methods.percentile_amax(hist.counts, hist.width, percentile)
-    if method == "mse":
-        return methods.mse_amax(hist.counts, hist.width)
-    raise ValueError(method)
+    amax = methods.METHODS[method].amax
+    if amax is None:
+        raise ValueError(f"{method} takes max |x|, not a histogram")
+    return amax(hist.counts, hist.width, percentile)
 
 
 def rethreshold(ranges: Ranges, histograms: dict[str, FinalHistogram], method: str, percentile: float) -> Ranges:
@@ -56,7 +53,7 @@ def rethreshold(ranges: Ranges, histograms: dict[str, FinalHistogram], method: s
     params.pop("percentile", None)
     if method == "percentile":
         params["percentile"] = percentile
-    if method == "minmax":
+    if not methods.METHODS[method].needs_histograms:
         params = {}
     out = Ranges(
         method=method,
@@ -69,7 +66,7 @@ def rethreshold(ranges: Ranges, histograms: dict[str, FinalHistogram], method: s
     for name, r in ranges.tensors.items():
         amax, clipped, how = r.minmax_amax, 0.0, "minmax"
         hist = histograms.get(name)
-        if hist is not None and method != "minmax":
+        if hist is not None and methods.METHODS[method].needs_histograms:
             amax = min(choose_amax(method, hist, percentile), r.minmax_amax)
             clipped, how = clipped_fraction(hist, amax), method
         out.tensors[name] = TensorRange(r.min, r.max, float(amax), r.minmax_amax, clipped, r.producer, how)
@@ -115,7 +112,7 @@ def check_finite(stats: dict[str, TensorStats]) -> None:
 def calibrate(
     model_path: Path,
     batches: Callable[[], Iterable[Batch]],
-    method: str = "entropy",
+    method: str = methods.DEFAULT,
     num_bins: int = 2048,
     percentile: float = 99.99,
     passes: int = 2,
@@ -219,7 +216,7 @@ class Plan:
         """The :class:`Ranges` record (and final histograms) from the complete statistics."""
         method = self.method
         params: dict[str, object] = {}
-        if method != "minmax":
+        if methods.METHODS[method].needs_histograms:
             params = {
                 "num_bins": self.num_bins,
                 "passes": self.passes,
@@ -274,7 +271,7 @@ def make_plan(
     tensors = onnx_model.activation_tensors(model)
     inputs = {vi.name for vi in onnx_model.graph_inputs(model)}
     wanted = set(tensors if histogram_tensors is None else histogram_tensors)
-    if method == "minmax":
+    if not methods.METHODS[method].needs_histograms:
         wanted = set()
     elif minmax_inputs:
         wanted -= inputs

@@ -1,10 +1,14 @@
-"""Choosing a symmetric threshold (amax) from a histogram of |x|.
+"""Choosing a symmetric threshold (amax) from a histogram of |x|, and the registry of methods.
 
 Each function takes bin counts over [0, width * len(counts)] and returns amax. They are plain
-numerics: no ONNX, no MLflow.
+numerics: no ONNX, no MLflow. ``METHODS`` names every method with what the rest of int8pipe needs
+of it (its threshold function, the TensorRT cache algorithm).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -99,3 +103,34 @@ def mse_amax(counts: np.ndarray, width: float, start_bin: int = 128, block: int 
         q = np.clip(np.round(centres[None, :] / s), 0, 127) * s
         errors[b : b + block] = ((q - centres[None, :]) ** 2 * weights[None, :]).sum(axis=1)
     return float(cand[int(np.argmin(errors))] * width)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One calibration method: everything int8pipe needs to know about it, in one place."""
+
+    name: str
+    # amax from a histogram of |x| (counts, bin width, percentile); None: max |x|, no histogram needed
+    amax: Callable[[np.ndarray, float, float], float] | None
+    # the algorithm a TensorRT cache header names; TensorRT has no percentile or MSE calibrator, so
+    # their caches carry the name of IInt8EntropyCalibrator2, through which most deployments read one
+    trt_algorithm: str
+
+    @property
+    def needs_histograms(self) -> bool:
+        return self.amax is not None
+
+
+DEFAULT = "mse"  # steps.calibrate.method's default and calibrate()'s
+
+# The registry: a new method is one entry here (and its name in CalibrateConfig.method's Literal,
+# which tests/test_calibration_methods.py holds to this list).
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("minmax", None, "MinMaxCalibration"),
+        Method("entropy", lambda c, w, p: entropy_amax(c, w), "EntropyCalibration2"),
+        Method("percentile", lambda c, w, p: percentile_amax(c, w, p), "EntropyCalibration2"),
+        Method("mse", lambda c, w, p: mse_amax(c, w), "EntropyCalibration2"),
+    )
+}

@@ -42,6 +42,7 @@ from pipeline import data
 from pipeline.calibration.calibrator import Calibration, make_plan
 from pipeline.calibration.collect import DEFAULT_MEMORY_MB, run_pass
 from pipeline.calibration.histogram import TensorStats
+from pipeline.calibration.methods import METHODS
 from pipeline.calibration.spill import Spill
 from pipeline.config import DataSource
 from pipeline.distributed import connected
@@ -241,7 +242,7 @@ def calibrate_sharded(
 ) -> Calibration:
     """:func:`~pipeline.calibration.calibrator.calibrate` over ``workers`` shards of ``src`` on the Ray
     cluster at ``address``; the result (every min, max and amax) is identical to one process's."""
-    if passes == 1 and method != "minmax":
+    if passes == 1 and METHODS[method].needs_histograms:
         fail(ConfigError, "steps.calibrate.workers > 1 needs passes: 2 (or method: minmax): single-pass "
                           "histograms depend on the order batches arrive in and cannot be merged exactly.")  # fmt: skip
     plan = make_plan(model_path, method, num_bins, passes, minmax_inputs, histogram_tensors)

@@ -15,16 +15,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.calibration.methods import METHODS
 from pipeline.errors import CalibrationError, fail
 
-ALGORITHMS = {
-    "entropy": "EntropyCalibration2",
-    "minmax": "MinMaxCalibration",
-    # TensorRT has no percentile or MSE calibrator; their caches are read through an
-    # IInt8EntropyCalibrator2, the calibrator most deployments use, so they carry its name.
-    "percentile": "EntropyCalibration2",
-    "mse": "EntropyCalibration2",
-}
+# the cache header's algorithm per calibration method (methods.METHODS says why)
+ALGORITHMS = {name: m.trt_algorithm for name, m in METHODS.items()}
 
 
 def encode_version(version: str) -> int:
