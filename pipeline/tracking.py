@@ -158,6 +158,10 @@ class DeferredStepTracker(StepTracker):
             getattr(target, method)(*args)
 
 
+# the experiment tag MLflow 3's UI reads to choose its layout, and its value for training-style work
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+
 def _set_experiment(name: str) -> str:
     """``mlflow.set_experiment``, safe when several pipelines create the same experiment at once."""
     from mlflow.exceptions import MlflowException
@@ -195,7 +199,15 @@ class Tracker:
             self.experiment_id = self.client.get_run(self.outer_run_id).info.experiment_id
         else:
             self.experiment_id = _set_experiment(experiment)
+        self._mark_experiment()
         self._stop_heartbeat = threading.Event()
+
+    def _mark_experiment(self) -> None:
+        """Tell MLflow 3's UI this experiment is model development, not GenAI: without the tag it opens
+        on a traces overview and lists pipeline runs as evaluations. A kind already set is kept."""
+        tags = self.client.get_experiment(self.experiment_id).tags
+        if EXPERIMENT_KIND not in tags:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
 
     def registered_version(self, uri: str) -> tuple[str, str] | None:
         """(name, version) a ``models:/`` URI names in the registry now; None for another URI.

@@ -74,7 +74,8 @@ class Validate(Step):
     needs_steps = ("export", "quantize")
     needs_data = ("validation",)
     # int8_* takes int8_nodes too, and fp_nodes goes with it: after a recovery both describe the recovered model
-    parent_metrics = ("fp32_*", "int8_*", "accuracy_drop", "accuracy_drop_se", "recovered_fp_nodes", "fp_nodes")
+    parent_metrics = ("fp32_*", "int8_*", "gate_fp32", "gate_int8", "accuracy_drop", "accuracy_drop_se",
+                      "recovered_fp_nodes", "fp_nodes")  # fmt: skip
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
@@ -248,6 +249,9 @@ class Validate(Step):
             **(metrics_fidelity if fidelity is not None else {}),
             f"fp32_{name}": scores.fp32,
             f"int8_{name}": scores.int8,
+            # the same scores under names every pipeline shares, whatever it gates on: runs compare on one row
+            "gate_fp32": scores.fp32,
+            "gate_int8": scores.int8,
             "accuracy_drop": scores.drop,
             **({"accuracy_drop_se": drop_se} if drop_se is not None else {}),
             "cosine_min": float(cosines.min()),

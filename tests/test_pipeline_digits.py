@@ -335,3 +335,16 @@ def test_the_public_recipe_builds_what_the_step_shipped(digits_run: dict[str, An
     for name, value in theirs.items():
         np.testing.assert_array_equal(ours[name], value, err_msg=name)
     assert built.counts["bias_corrected_nodes"] > 0 and built.float_model is None
+
+
+def test_the_experiment_opens_as_model_development(digits_run: dict[str, Any]) -> None:
+    """MLflow 3's UI reads this tag to show runs and models, not a GenAI traces overview."""
+    client = digits_run["client"]
+    run = client.get_run(digits_run["summary"]["run_id"])
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_gate_scores_have_metric_independent_names(digits_run: dict[str, Any]) -> None:
+    parent = digits_run["client"].get_run(digits_run["summary"]["run_id"]).data.metrics
+    assert parent["gate_fp32"] == parent["fp32_top1"] and parent["gate_int8"] == parent["int8_top1"]
+    assert parent["accuracy_drop"] == pytest.approx(parent["gate_fp32"] - parent["gate_int8"])
