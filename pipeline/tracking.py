@@ -162,6 +162,7 @@ class DeferredStepTracker(StepTracker):
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"
 
+
 def _set_experiment(name: str) -> str:
     """``mlflow.set_experiment``, safe when several pipelines create the same experiment at once."""
     from mlflow.exceptions import MlflowException

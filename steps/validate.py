@@ -223,7 +223,8 @@ class Validate(Step):
         if kernel_session is not None:
             other = scorer.score(kernel_session if exact else exact_session)
             sessions = (kernel_session, exact_session)
-            fidelity = self._fidelity(ctx, cfg, scorer, int8_model, twin, sessions, (scores, other), numerics)
+            fidelity = self._fidelity(ctx, cfg, scorer, int8_model, twin, sessions, (scores, other), numerics,
+                                      sizing.layer_chunk)  # fmt: skip
         errors = _layer_errors(cfg, scorer, fp32_model, twin if exact and twin else int8_model, exact, sizing)
         samples = scorer.kept
         result = None
@@ -324,14 +325,16 @@ class Validate(Step):
     def _fidelity(
         self, ctx: StepContext, cfg: ValidateConfig, scorer: scoring.Scorer, int8_model: onnx.ModelProto,
         twin: onnx.ModelProto | None, sessions: tuple[Any, Any], scored: tuple[scoring.Scores, scoring.Scores],
-        numerics: str,
+        numerics: str, chunk: int,
     ) -> dict[str, Any]:  # fmt: skip
         """This CPU's int8 kernels against the model's exact arithmetic: both scores, how far the model's
         outputs differ on the first validation samples and, when beyond rounding, the layers where the
         kernels' results depart."""
         exact_scores, kernel_scores = scored if numerics == "exact" else scored[::-1]
         samples = min(cfg.layer_samples, FIDELITY_SAMPLES)
-        output_error, rows = kernel_fidelity.check(int8_model, twin, sessions, list(scorer.inputs(samples)))
+        # in chunks the memory budget allows: every layer input of a chunk is alive at once
+        feeds = list(scorer.layout.chunks(scorer.inputs(samples), chunk))
+        output_error, rows = kernel_fidelity.check(int8_model, twin, sessions, feeds)
         departing = kernel_fidelity.first_departures(rows)
         if rows:
             ctx.log_table(rows, "validation/kernel_fidelity_table.json")
