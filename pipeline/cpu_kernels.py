@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.tag_names import CPU_INT8_FLAGS_TAG, CPU_ISA_TAG, CPU_TAG, ONNXRUNTIME_TAG
+
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
 ACTIVATION_MAX = 255  # what the u8 x s8 kernels multiply: uint8, or int8 shifted by 128
@@ -149,10 +151,10 @@ def describe(cap: dict[str, Any]) -> str:
 def tags(cap: dict[str, Any]) -> dict[str, str]:
     """The run tags that say which int8 kernels a number was measured on."""
     return {
-        "int8pipe.cpu": describe(cap),
-        "int8pipe.cpu.isa": cap["isa"],
-        "int8pipe.cpu.int8_flags": ",".join(cap["int8_flags"]) or "none",
-        "int8pipe.onnxruntime": cap["onnxruntime"],
+        CPU_TAG: describe(cap),
+        CPU_ISA_TAG: cap["isa"],
+        CPU_INT8_FLAGS_TAG: ",".join(cap["int8_flags"]) or "none",
+        ONNXRUNTIME_TAG: cap["onnxruntime"],
     }
 
 

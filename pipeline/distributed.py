@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import BackendUnavailable, ConfigError, Interrupted, fail
 from pipeline.log import logger
+from pipeline.tag_names import ERROR_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -241,7 +242,7 @@ def _mark_failed(client: MlflowClient, sweep_run: str, trial: Trial, reason: str
     try:  # the trial process got SIGTERM when its worker died (Ray may SIGKILL it soon after)
         _close_runs(client, experiment, run_id, "FAILED")
     finally:
-        client.set_tag(run_id, "int8pipe.error", reason[:5000])
+        client.set_tag(run_id, ERROR_TAG, reason[:5000])
         client.set_terminated(run_id, status="FAILED")
 
 

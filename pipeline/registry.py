@@ -28,18 +28,12 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.errors import TrackingError, fail
 from pipeline.log import logger
+from pipeline.tag_names import DATA_TAG, DECISION_TAG, EVIDENCE_TAG, GATE_TAG, INCOMPLETE_TAG, METRIC_TAG, VALUE_TAG
 
 LOCK_SUFFIX = ".int8pipe-lock"
 LOCK_LEASE_S = 120.0  # a lock older than this was left by a process that died; it is broken
 LOCK_TIMEOUT_S = 300.0
 
-GATE_TAG = "int8pipe.gate"
-METRIC_TAG = "int8pipe.metric"
-VALUE_TAG = "int8pipe.metric_value"
-DATA_TAG = "int8pipe.validation_digest"
-DECISION_TAG = "int8pipe.alias_decision"
-INCOMPLETE_TAG = "int8pipe.incomplete"
-EVIDENCE_TAG = "int8pipe.evidence"
 
 
 @dataclass

@@ -21,9 +21,17 @@ from pipeline.errors import ConfigError, GateFailed, fail
 from pipeline.log import logger
 from pipeline.schema import to_mapping
 from pipeline.store import is_outage
-from pipeline.tracking import (
+from pipeline.tag_names import (
+    CALIBRATION_METHOD_TAG,
+    GATE_TAG,
+    METHOD_TAG,
+    PIPELINE_TAG,
     REUSED_FROM_TAG,
     REUSED_TAG,
+    TARGET_TAG,
+    WEIGHT_SCHEME_TAG,
+)
+from pipeline.tracking import (
     DeferredStepTracker,
     StepTracker,
     Tracker,
@@ -212,7 +220,7 @@ def run_pipeline(
                     run.in_child_run(parent, run.prepare(name))
             finally:
                 if "validate" in summary.steps:
-                    tracker.client.set_tag(parent, "int8pipe.gate", summary.gate)
+                    tracker.client.set_tag(parent, GATE_TAG, summary.gate)
     return summary
 
 
@@ -270,7 +278,7 @@ def _pipeline_run_holding(tracker: Tracker, cfg: PipelineConfig, restored: list[
             run.info.experiment_id != tracker.experiment_id
             or run.info.status == "RUNNING"  # another process is still writing it
             or "mlflow.parentRunId" in run.data.tags  # a sweep's trial belongs to its sweep
-            or run.data.tags.get("int8pipe.pipeline") != cfg.name
+            or run.data.tags.get(PIPELINE_TAG) != cfg.name
         ):
             continue
         children = tracker.finished_children(run_id)
@@ -403,12 +411,13 @@ def run_tags(cfg: PipelineConfig) -> dict[str, str]:
     tags = {}
     if "calibrate" in cfg.steps:
         c = cfg.steps["calibrate"]
-        tags["int8pipe.method"] = "from_cache" if c.from_cache else c.method
+        # the registry version's name for it; int8pipe.method stays for one release, then goes
+        tags[CALIBRATION_METHOD_TAG] = tags[METHOD_TAG] = "from_cache" if c.from_cache else c.method
     if "quantize" in cfg.steps:
         facts = cfg.facts
-        tags["int8pipe.target"] = facts.target
+        tags[TARGET_TAG] = facts.target
         if facts.cpu_kernels:  # the CPUs it computes the same on decide its weights
-            tags["int8pipe.weight_scheme"] = facts.weight_scheme.name
+            tags[WEIGHT_SCHEME_TAG] = facts.weight_scheme.name
     return tags
 
 

@@ -16,9 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-HOST_TAG = "int8pipe.host"
-PID_TAG = "int8pipe.pid"  # "<pid>:<process start time>": a reused pid is not the same process
-HEARTBEAT_TAG = "int8pipe.heartbeat"
+from pipeline.tag_names import HEARTBEAT_TAG, HOST_TAG, PID_TAG
 
 
 def is_outage(exc: BaseException) -> bool:

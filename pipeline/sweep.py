@@ -26,6 +26,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import GateFailed, Int8PipeError
 from pipeline.log import logger
 from pipeline.runner import Summary, run_pipeline
+from pipeline.tag_names import BEST_RUN_TAG, BEST_TRIAL_TAG, SWEEP_TAG
 from pipeline.tracking import Tracker
 
 LATENCY = "cpu.int8.latency_p50_ms"
@@ -148,7 +149,7 @@ def run_sweep(
     resolved = cfg.resolved() | {"sweep": dataclasses.asdict(cfg.sweep)}
     with tracker.parent_run(cfg.name, resolved, f"{cfg.name} sweep ({len(trials)} trials)") as sweep_run:
         summary.run_id = sweep_run
-        tracker.client.set_tag(sweep_run, "int8pipe.sweep", "true")
+        tracker.client.set_tag(sweep_run, SWEEP_TAG, "true")
         logger.info("sweep %r: run %s, %d trials", cfg.name, sweep_run, len(trials))
         interrupted = False
         try:
@@ -226,7 +227,7 @@ def _report(tracker: Tracker, sweep_run: str, trials: list[Trial], best: Trial |
     metrics = {"trials": float(len(trials)), "trials_passed": float(sum(t.gate == "passed" for t in trials))}
     if best is not None:
         metrics |= {k: v for k, v in best.metrics.items() if k in ("int8_nodes", "accuracy_drop", LATENCY)}
-        tracker.client.set_tag(sweep_run, "int8pipe.best_run", best.run_id)
-        tracker.client.set_tag(sweep_run, "int8pipe.best_trial", best.label)
+        tracker.client.set_tag(sweep_run, BEST_RUN_TAG, best.run_id)
+        tracker.client.set_tag(sweep_run, BEST_TRIAL_TAG, best.label)
         logger.info("sweep: best trial %s (run %s)", best.label, best.run_id)
     child.log_metrics(metrics)

@@ -20,9 +20,6 @@ from mlflow.entities import Run
 
 from pipeline.log import logger
 from pipeline.store import (
-    HEARTBEAT_TAG,
-    HOST_TAG,
-    PID_TAG,
     alive,
     check_reachable,
     closing,
@@ -30,12 +27,17 @@ from pipeline.store import (
     quiet_when_full,
     sqlite_init_lock,
 )
+from pipeline.tag_names import (
+    CLOSED_BY_TAG,
+    HEARTBEAT_TAG,
+    HOST_TAG,
+    KEY_TAG,
+    OUTPUTS_TAG,
+    PID_TAG,
+    PIPELINE_TAG,
+    STEP_TAG,
+)
 
-STEP_TAG = "int8pipe.step"
-KEY_TAG = "int8pipe.cache_key"
-OUTPUTS_TAG = "int8pipe.outputs"
-REUSED_TAG = "int8pipe.reused"
-REUSED_FROM_TAG = "int8pipe.reused_from"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0  # a run on another host whose heartbeat is this old belongs to a dead process
 
@@ -260,7 +262,7 @@ class Tracker:
                 beat = float(parent.data.tags.get(HEARTBEAT_TAG, tags.get(HEARTBEAT_TAG, "0")))
                 gone = now - beat > STALE_AFTER_S
             if gone:
-                self.client.set_tag(run.info.run_id, "int8pipe.closed_by", f"{host}:{os.getpid()} (owner gone)")
+                self.client.set_tag(run.info.run_id, CLOSED_BY_TAG, f"{host}:{os.getpid()} (owner gone)")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 closed.append(run.info.run_id)
         if closed:
@@ -292,7 +294,7 @@ class Tracker:
         try:
             # from here on a signal or error ends the run (KILLED/FAILED), even while it is being set up
             with closing(lambda status: mlflow.end_run(status=status)):
-                self.client.set_tag(run_id, "int8pipe.pipeline", name)
+                self.client.set_tag(run_id, PIPELINE_TAG, name)
                 for key, value in owner_tags().items():
                     self.client.set_tag(run_id, key, value)
                 threading.Thread(target=self._heartbeat, args=(run_id,), daemon=True).start()

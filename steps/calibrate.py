@@ -26,6 +26,7 @@ from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.quantization import quantized_activations
 from pipeline.schema import to_mapping
+from pipeline.tag_names import THRESHOLDS_FROM_TAG
 from steps.base import Step
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ class Calibrate(Step):
         new = rethreshold(ranges, hists, cfg.method, cfg.percentile)
         seconds = ctx.metrics.get("calibration_seconds", 0.0)
         self._write(ctx, cfg, Calibration(new, hists, seconds), trt_cache.ALGORITHMS[cfg.method])
-        ctx.set_tags({"int8pipe.thresholds_from": ranges.method})
+        ctx.set_tags({THRESHOLDS_FROM_TAG: ranges.method})
 
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
         src = ctx.pipeline.data.calibration

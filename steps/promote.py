@@ -17,6 +17,22 @@ from pipeline.calibration.ranges import Ranges
 from pipeline.context import StepContext
 from pipeline.errors import ConfigError, fail
 from pipeline.log import logger
+from pipeline.tag_names import (
+    CALIBRATION_METHOD_TAG,
+    CPU_FLEET_TAG,
+    CPU_PORTABILITY_TAG,
+    FP32_SHA256_TAG,
+    FP32_TAG,
+    GATE_TAG,
+    INT8_NUMERICS_TAG,
+    INT8_SHA256_TAG,
+    PIPELINE_TAG,
+    PREFIX,
+    RUN_TAG,
+    TARGET_TAG,
+    VALIDATED_ON_TAG,
+    WEIGHT_SCHEME_TAG,
+)
 from steps.base import Step
 
 if TYPE_CHECKING:
@@ -77,19 +93,19 @@ class Promote(Step):
         target = ctx.facts.target
         gate_metric = ctx.facts.gate_metric
         tags = {
-            "int8pipe.calibration_method": method,
-            "int8pipe.target": target,
-            "int8pipe.fp32_sha256": fp32_sha,
-            "int8pipe.int8_sha256": onnx_model.sha256(ctx.input("int8_model")),
-            "int8pipe.gate": "passed" if gate_metric is not None else "not run",
-            "int8pipe.pipeline": ctx.pipeline.name,
+            CALIBRATION_METHOD_TAG: method,
+            TARGET_TAG: target,
+            FP32_SHA256_TAG: fp32_sha,
+            INT8_SHA256_TAG: onnx_model.sha256(ctx.input("int8_model")),
+            GATE_TAG: "passed" if gate_metric is not None else "not run",
+            PIPELINE_TAG: ctx.pipeline.name,
         }
         tags.update(cpu_tags(ctx))
-        tags.update({f"int8pipe.run.{step}": run_id for step, run_id in ctx.upstream_runs.items()})
-        tags.update({f"int8pipe.fp32_{k}": v for k, v in fp32_source(ctx).items()})
+        tags.update({f"{RUN_TAG}.{step}": run_id for step, run_id in ctx.upstream_runs.items()})
+        tags.update({f"{FP32_TAG}_{k}": v for k, v in fp32_source(ctx).items()})
         for key in ("accuracy_drop", "int8_nodes", "fp_nodes", "cpu.int8.latency_p50_ms", "cpu.speedup"):
             if key in up:
-                tags[f"int8pipe.{key}"] = f"{up[key]:.6g}"
+                tags[f"{PREFIX}.{key}"] = f"{up[key]:.6g}"
         score = None
         if gate_metric is not None:
             name = gate_metric.rpartition(":")[2]
@@ -150,13 +166,13 @@ def cpu_tags(ctx: StepContext) -> dict[str, str]:
     tags = {}
     if cap is not None:
         numerics = json.loads(report.read_text()).get("kernel_fidelity") or {}  # type: ignore[union-attr]
-        tags["int8pipe.validated_on"] = cpu_kernels.describe(cap)
-        tags["int8pipe.int8_numerics"] = numerics.get("gated_on", "exact")
+        tags[VALIDATED_ON_TAG] = cpu_kernels.describe(cap)
+        tags[INT8_NUMERICS_TAG] = numerics.get("gated_on", "exact")
     facts = ctx.facts
     if facts.cpu_kernels:
-        tags["int8pipe.weight_scheme"] = facts.weight_scheme.name
-        tags["int8pipe.cpu_fleet"] = facts.fleet_label
-        tags["int8pipe.cpu_portability"] = cpu_kernels.portability(facts.weight_scheme, list(facts.cpu_fleet), cap)
+        tags[WEIGHT_SCHEME_TAG] = facts.weight_scheme.name
+        tags[CPU_FLEET_TAG] = facts.fleet_label
+        tags[CPU_PORTABILITY_TAG] = cpu_kernels.portability(facts.weight_scheme, list(facts.cpu_fleet), cap)
     return tags
 
 

@@ -24,6 +24,7 @@ from pipeline.errors import ConfigError, ModelError, fail
 from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.quantization import QuantizeOptions, node_table
+from pipeline.tag_names import CPU_FLEET_TAG, WEIGHT_SCHEME_TAG
 from steps.base import Step, require_step
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ class Quantize(Step):
             f"weights {scheme.name}: {scheme.detail}",
         )
         if cfg.target == "onnxruntime":
-            ctx.set_tags({"int8pipe.cpu_fleet": ctx.facts.fleet_label, "int8pipe.weight_scheme": scheme.name})
+            ctx.set_tags({CPU_FLEET_TAG: ctx.facts.fleet_label, WEIGHT_SCHEME_TAG: scheme.name})
         ctx.log_metrics(
             {
                 "int8_nodes": int8,

@@ -32,6 +32,7 @@ from pipeline.errors import ConfigError, GateFailed, fail
 from pipeline.layout import Layout
 from pipeline.log import logger
 from pipeline.quantization import node_table
+from pipeline.tag_names import INT8_NUMERICS_TAG
 from steps.base import Step
 
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ class Validate(Step):
         check_kernels = facts.cpu_kernels
         numerics = cpu_kernels.deployed_numerics(facts.weight_scheme, cap) if check_kernels else "exact"
         exact = numerics == "exact"
-        ctx.set_tags({"int8pipe.int8_numerics": numerics})
+        ctx.set_tags({INT8_NUMERICS_TAG: numerics})
         fp32_model = onnx_model.load(fp32_path, check=False)
         specs = onnx_model.input_specs(fp32_model)
         fp32 = runtime.session(fp32_path)

@@ -378,7 +378,8 @@ def test_parent_run_compares_at_a_glance(digits_copy: Path, tracking_uri: str, t
     run = MlflowClient(tracking_uri).get_run(s["run_id"])
     assert run.info.run_name == "digits-int8 (percentile 99.99, tensorrt)"
     tags = run.data.tags
-    assert tags["int8pipe.method"] == "percentile" and tags["int8pipe.target"] == "tensorrt"
+    assert tags["int8pipe.method"] == tags["int8pipe.calibration_method"] == "percentile"
+    assert tags["int8pipe.target"] == "tensorrt"
     assert tags["int8pipe.gate"] == "passed" and "percentile" in tags["mlflow.note.content"]
     metrics = set(run.data.metrics)
     assert {"int8_nodes", "accuracy_drop", "int8_top1", "size_mb_int8", "cpu.int8.latency_p50_ms"} <= metrics

@@ -1,0 +1,55 @@
+"""Every tag key int8pipe writes, in one place (documented in docs/runs-artifacts-metrics.md).
+
+Runs, the experiment's pipeline runs and registry versions are filtered and compared by these names,
+so they are contracts: add, don't rename.
+"""
+
+PREFIX = "int8pipe"
+
+# step runs: what they are and how they were reused (pipeline/tracking.py)
+STEP_TAG = "int8pipe.step"
+KEY_TAG = "int8pipe.cache_key"
+OUTPUTS_TAG = "int8pipe.outputs"
+REUSED_TAG = "int8pipe.reused"
+REUSED_FROM_TAG = "int8pipe.reused_from"
+THRESHOLDS_FROM_TAG = "int8pipe.thresholds_from"  # calibrate: thresholds recomputed from a reused run's histograms
+
+# liveness of a running process (pipeline/store.py) and how a run ended
+HOST_TAG = "int8pipe.host"
+PID_TAG = "int8pipe.pid"  # "<pid>:<process start time>": a reused pid is not the same process
+HEARTBEAT_TAG = "int8pipe.heartbeat"
+CLOSED_BY_TAG = "int8pipe.closed_by"
+ERROR_TAG = "int8pipe.error"
+
+# the pipeline run and the registry version: what the pipeline was
+PIPELINE_TAG = "int8pipe.pipeline"
+TARGET_TAG = "int8pipe.target"
+CALIBRATION_METHOD_TAG = "int8pipe.calibration_method"
+METHOD_TAG = "int8pipe.method"  # the pipeline run's older name for the calibration method, kept for a release
+GATE_TAG = "int8pipe.gate"
+SWEEP_TAG = "int8pipe.sweep"
+BEST_RUN_TAG = "int8pipe.best_run"
+BEST_TRIAL_TAG = "int8pipe.best_trial"
+
+# the registry version (pipeline/registry.py, steps/promote.py)
+METRIC_TAG = "int8pipe.metric"
+VALUE_TAG = "int8pipe.metric_value"
+DATA_TAG = "int8pipe.validation_digest"
+DECISION_TAG = "int8pipe.alias_decision"
+INCOMPLETE_TAG = "int8pipe.incomplete"
+EVIDENCE_TAG = "int8pipe.evidence"  # .<name>: a runs:/ URI
+RUN_TAG = "int8pipe.run"  # .<step>: the step's run id
+FP32_TAG = "int8pipe.fp32"  # _source, _version, _sha256: the FP32 parent
+FP32_SHA256_TAG = "int8pipe.fp32_sha256"
+INT8_SHA256_TAG = "int8pipe.int8_sha256"
+
+# where numbers were measured and which CPUs an ONNX Runtime model computes the same on (cpu_kernels)
+CPU_TAG = "int8pipe.cpu"
+CPU_ISA_TAG = "int8pipe.cpu.isa"
+CPU_INT8_FLAGS_TAG = "int8pipe.cpu.int8_flags"
+ONNXRUNTIME_TAG = "int8pipe.onnxruntime"
+INT8_NUMERICS_TAG = "int8pipe.int8_numerics"
+WEIGHT_SCHEME_TAG = "int8pipe.weight_scheme"
+CPU_FLEET_TAG = "int8pipe.cpu_fleet"
+CPU_PORTABILITY_TAG = "int8pipe.cpu_portability"
+VALIDATED_ON_TAG = "int8pipe.validated_on"
