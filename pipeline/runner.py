@@ -338,8 +338,8 @@ class _Run:
         assert p.prior is not None
         p.ctx.tracker = tracker
         origin = p.prior.data.tags.get(REUSED_FROM_TAG, p.prior.info.run_id)
-        logger.info("%s: reusing run %s (same config and inputs)", p.name, origin)
         p.ctx.outputs = self.tracker.restore(p.prior, p.ctx.workdir)
+        logger.info("%s: reusing run %s (%s)", p.name, origin, p.step.reuse_note(p.ctx, p.cfg))
         p.ctx.log_metrics(dict(p.prior.data.metrics))
         p.ctx.set_tags({REUSED_TAG: "true", REUSED_FROM_TAG: origin})
         p.step.on_reuse(p.ctx, p.cfg)

@@ -51,6 +51,10 @@ class Step:
     def on_reuse(self, ctx: StepContext, cfg: Any) -> None:
         """Adapt a reused run's restored outputs to ``cfg`` (e.g. another method on the same measurements)."""
 
+    def reuse_note(self, ctx: StepContext, cfg: Any) -> str:
+        """Why the restored outputs (in ``ctx.outputs``) stand for this config, for the log line."""
+        return "same config and inputs"
+
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
         """Anything beyond the step config and input files that changes this step's result."""
         return {}

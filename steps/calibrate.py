@@ -167,12 +167,22 @@ class Calibrate(Step):
             return []
         return [dict(self.cache_config(cfg), method="histogram")]  # max |x| is recorded there too
 
-    def on_reuse(self, ctx: StepContext, cfg: CalibrateConfig) -> None:
-        ranges = Ranges.read(ctx.outputs["ranges"])
-        if cfg.from_cache or (ranges.method, ranges.params.get("percentile")) == (
+    @staticmethod
+    def _same_thresholds(ranges: Ranges, cfg: CalibrateConfig) -> bool:
+        return bool(cfg.from_cache) or (ranges.method, ranges.params.get("percentile")) == (
             cfg.method,
             cfg.percentile if cfg.method == "percentile" else None,
-        ):
+        )
+
+    def reuse_note(self, ctx: StepContext, cfg: CalibrateConfig) -> str:
+        ranges = Ranges.read(ctx.outputs["ranges"])
+        if self._same_thresholds(ranges, cfg):
+            return "same config and inputs"
+        return f"same inputs and measurements; its {ranges.method} thresholds are replaced by {cfg.method}'s"
+
+    def on_reuse(self, ctx: StepContext, cfg: CalibrateConfig) -> None:
+        ranges = Ranges.read(ctx.outputs["ranges"])
+        if self._same_thresholds(ranges, cfg):
             return
         stored = ctx.outputs.get("histograms")
         hists = load_histograms(stored) if stored is not None and stored.is_file() else {}

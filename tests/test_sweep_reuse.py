@@ -32,13 +32,16 @@ def _ranges(uri: str, run_id: str) -> dict:
 
 @pytest.mark.parametrize("method", ["percentile", "mse", "minmax"])
 def test_method_change_reuses_the_measurements_bit_for_bit(
-    digits_copy: Path, tracking_uri: str, tmp_path: Path, method: str
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     client = MlflowClient(tracking_uri)
     config = _up_to_calibrate(digits_copy)
     run_pipeline(config, tracking_uri, tmp_path)  # entropy: the default
+    capsys.readouterr()
     over = (f"steps.calibrate.method={method}", "steps.calibrate.percentile=99.9")
     reused = run_pipeline(config, tracking_uri, tmp_path, *over)
+    # the log says what happened, not "same config"
+    assert f"same inputs and measurements; its entropy thresholds are replaced by {method}'s" in capsys.readouterr().err
     run = client.get_run(reused["steps"]["calibrate"])
     assert run.data.tags["int8pipe.reused"] == "true" and run.data.tags["int8pipe.thresholds_from"] == "entropy"
     fresh_uri = f"sqlite:///{tmp_path / 'fresh.db'}"
