@@ -219,6 +219,7 @@ def promote_model(
     description: str,
     metrics: dict[str, float],
     evidence: list[tuple[str, str, str, str]] | None = None,
+    providers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Log ``model`` under ``run_id``, register it complete, decide the alias; returns what the
     registry holds afterwards: name, version, alias (None unless this version holds it), decision.
@@ -233,6 +234,8 @@ def promote_model(
         input_example=input_example,
         save_as_external_data=False,
         pip_requirements=serving_requirements(),
+        # what the model is served with; MLflow's default (CUDA first) warns on every CPU load
+        onnx_execution_providers=providers or ["CUDAExecutionProvider", "CPUExecutionProvider"],
     )
     for key, metric in metrics.items():  # linked to the LoggedModel, so the model page shows them
         mlflow.log_metric(key, metric, model_id=info.model_id, run_id=run_id)

@@ -136,6 +136,8 @@ class Promote(Step):
             description=description,
             metrics=linked,
             evidence=evidence(ctx.upstream_runs),
+            # ORT's int8 kernels are CPU kernels; a TensorRT model is served by a GPU provider
+            providers=["CPUExecutionProvider"] if ctx.facts.cpu_kernels else None,
         )
         ctx.results["registered_model"] = result
         where = (

@@ -257,6 +257,10 @@ def test_onnxruntime_target_uses_asymmetric_uint8_activations(tmp_path: Path) ->
     assert version.tags["int8pipe.weight_scheme"] == cpu_kernels.PORTABLE
     assert version.tags["int8pipe.cpu_fleet"] == "all"
     assert "on every CPU of the fleet" in version.tags["int8pipe.cpu_portability"]
+    # served by ORT's CPU kernels: the logged model declares that provider, so loading it warns of no CUDA
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.models.get_model_info(f"models:/{version.name}/{version.version}")
+    assert info.flavors["onnx"]["providers"] == ["CPUExecutionProvider"]
 
 
 def test_a_vnni_only_fleet_gets_full_8_bit_weights_and_says_so(tmp_path: Path) -> None:
