@@ -244,7 +244,10 @@ class Calibrate(Step):
             save_histograms(cal.histograms, ctx.output("histograms", "calibration/histograms.npz"))
         amax = ranges.amax()
         cache = trt_cache.from_amax(amax, cfg.trt_version, algorithm)
-        ctx.output("trt_cache", "calibration/calibration.cache").write_text(cache.text())
+        text = cache.text()
+        ctx.output("trt_cache", "calibration/calibration.cache").write_text(text)
+        # the same lines under a name MLflow's UI previews (it shows no file ending in .cache)
+        (ctx.workdir / "calibration" / "calibration.cache.txt").write_text(text)
         flatbuffers_table.write(amax, ctx.output("ort_trt_table", "calibration/calibration.flatbuffers"))
         ctx.output("dynamic_ranges", "calibration/dynamic_ranges.json").write_text(json.dumps(amax, indent=1))
         rows: list[dict[str, Any]] = [

@@ -352,3 +352,9 @@ def test_gate_scores_have_metric_independent_names(digits_run: dict[str, Any]) -
     parent = digits_run["client"].get_run(digits_run["summary"]["run_id"]).data.metrics
     assert parent["gate_fp32"] == parent["fp32_top1"] and parent["gate_int8"] == parent["int8_top1"]
     assert parent["accuracy_drop"] == pytest.approx(parent["gate_fp32"] - parent["gate_int8"])
+
+
+def test_the_cache_has_a_copy_the_ui_previews(digits_run: dict[str, Any]) -> None:
+    folder = digits_run["artifacts"]["calibrate"] / "calibration"
+    cache = (folder / "calibration.cache").read_text()
+    assert cache.startswith("TRT-") and (folder / "calibration.cache.txt").read_text() == cache
