@@ -28,12 +28,22 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.errors import TrackingError, fail
 from pipeline.log import logger
-from pipeline.tag_names import DATA_TAG, DECISION_TAG, EVIDENCE_TAG, GATE_TAG, INCOMPLETE_TAG, METRIC_TAG, VALUE_TAG
+from pipeline.tag_names import (
+    DATA_TAG,
+    DECISION_TAG,
+    EVIDENCE_TAG,
+    GATE_TAG,
+    INCOMPLETE_TAG,
+    INT8_SHA256_TAG,
+    METRIC_TAG,
+    VALUE_TAG,
+)
 
 LOCK_SUFFIX = ".int8pipe-lock"
 LOCK_LEASE_S = 120.0  # a lock older than this was left by a process that died; it is broken
 LOCK_TIMEOUT_S = 300.0
-
+# what makes two versions the same: the INT8 model's bytes and the evidence its gate passed on
+IDENTITY_TAGS = (INT8_SHA256_TAG, GATE_TAG, METRIC_TAG, VALUE_TAG, DATA_TAG)
 
 
 @dataclass
@@ -204,6 +214,23 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def identical_version(client: MlflowClient, name: str, tags: dict[str, str]) -> str | None:
+    """The oldest complete version of ``name`` with the same INT8 model and gate evidence (IDENTITY_TAGS)
+    as ``tags``, or None: an unchanged rerun reuses it instead of registering a byte-identical copy."""
+    want = {k: tags.get(k) for k in IDENTITY_TAGS}
+    if want[INT8_SHA256_TAG] is None:
+        return None
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        have = mv.tags or {}
+        if mv.status == "READY" and INCOMPLETE_TAG not in have and all(have.get(k) == v for k, v in want.items()):
+            return str(mv.version)
+    return None
+
+
 def promote_model(
     client: MlflowClient,
     run_id: str,
@@ -227,6 +254,13 @@ def promote_model(
     ``evidence`` (name, run id, artifact path, file name) is copied into the logged model's
     ``evidence/`` folder, tagged on the version as ``int8pipe.evidence.<name>`` = its ``runs:/`` URI
     and listed in the description; a piece that cannot be fetched is left out with a warning."""
+    reused = identical_version(client, registered_model, {**tags, **(score.tags() if score else {})})
+    if reused is not None:
+        logger.info(
+            "promote: %s version %s holds this very INT8 model (same SHA-256, gate and validation data): "
+            "reused, not registered again", registered_model, reused,
+        )  # fmt: skip
+        return _decide_alias(client, registered_model, reused, alias, policy, score, reused=True)
     info = mlflow.onnx.log_model(
         onnx_model=model,
         name="model",
@@ -256,6 +290,14 @@ def promote_model(
     )
     version = str(mv.version)
     logger.info("promote: registered %s version %s", registered_model, version)
+    return _decide_alias(client, registered_model, version, alias, policy, score, reused=False)
+
+
+def _decide_alias(
+    client: MlflowClient, registered_model: str, version: str, alias: str | None, policy: str, score: Score | None,
+    reused: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Move ``alias`` to ``version`` if the policy allows; what the registry holds afterwards."""
     decision = "no alias requested"
     if alias:
         with registry_lock(client, registered_model):
@@ -275,4 +317,5 @@ def promote_model(
         "alias": held,
         "alias_version": str(now.version) if now is not None else None,
         "decision": decision,
+        "reused": reused,
     }

@@ -404,3 +404,20 @@ def test_cache_show_takes_a_run_id(
         assert shown["algorithm"] == "EntropyCalibration2" and "input" in shown["tensors"]
     assert main(["cache", "show", "0" * 32, "--tracking-uri", tracking_uri]) == 2
     assert "the run id of a calibrate step" in capsys.readouterr().err
+
+
+def test_an_unchanged_rerun_reuses_its_version(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same INT8 model passing the same gate on the same data is not registered twice."""
+    config = _drop_benchmark(digits_copy)
+    first = run_pipeline(config, tracking_uri, tmp_path)
+    capsys.readouterr()
+    again = run_pipeline(config, tracking_uri, tmp_path)  # the steps are reused; promote always runs
+    assert again["registered_model"]["version"] == first["registered_model"]["version"]
+    assert again["registered_model"]["alias"] == "candidate"
+    assert "holds this very INT8 model" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri)
+    assert list(_versions(client, "digits-int8")) == [first["registered_model"]["version"]]
+    changed = run_pipeline(config, tracking_uri, tmp_path, "steps.calibrate.method=percentile")
+    assert changed["registered_model"]["version"] != first["registered_model"]["version"]  # a new model: a new version
