@@ -155,8 +155,22 @@ def save_checked(model: onnx.ModelProto, path: str | Path) -> None:
     so with ``mlflow.onnx.load_model``; a failure here is a bug in int8pipe, not a user error.
     """
     toposort(model)
+    drop_unused_initializers(model)
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)  # by path: models over 2 GB are checked too
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> int:
+    """Remove initializers nothing reads (e.g. a quantized bias that bias correction replaced): ORT
+    warns about each on every load, and they only take space. Returns how many went."""
+    g = model.graph
+    used = {i for n in _all_nodes(g) for i in n.input} | {o.name for o in g.output} | {i.name for i in g.input}
+    keep = [i for i in g.initializer if i.name in used]
+    dropped = len(g.initializer) - len(keep)
+    if dropped:
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return dropped
 
 
 def sha256(path: str | Path) -> str:

@@ -23,6 +23,7 @@ from pipeline.keep_float import keep_float_inputs
 from pipeline.layout import Layout
 from pipeline.limits import DEFAULT_MEMORY_MB
 from pipeline.log import logger
+from pipeline.model import drop_unused_initializers
 from pipeline.quantization import QuantizeOptions, float_nodes, quantize
 
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
@@ -92,6 +93,7 @@ def quantize_static(fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, sampl
         limit = min(recipe.bias_correction_samples, seen)
         counts["bias_corrected_nodes"] = _on_samples(bias_correction.correct, "bias correction", source, qdq, samples,
                                                      limit)  # fmt: skip
+    drop_unused_initializers(qdq)  # e.g. an int32 bias bias correction replaced
     return Quantized(qdq, source if source is not fp32 else None, counts)
 
 

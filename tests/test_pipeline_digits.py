@@ -358,3 +358,11 @@ def test_the_cache_has_a_copy_the_ui_previews(digits_run: dict[str, Any]) -> Non
     folder = digits_run["artifacts"]["calibrate"] / "calibration"
     cache = (folder / "calibration.cache").read_text()
     assert cache.startswith("TRT-") and (folder / "calibration.cache.txt").read_text() == cache
+
+
+def test_written_models_carry_no_dead_initializers(digits_run: dict[str, Any]) -> None:
+    """ORT warns 'Removing initializer ... not used' on every load of a model that has some."""
+    for step, path in (("export", "model/model.onnx"), ("quantize", "model/model_int8.onnx")):
+        model = onnx.load(str(digits_run["artifacts"][step] / path))
+        used = {i for n in model.graph.node for i in n.input}
+        assert [i.name for i in model.graph.initializer if i.name not in used] == [], step
