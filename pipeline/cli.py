@@ -20,11 +20,17 @@ EXIT_GATE_FAILED = 3
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="int8pipe", description="FP32 -> validated, benchmarked INT8, tracked in MLflow.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = argparse.ArgumentParser(
+        prog="int8pipe",
+        description="FP32 -> validated, benchmarked INT8, tracked in MLflow.",
+        epilog=f"exit codes: 0 success, {EXIT_USER_ERROR} a user error (message, no traceback), {EXIT_GATE_FAILED} "
+        "the accuracy gate failed, 130/143 interrupted (SIGINT/SIGTERM), 1 a bug (with its traceback)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    p.add_argument("--version", action=_Version, help="int8pipe, ONNX Runtime and this CPU's int8 kernels")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a pipeline YAML")
-    run.add_argument("config")
+    run.add_argument("config", help="the pipeline YAML (docs/yaml-reference.md)")
     run.add_argument(
         "--set",
         dest="overrides",
@@ -38,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-reuse", action="store_true", help="rerun steps even when a finished run matches")
     run.add_argument("--summary-json", default=None, metavar="PATH", help="write the run summary as JSON")
-    run.add_argument("--only", default=None, metavar="STEP", help="run one step, reusing the earlier steps' runs")
+    run.add_argument(
+        "--only", default=None, metavar="STEP",
+        help="run one step (export, calibrate, quantize, validate, benchmark, promote), reusing the earlier "
+        "steps' runs",
+    )  # fmt: skip
     # how a sweep runs its trials as processes (sweep.parallel > 1); not for people
     run.add_argument("--under", default=None, help=argparse.SUPPRESS)
     run.add_argument("--run-name", default=None, help=argparse.SUPPRESS)
@@ -47,9 +57,33 @@ def _parser() -> argparse.ArgumentParser:
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     show = cache_sub.add_parser("show", help="decode a TensorRT calibration cache")
     show.add_argument("file", help="a cache file, a calibrate run id, or runs:/<run id>/<path to a cache>")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print {version, algorithm, tensors: {name: {scale, amax}}}")
     show.add_argument("--tracking-uri", default=None, help="where a run id is looked up (default: as for run)")
     return p
+
+
+class _Version(argparse.Action):
+    """``--version``, worked out only when asked (it reads the CPU and imports ONNX Runtime)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
+def _version() -> str:
+    """int8pipe's version with what decides its numbers here: ONNX Runtime and this CPU's int8 kernels."""
+    import importlib.metadata
+
+    from pipeline import cpu_kernels
+
+    try:
+        own = importlib.metadata.version("int8pipe")
+    except importlib.metadata.PackageNotFoundError:
+        own = "unknown (not installed)"
+    return f"int8pipe {own}; {cpu_kernels.describe(cpu_kernels.this_machine())}"
 
 
 def _store_full(exc: BaseException) -> str | None:

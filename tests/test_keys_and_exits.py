@@ -43,3 +43,16 @@ def test_exit_codes(digits_copy: Path, tracking_uri: str, capsys: pytest.Capture
     assert main([*args, "--set", "steps.calibrate.method=percentile", "--set", "steps.calibrate.percentile=10"]) == 3
     err = capsys.readouterr().err
     assert "accuracy gate failed" in err and "Traceback" not in err
+
+
+def test_version_names_the_int8_kernels_and_help_lists_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline import cpu_kernels
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("int8pipe ") and cpu_kernels.this_machine()["isa"] in out and "onnxruntime" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "exit codes: 0 success, 2 a user error" in capsys.readouterr().out
