@@ -26,6 +26,7 @@ from pipeline.tag_names import (
     GATE_TAG,
     METHOD_TAG,
     PIPELINE_TAG,
+    REGISTERED_VERSION_TAG,
     REUSED_FROM_TAG,
     REUSED_TAG,
     TARGET_TAG,
@@ -221,6 +222,10 @@ def run_pipeline(
             finally:
                 if "validate" in summary.steps:
                     tracker.client.set_tag(parent, GATE_TAG, summary.gate)
+                reg = summary.registered_model
+                if reg is not None:  # the run page shows no "Registered models" for a child's version
+                    uri = f"models:/{reg['name']}/{reg['version']}"
+                    tracker.client.set_tag(parent, REGISTERED_VERSION_TAG, uri)
     return summary
 
 

@@ -28,6 +28,7 @@ CALIBRATION_METHOD_TAG = "int8pipe.calibration_method"
 METHOD_TAG = "int8pipe.method"  # the pipeline run's older name for the calibration method, kept for a release
 GATE_TAG = "int8pipe.gate"
 SWEEP_TAG = "int8pipe.sweep"
+REGISTERED_VERSION_TAG = "int8pipe.registered_version"  # models:/<name>/<version> the pipeline registered
 BEST_RUN_TAG = "int8pipe.best_run"
 BEST_TRIAL_TAG = "int8pipe.best_trial"
 

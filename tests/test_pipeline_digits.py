@@ -366,3 +366,10 @@ def test_written_models_carry_no_dead_initializers(digits_run: dict[str, Any]) -
         model = onnx.load(str(digits_run["artifacts"][step] / path))
         used = {i for n in model.graph.node for i in n.input}
         assert [i.name for i in model.graph.initializer if i.name not in used] == [], step
+
+
+def test_the_pipeline_run_links_its_registered_version(digits_run: dict[str, Any]) -> None:
+    summary = digits_run["summary"]
+    tags = digits_run["client"].get_run(summary["run_id"]).data.tags
+    reg = summary["registered_model"]
+    assert tags["int8pipe.registered_version"] == f"models:/{reg['name']}/{reg['version']}"
