@@ -12,8 +12,10 @@ activations (int8 activations are moved to uint8 by adding 128 first) by int8 we
 
 7-bit weights cannot saturate on any of them (ORT's ``reduce_range``: |w| <= 64, so a pair sums to
 at most 2 x 255 x 64 = 32640). uint8 weights (ORT's u8 x u8 kernels) were measured too and are not
-chosen: about 7x slower on AVX2, and some EfficientNet-Lite0 layers still departed from the exact
+chosen: up to 7x slower on AVX2, and some EfficientNet-Lite0 layers still departed from the exact
 arithmetic on AVX2, so they are counted as saturating there (``benchmarks/cpu_portability.py``).
+The x86 rows were measured (AVX2 here, VNNI on the machines the project measured before); the arm64
+rows follow ORT's kernel designs and have not been run here.
 """
 
 from __future__ import annotations
@@ -50,9 +52,8 @@ ISAS: dict[str, Isa] = {
     )
 }
 ALL = "all"  # every ISA above: the fleet nobody has described
-# the /proc/cpuinfo flag that identifies each x86 ISA, best first (a VNNI CPU also has avx2)
-_X86_ORDER = (("amx_int8", "amx_int8"), ("avx512_vnni", "avx512_vnni"), ("avx_vnni", "avx_vnni"),
-              ("avx512bw", "avx512bw"), ("avx2", "avx2"))  # fmt: skip
+# x86 ISAs, best first, each named as its /proc/cpuinfo flag (a VNNI CPU also has avx2)
+_X86_ORDER = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Scheme:
 
     name: str
     weight_range: tuple[int, int]  # the integer levels a weight may take
-    uint8_weights: bool  # u8 x u8 kernels (widened to int16, summed in int32) instead of u8 x s8
+    uint8_weights: bool  # ORT's u8 x u8 kernels instead of u8 x s8
     reduce_range: bool  # ORT's option for 7-bit weights
     detail: str
     # depthwise Convs keep 8-bit weights: ORT's depthwise int8 kernel widens its operands and sums in
@@ -118,7 +119,7 @@ def machine_isa(flags: set[str], machine: str) -> str | None:
     """This CPU's entry in ``ISAS`` from its /proc/cpuinfo flags (None: an x86 older than AVX2)."""
     if machine.lower() in ("aarch64", "arm64"):
         return "arm64_dotprod" if "asimddp" in flags else "arm64"
-    return next((isa for isa, flag in _X86_ORDER if flag in flags), None)
+    return next((isa for isa in _X86_ORDER if isa in flags), None)
 
 
 def this_machine() -> dict[str, Any]:
