@@ -208,9 +208,15 @@ class Tracker:
     def _mark_experiment(self) -> None:
         """Tell MLflow 3's UI this experiment is model development, not GenAI: without the tag it opens
         on a traces overview and lists pipeline runs as evaluations. A kind already set is kept."""
-        tags = self.client.get_experiment(self.experiment_id).tags
-        if EXPERIMENT_KIND not in tags:
+        from mlflow.exceptions import MlflowException
+
+        if EXPERIMENT_KIND in self.client.get_experiment(self.experiment_id).tags:
+            return
+        try:
             self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
+        except MlflowException:  # a pipeline started at the same moment set it first (sqlite: UNIQUE failed)
+            if EXPERIMENT_KIND not in self.client.get_experiment(self.experiment_id).tags:
+                raise
 
     def registered_version(self, uri: str) -> tuple[str, str] | None:
         """(name, version) a ``models:/`` URI names in the registry now; None for another URI.

@@ -215,7 +215,8 @@ def test_second_identical_run_reuses(digits_run: dict[str, Any]) -> None:
     assert export.data.tags["int8pipe.reused"] == "true"
     assert export.data.tags["int8pipe.reused_from"] == first["steps"]["export"]
     assert client.get_run(second["steps"]["promote"]).data.tags.get("int8pipe.reused") is None
-    assert second["registered_model"]["version"] != first["registered_model"]["version"]
+    # promote ran again, and found the same model passing the same gate: its version, not a copy
+    assert second["registered_model"]["version"] == first["registered_model"]["version"]
     assert second["metrics"]["accuracy_drop"] == first["metrics"]["accuracy_drop"]
 
 
