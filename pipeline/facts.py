@@ -22,7 +22,6 @@ DEFAULT_BATCH_SIZE = 32  # samples per inference pass when there is no calibrate
 class Facts:
     target: str = "tensorrt"  # tensorrt | onnxruntime: where the INT8 model is served
     mode: str = "static"  # static (Q/DQ) | dynamic (ORT's run-time activation ranges)
-    activations: str = "symmetric"  # symmetric int8 | asymmetric uint8
     weight_scheme: Scheme = SCHEMES["int8"]  # how weights are stored (cpu_kernels: what the CPU fleet allows)
     cpu_fleet: tuple[str, ...] = (ALL,)  # target onnxruntime: the CPUs it must compute the same on
     memory_mb: int = DEFAULT_MEMORY_MB  # activations alive during any inference pass (steps.calibrate.memory_mb)
@@ -51,7 +50,6 @@ def resolve(steps: dict[str, Any]) -> Facts:
         out.update(
             target=target,
             mode=quantize.mode,
-            activations=quantize.activation_scheme,
             cpu_fleet=tuple(quantize.cpu_fleet or [ALL]),
             # TensorRT runs 8-bit weights; ORT's CPU kernels get what every CPU of the fleet computes exactly
             weight_scheme=SCHEMES["int8"] if target == "tensorrt" else choose(quantize.cpu_fleet),

@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from pipeline import runtime
+from pipeline.dynamic import INTEGER_OPS
 from pipeline.log import logger
 
 DYNAMIC_ROUNDING = 1e-5  # relative RMS error of a dynamic layer's float result that is float rounding
@@ -35,7 +36,6 @@ DYNAMIC_ROUNDING = 1e-5  # relative RMS error of a dynamic layer's float result 
 OUTPUT_ROUNDING = 0.01
 MAX_PROBES = 256  # layers compared at most (evenly spaced in graph order); each is a tiny model of its own
 DYNAMIC_UNIT = {"DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul"}  # one dynamic layer, run alone
-INTEGER_OPS = {"MatMulInteger", "ConvInteger"}
 
 
 def is_dynamic(model: onnx.ModelProto) -> bool:

@@ -163,11 +163,12 @@ def evidence(runs: dict[str, str]) -> list[tuple[str, str, str, str]]:
 
 def cpu_tags(ctx: StepContext) -> dict[str, str]:
     """Where the model was validated and, for ORT's CPU kernels, on which CPUs it computes the same."""
-    report = ctx.inputs.get("validation_report")
-    cap = json.loads(report.read_text()).get("cpu") if report is not None and report.is_file() else None
+    path = ctx.inputs.get("validation_report")
+    report = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    cap = report.get("cpu")
     tags = {}
     if cap is not None:
-        numerics = json.loads(report.read_text()).get("kernel_fidelity") or {}  # type: ignore[union-attr]
+        numerics = report.get("kernel_fidelity") or {}
         tags[VALIDATED_ON_TAG] = cpu_kernels.describe(cap)
         tags[INT8_NUMERICS_TAG] = numerics.get("gated_on", "exact")
     facts = ctx.facts
