@@ -44,7 +44,7 @@ def crop_array(n: int, seed: int) -> np.ndarray:
 
 
 def logits(model: bytes, x: np.ndarray, optimize: bool) -> np.ndarray:
-    from pipeline import runtime
+    from pipeline.execution import runtime
 
     sess = runtime.session(model, "cpu", optimize=optimize)
     name = sess.get_inputs()[0].name
@@ -68,7 +68,7 @@ def main() -> None:
     )
 
     from pipeline.calibration.calibrator import calibrate
-    from pipeline.quantization import QuantizeOptions, quantize, quantized_activations
+    from pipeline.transforms.quantization import QuantizeOptions, quantize, quantized_activations
 
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-accuracy-"))
     path = fp32_model(folder, args.samples)

@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "efficientnet_lite0"), str(RO
 
 
 def logits(model: bytes, x: np.ndarray, optimize: bool = False) -> np.ndarray:
-    from pipeline import runtime
+    from pipeline.execution import runtime
 
     sess = runtime.session(model, "cpu", optimize=optimize)
     name = sess.get_inputs()[0].name
@@ -76,9 +76,11 @@ def main() -> None:
     from data import crops
     from peers import ort_quantize_static, ort_static_variants
 
-    from pipeline import bias_correction, equalization, layers, recipe, recovery, runtime, scoring
+    from pipeline.analysis import layers, recovery, scoring
     from pipeline.calibration.calibrator import calibrate, rethreshold
-    from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
+    from pipeline.execution import runtime
+    from pipeline.transforms import bias_correction, equalization, recipe
+    from pipeline.transforms.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-peers-"))
     path = fp32_model(folder, args.samples)
@@ -116,7 +118,7 @@ def main() -> None:
     quantized_inputs = quantized_activations(fp32, "tensorrt")
     cal = calibrate(path, lambda: crops(args.samples, 32), "mse", histogram_tensors=quantized_inputs)
     calibration_s = time.perf_counter() - start
-    # every int8pipe row but equalization's is the quantize step's own recipe (pipeline/recipe.py)
+    # every int8pipe row but equalization's is the quantize step's own recipe (pipeline/transforms/recipe.py)
     samples = recipe.Samples(lambda: crops(args.samples, 32))
     plain, models, corrected_s = {}, {}, {}
     for method in ("minmax", "entropy", "percentile", "mse"):

@@ -123,8 +123,8 @@ def main() -> None:
     if args.ort_worker:
         ort_worker(*args.ort_worker)
         return
-    from pipeline import environment
     from pipeline.calibration.collect import DEFAULT_MEMORY_MB
+    from pipeline.execution import environment
 
     cpu = environment.cpu()
     print(f"CPU: {cpu['model']}, {cpu['count']} cores; /proc/cpuinfo flags: {' '.join(cpu['flags'])}")

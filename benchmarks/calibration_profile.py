@@ -45,12 +45,12 @@ def main() -> None:
     from accuracy_vs_ort import fp32_model
     from data import crops
 
-    from pipeline import model as onnx_model
     from pipeline.calibration import histogram
     from pipeline.calibration.collect import CHUNK, BoundOutputs, expose, run_pass
     from pipeline.calibration.derived import derivable
     from pipeline.calibration.histogram import TensorStats, add_abs_histogram
-    from pipeline.quantization import quantized_activations
+    from pipeline.graph import model as onnx_model
+    from pipeline.transforms.quantization import quantized_activations
 
     model = onnx.load(str(fp32_model(Path(tempfile.mkdtemp(prefix="int8pipe-profile-")), args.samples)))
     batches = list(crops(args.samples, 32))

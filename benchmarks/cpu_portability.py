@@ -1,5 +1,5 @@
 """Is an INT8 model for ONNX Runtime's CPU kernels portable across CPUs? Each weight scheme of
-``steps.quantize.cpu_fleet`` (pipeline/cpu_kernels.py) computed exactly and through this machine's
+``steps.quantize.cpu_fleet`` (pipeline/execution/cpu_kernels.py) computed exactly and through this machine's
 fused int8 kernels, with its batch-1 latency, beside ORT's quantize_static in the same run.
 
     python benchmarks/cpu_portability.py [--networks digits,efficientnet,ocr_rec] [--validation 256]
@@ -47,7 +47,7 @@ def count(x: Samples) -> int:
 
 
 def outputs(model: onnx.ModelProto, x: Samples, optimize: bool) -> np.ndarray:
-    from pipeline import runtime
+    from pipeline.execution import runtime
 
     sess = runtime.session(model.SerializeToString(), optimize=optimize)
     fixed = sess.get_inputs()[0].shape[0]
@@ -56,7 +56,7 @@ def outputs(model: onnx.ModelProto, x: Samples, optimize: bool) -> np.ndarray:
 
 
 def latency_ms(model: onnx.ModelProto, x: Samples, iterations: int) -> float:
-    from pipeline import runtime
+    from pipeline.execution import runtime
 
     sess = runtime.session(model.SerializeToString(), optimize=True, threads=1)
     return float(np.median(runtime.time_session(sess, take(x, 0, 1), iterations, 5)))
@@ -64,8 +64,8 @@ def latency_ms(model: onnx.ModelProto, x: Samples, iterations: int) -> float:
 
 def static_model(fp32: onnx.ModelProto, batches: Batches, cal: Any, weights: str) -> onnx.ModelProto:
     """What steps/quantize.py builds for ``target: onnxruntime`` with these weights (its own recipe)."""
-    from pipeline import recipe
-    from pipeline.quantization import QuantizeOptions
+    from pipeline.transforms import recipe
+    from pipeline.transforms.quantization import QuantizeOptions
 
     opts = QuantizeOptions(target="onnxruntime", activations="asymmetric", weights=weights)
     return recipe.quantize_static(fp32, cal.ranges, recipe.Recipe(quantize=opts), recipe.Samples(batches)).model
@@ -79,7 +79,7 @@ def ort_model(path: Path, folder: Path, batches: Batches, reduce_range: bool) ->
 
 def report(name: str, build: Callable[[], onnx.ModelProto], score: Callable[[np.ndarray], float], x: Samples,
            iterations: int) -> None:  # fmt: skip
-    from pipeline import kernel_fidelity
+    from pipeline.analysis import kernel_fidelity
 
     start = time.perf_counter()
     try:
@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=50, help="timed batch-1 runs per model (p50 printed)")
     args = ap.parse_args()
 
-    from pipeline import cpu_kernels
+    from pipeline.execution import cpu_kernels
 
     cap = cpu_kernels.this_machine()
     print(f"# CPU: {cpu_kernels.describe(cap)}; int8 flags: {', '.join(cap['int8_flags']) or 'none'}")
@@ -169,8 +169,9 @@ def main() -> None:
 
 
 def one_network(kind: str, args: argparse.Namespace) -> None:
-    from pipeline import cpu_kernels, dynamic
     from pipeline.calibration.calibrator import calibrate
+    from pipeline.execution import cpu_kernels
+    from pipeline.transforms import dynamic
 
     folder = Path(tempfile.mkdtemp(prefix=f"int8pipe-portability-{kind}-"))
     path, batches, x, score = network(kind, folder, args.validation)

@@ -101,7 +101,7 @@ def constants_to_initializers(m: onnx.ModelProto) -> int:
     initializer"), and int8pipe's quantize() called directly none. Pass --raw-export to see that
     (it also keeps opset 12, see fixed_size).
     """
-    from pipeline import model as onnx_model
+    from pipeline.graph import model as onnx_model
 
     return onnx_model.constants_to_initializers(m)
 
@@ -109,7 +109,7 @@ def constants_to_initializers(m: onnx.ModelProto) -> int:
 def fixed_size(path: Path, size: int, folder: Path, raw: bool = False) -> Path:
     """The detector with H and W fixed to ``size``, its constants as initializers (unless ``raw``)
     and every node named (node tables and exclusion work by name)."""
-    from pipeline import model as onnx_model
+    from pipeline.graph import model as onnx_model
 
     m = onnx.load(str(path))
     if not raw:
@@ -130,7 +130,7 @@ def fixed_size(path: Path, size: int, folder: Path, raw: bool = False) -> Path:
 
 
 def probability_maps(model: bytes, x: np.ndarray, optimize: bool = False) -> np.ndarray:
-    from pipeline import runtime
+    from pipeline.execution import runtime
 
     sess = runtime.session(model, "cpu", optimize=optimize)
     return np.concatenate([sess.run(None, {"x": x[i : i + BATCH]})[0] for i in range(0, len(x), BATCH)])[:, 0]
@@ -234,9 +234,9 @@ def main() -> None:
     if args.size % 32:
         sys.exit(f"--size {args.size}: the detector downsamples by 32; use a multiple of 32.")
 
-    from pipeline import bias_correction, shift, smoothing, weight_rounding
     from pipeline.calibration.calibrator import calibrate, rethreshold
-    from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
+    from pipeline.transforms import bias_correction, shift, smoothing, weight_rounding
+    from pipeline.transforms.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-det-peers-"))
     path = fixed_size(find_model(args.model), args.size, folder, args.raw_export)
@@ -369,7 +369,7 @@ def main() -> None:
     if args.layers:
         # where the default model's error comes from: quantized nodes ranked by the error their own
         # quantization adds (pipeline.layers), on a few held-out frames
-        from pipeline.layers import layer_errors
+        from pipeline.analysis.layers import layer_errors
 
         progress(f"per-layer check of the default model on {args.layers} held-out frames")
         feeds = lambda: batches(x_val[: args.layers])  # noqa: E731

@@ -196,7 +196,7 @@ def batches(x: Batch) -> Iterator[Batch]:
 
 def embed(model: onnx.ModelProto, x: Batch, optimize: bool) -> np.ndarray:
     """L2-normalised pooled embeddings, float64 [N, dim]."""
-    from pipeline import runtime
+    from pipeline.execution import runtime
 
     sess = runtime.session(model.SerializeToString(), "cpu", optimize=optimize)
     out = np.concatenate([sess.run(None, b)[0] for b in batches(x)]).astype(np.float64)
@@ -230,11 +230,18 @@ def main() -> None:
     ap.add_argument("--no-nncf", action="store_true", help="skip NNCF even when it is installed")
     args = ap.parse_args()
 
-    from pipeline import bias_correction, dynamic, runtime, smoothing
     from pipeline.calibration.calibrator import DEFAULT_MEMORY_MB, calibrate, rethreshold
-    from pipeline.keep_float import keep_float_inputs
-    from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize, quantized_activations
-    from pipeline.roles import activation_matmuls, constant_tensors
+    from pipeline.execution import runtime
+    from pipeline.transforms import bias_correction, dynamic, smoothing
+    from pipeline.transforms.keep_float import keep_float_inputs
+    from pipeline.transforms.quantization import (
+        QuantizeOptions,
+        float_nodes,
+        node_table,
+        quantize,
+        quantized_activations,
+    )
+    from pipeline.transforms.roles import activation_matmuls, constant_tensors
 
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-encoder-peers-"))
     path = folder / "fp32.onnx"
@@ -366,6 +373,7 @@ def main() -> None:
         "int8pipe tensorrt default (mse, bias correction, attention products float)",
         lambda: static(trt, by_method["mse"]), trt_s,
     )  # fmt: skip
+
     def int8pipe_dynamic(per_channel: bool) -> Any:
         def build() -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
             m = dynamic.quantize_dynamic(fp32, per_channel, (), ())
@@ -436,7 +444,7 @@ def main() -> None:
 
     default = built.get("default")
     if args.layers and default is not None:
-        from pipeline.layers import layer_errors
+        from pipeline.analysis.layers import layer_errors
 
         progress(f"per-layer check of the default model on {args.layers} scored sentences")
         feeds = lambda: batches({k: v[: args.layers] for k, v in x_val.items()})  # noqa: E731
@@ -449,9 +457,9 @@ def export_question(args: Any, model_dir: Path, folder: Path, fp32: onnx.ModelPr
     """The export step's default dynamic_batch: true against false: node counts, and the default
     INT8 model's accuracy built from each."""
     from pipeline.calibration.calibrator import calibrate
-    from pipeline.keep_float import keep_float_inputs
-    from pipeline.model import op_counts
-    from pipeline.quantization import QuantizeOptions, float_nodes, quantize, quantized_activations
+    from pipeline.graph.model import op_counts
+    from pipeline.transforms.keep_float import keep_float_inputs
+    from pipeline.transforms.quantization import QuantizeOptions, float_nodes, quantize, quantized_activations
 
     progress("exporting with dynamic_batch: true")
     torch_export(model_dir, True, folder / "raw_dynamic.onnx")

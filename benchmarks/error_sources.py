@@ -83,9 +83,9 @@ def main() -> None:
     args.samples = args.samples or (256 if big else 32)
     args.validation = args.validation or (256 if big else 96)
 
-    from pipeline import bias_correction
     from pipeline.calibration.calibrator import calibrate, rethreshold
-    from pipeline.quantization import QuantizeOptions, quantize, quantized_activations
+    from pipeline.transforms import bias_correction
+    from pipeline.transforms.quantization import QuantizeOptions, quantize, quantized_activations
 
     path, batches, score = (efficientnet if big else detector)(args)
     fp32 = onnx.load(str(path))

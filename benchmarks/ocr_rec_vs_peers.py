@@ -92,7 +92,7 @@ def fold_constant_casts(m: onnx.ModelProto) -> int:
 
 def fixed_width(path: Path, width: int, folder: Path) -> Path:
     """The recogniser with H = 48 and W = ``width``, constants as initializers, opset 13, nodes named."""
-    from pipeline import model as onnx_model
+    from pipeline.graph import model as onnx_model
 
     m = onnx.load(str(path))
     progress(f"moved {constants_to_initializers(m)} Constant nodes into initializers")
@@ -134,7 +134,7 @@ def with_logits(m: onnx.ModelProto) -> bytes:
 
 def logits(model: onnx.ModelProto, x: np.ndarray, optimize: bool = False) -> np.ndarray:
     """[N, T, C] pre-Softmax scores of the CTC head."""
-    from pipeline import runtime
+    from pipeline.execution import runtime
 
     sess = runtime.session(with_logits(model), "cpu", optimize=optimize)
     out = []
@@ -249,11 +249,18 @@ def main() -> None:
     if args.width % 8:
         sys.exit(f"--width {args.width}: the recogniser downsamples the width by 8; use a multiple of 8.")
 
-    from pipeline import bias_correction, dynamic, runtime, shift, smoothing, weight_rounding
     from pipeline.calibration.calibrator import DEFAULT_MEMORY_MB, calibrate
-    from pipeline.keep_float import keep_float_inputs
-    from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize, quantized_activations
-    from pipeline.roles import activation_matmuls
+    from pipeline.execution import runtime
+    from pipeline.transforms import bias_correction, dynamic, shift, smoothing, weight_rounding
+    from pipeline.transforms.keep_float import keep_float_inputs
+    from pipeline.transforms.quantization import (
+        QuantizeOptions,
+        float_nodes,
+        node_table,
+        quantize,
+        quantized_activations,
+    )
+    from pipeline.transforms.roles import activation_matmuls
 
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-rec-peers-"))
     path = fixed_width(find_model(args.model, MODEL_FILE, "recogniser"), args.width, folder)
@@ -425,7 +432,7 @@ def main() -> None:
     if args.layers and default is not None:
         # where the default model's error comes from: quantized nodes ranked by the error their own
         # quantization adds (pipeline.layers), on a few held-out samples
-        from pipeline.layers import layer_errors
+        from pipeline.analysis.layers import layer_errors
 
         progress(f"per-layer check of the default model on {args.layers} held-out samples")
         errs = layer_errors(fp32, default, lambda: batches(x_val[: args.layers]), args.layers, int8_optimize=False)

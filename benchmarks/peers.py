@@ -46,7 +46,7 @@ def ort_static_variants() -> dict[str, dict[str, Any]]:
 
 def print_layer_report(errs: Any, title: str, rows: int) -> None:
     """The nodes whose own quantization adds the most error, and the lowest-SQNR tensors
-    (a pipeline.layers.LayerErrors), as markdown tables."""
+    (a pipeline.analysis.layers.LayerErrors), as markdown tables."""
     print(f"\n{title}, quantized nodes whose own quantization adds the most error:\n")
     print("| node | op | added SQNR dB |")
     print("| --- | --- | --- |")

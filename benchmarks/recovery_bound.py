@@ -57,9 +57,10 @@ def main() -> None:
     from accuracy_vs_peers import agreement, cpu_flags, logits
     from data import crops
 
-    from pipeline import bias_correction, layers, recovery, shift
+    from pipeline.analysis import layers, recovery
     from pipeline.calibration.calibrator import calibrate, rethreshold
-    from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
+    from pipeline.transforms import bias_correction, shift
+    from pipeline.transforms.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 
     path = fp32_model(Path(tempfile.mkdtemp(prefix="int8pipe-bound-")), 256)
     fp32 = onnx.load(str(path))

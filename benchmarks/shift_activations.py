@@ -35,9 +35,10 @@ def main() -> None:
     from data import crops
     from peers import ort_quantize_static
 
-    from pipeline import bias_correction, runtime, shift
     from pipeline.calibration.calibrator import calibrate, rethreshold
-    from pipeline.quantization import QuantizeOptions, quantize, quantized_activations
+    from pipeline.execution import runtime
+    from pipeline.transforms import bias_correction, shift
+    from pipeline.transforms.quantization import QuantizeOptions, quantize, quantized_activations
 
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-shift-"))
     path = fp32_model(folder, args.samples)

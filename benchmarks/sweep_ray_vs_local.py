@@ -57,7 +57,7 @@ def _status(pid: int) -> tuple[str, int] | None:
         return None
     if "--under" in argv and "-c" not in argv:
         name = "trial " + argv[argv.index("--run-name") + 1]
-    elif "pipeline.torch_export" in argv:
+    elif "pipeline.graph.torch_export" in argv:
         name = "export"  # the export step runs the PyTorch exporter in a child process
     elif argv[0].startswith("ray::"):
         name = argv[0].split()[0]  # ray::IDLE, ray::run_trial_process, ...

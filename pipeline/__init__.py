@@ -23,9 +23,9 @@ from pipeline.errors import (  # noqa: E402
 def __getattr__(name: str) -> object:
     # Heavy modules (MLflow, ONNX Runtime) load on first use, not on `import pipeline`.
     lazy = {
-        "load_config": ("pipeline.config", "load"),
-        "run_pipeline": ("pipeline.runner", "run_pipeline"),
-        "Summary": ("pipeline.runner", "Summary"),
+        "load_config": ("pipeline.settings.config", "load"),
+        "run_pipeline": ("pipeline.orchestration.runner", "run_pipeline"),
+        "Summary": ("pipeline.orchestration.runner", "Summary"),
         "calibrate": ("pipeline.calibration.calibrator", "calibrate"),
         "Ranges": ("pipeline.calibration.ranges", "Ranges"),
         "read_cache": ("pipeline.calibration.trt_cache", "read"),

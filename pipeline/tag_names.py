@@ -6,7 +6,7 @@ so they are contracts: add, don't rename.
 
 PREFIX = "int8pipe"
 
-# step runs: what they are and how they were reused (pipeline/tracking.py)
+# step runs: what they are and how they were reused (pipeline/mlflow_io/tracking.py)
 STEP_TAG = "int8pipe.step"
 KEY_TAG = "int8pipe.cache_key"
 OUTPUTS_TAG = "int8pipe.outputs"
@@ -14,7 +14,7 @@ REUSED_TAG = "int8pipe.reused"
 REUSED_FROM_TAG = "int8pipe.reused_from"
 THRESHOLDS_FROM_TAG = "int8pipe.thresholds_from"  # calibrate: thresholds recomputed from a reused run's histograms
 
-# liveness of a running process (pipeline/store.py) and how a run ended
+# liveness of a running process (pipeline/mlflow_io/store.py) and how a run ended
 HOST_TAG = "int8pipe.host"
 PID_TAG = "int8pipe.pid"  # "<pid>:<process start time>": a reused pid is not the same process
 HEARTBEAT_TAG = "int8pipe.heartbeat"
@@ -32,7 +32,7 @@ REGISTERED_VERSION_TAG = "int8pipe.registered_version"  # models:/<name>/<versio
 BEST_RUN_TAG = "int8pipe.best_run"
 BEST_TRIAL_TAG = "int8pipe.best_trial"
 
-# the registry version (pipeline/registry.py, steps/promote.py)
+# the registry version (pipeline/mlflow_io/registry.py, steps/promote.py)
 METRIC_TAG = "int8pipe.metric"
 VALUE_TAG = "int8pipe.metric_value"
 DATA_TAG = "int8pipe.validation_digest"

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.errors import ConfigError, fail
 
 if TYPE_CHECKING:
-    from pipeline.config import PipelineConfig
-    from pipeline.context import StepContext
+    from pipeline.settings.config import PipelineConfig
+    from steps.context import StepContext
 
 
 class Step:

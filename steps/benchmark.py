@@ -13,16 +13,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from pipeline import cpu_kernels, data, environment, plots, runtime
-from pipeline import model as onnx_model
-from pipeline.context import StepContext
+from pipeline.analysis import plots
 from pipeline.errors import BackendUnavailable, ConfigError, fail
-from pipeline.layout import Layout
+from pipeline.execution import cpu_kernels, environment, runtime
+from pipeline.graph import model as onnx_model
+from pipeline.graph.layout import Layout
 from pipeline.log import logger
+from pipeline.sources import data
 from steps.base import Step
+from steps.context import StepContext
 
 if TYPE_CHECKING:
-    from pipeline.config import PipelineConfig
+    from pipeline.settings.config import PipelineConfig
 
 
 @dataclass

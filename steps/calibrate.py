@@ -13,24 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipeline import data, plots
-from pipeline import model as onnx_model
+from pipeline.analysis import plots
 from pipeline.calibration import flatbuffers_table, trt_cache
 from pipeline.calibration.calibrator import Calibration, calibrate, load_histograms, rethreshold, save_histograms
 from pipeline.calibration.collect import DEFAULT_MEMORY_MB
 from pipeline.calibration.methods import METHODS
 from pipeline.calibration.ranges import Ranges, TensorRange
-from pipeline.context import StepContext
 from pipeline.errors import CalibrationError, ConfigError, fail
-from pipeline.layout import Layout
+from pipeline.graph import model as onnx_model
+from pipeline.graph.layout import Layout
 from pipeline.log import logger
-from pipeline.quantization import quantized_activations
-from pipeline.schema import to_mapping
+from pipeline.settings.schema import to_mapping
+from pipeline.sources import data
 from pipeline.tag_names import THRESHOLDS_FROM_TAG
+from pipeline.transforms.quantization import quantized_activations
 from steps.base import Step
+from steps.context import StepContext
 
 if TYPE_CHECKING:
-    from pipeline.config import PipelineConfig
+    from pipeline.settings.config import PipelineConfig
 
 DEFAULT_TRT_VERSION = "10.14.1"
 CLIPPED_RATIO = 0.9  # a tensor counts as clipped when amax < 0.9 * max |x|
@@ -141,7 +142,7 @@ class Calibrate(Step):
                     "steps.calibrate.workers > 1 needs passes: 2 (or method: minmax): single-pass histograms "
                     "depend on the order batches arrive in, so shards cannot be merged exactly.",
                 )
-            from pipeline.distributed import import_ray, resolve_address
+            from pipeline.orchestration.distributed import import_ray, resolve_address
 
             import_ray("steps.calibrate.workers > 1")
             resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
@@ -213,7 +214,7 @@ class Calibrate(Step):
             histogram_tensors = None if cfg.tensors == "all" else quantized_activations(model, ctx.facts.target)
             if cfg.workers > 1:
                 from pipeline.calibration.sharded import calibrate_sharded
-                from pipeline.distributed import resolve_address
+                from pipeline.orchestration.distributed import resolve_address
 
                 address = resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
                 cal = calibrate_sharded(

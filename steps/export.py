@@ -16,15 +16,16 @@ from typing import Any
 
 import onnx
 
-from pipeline import model as onnx_model
-from pipeline import runtime, torch_export
-from pipeline.context import StepContext
-from pipeline.data import search_dirs
 from pipeline.errors import ModelError, fail
-from pipeline.layout import Layout
+from pipeline.execution import runtime
+from pipeline.graph import model as onnx_model
+from pipeline.graph import torch_export
+from pipeline.graph.layout import Layout
+from pipeline.graph.subgraphs import control_flow_report
 from pipeline.log import logger
-from pipeline.subgraphs import control_flow_report
+from pipeline.sources.data import search_dirs
 from steps.base import Step
+from steps.context import StepContext
 
 MIN_QDQ_OPSET = 13
 

@@ -11,12 +11,12 @@ import onnx
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
-from pipeline import cpu_kernels, data
-from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges
-from pipeline.context import StepContext
 from pipeline.errors import ConfigError, fail
+from pipeline.execution import cpu_kernels
+from pipeline.graph import model as onnx_model
 from pipeline.log import logger
+from pipeline.sources import data
 from pipeline.tag_names import (
     CALIBRATION_METHOD_TAG,
     CPU_FLEET_TAG,
@@ -34,9 +34,10 @@ from pipeline.tag_names import (
     WEIGHT_SCHEME_TAG,
 )
 from steps.base import Step
+from steps.context import StepContext
 
 if TYPE_CHECKING:
-    from pipeline.config import PipelineConfig
+    from pipeline.settings.config import PipelineConfig
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Promote(Step):
             )
 
     def run(self, ctx: StepContext, cfg: PromoteConfig) -> None:
-        from pipeline.registry import Score
+        from pipeline.mlflow_io.registry import Score
 
         int8 = onnx_model.load(ctx.input("int8_model"), check=False)
         ranges = Ranges.read(ctx.inputs["ranges"]) if "ranges" in ctx.inputs else None

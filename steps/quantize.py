@@ -1,7 +1,7 @@
 """quantize: the INT8 model.
 
 ``mode: static`` (default): explicit Q/DQ built from ``ranges.json`` (never by calibrating again) by
-the recipe in :mod:`pipeline.recipe` (equalization, smoothing, Q/DQ, float paths, GPTQ, shifted
+the recipe in :mod:`pipeline.transforms.recipe` (equalization, smoothing, Q/DQ, float paths, GPTQ, shifted
 inputs, bias correction), which this step configures and records. A float model the recipe changed
 (equalization, smoothing) is handed on as ``float_model`` too: recovery reverts a node to *its* float
 weights. ``mode: dynamic``: ONNX Runtime's
@@ -16,20 +16,22 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import onnx
 
-from pipeline import cpu_kernels, data, dynamic, recipe
-from pipeline import model as onnx_model
 from pipeline.calibration.ranges import Ranges
-from pipeline.context import StepContext
 from pipeline.errors import ConfigError, ModelError, fail
-from pipeline.layout import Layout
+from pipeline.execution import cpu_kernels
+from pipeline.graph import model as onnx_model
+from pipeline.graph.layout import Layout
 from pipeline.log import logger
-from pipeline.quantization import QuantizeOptions, node_table
+from pipeline.sources import data
 from pipeline.tag_names import CPU_FLEET_TAG, WEIGHT_SCHEME_TAG
+from pipeline.transforms import dynamic, recipe
+from pipeline.transforms.quantization import QuantizeOptions, node_table
 from steps.base import Step, require_step
+from steps.context import StepContext
 
 if TYPE_CHECKING:
-    from pipeline.config import PipelineConfig
-    from pipeline.facts import Facts
+    from pipeline.settings.config import PipelineConfig
+    from pipeline.settings.facts import Facts
 
 
 @dataclass
@@ -72,15 +74,17 @@ class QuantizeConfig:
     bias_correction: bool = True
     bias_correction_samples: int = 128
     # nearest: each weight to its nearest INT8 value; gptq: each Conv's weights rounded together for the
-    # least output error on calibration samples (pipeline/weight_rounding.py)
+    # least output error on calibration samples (pipeline/transforms/weight_rounding.py)
     weight_rounding: Literal["nearest", "gptq"] = "nearest"
     weight_rounding_samples: int = 128
-    # target onnxruntime: the CPUs the model must compute the same on (pipeline/cpu_kernels.py ISAS);
+    # target onnxruntime: the CPUs the model must compute the same on (pipeline/execution/cpu_kernels.py ISAS);
     # null: all of them. A CPU without VNNI in the list gets weights ORT's kernels cannot saturate.
     cpu_fleet: list[str] | None = None
 
     def as_recipe(self, facts: Facts) -> recipe.Recipe:
-        """These keys as the static recipe (pipeline/recipe.py) takes them; the weight scheme is a pipeline fact."""
+        """These keys as the static recipe (pipeline/transforms/recipe.py) takes them.
+
+        The weight scheme is a pipeline fact."""
         opts = QuantizeOptions(
             target=self.target, per_channel=self.per_channel, exclude_nodes=tuple(self.exclude.nodes),
             exclude_op_types=tuple(self.exclude.op_types), activations=self.activation_scheme,
@@ -100,7 +104,6 @@ class QuantizeConfig:
         if self.activations != "auto":
             return self.activations
         return "symmetric" if self.target == "tensorrt" else "asymmetric"
-
 
 
 class Quantize(Step):

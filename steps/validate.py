@@ -1,8 +1,8 @@
 """validate: FP32 vs INT8 on the validation set, the accuracy gate, and accuracy recovery.
 
-The work lives beside the numerics, free of tracking: :mod:`pipeline.scoring` (the metric, the FP32
-reference, INT8 scores), :mod:`pipeline.layers` (per-tensor error, the quantized nodes ranked) and
-:mod:`pipeline.recovery` (keeping the nodes that hurt the metric in float). This step reads the
+The work lives beside the numerics, free of tracking: :mod:`pipeline.analysis.scoring` (the metric, the FP32
+reference, INT8 scores), :mod:`pipeline.analysis.layers` (per-tensor error, the quantized nodes ranked) and
+:mod:`pipeline.analysis.recovery` (keeping the nodes that hurt the metric in float). This step reads the
 config, runs them, logs what they found and decides the gate.
 
 For ``target: tensorrt`` the INT8 model runs with graph optimisations off: ORT then executes each
@@ -10,8 +10,8 @@ QuantizeLinear/DequantizeLinear in float, which is the arithmetic TensorRT perfo
 int8 kernels on x86 without VNNI saturate and would charge TensorRT for a CPU artefact.
 
 For ``target: onnxruntime`` the model is scored both ways, exact and through this CPU's fused
-kernels (:mod:`pipeline.kernel_fidelity`), and the gate reads the numerics it will be served with
-(:func:`pipeline.cpu_kernels.deployed_numerics`).
+kernels (:mod:`pipeline.analysis.kernel_fidelity`), and the gate reads the numerics it will be served with
+(:func:`pipeline.execution.cpu_kernels.deployed_numerics`).
 """
 
 from __future__ import annotations
@@ -24,19 +24,21 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import onnx
 
-from pipeline import cpu_kernels, data, evaluation, kernel_fidelity, layers, plots, recovery, runtime, scoring
-from pipeline import model as onnx_model
+from pipeline.analysis import evaluation, kernel_fidelity, layers, plots, recovery, scoring
 from pipeline.calibration.collect import activation_sizes
-from pipeline.context import StepContext
 from pipeline.errors import ConfigError, GateFailed, fail
-from pipeline.layout import Layout
+from pipeline.execution import cpu_kernels, runtime
+from pipeline.graph import model as onnx_model
+from pipeline.graph.layout import Layout
 from pipeline.log import logger
-from pipeline.quantization import node_table
+from pipeline.sources import data
 from pipeline.tag_names import INT8_NUMERICS_TAG
+from pipeline.transforms.quantization import node_table
 from steps.base import Step
+from steps.context import StepContext
 
 if TYPE_CHECKING:
-    from pipeline.config import PipelineConfig
+    from pipeline.settings.config import PipelineConfig
 
 
 WORST_NODES = 3  # quantized nodes the gate message names
@@ -375,7 +377,7 @@ class Validate(Step):
         scores: scoring.Scores,
         errors: layers.LayerErrors,
     ) -> recovery.Recovery:
-        """Keep the quantized nodes that hurt the metric most in float (see :mod:`pipeline.recovery`);
+        """Keep the quantized nodes that hurt the metric most in float (see :mod:`pipeline.analysis.recovery`);
         writes ``validation/recovery.json`` and, when a node was reverted, hands the model on."""
         rc = cfg.recover
         assert rc is not None

@@ -146,7 +146,7 @@ def run_args(config: Path, tracking_uri: str, summary: Path, *overrides: str) ->
 
 def run_pipeline(config: Path, tracking_uri: str, folder: Path, *overrides: str) -> dict[str, Any]:
     """Run `int8pipe run` in-process, check it succeeded, and return its --summary-json."""
-    from pipeline.cli import main
+    from pipeline.orchestration.cli import main
 
     summary = folder / "s.json"
     assert main(run_args(config, tracking_uri, summary, *overrides)) == 0

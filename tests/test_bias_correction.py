@@ -11,10 +11,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from pipeline import bias_correction, runtime
-from pipeline.keep_float import keep_float_inputs
-from pipeline.model import toposort
-from pipeline.quantization import QuantizeOptions, quantize
+from pipeline.execution import runtime
+from pipeline.graph.model import toposort
+from pipeline.transforms import bias_correction
+from pipeline.transforms.keep_float import keep_float_inputs
+from pipeline.transforms.quantization import QuantizeOptions, quantize
 from tests.models import build
 
 INPUTS = {
@@ -153,8 +154,8 @@ def test_shifts_do_not_depend_on_the_memory_budget_and_stop_at_samples() -> None
 
 @pytest.mark.parametrize("value", [0, -5])
 def test_bias_correction_samples_must_be_positive(value: int) -> None:
-    from pipeline.config import load
     from pipeline.errors import ConfigError
+    from pipeline.settings.config import load
 
     digits = Path(__file__).parent.parent / "examples" / "digits" / "pipeline.yaml"
     with pytest.raises(ConfigError, match="bias_correction_samples: expected a positive number"):

@@ -206,7 +206,7 @@ def test_the_method_registry_is_the_one_list() -> None:
     import typing
 
     from pipeline.calibration import calibrator, methods, trt_cache
-    from pipeline.config import AUTO_METHODS
+    from pipeline.settings.config import AUTO_METHODS
     from steps.calibrate import CalibrateConfig
     from steps.quantize import Smoothing
 

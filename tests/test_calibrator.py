@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.calibration import histogram
 from pipeline.calibration.calibrator import calibrate
-from pipeline.quantization import quantized_activations
+from pipeline.transforms.quantization import quantized_activations
 from tests.models import build
 
 

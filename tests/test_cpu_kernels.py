@@ -11,10 +11,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from pipeline import cpu_kernels, dynamic, kernel_fidelity
-from pipeline.cpu_kernels import ISAS, SCHEMES
-from pipeline.model import toposort
-from pipeline.quantization import QuantizeOptions, quantize
+from pipeline.analysis import kernel_fidelity
+from pipeline.execution import cpu_kernels
+from pipeline.execution.cpu_kernels import ISAS, SCHEMES
+from pipeline.graph.model import toposort
+from pipeline.transforms import dynamic
+from pipeline.transforms.quantization import QuantizeOptions, quantize
 from tests.models import build
 
 

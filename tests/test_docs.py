@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pipeline import reference
+from pipeline.settings import reference
 from tests.conftest import ROOT
 
 
@@ -12,14 +12,14 @@ def test_every_yaml_key_is_documented() -> None:
     keys = [k for k, _, _ in reference.keys()]
     assert "steps.calibrate.method" in keys and "data.*.deps" in keys and "sweep.grid" in keys
     undocumented = [k for k in keys if not reference.DESCRIPTIONS.get(k)]
-    assert undocumented == [], f"describe these keys in pipeline/reference.py DESCRIPTIONS: {undocumented}"
+    assert undocumented == [], f"describe these keys in pipeline/settings/reference.py DESCRIPTIONS: {undocumented}"
     stale = [k for k in reference.DESCRIPTIONS if k not in keys]
     assert stale == [], f"these described keys no longer exist: {stale}"
 
 
 def test_committed_reference_is_current() -> None:
     committed = (ROOT / "docs" / "yaml-reference.md").read_text()
-    assert committed == reference.render(), "regenerate: python -m pipeline.reference > docs/yaml-reference.md"
+    assert committed == reference.render(), "regenerate: python -m pipeline.settings.reference > docs/yaml-reference.md"
 
 
 def test_nothing_links_outside_the_repository() -> None:

@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import cpu_kernels, dynamic, runtime
 from pipeline.errors import ConfigError
+from pipeline.execution import cpu_kernels, runtime
+from pipeline.transforms import dynamic
 from tests.models import build
 
 
@@ -52,6 +53,7 @@ def test_attention_roles() -> None:
     cos = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
     assert cos.min() > 0.99
     assert not np.array_equal(ref, out)  # it did quantize
+
     def weight_bytes(m: onnx.ModelProto) -> int:
         return sum(onnx.numpy_helper.to_array(i).nbytes for i in m.graph.initializer)
 
@@ -76,7 +78,7 @@ def test_excluded_node_stays_float() -> None:
     ],
 )
 def test_dynamic_config_errors(overrides: list[str], expected: str) -> None:
-    from pipeline.config import load as load_config
+    from pipeline.settings.config import load as load_config
 
     with pytest.raises(ConfigError, match=expected):
         load_config(Path(__file__).parent.parent / "examples" / "digits" / "pipeline.yaml", overrides)
@@ -114,7 +116,7 @@ def test_dynamic_pipeline_needs_no_calibration(digits_copy: Path, tracking_uri: 
 def test_static_mode_still_needs_calibrate(digits_copy: Path) -> None:
     import yaml
 
-    from pipeline.config import load
+    from pipeline.settings.config import load
 
     config = digits_copy / "pipeline.yaml"
     cfg = yaml.safe_load(config.read_text())

@@ -11,10 +11,12 @@ import pytest
 import yaml
 from onnx import helper, numpy_helper
 
-from pipeline import equalization, recovery, runtime
+from pipeline.analysis import recovery
 from pipeline.calibration.calibrator import calibrate
-from pipeline.cli import EXIT_GATE_FAILED, main
-from pipeline.quantization import QuantizeOptions, quantize
+from pipeline.execution import runtime
+from pipeline.orchestration.cli import EXIT_GATE_FAILED, main
+from pipeline.transforms import equalization
+from pipeline.transforms.quantization import QuantizeOptions, quantize
 from tests.conftest import run_args
 from tests.models import build
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.cli import main
-from pipeline.config import load
+from pipeline.orchestration.cli import main
+from pipeline.settings.config import load
 from tests.conftest import run_args
 
 

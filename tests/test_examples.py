@@ -67,7 +67,7 @@ def test_ppocr_detector_example_gates_on_text_boxes(tmp_path: Path, tracking_uri
 
     from examples.metrics.text_detection import counts
     from examples.ppocr_det.data import frames
-    from pipeline import runtime
+    from pipeline.execution import runtime
 
     (tmp_path / "example").mkdir()
     model = _ppocr_example(tmp_path / "example")

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from pipeline import model as onnx_model
+from pipeline.graph import model as onnx_model
 from tests.conftest import run_pipeline
 from tests.models import build
 
@@ -36,7 +36,7 @@ def test_constants_become_initializers() -> None:
     assert sorted(i.name for i in model.graph.initializer) == ["b", "fb", "fc", "w"]
     onnx.checker.check_model(model, full_check=True)
     x = np.random.default_rng(0).normal(size=(2, 2, 4, 4)).astype(np.float32)
-    from pipeline import runtime
+    from pipeline.execution import runtime
 
     def run(m: onnx.ModelProto) -> np.ndarray:
         return runtime.run(runtime.session(m.SerializeToString()), {"x": x})[0]

@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline import runtime
 from pipeline.calibration.calibrator import calibrate
-from pipeline.model import toposort
-from pipeline.quantization import QuantizeOptions, quantize, quantized_activations
+from pipeline.execution import runtime
+from pipeline.graph.model import toposort
+from pipeline.transforms.quantization import QuantizeOptions, quantize, quantized_activations
 from steps.export import GENERATED_PREFIX, ExportConfig, prepare
 
 

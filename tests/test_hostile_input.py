@@ -20,16 +20,17 @@ import onnx
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import data, runtime
-from pipeline import model as onnx_model
 from pipeline.calibration import methods
 from pipeline.calibration.calibrator import calibrate
 from pipeline.calibration.collect import expose
-from pipeline.cli import main
-from pipeline.config import DataSource, load
 from pipeline.errors import CalibrationError, ConfigError, DataError, ModelError
-from pipeline.quantization import QuantizeOptions, node_table, quantize, quantized_activations
-from pipeline.subgraphs import control_flow_report
+from pipeline.execution import runtime
+from pipeline.graph import model as onnx_model
+from pipeline.graph.subgraphs import control_flow_report
+from pipeline.orchestration.cli import main
+from pipeline.settings.config import DataSource, load
+from pipeline.sources import data
+from pipeline.transforms.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 from tests.conftest import ROOT, npz_pipeline, run_args, run_pipeline
 from tests.models import build
 
@@ -339,7 +340,7 @@ def test_cache_show_of_a_huge_line_quotes_little(
 
 MEMORY_PROBE = """
 import sys
-from pipeline.cli import main
+from pipeline.orchestration.cli import main
 from pipeline.calibration import trt_cache  # imported before the baseline: only the work is measured
 
 def peak_rss():  # this process's own high-water mark (ru_maxrss would include the parent's at fork)
@@ -502,7 +503,7 @@ def test_unranged_warning_lists_what_it_counts(warnings_logged: list[str]) -> No
 def test_export_says_when_the_network_sits_in_subgraphs(
     tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipeline.cli import main
+    from pipeline.orchestration.cli import main
 
     onnx.save(build("if_branches"), str(tmp_path / "model.onnx"))
     (tmp_path / "p.yaml").write_text("name: flow\nmodel: {onnx: model.onnx}\nsteps: {export: {}}\n")

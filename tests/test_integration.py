@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import runtime
 from pipeline.errors import BackendUnavailable
+from pipeline.execution import runtime
 from tests.conftest import BIN, DIGITS, ROOT, env_without_mlflow, run_pipeline
 from tests.models import build
 
@@ -111,7 +111,7 @@ def test_tensorrt_builds_int8_engine_from_qdq_model(tmp_path: Path) -> None:
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU hosts only)")
     if not _has_gpu():
         pytest.skip("TensorRT needs an NVIDIA GPU")
-    from pipeline.quantization import QuantizeOptions, quantize
+    from pipeline.transforms.quantization import QuantizeOptions, quantize
 
     qdq = quantize(build("conv_relu_gemm"), {"x": 3.0, "flat": 2.0}, QuantizeOptions(target="tensorrt"))
     logger = trt.Logger(trt.Logger.WARNING)

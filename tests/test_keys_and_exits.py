@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.runner import cache_key
+from pipeline.orchestration.cli import main
+from pipeline.orchestration.runner import cache_key
 from steps.calibrate import CalibrateConfig
 
 
@@ -46,7 +46,7 @@ def test_exit_codes(digits_copy: Path, tracking_uri: str, capsys: pytest.Capture
 
 
 def test_version_names_the_int8_kernels_and_help_lists_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline import cpu_kernels
+    from pipeline.execution import cpu_kernels
 
     with pytest.raises(SystemExit) as done:
         main(["--version"])

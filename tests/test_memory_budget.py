@@ -84,7 +84,7 @@ def test_budget_bounds_peak_memory_and_keeps_the_ranges(tmp_path: Path) -> None:
 
 VALIDATE_PROBE = """
 import json, sys
-from pipeline.cli import main
+from pipeline.orchestration.cli import main
 config, uri, memory_mb, summary = sys.argv[1:5]
 code = main(["run", config, "--tracking-uri", uri, "--only", "validate", "--summary-json", summary,
              "--set", f"steps.calibrate.memory_mb={memory_mb}"])
@@ -98,7 +98,7 @@ def test_validation_follows_the_memory_budget_and_scores_the_same(tmp_path: Path
     sample's activation bytes and steps.calibrate.memory_mb, as calibration does."""
     import yaml
 
-    from pipeline.cli import main
+    from pipeline.orchestration.cli import main
 
     rng = np.random.default_rng(2)
     cal, val = (rng.normal(size=(n, 4, 128, 128)).astype(np.float32) for n in (16, 32))
@@ -162,9 +162,9 @@ def deep_conv(layers: int = 6, channels: int = 16) -> onnx.ModelProto:
 LAYERS_PROBE = """
 import json, sys
 import numpy as np, onnx
-from pipeline import layers
+from pipeline.analysis import layers
 from pipeline.calibration.collect import activation_sizes
-from pipeline.layout import Layout
+from pipeline.graph.layout import Layout
 fp32, int8, x, budget = onnx.load(sys.argv[1]), onnx.load(sys.argv[2]), np.load(sys.argv[3]), int(sys.argv[4])
 groups = layers.tensor_groups(activation_sizes(fp32, {"x": x[:1]}, Layout()), budget) if budget else None
 errors = layers.layer_errors(fp32, int8, lambda: ({"x": x[i : i + 1]} for i in range(len(x))), len(x), False,
@@ -179,7 +179,7 @@ def test_layer_comparison_in_groups_bounds_memory_and_measures_the_same(tmp_path
     """Comparing every tensor of both models holds all of them for a sample; in groups of tensors, one
     pass over the data per group, only a group's are alive, and every number stays the same."""
     from pipeline.calibration.calibrator import calibrate
-    from pipeline.quantization import QuantizeOptions, quantize
+    from pipeline.transforms.quantization import QuantizeOptions, quantize
 
     fp32 = deep_conv()
     x = np.random.default_rng(4).normal(size=(4, 16, 128, 128)).astype(np.float32)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from pipeline.cli import main
+from pipeline.orchestration.cli import main
 from tests.conftest import run_args, run_pipeline
 
 

@@ -12,9 +12,9 @@ import onnx
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import cpu_kernels
 from pipeline.calibration import flatbuffers_table, trt_cache
-from pipeline.cli import main
+from pipeline.execution import cpu_kernels
+from pipeline.orchestration.cli import main
 from tests.conftest import DIGITS, run_pipeline
 
 STEPS = ["export", "calibrate", "quantize", "validate", "benchmark", "promote"]
@@ -314,14 +314,15 @@ def test_benchmark_report_explains_a_slow_int8_model(digits_run: dict[str, Any])
 
 
 def test_the_public_recipe_builds_what_the_step_shipped(digits_run: dict[str, Any]) -> None:
-    """pipeline.recipe.quantize_static, called outside any pipeline on the step's inputs (the exported
+    """pipeline.transforms.recipe.quantize_static, called outside any pipeline on the step's inputs (the exported
     model, ranges.json, the calibration samples) gives the quantize step's model, weight for weight:
     what a benchmark measures through it is what ships."""
-    from pipeline import data, recipe
-    from pipeline import model as onnx_model
     from pipeline.calibration.ranges import Ranges
-    from pipeline.config import load
-    from pipeline.layout import Layout
+    from pipeline.graph import model as onnx_model
+    from pipeline.graph.layout import Layout
+    from pipeline.settings.config import load
+    from pipeline.sources import data
+    from pipeline.transforms import recipe
 
     cfg = load(DIGITS / "pipeline.yaml", [])
     art = digits_run["artifacts"]

@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import log, plots
+from pipeline import log
+from pipeline.analysis import plots
 from pipeline.calibration.calibrator import calibrate
 from tests.models import build
 
@@ -48,7 +49,7 @@ def test_bias_correction_progress_counts_the_samples_calibration_saw(
     and says so, rather than counting towards 128; and a cap under the data ends with its line too."""
     import yaml
 
-    from pipeline.cli import main
+    from pipeline.orchestration.cli import main
 
     onnx.save(build("conv_relu_gemm"), str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).normal(size=(40, 2, 4, 4)).astype(np.float32))

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import runtime
-from pipeline.quantization import QuantizeOptions, node_table, quantize
+from pipeline.execution import runtime
+from pipeline.transforms.quantization import QuantizeOptions, node_table, quantize
 from tests.models import build
 
 
@@ -124,7 +124,7 @@ def test_layer_error_reads_the_dequantized_value_when_ort_drops_a_clip() -> None
     the Conv takes over the last output name, unclipped: only the DequantizeLinear behind it holds what
     the next layer sees, and per-layer error must compare that."""
     from pipeline.calibration.collect import expose
-    from pipeline.quantization import dequantized_names
+    from pipeline.transforms.quantization import dequantized_names
 
     model = build("clip_chain")
     x = (np.random.default_rng(0).normal(size=(16, 2, 4, 4)) * 3).astype(np.float32)
@@ -168,7 +168,7 @@ def test_nodes_without_ranges_stay_fp32(target: str, named: bool) -> None:
 
 
 def _exclude_b(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
-    from pipeline.keep_float import keep_float_inputs
+    from pipeline.transforms.keep_float import keep_float_inputs
 
     amax = {"x": 3.0, "a": 8.0, "b": 8.0}
     observed = {k: (-v, v) for k, v in amax.items()}
@@ -205,7 +205,7 @@ def test_keep_float_inputs_recreates_a_relu_ort_folded_into_a_quantizer() -> Non
     quantizer saturates instead). An excluded Flatten reading that tensor gets Clip and Relu back on
     its float path; the Q/DQ pair nobody reads any more is removed."""
     from pipeline.calibration.collect import expose
-    from pipeline.keep_float import keep_float_inputs
+    from pipeline.transforms.keep_float import keep_float_inputs
 
     model = build("clip_chain")
     amax = {"x": 6.0, "conv": 20.0, "relu6": 6.0, "relu": 6.0, "flat": 6.0, "y": 50.0, "top": 50.0, "clipped": 6.0}

@@ -24,12 +24,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import data
-from pipeline import model as onnx_model
 from pipeline.calibration.calibrator import calibrate
 from pipeline.calibration.sharded import shard_batches, takes_shard_args
-from pipeline.cli import main
-from pipeline.config import DataSource, ImagesSource
+from pipeline.graph import model as onnx_model
+from pipeline.orchestration.cli import main
+from pipeline.settings.config import DataSource, ImagesSource
+from pipeline.sources import data
 from tests.conftest import env_without_mlflow, run_args, run_pipeline
 from tests.models import build
 from tests.ray_cluster import RayCluster, start_cluster
@@ -235,7 +235,9 @@ def test_without_ray_the_error_names_the_extra(digits_copy: Path, tmp_path: Path
     """``import ray`` made to fail in a fresh interpreter (sys.modules['ray'] = None), Ray installed or not."""
     config = digits_copy / "pipeline.yaml"
     argv = run_args(config, "http://127.0.0.1:1", tmp_path / "s.json", override)
-    code = f"import sys; sys.modules['ray'] = None; from pipeline.cli import main; sys.exit(main({argv!r}))"
+    code = (
+        f"import sys; sys.modules['ray'] = None; from pipeline.orchestration.cli import main; sys.exit(main({argv!r}))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_without_mlflow(),
                        cwd=tmp_path, timeout=120)  # fmt: skip
     assert r.returncode == 2, r.stderr

@@ -16,9 +16,12 @@ import onnx
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import data, evaluation, layers, model, recovery, runtime, scoring
-from pipeline.cli import main
-from pipeline.quantization import node_table
+from pipeline.analysis import evaluation, layers, recovery, scoring
+from pipeline.execution import runtime
+from pipeline.graph import model
+from pipeline.orchestration.cli import main
+from pipeline.sources import data
+from pipeline.transforms.quantization import node_table
 from tests.conftest import npz_pipeline, run_args, run_pipeline
 from tests.models import build
 
@@ -273,7 +276,7 @@ def test_recovery_hands_on_the_best_model_scored_not_the_last(tmp_path: Path) ->
     """Keeping one of two cancelling MatMuls float makes the output worse: with room for one node,
     recovery must hand on the quantized model unchanged; with room for both, the pair."""
     from pipeline.calibration.calibrator import calibrate
-    from pipeline.quantization import QuantizeOptions, quantize
+    from pipeline.transforms.quantization import QuantizeOptions, quantize
     from tests.models import build
 
     fp32 = build("cancelling_matmuls")
@@ -299,7 +302,7 @@ def test_preselection_finds_the_node_whose_error_reaches_the_output(tmp_path: Pa
     whose error dominates the output; nine nodes with worse local SQNR barely reach it. Ranked by
     added SQNR alone, b9 is tenth and outside the eight candidates; by sensitivity it is first."""
     from pipeline.calibration.calibrator import calibrate
-    from pipeline.quantization import QuantizeOptions, quantize
+    from pipeline.transforms.quantization import QuantizeOptions, quantize
 
     fp32 = build("loud_and_quiet_branches")
     onnx.save(fp32, str(tmp_path / "m.onnx"))
@@ -329,7 +332,7 @@ def test_ranking_counts_a_gain_within_noise_as_a_tie(tmp_path: Path) -> None:
     top-1) ranks before "split" (a small error, one flip) by the gain in output cosine. With twelve
     flips of 64, split's gain is significant and ranks first although its cosine gain is the smaller."""
     from pipeline.calibration.calibrator import calibrate
-    from pipeline.quantization import QuantizeOptions, quantize
+    from pipeline.transforms.quantization import QuantizeOptions, quantize
 
     fp32 = build("tied_scores")
     path = tmp_path / "m.onnx"

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import registry
-from pipeline.cli import main
+from pipeline.mlflow_io import registry
+from pipeline.orchestration.cli import main
 from tests.conftest import env_without_mlflow, run_args, run_pipeline
 
 

@@ -86,8 +86,9 @@ def test_signal_marks_runs_killed_and_cleans_up(
     assert time.monotonic() - sent < 10
     assert proc.returncode == code
     lines = [ln for ln in err.decode().splitlines() if ln.startswith("int8pipe:")]
-    assert lines == [f"int8pipe: interrupted by {signal.Signals(sig).name}; open runs marked KILLED, "
-                     "temporary files removed"]
+    assert lines == [
+        f"int8pipe: interrupted by {signal.Signals(sig).name}; open runs marked KILLED, temporary files removed"
+    ]
     assert "Traceback" not in err.decode()
     runs = _runs(MlflowClient(tracking_uri))
     parent = runs["digits-int8 (entropy, tensorrt)"]
@@ -212,7 +213,7 @@ def test_fresh_sqlite_store_shared_by_concurrent_pipelines(digits_copy: Path, tm
 
 
 def _log_same_dataset(uri: str, run_ids: list[str], source: str, barrier: Any) -> None:
-    from pipeline.tracking import log_dataset
+    from pipeline.mlflow_io.tracking import log_dataset
 
     client = MlflowClient(uri)
     for run_id in run_ids:

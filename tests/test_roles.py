@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 from pipeline.calibration.calibrator import calibrate
-from pipeline.keep_float import keep_float_inputs
-from pipeline.model import toposort
-from pipeline.quantization import QuantizeOptions, float_nodes, node_table, quantize
-from pipeline.roles import activation_matmuls
+from pipeline.graph.model import toposort
+from pipeline.transforms.keep_float import keep_float_inputs
+from pipeline.transforms.quantization import QuantizeOptions, float_nodes, node_table, quantize
+from pipeline.transforms.roles import activation_matmuls
 from tests.models import build
 
 

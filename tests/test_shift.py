@@ -10,10 +10,12 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from pipeline import bias_correction, recovery, runtime, shift
+from pipeline.analysis import recovery
 from pipeline.calibration.calibrator import calibrate
-from pipeline.cli import main
-from pipeline.quantization import QuantizeOptions, quantize
+from pipeline.execution import runtime
+from pipeline.orchestration.cli import main
+from pipeline.transforms import bias_correction, shift
+from pipeline.transforms.quantization import QuantizeOptions, quantize
 from tests.conftest import run_args
 from tests.models import build
 
@@ -65,7 +67,7 @@ def by_hand(fp32: onnx.ModelProto, qdq: onnx.ModelProto, grids: dict[str, tuple[
             ]
         )
         node.input[0] = f"{p}_x"
-    from pipeline.model import toposort
+    from pipeline.graph.model import toposort
 
     toposort(model)
     return model

@@ -8,9 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import runtime, smoothing
 from pipeline.calibration.calibrator import calibrate
-from pipeline.quantization import QuantizeOptions, quantize
+from pipeline.execution import runtime
+from pipeline.transforms import smoothing
+from pipeline.transforms.quantization import QuantizeOptions, quantize
 from tests.models import build
 
 
@@ -96,8 +97,8 @@ def test_quantize_step_smooths_calibrates_and_validates(digits_copy: Path, track
 
 
 def test_smoothing_config_errors() -> None:
-    from pipeline.config import load
     from pipeline.errors import ConfigError
+    from pipeline.settings.config import load
 
     digits = Path(__file__).parent.parent / "examples" / "digits" / "pipeline.yaml"
     with pytest.raises(ConfigError, match="smoothing.alpha"):
@@ -107,7 +108,7 @@ def test_smoothing_config_errors() -> None:
 
 
 def test_a_reverted_smoothed_layer_is_the_fp32_layer_again() -> None:
-    from pipeline.keep_float import keep_float_inputs
+    from pipeline.transforms.keep_float import keep_float_inputs
 
     fp32 = build("outlier_channel_matmul")
     x = np.random.default_rng(4).normal(size=(32, 8)).astype(np.float32)

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.cli import main
-from pipeline.config import load
 from pipeline.errors import ConfigError
+from pipeline.orchestration.cli import main
+from pipeline.settings.config import load
 from tests.models import build
 
 CALIBRATE_ONLY = {"export": {}, "calibrate": {"method": "entropy", "batch_size": 16}}

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import registry
-from pipeline.cli import main
 from pipeline.errors import TrackingError
+from pipeline.mlflow_io import registry
+from pipeline.orchestration.cli import main
 from tests.conftest import ROOT, env_without_mlflow, run_args
 
 # The CLI, with every sqlite connection capped at a page count (PRAGMA max_page_count is set per
@@ -38,7 +38,7 @@ def _cap(dbapi_connection, record):
     dbapi_connection.execute(f"PRAGMA max_page_count = {CAP}")
 
 
-from pipeline.cli import main
+from pipeline.orchestration.cli import main
 
 sys.exit(main(sys.argv[2:]))
 """

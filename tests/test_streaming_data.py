@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import data, runtime
-from pipeline import model as onnx_model
 from pipeline.calibration.calibrator import calibrate
-from pipeline.cli import main
-from pipeline.config import DataSource, load
 from pipeline.errors import ConfigError, DataError
-from pipeline.layout import Layout
+from pipeline.execution import runtime
+from pipeline.graph import model as onnx_model
+from pipeline.graph.layout import Layout
+from pipeline.orchestration.cli import main
+from pipeline.settings.config import DataSource, load
+from pipeline.sources import data
 from tests.conftest import ROOT, run_args, run_pipeline
 
 LAYOUT = {"batch_axes": {"state": 1}, "constants": ["sr"]}

@@ -24,9 +24,7 @@ def _up_to_calibrate(folder: Path) -> Path:
 
 def _ranges(uri: str, run_id: str) -> dict:
     mlflow.set_tracking_uri(uri)
-    path = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path="calibration/ranges.json", tracking_uri=uri
-    )
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="calibration/ranges.json", tracking_uri=uri)
     return json.loads(Path(path).read_text())
 
 
@@ -112,7 +110,7 @@ def test_method_sweep_calibrates_once_and_promotes_only_the_best(
 def test_sweep_time_budget_keeps_what_finished(
     digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipeline.cli import main
+    from pipeline.orchestration.cli import main
     from tests.conftest import run_args
 
     config = _sweep_config(digits_copy, time_budget_s=0)
@@ -126,7 +124,7 @@ def test_sweep_time_budget_keeps_what_finished(
 
 
 def test_auto_method_chooses_by_the_validate_metric(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
-    from pipeline.config import load
+    from pipeline.settings.config import load
 
     path = digits_copy / "pipeline.yaml"
     cfg = yaml.safe_load(path.read_text())

@@ -15,8 +15,8 @@ import pytest
 from mlflow import MlflowClient
 
 from examples.metrics.text_detection import boxes_f1, boxes_kept, components, counts, text_boxes
-from pipeline import runtime
-from pipeline.cli import main
+from pipeline.execution import runtime
+from pipeline.orchestration.cli import main
 from tests.conftest import npz_pipeline
 from tests.models import build
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.calibration import flatbuffers_table, trt_cache
-from pipeline.cli import main
 from pipeline.errors import CalibrationError
+from pipeline.orchestration.cli import main
 
 
 def by_hand(hex8: str) -> float:

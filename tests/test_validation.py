@@ -15,9 +15,10 @@ import yaml
 from mlflow import MlflowClient
 
 from examples.metrics.detection import detections, detections_kept, nms
-from pipeline import evaluation, runtime
-from pipeline.cli import main
+from pipeline.analysis import evaluation
 from pipeline.errors import ConfigError
+from pipeline.execution import runtime
+from pipeline.orchestration.cli import main
 from steps.validate import Validate, ValidateConfig, gate_message
 from tests.conftest import npz_pipeline
 from tests.models import build

@@ -14,10 +14,11 @@ import yaml
 from mlflow import MlflowClient
 from onnx import numpy_helper
 
-from pipeline import runtime, weight_rounding
-from pipeline.cli import main
-from pipeline.model import toposort
-from pipeline.quantization import QuantizeOptions, quantize
+from pipeline.execution import runtime
+from pipeline.graph.model import toposort
+from pipeline.orchestration.cli import main
+from pipeline.transforms import weight_rounding
+from pipeline.transforms.quantization import QuantizeOptions, quantize
 from tests.conftest import run_args, run_pipeline
 from tests.models import build
 

@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline import environment
-from pipeline import model as onnx_model
 from pipeline.calibration import histogram, methods
 from pipeline.calibration.collect import DEFAULT_MEMORY_MB, Batch, run_pass
 from pipeline.calibration.derived import Derived, derivable
@@ -20,7 +18,9 @@ from pipeline.calibration.histogram import FinalHistogram, TensorStats
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.calibration.spill import Spill
 from pipeline.errors import CalibrationError, fail
-from pipeline.layout import Layout
+from pipeline.execution import environment
+from pipeline.graph import model as onnx_model
+from pipeline.graph.layout import Layout
 from pipeline.log import logger
 
 METHODS = tuple(methods.METHODS)

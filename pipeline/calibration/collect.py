@@ -23,13 +23,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from pipeline import runtime
 from pipeline.calibration import histogram
 from pipeline.calibration.histogram import TensorStats
-from pipeline.data import rechunk
-from pipeline.layout import Layout
+from pipeline.execution import runtime
+from pipeline.graph.layout import Layout
 from pipeline.limits import DEFAULT_MEMORY_MB
 from pipeline.log import logger, progress
+from pipeline.sources.data import rechunk
 
 Batch = dict[str, np.ndarray]
 CHUNK = 8  # samples per ONNX Runtime call while calibrating, at most
@@ -67,8 +67,8 @@ def _measure(sess: Any, names: list[str], batches: Iterable[Batch], layout: Layo
 
 def activation_sizes(model: onnx.ModelProto, first: Batch, layout: Layout) -> dict[str, int]:
     """Bytes of each activation of ``model`` for one sample, measured on the first sample of ``first``."""
-    from pipeline import runtime
-    from pipeline.model import activation_tensors
+    from pipeline.execution import runtime
+    from pipeline.graph.model import activation_tensors
 
     names = activation_tensors(model)
     sess = runtime.session(expose(model, names), "cpu")

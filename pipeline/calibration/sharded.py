@@ -38,18 +38,18 @@ from typing import Any
 import numpy as np
 import onnx
 
-from pipeline import data
 from pipeline.calibration.calibrator import Calibration, make_plan
 from pipeline.calibration.collect import DEFAULT_MEMORY_MB, run_pass
 from pipeline.calibration.histogram import TensorStats
 from pipeline.calibration.methods import METHODS
 from pipeline.calibration.spill import Spill
-from pipeline.config import DataSource
-from pipeline.distributed import connected
 from pipeline.errors import CalibrationError, ConfigError, DataError, Int8PipeError, fail
-from pipeline.layout import Layout
+from pipeline.graph.layout import Layout
 from pipeline.log import logger
-from pipeline.user_code import import_object
+from pipeline.orchestration.distributed import connected
+from pipeline.settings.config import DataSource
+from pipeline.settings.user_code import import_object
+from pipeline.sources import data
 
 Batch = dict[str, np.ndarray]
 SHARD_ARGS = ("shard_index", "num_shards")

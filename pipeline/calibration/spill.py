@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pipeline.data import LABELS
+from pipeline.sources.data import LABELS
 
 Batch = dict[str, np.ndarray]
 

@@ -1,0 +1,1 @@
+"""What the INT8 model does: scores, per-layer error, recovery, kernel fidelity, plots."""

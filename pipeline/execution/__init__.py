@@ -1,0 +1,1 @@
+"""Where models run: ONNX Runtime sessions, the machine's fingerprint, its CPU's int8 kernels."""

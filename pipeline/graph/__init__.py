@@ -1,0 +1,1 @@
+"""ONNX plumbing: loading and saving models, subgraphs, tensor layouts, export from PyTorch."""

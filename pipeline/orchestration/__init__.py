@@ -1,0 +1,1 @@
+"""Running a pipeline: the runner, sweeps and their executors, the command line."""

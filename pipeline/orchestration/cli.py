@@ -1,0 +1,283 @@
+"""``int8pipe``: run a pipeline, or inspect a TensorRT calibration cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from pipeline import log
+from pipeline.errors import ConfigError, GateFailed, Int8PipeError, Interrupted, TrackingError, fail
+
+EXIT_USER_ERROR = 2
+EXIT_GATE_FAILED = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="int8pipe",
+        description="FP32 -> validated, benchmarked INT8, tracked in MLflow.",
+        epilog=f"exit codes: 0 success, {EXIT_USER_ERROR} a user error (message, no traceback), {EXIT_GATE_FAILED} "
+        "the accuracy gate failed, 130/143 interrupted (SIGINT/SIGTERM), 1 a bug (with its traceback)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    p.add_argument("--version", action=_Version, help="int8pipe, ONNX Runtime and this CPU's int8 kernels")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a pipeline YAML")
+    run.add_argument("config", help="the pipeline YAML (docs/yaml-reference.md)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a YAML key, e.g. steps.calibrate.method=percentile (repeatable)",
+    )
+    run.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then MLflow's)"
+    )
+    run.add_argument("--no-reuse", action="store_true", help="rerun steps even when a finished run matches")
+    run.add_argument("--summary-json", default=None, metavar="PATH", help="write the run summary as JSON")
+    run.add_argument(
+        "--only", default=None, metavar="STEP",
+        help="run one step (export, calibrate, quantize, validate, benchmark, promote), reusing the earlier "
+        "steps' runs",
+    )  # fmt: skip
+    # how a sweep runs its trials as processes (sweep.parallel > 1); not for people
+    run.add_argument("--under", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--run-name", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--skip-promote", action="store_true", help=argparse.SUPPRESS)
+    cache = sub.add_parser("cache", help="TensorRT calibration caches")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    show = cache_sub.add_parser("show", help="decode a TensorRT calibration cache")
+    show.add_argument("file", help="a cache file, a calibrate run id, or runs:/<run id>/<path to a cache>")
+    show.add_argument("--json", action="store_true", help="print {version, algorithm, tensors: {name: {scale, amax}}}")
+    show.add_argument("--tracking-uri", default=None, help="where a run id is looked up (default: as for run)")
+    return p
+
+
+class _Version(argparse.Action):
+    """``--version``, worked out only when asked (it reads the CPU and imports ONNX Runtime)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
+def _version() -> str:
+    """int8pipe's version with what decides its numbers here: ONNX Runtime and this CPU's int8 kernels."""
+    import importlib.metadata
+
+    from pipeline.execution import cpu_kernels
+
+    try:
+        own = importlib.metadata.version("int8pipe")
+    except importlib.metadata.PackageNotFoundError:
+        own = "unknown (not installed)"
+    return f"int8pipe {own}; {cpu_kernels.describe(cpu_kernels.this_machine())}"
+
+
+def _store_full(exc: BaseException) -> str | None:
+    """The message for a tracking or artifact store out of space (see tracking.store_full), else None."""
+    import mlflow
+
+    from pipeline.mlflow_io.store import store_full
+
+    return store_full(exc, mlflow.get_tracking_uri())
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.orchestration.runner import Summary, run_pipeline
+    from pipeline.settings.config import load
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    cfg = load(args.config, args.overrides)
+    if args.skip_promote:
+        cfg.steps.pop("promote", None)
+    summary = Summary()
+    try:
+        if cfg.sweep is not None:
+            if args.only:
+                fail(ConfigError, "--only runs one step of one pipeline; a sweep runs many: drop --only or the sweep.")
+            from pipeline.orchestration.sweep import run_sweep
+
+            run_sweep(cfg, args.tracking_uri, reuse=not args.no_reuse, summary=summary)
+        else:
+            run_pipeline(
+                cfg,
+                args.tracking_uri,
+                reuse=not args.no_reuse,
+                only=args.only,
+                summary=summary,
+                under=args.under,
+                run_name=args.run_name,
+            )
+    except Exception as exc:
+        full = _store_full(exc)
+        if full is None:
+            raise
+        fail(TrackingError, full)  # exit 2, one paragraph: no traceback for a disk that ran out
+    finally:
+        if args.summary_json and summary.run_id:
+            Path(args.summary_json).write_text(json.dumps(summary.to_json(), indent=2))
+    if summary.trials is not None:
+        passed = sum(t.gate == "passed" for t in summary.trials)
+        best = next((t for t in summary.trials if t.run_id == summary.best), None)
+        print(
+            f"sweep run {summary.run_id}: {passed}/{len(summary.trials)} trials passed the gate; best "
+            f"{best.label if best else '-'} (run {summary.best}){_registry_line(summary.registered_model)}"
+        )
+        return 0
+    print(f"pipeline run {summary.run_id}: gate {summary.gate}{_registry_line(summary.registered_model)}")
+    _print_runs(summary)
+    return 0
+
+
+# what a user opens next, per step: (artifact, what it is)
+NEXT = {
+    "calibrate": "calibration/calibration.cache",
+    "quantize": "model/model_int8.onnx",
+    "validate": "validation/report.json",
+    "benchmark": "benchmark/report.json",
+}
+
+
+def _print_runs(summary: Any) -> None:
+    """Each step's run and the artifact URI a user needs next (e.g. for ``int8pipe cache show``)."""
+    width = max((len(k) for k in summary.steps), default=0)
+    for step, run_id in summary.steps.items():
+        where = f"  runs:/{run_id}/{NEXT[step]}" if step in NEXT else ""
+        print(f"  {step:<{width}}  run {run_id}{where}")
+    reg = summary.registered_model
+    if reg:
+        print(f"  {'model':<{width}}  models:/{reg['name']}/{reg['version']}")
+
+
+def _registry_line(reg: dict | None) -> str:
+    """The registry as it stands at exit: the alias is claimed only when this version holds it."""
+    if not reg:
+        return ""
+    line = f"; registered {reg['name']} v{reg['version']}"
+    if reg.get("alias"):
+        return line + f" @{reg['alias']}"
+    if reg.get("alias_version"):
+        return line + f" ({reg.get('decision', '')}; the alias is on v{reg['alias_version']})"
+    return line
+
+
+def _cache_file(spec: str, tracking_uri: str | None) -> str:
+    """A local cache path for ``spec``: a file, a calibrate run id, or a runs:/ URI (downloaded)."""
+    if Path(spec).is_file() or not (spec.startswith("runs:/") or re.fullmatch(r"[0-9a-f]{32}", spec)):
+        return spec
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = spec if spec.startswith("runs:/") else f"runs:/{spec}/calibration/calibration.cache"
+    try:
+        return str(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(), tracking_uri=tracking_uri))
+    except MlflowException as exc:
+        fail(
+            ConfigError,
+            f"cache show {spec}: cannot fetch {uri} ({str(exc).splitlines()[0][:200]}). Give a cache file, the run "
+            "id of a calibrate step (printed at the end of int8pipe run), or a runs:/ URI.",
+        )
+
+
+def _cache_show(args: argparse.Namespace) -> int:
+    """Print a cache, streaming: the file is read line by line, twice (a first pass checks every line
+    and measures the table, so a malformed cache prints nothing but the error), and ``--json`` is
+    written tensor by tensor. Memory stays flat whatever the number of tensors."""
+    from pipeline.calibration import trt_cache
+
+    args.file = _cache_file(args.file, args.tracking_uri)
+    _, entries = trt_cache.open_cache(args.file)
+    count, width = 0, 0
+    for name, _scale in entries:
+        count += 1
+        width = max(width, len(name))
+    cache, entries = trt_cache.open_cache(args.file)
+    out = sys.stdout
+    if args.json:  # {"version", "algorithm", "tensors": {name: {"scale", "amax"}}}, one tensor per line
+        out.write(f'{{\n "version": {json.dumps(cache.version)},\n "algorithm": {json.dumps(cache.algorithm)},\n')
+        out.write(' "tensors": {')
+        for i, (name, scale) in enumerate(entries):
+            entry = {"scale": scale, "amax": None if scale is None else scale * 127.0}
+            out.write(f"{',' if i else ''}\n  {json.dumps(name)}: {json.dumps(entry)}")
+        out.write("\n }\n}\n" if count else "}\n}\n")
+        return 0
+    width = width or 6
+    print(f"TensorRT {cache.version}, {cache.algorithm}, {count} tensors")
+    print(f"{'tensor':<{width}}  {'scale':>12}  {'amax':>12}")
+    for name, scale in entries:
+        if scale is None:
+            print(f"{name:<{width}}  {'-':>12}  {'(no range)':>12}")
+        else:
+            print(f"{name:<{width}}  {scale:>12.6g}  {scale * 127.0:>12.6g}")
+    return 0
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    # Once: a second SIGTERM while runs are being closed must not cut the clean-up short.
+    signal.signal(signum, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _tracking_outage(exc: BaseException) -> str | None:
+    """The one-paragraph message for a tracking server that stopped answering mid-run, else None."""
+    from pipeline.mlflow_io.store import is_outage
+
+    if not is_outage(exc):
+        return None
+    text = f"{type(exc).__name__}: {exc}"
+    return (
+        "the MLflow tracking server stopped answering during the run "
+        f"({text.splitlines()[0][:300]}). Runs it could not close stay RUNNING on the server; the next "
+        "int8pipe run against that experiment closes them as KILLED. Restart the server and run again: "
+        "finished steps are reused."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    log.configure(args.verbose)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _cache_show(args)
+    except GateFailed as exc:
+        print(f"int8pipe: {exc}", file=sys.stderr)
+        return EXIT_GATE_FAILED
+    except Int8PipeError as exc:
+        print(f"int8pipe: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"int8pipe: interrupted by {name}; open runs marked KILLED, temporary files removed", file=sys.stderr)
+        return 128 + exc.signum
+    except Exception as exc:
+        message = _tracking_outage(exc)
+        if message is None:
+            raise  # a bug: keep the traceback
+        print(f"int8pipe: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Ray, the optional backend for scaling out: sweep trials as Ray tasks, sharded calibration.
+
+Ray is imported only here and only when asked for (``sweep.executor: ray``,
+``steps.calibrate.workers > 1``); without it int8pipe runs as before and asking for it is one
+:class:`BackendUnavailable` paragraph naming the extra.
+
+A trial on Ray runs exactly as a trial of a local ``parallel`` sweep: the task starts
+``python -m pipeline run CONFIG --set ... --under SWEEP_RUN --run-name ... --skip-promote
+--summary-json FILE`` on its node and returns the summary, so runs, reuse, metrics and the selection
+are those of a local sweep. The node reads the YAML and its files at the driver's paths (a shared
+filesystem, or the same checkout everywhere), or, with ``sweep.ray.upload``, from a copy of the
+YAML's folder Ray ships with the task (runtime_env ``working_dir``). Trials log to the tracking
+server themselves, so it must be reachable from every node: http(s):// only.
+
+Failures: a trial whose worker or node dies is an ``error`` trial, its run FAILED with the reason
+(tag ``int8pipe.error``), and the sweep goes on. Ctrl-C (or SIGTERM) on the driver cancels the
+outstanding tasks: queued ones never start, running ones pass SIGTERM to their trial process,
+which marks its runs KILLED as any interrupted int8pipe does; a task Ray's interrupt does not reach
+within ``GENTLE_CANCEL_S`` loses its worker instead, with the same SIGTERM for its trial. Runs a
+trial could not close are closed KILLED by the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import BackendUnavailable, ConfigError, Interrupted, fail
+from pipeline.log import logger
+from pipeline.tag_names import ERROR_TAG
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from pipeline.orchestration.sweep import Trial
+    from pipeline.settings.config import PipelineConfig
+
+INSTALL = 'pip install -e ".[ray]"'
+SUMMARY = "{summary-json}"  # placeholder in a trial's command for the summary file on the worker
+FORWARDED_ENV_EXCLUDED = ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+CANCEL_GRACE_S = 60.0  # after Ctrl-C, how long cancelled trials get to mark their runs KILLED
+# Ray's interrupt of a running task does not always land (ray-project/ray#32954: a task waiting in
+# sleep or a blocking call can run on to the end), so a task still running this long after
+# ``ray.cancel`` is cancelled with force, which kills its worker; the trial process then gets SIGTERM
+# as its parent-death signal and closes its runs as a dead worker's trial does.
+GENTLE_CANCEL_S = 10.0
+DEAD_TRIAL_GRACE_S = 5.0  # a dead worker's trial process (SIGTERM from its parent's death) closing its runs
+
+# Runs a trial's command with SIGTERM as its parent-death signal (Linux), so a trial whose Ray worker
+# dies stops and closes its runs instead of running on unowned. argv: worker pid, then the command.
+LAUNCHER = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(143)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def import_ray(what: str) -> Any:
+    """The ``ray`` module, or a one-paragraph :class:`BackendUnavailable` naming the extra."""
+    try:
+        import ray
+    except ImportError as exc:
+        fail(
+            BackendUnavailable,
+            f"{what} needs Ray, which is not installed in this environment ({exc}). Install it with "
+            f"{INSTALL} (or pip install ray), with the same Ray and Python versions on this machine and on "
+            "every node of the cluster; or leave it out (sweep.executor: local, steps.calibrate.workers: 1).",
+        )
+    return ray
+
+
+def resolve_address(configured: str | None, key: str) -> str:
+    """The Ray cluster: ``configured``, else ``$RAY_ADDRESS``, else a ConfigError."""
+    address = configured or os.environ.get("RAY_ADDRESS")
+    if not address:
+        fail(
+            ConfigError,
+            f"{key}: no Ray cluster given. Set {key} to the address `ray start --head` prints "
+            "(e.g. 10.0.0.5:6379), or the RAY_ADDRESS environment variable; a cluster of one machine "
+            "starts with: ray start --head --port 6379 --num-cpus 2.",
+        )
+    return address
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Trials log from other machines: refuse a store only this one can reach (sqlite, a path, file:)."""
+    if not uri.startswith(("http://", "https://")):
+        fail(
+            ConfigError,
+            f"sweep.executor: ray: the tracking store {uri} can only be reached from this machine, and each "
+            "trial logs its runs from the Ray node it runs on. Use an http(s):// tracking server reachable "
+            "from every node: mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db, "
+            "then --tracking-uri http://<this host>:5000 (or MLFLOW_TRACKING_URI).",
+        )
+
+
+def preflight(cfg: PipelineConfig, tracking_uri: str | None) -> str:
+    """Everything a Ray sweep needs, checked before any run is created: Ray, a cluster, a tracking
+    server other machines reach. Returns the cluster address."""
+    import mlflow
+
+    assert cfg.sweep is not None
+    import_ray("sweep.executor: ray")
+    address = resolve_address(cfg.sweep.ray.address, "sweep.ray.address")
+    check_tracking_uri(tracking_uri or mlflow.get_tracking_uri())
+    if cfg.sweep.ray.num_cpus < 0 or cfg.sweep.ray.num_gpus < 0:
+        fail(ConfigError, "sweep.ray.num_cpus and sweep.ray.num_gpus: expected numbers >= 0.")
+    return address
+
+
+@contextmanager
+def connected(address: str, what: str, runtime_env: dict[str, Any] | None = None) -> Iterator[Any]:
+    """This process connected to the Ray cluster at ``address`` (disconnected afterwards; the
+    cluster keeps running). An existing connection is used as it is, unless ``runtime_env`` (the
+    job's: Ray uploads a ``working_dir`` only when connecting) is asked for."""
+    ray = import_ray(what)
+    if ray.is_initialized():
+        if runtime_env:
+            fail(
+                ConfigError,
+                f"{what}: sweep.ray.upload ships the YAML's folder when int8pipe connects to Ray, but this process "
+                "is already connected (ray.init): call ray.shutdown() first, or share the folder at the same path "
+                "on every node and leave upload off.",
+            )
+        yield ray
+        return
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        fail(
+            BackendUnavailable,
+            f"{what}: cannot connect to the Ray cluster at {address} ({str(exc).strip().splitlines()[0][:300]}). "
+            "Start it with ray start --head --port 6379 (and ray start --address <head>:6379 on the other "
+            "machines), and run int8pipe on one of its nodes.",
+        )
+    try:
+        yield ray
+    except KeyboardInterrupt as exc:
+        raise _as_interrupted(exc) from None
+    finally:
+        ray.shutdown()
+
+
+def _as_interrupted(exc: KeyboardInterrupt) -> KeyboardInterrupt:
+    """The CLI's :class:`Interrupted` for a signal that arrived inside a blocking Ray call.
+
+    Ray runs the Python signal handler from its C++ wait loops and raises a plain KeyboardInterrupt
+    in place of what the handler raised; the handler left the signal it got ignored, which tells
+    which it was (SIGTERM or SIGINT), so the CLI still exits 128 + that signal.
+    """
+    if isinstance(exc, Interrupted):
+        return exc
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            return Interrupted(signum)
+    return exc
+
+
+def forwarded_env() -> dict[str, str]:
+    """MLflow settings of the driver (HTTP retries, server credentials) a trial needs on its node."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_") and k not in FORWARDED_ENV_EXCLUDED}
+
+
+def run_trial_process(args: list[str], cwd: str | None, env: dict[str, str], deadline: float) -> dict[str, Any]:
+    """The Ray task of one trial (runs on a worker): the trial's ``int8pipe run`` as a child process.
+
+    ``args[0]`` (the driver's Python) is replaced by this worker's; ``deadline`` is a wall-clock
+    time after which the trial does not start (the sweep's time budget). A KeyboardInterrupt here
+    (``ray.cancel``) sends the child SIGTERM and waits for it to close its runs.
+    """
+    if time.time() >= deadline:
+        return {"skipped": True}
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
+    with tempfile.TemporaryDirectory(prefix="int8pipe-trial-") as tmp:
+        out, err = Path(tmp) / "summary.json", Path(tmp) / "stderr.log"
+        cmd = [sys.executable, *(str(out) if a == SUMMARY else a for a in args[1:])]
+        child_env = {**os.environ, **env, "RAY_ADDRESS": gcs}  # the trial's own sharded calibration, if any
+        where = cwd if cwd and os.path.isdir(cwd) else None
+        with open(err, "wb") as errors:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", LAUNCHER, str(os.getpid()), *cmd],
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                cwd=where,
+                env=child_env,
+            )
+            try:
+                while True:
+                    try:
+                        code = proc.wait(timeout=1.0)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+            except BaseException:  # cancelled: the trial marks its runs KILLED on SIGTERM
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=CANCEL_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                tail = err.read_text(errors="replace").strip().splitlines()[-5:]  # into the Ray worker's log
+                print(f"int8pipe trial cancelled (exit {proc.returncode}):", *tail, sep="\n", file=sys.stderr)
+                raise
+        lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
+        summary = json.loads(out.read_text()) if out.is_file() else {}
+    return {"returncode": code, "summary": summary, "stderr": "\n".join(lines[-5:]), "host": socket.gethostname()}
+
+
+def _trial_run(client: MlflowClient, sweep_run: str, trial: Trial) -> tuple[str, str] | None:
+    """(experiment id, run id) of the trial's run under the sweep run, if it got as far as creating it."""
+    experiment = client.get_run(sweep_run).info.experiment_id
+    parent = f"tags.mlflow.parentRunId = '{sweep_run}'"
+    runs = [r for r in client.search_runs([experiment], parent) if r.data.tags.get("mlflow.runName") == trial.label]
+    return (experiment, runs[0].info.run_id) if runs else None
+
+
+def _mark_failed(client: MlflowClient, sweep_run: str, trial: Trial, reason: str) -> None:
+    """The run of a trial whose worker died: FAILED with the reason, its open step runs too."""
+    found = _trial_run(client, sweep_run, trial)
+    if found is None:
+        return  # it died before creating its run
+    experiment, run_id = found
+    trial.run_id = run_id
+    try:  # the trial process got SIGTERM when its worker died (Ray may SIGKILL it soon after)
+        _close_runs(client, experiment, run_id, "FAILED")
+    finally:
+        client.set_tag(run_id, ERROR_TAG, reason[:5000])
+        client.set_terminated(run_id, status="FAILED")
+
+
+def run_trials(
+    cfg: PipelineConfig,
+    trials: list[Trial],
+    uri: str,
+    sweep_run: str,
+    deadline: float,
+    reuse: bool,
+    client: MlflowClient,
+) -> None:
+    """Every trial as a Ray task, all submitted at once: the cluster's free CPUs decide how many run."""
+    from pipeline.orchestration.sweep import _trial_command, apply_result
+
+    assert cfg.sweep is not None and cfg.source is not None
+    settings = cfg.sweep.ray
+    address = resolve_address(settings.address, "sweep.ray.address")
+    wall_deadline = time.time() + (deadline - time.monotonic())
+    runtime_env = {"working_dir": str(cfg.base_dir)} if settings.upload else None  # Ray uploads it on connecting
+    with connected(address, "sweep.executor: ray", runtime_env) as ray:
+        task = ray.remote(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_retries=0)(run_trial_process)
+        env, cwd = forwarded_env(), None if settings.upload else os.getcwd()
+        pending: dict[Any, Trial] = {}
+        for trial in trials:
+            args = _trial_command(cfg, trial, uri, sweep_run, Path(SUMMARY)) + ([] if reuse else ["--no-reuse"])
+            if settings.upload:  # the task runs in Ray's copy of the YAML's folder
+                args[args.index(str(cfg.source))] = str(cfg.source.relative_to(cfg.base_dir))
+            pending[task.remote(args, cwd, env, wall_deadline)] = trial
+        logger.info("sweep: %d trials submitted to the Ray cluster at %s", len(trials), address)
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+                for ref in done:
+                    _finish(ray, ref, pending.pop(ref), client, sweep_run, apply_result)
+                if pending and not done:
+                    time.sleep(0.5)  # waiting in Python, where a signal raises what the CLI's handler raises
+        except KeyboardInterrupt:
+            logger.warning("sweep: interrupted; cancelling %d Ray trial(s)", len(pending))
+            for ref in pending:
+                ray.cancel(ref)  # queued: never starts; running: KeyboardInterrupt in the task -> SIGTERM
+            _, stuck = ray.wait(list(pending), num_returns=len(pending), timeout=GENTLE_CANCEL_S)
+            for ref in stuck:
+                logger.warning("sweep: trial %s did not stop on ray.cancel; killing its worker", pending[ref].label)
+                ray.cancel(ref, force=True)
+            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
+            for ref, trial in pending.items():
+                _cancelled(ray, ref, trial, client, sweep_run)
+            raise
+    skipped = sum(t.gate == "skipped" for t in trials)
+    if skipped:
+        logger.warning("sweep: time budget of %ss spent; %d trial(s) not started", cfg.sweep.time_budget_s, skipped)
+
+
+def _cancelled(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run: str) -> None:
+    """A trial outstanding at Ctrl-C: its own outcome if it finished regardless, else killed (it had
+    started: its runs are KILLED) or skipped (it was still queued)."""
+    from pipeline.orchestration.sweep import apply_result
+
+    try:
+        result = ray.get(ref, timeout=0)
+    except Exception:  # cancelled, or still winding down
+        result = None
+    if isinstance(result, dict) and "returncode" in result:
+        apply_result(trial, result["returncode"], result["summary"])
+        return
+    found = _trial_run(client, sweep_run, trial)
+    if found is None:
+        trial.gate = "skipped"
+        return
+    experiment, trial.run_id = found
+    trial.gate, trial.error = "killed", "cancelled: Ctrl-C or SIGTERM on the sweep's driver"
+    _close_runs(client, experiment, trial.run_id, "KILLED")
+
+
+def _close_runs(client: MlflowClient, experiment: str, run_id: str, status: str) -> None:
+    """Give a stopped trial's process ``DEAD_TRIAL_GRACE_S`` to close its runs, then close with
+    ``status`` the trial's run and its step runs that are still RUNNING."""
+    deadline = time.monotonic() + DEAD_TRIAL_GRACE_S
+    try:
+        while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:  # even on a second Ctrl-C during the wait
+        for step in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}'"):
+            if step.info.status == "RUNNING":
+                client.set_terminated(step.info.run_id, status=status)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+
+
+def _finish(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run: str, apply_result: Any) -> None:
+    try:
+        result = ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:  # the task itself raised (e.g. the process could not start)
+        trial.gate, trial.error = "error", f"the trial's Ray task failed: {exc.cause!r}"
+        logger.warning("sweep: trial %s: %s", trial.label, trial.error)
+        _mark_failed(client, sweep_run, trial, trial.error)
+        return
+    except ray.exceptions.RayError as exc:  # its worker process or node died
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        trial.gate, trial.error = "error", f"the Ray worker running the trial died ({type(exc).__name__}: {first})"
+        logger.warning("sweep: trial %s: %s", trial.label, trial.error)
+        _mark_failed(client, sweep_run, trial, trial.error)
+        return
+    if result.get("skipped"):
+        trial.gate = "skipped"
+        return
+    apply_result(trial, result["returncode"], result["summary"])
+    if trial.gate != "passed":  # the trial's own last words: int8pipe's one-paragraph error
+        trial.error = f"on {result['host']}, exit {result['returncode']}: {result['stderr']}"
+        logger.warning("sweep: trial %s failed: %s", trial.label, trial.error)

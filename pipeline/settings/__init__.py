@@ -1,0 +1,1 @@
+"""The pipeline YAML: its schema, validation, reference text and the facts resolved from it."""

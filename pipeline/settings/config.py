@@ -1,0 +1,444 @@
+"""The pipeline YAML (contract v1): load, apply ``--set`` overrides, validate into typed objects.
+
+Nothing runs before the whole file is valid: every path is resolved against the YAML file's folder
+and checked here, and every step's section is parsed by that step's own ``Config`` dataclass.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError, fail
+from pipeline.settings.facts import Facts
+from pipeline.settings.facts import resolve as resolve_facts
+from pipeline.settings.schema import from_mapping, to_mapping
+
+TORCH_DTYPES = ("float32", "float16", "int64", "int32", "bool")
+
+
+@dataclass
+class PytorchSource:
+    factory: str
+    inputs: dict[str, list[int]]
+    args: dict[str, Any] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)  # per input; float32 where absent
+
+
+@dataclass
+class ModelSource:
+    onnx: str | None = None
+    mlflow: str | None = None
+    pytorch: PytorchSource | None = None
+
+
+@dataclass
+class ImagesSource:
+    dir: str
+    size: list[int]
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    scale: float = 255.0
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    channels: Literal["RGB", "BGR", "L"] = "RGB"
+    input: str | None = None
+
+
+@dataclass
+class DataSource:
+    npz: str | None = None
+    npy: dict[str, str] | None = None
+    python: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    images: ImagesSource | None = None
+    limit: int | None = None
+    # python: files or folders the function reads. Declared, their content (with the module's) proves
+    # the data unchanged without running the function; undeclared, the samples themselves are hashed.
+    deps: list[str] = field(default_factory=list)
+    # stateful / streaming models (see pipeline/graph/layout.py): the axis that indexes samples, per input
+    # where it is not 0, and the inputs that are the same for every sample (passed unchanged)
+    batch_axes: dict[str, int] = field(default_factory=dict)
+    constants: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    calibration: DataSource | None = None
+    validation: DataSource | None = None
+
+
+@dataclass
+class SweepRay:
+    """``sweep.ray``: where and how trials run with ``executor: ray`` (see pipeline/orchestration/distributed.py)."""
+
+    address: str | None = None  # the cluster (host:port of `ray start --head`); default $RAY_ADDRESS
+    num_cpus: float = 1.0  # CPUs each trial reserves: the cluster's free CPUs decide how many run at once
+    num_gpus: float = 0.0  # GPUs each trial reserves (a benchmark on cuda/tensorrt needs one)
+    upload: bool = False  # ship the YAML's folder with each trial (Ray's runtime_env working_dir)
+
+
+@dataclass
+class SweepConfig:
+    grid: dict[str, list[Any]]  # dotted key (as --set takes it) -> the values to try
+    parallel: int = 1  # trials at once on this machine
+    time_budget_s: float | None = None  # no trial starts after this; the best so far is kept
+    executor: Literal["local", "ray"] = "local"  # ray: each trial a Ray task on the cluster
+    ray: SweepRay = field(default_factory=SweepRay)
+
+
+@dataclass
+class RawPipeline:
+    name: str
+    model: ModelSource
+    experiment: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: dict[str, Any] = field(default_factory=dict)
+    sweep: SweepConfig | None = None
+
+
+@dataclass
+class PipelineConfig:
+    """A validated pipeline: what the runner executes."""
+
+    name: str
+    experiment: str
+    model: ModelSource
+    data: DataConfig
+    steps: dict[str, Any]  # step name -> that step's Config object, in pipeline order
+    base_dir: Path
+    source: Path | None = None
+    sweep: SweepConfig | None = None
+    trials: list[tuple[dict[str, Any], PipelineConfig]] = field(default_factory=list)  # a sweep's, validated
+    overrides: list[str] = field(default_factory=list)  # the --set items it was loaded with
+
+    def step(self, name: str) -> Any:
+        return self.steps.get(name)
+
+    @property
+    def facts(self) -> Facts:
+        """What several steps act on (target, weight scheme, memory budget...), from the steps' configs."""
+        return resolve_facts(self.steps)
+
+    def resolved(self) -> dict[str, Any]:
+        """The fully resolved configuration, defaults included (logged with every pipeline run).
+
+        Paths inside the YAML's folder are given relative to it, so runs from two checkouts compare.
+        """
+        base = str(self.base_dir) + "/"
+
+        def rel(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: rel(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [rel(v) for v in value]
+            return value[len(base) :] if isinstance(value, str) and value.startswith(base) else value
+
+        return rel(
+            {
+                "name": self.name,
+                "experiment": self.experiment,
+                "model": to_mapping(self.model),
+                "data": to_mapping(self.data),
+                "steps": {k: to_mapping(v) for k, v in self.steps.items()},
+            }
+        )
+
+    def label(self) -> str:
+        """What tells this pipeline's runs apart in the runs table: method and target."""
+        parts = []
+        calibrate, quantize = self.steps.get("calibrate"), self.steps.get("quantize")
+        if calibrate is not None:
+            method = "from_cache" if calibrate.from_cache else calibrate.method
+            parts.append(f"{method} {calibrate.percentile}" if method == "percentile" else method)
+        if quantize is not None:
+            dynamic = getattr(quantize, "mode", "static") == "dynamic"
+            parts.append(f"{quantize.target} dynamic" if dynamic else quantize.target)
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name
+
+
+class ExcessiveAliasing(yaml.YAMLError):
+    """Anchors and aliases that expand to far more than was written (a "billion laughs" document)."""
+
+
+ALIAS_EXPANSION_FLOOR = 10_000  # nodes aliases may add, whatever the document's size ...
+ALIAS_EXPANSION_RATIO = 10  # ... or this many times the nodes written, if that is more
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses alias expansion beyond a sane size before constructing anything.
+
+    Aliases share one composed node, so composing is cheap; it is constructing and then walking the
+    expanded structure (deep copies, validation, digests) that explodes. Like go-yaml's "excessive
+    aliasing" check, the expanded size is computed from the node graph first (linear in the nodes
+    written) and the document is refused when aliases would add more than
+    max(ALIAS_EXPANSION_FLOOR, ALIAS_EXPANSION_RATIO x written) nodes, or refer to themselves.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_aliasing(node)
+        return super().construct_document(node)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_aliasing(root: yaml.Node) -> None:
+    expanded: dict[int, int] = {}  # id(node) -> nodes in its expanded tree
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order walk over distinct nodes: deep documents do not recurse here
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            expanded[key] = 1 + sum(expanded[id(c)] for c in _children(node))
+            continue
+        if key in expanded:
+            continue
+        if key in on_path:
+            raise ExcessiveAliasing(
+                f"an alias refers to a node that contains it (line {node.start_mark.line + 1}); "
+                "a pipeline file has no recursive structures"
+            )
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in expanded)
+    written = len(expanded)
+    added = expanded[id(root)] - written
+    limit = max(ALIAS_EXPANSION_FLOOR, ALIAS_EXPANSION_RATIO * written)
+    if added > limit:
+        raise ExcessiveAliasing(
+            f"excessive aliasing: its anchors and aliases expand {written:,} written YAML nodes to "
+            f"{expanded[id(root)]:,} (at most {limit:,} more are allowed). A pipeline file never needs "
+            "this; write the values out or alias smaller parts"
+        )
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`_SafeLoader`'s alias-expansion limit."""
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a copy of ``raw``."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            fail(ConfigError, f"--set {item!r}: expected KEY=VALUE, e.g. --set steps.calibrate.method=percentile.")
+        try:
+            value = _yaml_load(text)
+        except ExcessiveAliasing as exc:
+            fail(ConfigError, f"--set {item!r}: {exc}.")
+        except yaml.YAMLError as exc:
+            fail(ConfigError, f"--set {item!r}: the value is not valid YAML ({exc}).")
+        set_key(out, key.strip(), value, f"--set {item!r}")
+    return out
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set the dotted ``key`` of ``raw`` to ``value`` in place, creating mappings on the way."""
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            fail(ConfigError, f"{where}: {'.'.join(parts[: i + 1])} is not a mapping.")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _exactly_one(obj: Any, names: tuple[str, ...], path: str) -> str:
+    given = [n for n in names if getattr(obj, n) is not None]
+    if len(given) != 1:
+        fail(ConfigError, f"{path}: give exactly one of {', '.join(names)} (got {', '.join(given) or 'none'}).")
+    return given[0]
+
+
+def _check_path(base: Path, value: str, path: str, kind: str = "file") -> str:
+    p = (base / value).resolve()
+    ok = p.is_dir() if kind == "folder" else p.is_file()
+    if not ok:
+        fail(ConfigError, f"{path}: {kind} not found: {p} (paths are relative to the YAML file's folder).")
+    return str(p)
+
+
+def _check_model(src: ModelSource, base: Path) -> None:
+    which = _exactly_one(src, ("onnx", "mlflow", "pytorch"), "model")
+    if which == "onnx":
+        src.onnx = _check_path(base, src.onnx or "", "model.onnx")
+    elif which == "mlflow" and not str(src.mlflow).startswith(("models:/", "runs:/")):
+        fail(ConfigError, f"model.mlflow: expected a models:/ or runs:/ URI, got {src.mlflow!r}.")
+    elif which == "pytorch" and src.pytorch is not None:
+        if ":" not in src.pytorch.factory:
+            fail(ConfigError, "model.pytorch.factory: expected 'package.module:function'.")
+        for name, dtype in src.pytorch.dtypes.items():
+            if name not in src.pytorch.inputs:
+                fail(
+                    ConfigError,
+                    f"model.pytorch.dtypes.{name}: no such input; model.pytorch.inputs names "
+                    f"{', '.join(src.pytorch.inputs) or 'none'}.",
+                )
+            if dtype not in TORCH_DTYPES:
+                expected = ", ".join(TORCH_DTYPES)
+                fail(ConfigError, f"model.pytorch.dtypes.{name}: expected one of {expected}, got {dtype!r}.")
+
+
+def _check_data(src: DataSource, base: Path, path: str) -> None:
+    which = _exactly_one(src, ("npz", "npy", "python", "images"), path)
+    if which == "npz":
+        src.npz = _check_path(base, src.npz or "", f"{path}.npz")
+    elif which == "npy":
+        src.npy = {k: _check_path(base, v, f"{path}.npy.{k}") for k, v in (src.npy or {}).items()}
+    elif which == "python" and ":" not in (src.python or ""):
+        fail(ConfigError, f"{path}.python: expected 'package.module:function', got {src.python!r}.")
+    elif which == "images" and src.images is not None:
+        src.images.dir = _check_path(base, src.images.dir, f"{path}.images.dir", kind="folder")
+        if len(src.images.size) != 2:
+            fail(ConfigError, f"{path}.images.size: expected [height, width], got {src.images.size}.")
+        channels = 1 if src.images.channels == "L" else 3
+        for key in ("mean", "std"):
+            if len(getattr(src.images, key)) != channels:
+                fail(
+                    ConfigError,
+                    f"{path}.images.{key}: expected {channels} values for channels {src.images.channels}, "
+                    f"got {getattr(src.images, key)}.",
+                )
+    if src.args and which != "python":
+        fail(ConfigError, f"{path}.args: only used with python:, not with {which}:.")
+    if src.deps and which != "python":
+        fail(ConfigError, f"{path}.deps: only used with python: (other sources are hashed file by file).")
+    resolved = []
+    for i, dep in enumerate(src.deps):
+        p = (base / dep).resolve()
+        if not p.exists():
+            fail(ConfigError, f"{path}.deps[{i}]: not found: {p} (paths are relative to the YAML file's folder).")
+        resolved.append(str(p))
+    src.deps = resolved
+    if src.limit is not None and src.limit <= 0:
+        fail(ConfigError, f"{path}.limit: expected a positive integer, got {src.limit}.")
+    for name, axis in src.batch_axes.items():
+        if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+            fail(ConfigError, f"{path}.batch_axes.{name}: expected the axis index (an integer >= 0), got {axis!r}.")
+    both = sorted(set(src.batch_axes) & set(src.constants))
+    if both:
+        fail(
+            ConfigError,
+            f"{path}: input {both[0]!r} is both in batch_axes and in constants; a constant has no sample axis "
+            "(it is passed unchanged with every batch), so keep it in one of the two.",
+        )
+    if src.images is not None and (src.batch_axes or src.constants):
+        fail(ConfigError, f"{path}: batch_axes and constants are for npz, npy and python sources, not images.")
+
+
+def parse(raw: Any, base_dir: Path, source: Path | None = None) -> PipelineConfig:
+    """Validate a raw mapping (already overridden) into a :class:`PipelineConfig`."""
+    from steps import STEP_ORDER, get_step
+
+    if not isinstance(raw, dict):
+        fail(ConfigError, f"the pipeline file must be a YAML mapping, got {type(raw).__name__}.")
+    top = from_mapping(RawPipeline, raw, "")
+    _check_model(top.model, base_dir)
+    for which in ("calibration", "validation"):
+        src = getattr(top.data, which)
+        if src is not None:
+            _check_data(src, base_dir, f"data.{which}")
+    unknown = [k for k in top.steps if k not in STEP_ORDER]
+    if unknown:
+        fail(ConfigError, f"steps.{unknown[0]}: unknown step; the steps are {', '.join(STEP_ORDER)}.")
+    steps: dict[str, Any] = {}
+    for name in STEP_ORDER:
+        if name in top.steps:
+            step = get_step(name)
+            steps[name] = from_mapping(step.Config, top.steps[name], f"steps.{name}")
+    cfg = PipelineConfig(
+        name=top.name,
+        experiment=top.experiment or top.name,
+        model=top.model,
+        data=top.data,
+        steps=steps,
+        base_dir=base_dir,
+        source=source,
+        sweep=top.sweep,
+    )
+    for name in steps:
+        get_step(name).check(cfg)
+    _resolve_auto_method(cfg, top)
+    if top.sweep is not None:
+        cfg.trials = _trials(raw, top.sweep, base_dir, source)
+    return cfg
+
+
+# calibration.methods.METHODS, written out: config sits below the numerics it configures
+# (tests/test_calibration_methods.py holds the two equal)
+AUTO_METHODS = ["minmax", "entropy", "percentile", "mse"]
+AUTO_FALLBACK = "mse"  # without a validate step there is nothing to choose by
+
+
+def _resolve_auto_method(cfg: PipelineConfig, top: RawPipeline) -> None:
+    """``calibrate.method: auto``: with a validate step, a sweep over the four methods (one calibration
+    serves them all; the validate metric picks); without one, the default method."""
+    calibrate = cfg.steps.get("calibrate")
+    if calibrate is None or calibrate.method != "auto" or calibrate.from_cache:
+        return
+    if "validate" not in cfg.steps:
+        calibrate.method = AUTO_FALLBACK
+        return
+    sweep = top.sweep or SweepConfig(grid={})
+    sweep.grid = {**sweep.grid, "steps.calibrate.method": sweep.grid.get("steps.calibrate.method", AUTO_METHODS)}
+    top.sweep = cfg.sweep = sweep
+
+
+def _trials(
+    raw: dict[str, Any], sweep: SweepConfig, base_dir: Path, source: Path | None
+) -> list[tuple[dict[str, Any], PipelineConfig]]:
+    """Every combination of the grid, each validated as a whole pipeline before anything runs."""
+    import itertools
+
+    if not sweep.grid or any(not values for values in sweep.grid.values()):
+        fail(ConfigError, "sweep.grid: give at least one key with a non-empty list of values.")
+    if sweep.parallel < 1:
+        fail(ConfigError, f"sweep.parallel: expected a positive integer, got {sweep.parallel}.")
+    for key in sweep.grid:
+        if key.split(".")[0] in ("sweep", "name", "experiment"):
+            fail(ConfigError, f"sweep.grid.{key}: a trial cannot change the sweep, the name or the experiment.")
+    base = {k: v for k, v in raw.items() if k != "sweep"}
+    out = []
+    for combo in itertools.product(*sweep.grid.values()):
+        overrides = dict(zip(sweep.grid, combo))
+        trial = copy.deepcopy(base)
+        for key, value in overrides.items():
+            set_key(trial, key, value, f"sweep.grid.{key}")
+        try:
+            out.append((overrides, parse(trial, base_dir, source)))
+        except ConfigError as exc:
+            fail(ConfigError, f"sweep trial {overrides}: {exc}")
+    return out
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate the pipeline YAML at ``path``."""
+    p = Path(path)
+    if not p.is_file():
+        fail(ConfigError, f"pipeline file not found: {p.resolve()}.")
+    try:
+        raw = _yaml_load(p.read_text())
+    except ExcessiveAliasing as exc:
+        fail(ConfigError, f"{p}: {exc}.")
+    except yaml.YAMLError as exc:
+        fail(ConfigError, f"{p}: not valid YAML: {exc}")
+    raw = apply_overrides(raw if raw is not None else {}, overrides or [])
+    cfg = parse(raw, p.resolve().parent, source=p.resolve())
+    cfg.overrides = list(overrides or [])
+    return cfg
