@@ -23,7 +23,7 @@ from pipeline.errors import (  # noqa: E402
 def __getattr__(name: str) -> object:
     # Heavy modules (MLflow, ONNX Runtime) load on first use, not on `import pipeline`.
     lazy = {
-        "load_config": ("pipeline.settings.config", "load"),
+        "load_config": ("pipeline.orchestration.runner", "load_config"),
         "run_pipeline": ("pipeline.orchestration.runner", "run_pipeline"),
         "Summary": ("pipeline.orchestration.runner", "Summary"),
         "calibrate": ("pipeline.calibration.calibrator", "calibrate"),

@@ -25,6 +25,26 @@ class Step:
     needs_data: ClassVar[tuple[str, ...]] = ()
     parent_metrics: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns copied onto the parent run
     reusable: ClassVar[bool] = True
+    # the data source whose digest the cache key holds, logged as the run's MLflow dataset, and the
+    # metric that counts the samples the step read from it
+    dataset: ClassVar[str | None] = None
+    dataset_samples: ClassVar[str] = ""
+    next_artifact: ClassVar[str | None] = None  # what a user opens next (printed after ``int8pipe run``)
+
+    @classmethod
+    def label(cls, cfg: Any) -> str | None:
+        """This step's part of the pipeline run's name, e.g. the method in ``digits (mse, tensorrt)``."""
+        return None
+
+    @classmethod
+    def run_tags(cls, cfg: Any, pipeline: PipelineConfig) -> dict[str, str]:
+        """Tags of the pipeline run that the runs table filters and groups by."""
+        return {}
+
+    @classmethod
+    def summary_line(cls, cfg: Any) -> str | None:
+        """This step's sentence in the pipeline run's description (the run page's note)."""
+        return None
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:

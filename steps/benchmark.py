@@ -176,6 +176,7 @@ class Benchmark(Step):
         for p in ("cpu", "cuda", "tensorrt")
         for m in ("fp32.latency_p50_ms", "int8.latency_p50_ms", "speedup")
     )
+    next_artifact = "benchmark/report.json"
 
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
         env = environment.fingerprint()

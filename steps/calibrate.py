@@ -25,7 +25,7 @@ from pipeline.graph.layout import Layout
 from pipeline.log import logger
 from pipeline.settings.schema import to_mapping
 from pipeline.sources import data
-from pipeline.tag_names import THRESHOLDS_FROM_TAG
+from pipeline.tag_names import CALIBRATION_METHOD_TAG, METHOD_TAG, THRESHOLDS_FROM_TAG
 from pipeline.transforms.quantization import quantized_activations
 from steps.base import Step
 from steps.context import StepContext
@@ -114,6 +114,23 @@ class Calibrate(Step):
     Config = CalibrateConfig
     needs_steps = ("export",)
     parent_metrics = ("calibration_seconds", "tensors_clipped")
+    dataset, dataset_samples = "calibration", "num_samples"
+    next_artifact = "calibration/calibration.cache"
+
+    @classmethod
+    def label(cls, cfg: CalibrateConfig) -> str:
+        method = "from_cache" if cfg.from_cache else cfg.method
+        return f"{method} {cfg.percentile}" if method == "percentile" else method
+
+    @classmethod
+    def run_tags(cls, cfg: CalibrateConfig, pipeline: PipelineConfig) -> dict[str, str]:
+        # the registry version's name for it; int8pipe.method stays for one release, then goes
+        method = "from_cache" if cfg.from_cache else cfg.method
+        return {CALIBRATION_METHOD_TAG: method, METHOD_TAG: method}
+
+    @classmethod
+    def summary_line(cls, cfg: CalibrateConfig) -> str:
+        return f"Calibration: {'a TensorRT cache' if cfg.from_cache else cfg.method}."
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:
@@ -142,7 +159,7 @@ class Calibrate(Step):
                     "steps.calibrate.workers > 1 needs passes: 2 (or method: minmax): single-pass histograms "
                     "depend on the order batches arrive in, so shards cannot be merged exactly.",
                 )
-            from pipeline.orchestration.distributed import import_ray, resolve_address
+            from pipeline.execution.ray_cluster import import_ray, resolve_address
 
             import_ray("steps.calibrate.workers > 1")
             resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
@@ -214,7 +231,7 @@ class Calibrate(Step):
             histogram_tensors = None if cfg.tensors == "all" else quantized_activations(model, ctx.facts.target)
             if cfg.workers > 1:
                 from pipeline.calibration.sharded import calibrate_sharded
-                from pipeline.orchestration.distributed import resolve_address
+                from pipeline.execution.ray_cluster import resolve_address
 
                 address = resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
                 cal = calibrate_sharded(

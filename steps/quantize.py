@@ -23,7 +23,7 @@ from pipeline.graph import model as onnx_model
 from pipeline.graph.layout import Layout
 from pipeline.log import logger
 from pipeline.sources import data
-from pipeline.tag_names import CPU_FLEET_TAG, WEIGHT_SCHEME_TAG
+from pipeline.tag_names import CPU_FLEET_TAG, TARGET_TAG, WEIGHT_SCHEME_TAG
 from pipeline.transforms import dynamic, recipe
 from pipeline.transforms.quantization import QuantizeOptions, node_table
 from steps.base import Step, require_step
@@ -111,6 +111,23 @@ class Quantize(Step):
     Config = QuantizeConfig
     needs_steps = ("export",)  # and calibrate in static mode; dynamic mode takes ranges at run time
     parent_metrics = ("size_mb_fp32", "size_mb_int8", "int8_nodes", "fp_nodes")
+    next_artifact = "model/model_int8.onnx"
+
+    @classmethod
+    def label(cls, cfg: QuantizeConfig) -> str:
+        return f"{cfg.target} dynamic" if cfg.mode == "dynamic" else cfg.target
+
+    @classmethod
+    def run_tags(cls, cfg: QuantizeConfig, pipeline: PipelineConfig) -> dict[str, str]:
+        facts = pipeline.facts
+        tags = {TARGET_TAG: facts.target}
+        if facts.cpu_kernels:  # the CPUs it computes the same on decide its weights
+            tags[WEIGHT_SCHEME_TAG] = facts.weight_scheme.name
+        return tags
+
+    @classmethod
+    def summary_line(cls, cfg: QuantizeConfig) -> str:
+        return f"Quantized for {cfg.target}, {cfg.activation_scheme} activations, per-channel {cfg.per_channel}."
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:

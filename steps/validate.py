@@ -79,6 +79,12 @@ class Validate(Step):
     # int8_* takes int8_nodes too, and fp_nodes goes with it: after a recovery both describe the recovered model
     parent_metrics = ("fp32_*", "int8_*", "gate_fp32", "gate_int8", "accuracy_drop", "accuracy_drop_se",
                       "recovered_fp_nodes", "fp_nodes")  # fmt: skip
+    dataset, dataset_samples = "validation", "validation_samples"
+    next_artifact = "validation/report.json"
+
+    @classmethod
+    def summary_line(cls, cfg: ValidateConfig) -> str:
+        return f"Gate: {cfg.metric} may drop by at most {cfg.max_drop}."
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:

@@ -155,7 +155,7 @@ def test_shifts_do_not_depend_on_the_memory_budget_and_stop_at_samples() -> None
 @pytest.mark.parametrize("value", [0, -5])
 def test_bias_correction_samples_must_be_positive(value: int) -> None:
     from pipeline.errors import ConfigError
-    from pipeline.settings.config import load
+    from pipeline.orchestration.runner import load_config as load
 
     digits = Path(__file__).parent.parent / "examples" / "digits" / "pipeline.yaml"
     with pytest.raises(ConfigError, match="bias_correction_samples: expected a positive number"):

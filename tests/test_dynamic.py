@@ -78,7 +78,7 @@ def test_excluded_node_stays_float() -> None:
     ],
 )
 def test_dynamic_config_errors(overrides: list[str], expected: str) -> None:
-    from pipeline.settings.config import load as load_config
+    from pipeline.orchestration.runner import load_config
 
     with pytest.raises(ConfigError, match=expected):
         load_config(Path(__file__).parent.parent / "examples" / "digits" / "pipeline.yaml", overrides)
@@ -116,7 +116,8 @@ def test_dynamic_pipeline_needs_no_calibration(digits_copy: Path, tracking_uri: 
 def test_static_mode_still_needs_calibrate(digits_copy: Path) -> None:
     import yaml
 
-    from pipeline.settings.config import load
+    from pipeline.orchestration.runner import load_config as load
+    from pipeline.orchestration.runner import pipeline_label
 
     config = digits_copy / "pipeline.yaml"
     cfg = yaml.safe_load(config.read_text())
@@ -124,7 +125,8 @@ def test_static_mode_still_needs_calibrate(digits_copy: Path) -> None:
     config.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="needs steps.calibrate"):
         load(config)
-    assert "dynamic" in load(config, ["steps.quantize.mode=dynamic", "steps.quantize.target=onnxruntime"]).label()
+    dynamic = load(config, ["steps.quantize.mode=dynamic", "steps.quantize.target=onnxruntime"])
+    assert "dynamic" in pipeline_label(dynamic)
 
 
 def test_dynamic_exclude_of_an_unknown_node_names_it() -> None:

@@ -11,7 +11,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.orchestration.cli import main
-from pipeline.settings.config import load
+from pipeline.orchestration.runner import load_config as load
 from tests.conftest import run_args
 
 

@@ -28,7 +28,8 @@ from pipeline.execution import runtime
 from pipeline.graph import model as onnx_model
 from pipeline.graph.subgraphs import control_flow_report
 from pipeline.orchestration.cli import main
-from pipeline.settings.config import DataSource, load
+from pipeline.orchestration.runner import load_config as load
+from pipeline.settings.config import DataSource
 from pipeline.sources import data
 from pipeline.transforms.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 from tests.conftest import ROOT, npz_pipeline, run_args, run_pipeline

@@ -320,7 +320,7 @@ def test_the_public_recipe_builds_what_the_step_shipped(digits_run: dict[str, An
     from pipeline.calibration.ranges import Ranges
     from pipeline.graph import model as onnx_model
     from pipeline.graph.layout import Layout
-    from pipeline.settings.config import load
+    from pipeline.orchestration.runner import load_config as load
     from pipeline.sources import data
     from pipeline.transforms import recipe
 

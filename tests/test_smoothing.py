@@ -98,7 +98,7 @@ def test_quantize_step_smooths_calibrates_and_validates(digits_copy: Path, track
 
 def test_smoothing_config_errors() -> None:
     from pipeline.errors import ConfigError
-    from pipeline.settings.config import load
+    from pipeline.orchestration.runner import load_config as load
 
     digits = Path(__file__).parent.parent / "examples" / "digits" / "pipeline.yaml"
     with pytest.raises(ConfigError, match="smoothing.alpha"):

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from pipeline.errors import ConfigError
 from pipeline.orchestration.cli import main
-from pipeline.settings.config import load
+from pipeline.orchestration.runner import load_config as load
 from tests.models import build
 
 CALIBRATE_ONLY = {"export": {}, "calibrate": {"method": "entropy", "batch_size": 16}}

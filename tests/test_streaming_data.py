@@ -24,7 +24,8 @@ from pipeline.execution import runtime
 from pipeline.graph import model as onnx_model
 from pipeline.graph.layout import Layout
 from pipeline.orchestration.cli import main
-from pipeline.settings.config import DataSource, load
+from pipeline.orchestration.runner import load_config as load
+from pipeline.settings.config import DataSource
 from pipeline.sources import data
 from tests.conftest import ROOT, run_args, run_pipeline
 

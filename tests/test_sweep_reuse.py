@@ -124,7 +124,7 @@ def test_sweep_time_budget_keeps_what_finished(
 
 
 def test_auto_method_chooses_by_the_validate_metric(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
-    from pipeline.settings.config import load
+    from pipeline.orchestration.runner import load_config as load
 
     path = digits_copy / "pipeline.yaml"
     cfg = yaml.safe_load(path.read_text())

@@ -26,8 +26,8 @@ from pipeline.errors import ConfigError, DataError, fail
 from pipeline.execution import runtime
 from pipeline.graph.layout import Layout, output_axes, samples_first
 from pipeline.log import progress
-from pipeline.settings.user_code import import_object
 from pipeline.sources import data
+from pipeline.user_code import import_object
 
 SAMPLES = 8  # validation samples kept with every output (validate hands them on)
 # Samples per ONNX Runtime call: a Q/DQ model run exactly keeps every dequantized tensor too, and ORT's

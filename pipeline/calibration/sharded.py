@@ -44,12 +44,12 @@ from pipeline.calibration.histogram import TensorStats
 from pipeline.calibration.methods import METHODS
 from pipeline.calibration.spill import Spill
 from pipeline.errors import CalibrationError, ConfigError, DataError, Int8PipeError, fail
+from pipeline.execution.ray_cluster import connected
 from pipeline.graph.layout import Layout
 from pipeline.log import logger
-from pipeline.orchestration.distributed import connected
 from pipeline.settings.config import DataSource
-from pipeline.settings.user_code import import_object
 from pipeline.sources import data
+from pipeline.user_code import import_object
 
 Batch = dict[str, np.ndarray]
 SHARD_ARGS = ("shard_index", "num_shards")

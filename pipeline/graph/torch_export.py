@@ -51,7 +51,7 @@ def export(
 def _child(spec: dict[str, Any]) -> None:
     import torch
 
-    from pipeline.settings.user_code import import_object
+    from pipeline.user_code import import_object
 
     factory = import_object(spec["factory"], [Path(d) for d in spec["search_dirs"]], "model.pytorch.factory")
     module = factory(**spec["args"])

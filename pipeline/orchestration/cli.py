@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("file", help="a cache file, a calibrate run id, or runs:/<run id>/<path to a cache>")
     show.add_argument("--json", action="store_true", help="print {version, algorithm, tensors: {name: {scale, amax}}}")
     show.add_argument("--tracking-uri", default=None, help="where a run id is looked up (default: as for run)")
+    sub.add_parser("reference", help="print every YAML key with its type, default and meaning (markdown)")
     return p
 
 
@@ -96,11 +97,10 @@ def _store_full(exc: BaseException) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.orchestration.runner import Summary, run_pipeline
-    from pipeline.settings.config import load
+    from pipeline.orchestration.runner import Summary, load_config, run_pipeline
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    cfg = load(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     if args.skip_promote:
         cfg.steps.pop("promote", None)
     summary = Summary()
@@ -142,20 +142,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-# what a user opens next, per step: (artifact, what it is)
-NEXT = {
-    "calibrate": "calibration/calibration.cache",
-    "quantize": "model/model_int8.onnx",
-    "validate": "validation/report.json",
-    "benchmark": "benchmark/report.json",
-}
-
-
 def _print_runs(summary: Any) -> None:
     """Each step's run and the artifact URI a user needs next (e.g. for ``int8pipe cache show``)."""
+    from steps import CATALOG
+
     width = max((len(k) for k in summary.steps), default=0)
     for step, run_id in summary.steps.items():
-        where = f"  runs:/{run_id}/{NEXT[step]}" if step in NEXT else ""
+        artifact = CATALOG[step].next_artifact
+        where = f"  runs:/{run_id}/{artifact}" if artifact else ""
         print(f"  {step:<{width}}  run {run_id}{where}")
     reg = summary.registered_model
     if reg:
@@ -257,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "reference":
+            from pipeline.settings import reference
+            from steps import CATALOG
+
+            print(reference.render(CATALOG), end="")
+            return 0
         return _cache_show(args)
     except GateFailed as exc:
         print(f"int8pipe: {exc}", file=sys.stderr)

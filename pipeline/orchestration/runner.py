@@ -26,21 +26,18 @@ from pipeline.mlflow_io.tracking import (
     flatten_params,
     log_dataset,
 )
+from pipeline.settings import config
 from pipeline.settings.config import PipelineConfig
 from pipeline.settings.schema import to_mapping
 from pipeline.sources import data
 from pipeline.tag_names import (
-    CALIBRATION_METHOD_TAG,
     GATE_TAG,
-    METHOD_TAG,
     PIPELINE_TAG,
     REGISTERED_VERSION_TAG,
     REUSED_FROM_TAG,
     REUSED_TAG,
-    TARGET_TAG,
-    WEIGHT_SCHEME_TAG,
 )
-from steps import get_step
+from steps import CATALOG, Step
 from steps.context import StepContext
 
 
@@ -194,7 +191,7 @@ def run_pipeline(
                 restored.append(p)
             if len(restored) == len(names) - 1:
                 existing = _pipeline_run_holding(tracker, cfg, restored)
-        label = run_name or cfg.label()
+        label = run_name or pipeline_label(cfg)
         if existing is not None:
             parent_run = tracker.reopen_parent(existing.run_id, cfg.resolved())
         else:
@@ -310,7 +307,7 @@ class _Run:
 
     def prepare(self, name: str) -> _Prepared:
         """The step's context and cache key, and the finished run it may reuse."""
-        step = get_step(name)()
+        step = CATALOG[name]()
         step_cfg = self.cfg.steps[name]
         workdir = self.tmp / name
         workdir.mkdir()
@@ -369,7 +366,7 @@ class _Run:
                     p.ctx.tracker = child
                     logger.info("%s: running", p.name)
                     p.step.run(p.ctx, p.cfg)
-                _log_datasets(self.cfg, p.name, p.material, p.ctx, child)
+                _log_datasets(self.cfg, type(p.step), p.material, p.ctx, child)
             except GateFailed:
                 summary.gate = "failed"
                 raise
@@ -391,17 +388,20 @@ class _Run:
             summary.registered_model = p.ctx.results["registered_model"]
 
 
-# step -> the data source whose digest its cache key holds
-DATASETS = {"calibrate": "calibration", "validate": "validation"}
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """The pipeline YAML at ``path``, overridden and validated, with the steps int8pipe ships."""
+    return config.load(path, overrides, steps=CATALOG)
 
 
-def _log_datasets(cfg: PipelineConfig, step: str, material: dict[str, Any], ctx: StepContext, child: Any) -> None:
-    which = DATASETS.get(step)
+def _log_datasets(
+    cfg: PipelineConfig, step: type[Step], material: dict[str, Any], ctx: StepContext, child: Any
+) -> None:
+    which = step.dataset
     src = getattr(cfg.data, which) if which else None
     if which is None or src is None or "data" not in material:
         return
     source = src.npz or src.python or (src.images.dir if src.images else None) or next(iter((src.npy or {}).values()))
-    samples = ctx.metrics.get("num_samples") if step == "calibrate" else ctx.metrics.get("validation_samples")
+    samples = ctx.metrics.get(step.dataset_samples)
     log_dataset(
         child.client,
         [child.run_id, child.parent_run_id],
@@ -412,18 +412,17 @@ def _log_datasets(cfg: PipelineConfig, step: str, material: dict[str, Any], ctx:
     )
 
 
+def pipeline_label(cfg: PipelineConfig) -> str:
+    """What tells this pipeline's runs apart in the runs table, e.g. ``digits (mse, tensorrt)``."""
+    parts = [part for name, step_cfg in cfg.steps.items() if (part := CATALOG[name].label(step_cfg))]
+    return f"{cfg.name} ({', '.join(parts)})" if parts else cfg.name
+
+
 def run_tags(cfg: PipelineConfig) -> dict[str, str]:
     """Tags the runs table can filter and group pipelines by."""
-    tags = {}
-    if "calibrate" in cfg.steps:
-        c = cfg.steps["calibrate"]
-        # the registry version's name for it; int8pipe.method stays for one release, then goes
-        tags[CALIBRATION_METHOD_TAG] = tags[METHOD_TAG] = "from_cache" if c.from_cache else c.method
-    if "quantize" in cfg.steps:
-        facts = cfg.facts
-        tags[TARGET_TAG] = facts.target
-        if facts.cpu_kernels:  # the CPUs it computes the same on decide its weights
-            tags[WEIGHT_SCHEME_TAG] = facts.weight_scheme.name
+    tags: dict[str, str] = {}
+    for name, step_cfg in cfg.steps.items():
+        tags |= CATALOG[name].run_tags(step_cfg, cfg)
     return tags
 
 
@@ -431,13 +430,5 @@ def describe(cfg: PipelineConfig) -> str:
     """The run description MLflow shows on the run page."""
     source = cfg.model.onnx or cfg.model.mlflow or (cfg.model.pytorch.factory if cfg.model.pytorch else "")
     lines = [f"int8pipe pipeline **{cfg.name}** on `{Path(str(source)).name if cfg.model.onnx else source}`."]
-    if "calibrate" in cfg.steps:
-        c = cfg.steps["calibrate"]
-        lines.append(f"Calibration: {'a TensorRT cache' if c.from_cache else c.method}.")
-    if "quantize" in cfg.steps:
-        q = cfg.steps["quantize"]
-        lines.append(f"Quantized for {q.target}, {q.activation_scheme} activations, per-channel {q.per_channel}.")
-    if "validate" in cfg.steps:
-        v = cfg.steps["validate"]
-        lines.append(f"Gate: {v.metric} may drop by at most {v.max_drop}.")
+    lines += [line for name, step_cfg in cfg.steps.items() if (line := CATALOG[name].summary_line(step_cfg))]
     return " ".join(lines)

@@ -7,9 +7,11 @@ and checked here, and every step's section is parsed by that step's own ``Config
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import yaml
 
@@ -73,7 +75,7 @@ class DataConfig:
 
 @dataclass
 class SweepRay:
-    """``sweep.ray``: where and how trials run with ``executor: ray`` (see pipeline/orchestration/distributed.py)."""
+    """``sweep.ray``: where and how trials run with ``executor: ray`` (see pipeline/orchestration/ray_executor.py)."""
 
     address: str | None = None  # the cluster (host:port of `ray start --head`); default $RAY_ADDRESS
     num_cpus: float = 1.0  # CPUs each trial reserves: the cluster's free CPUs decide how many run at once
@@ -147,17 +149,15 @@ class PipelineConfig:
             }
         )
 
-    def label(self) -> str:
-        """What tells this pipeline's runs apart in the runs table: method and target."""
-        parts = []
-        calibrate, quantize = self.steps.get("calibrate"), self.steps.get("quantize")
-        if calibrate is not None:
-            method = "from_cache" if calibrate.from_cache else calibrate.method
-            parts.append(f"{method} {calibrate.percentile}" if method == "percentile" else method)
-        if quantize is not None:
-            dynamic = getattr(quantize, "mode", "static") == "dynamic"
-            parts.append(f"{quantize.target} dynamic" if dynamic else quantize.target)
-        return f"{self.name} ({', '.join(parts)})" if parts else self.name
+
+class StepSpec(Protocol):
+    """What the config layer needs of a step: the class of its section and its cross-section checks.
+
+    The steps are handed in (``steps=``, normally ``steps.CATALOG``): they sit above this layer."""
+
+    Config: type
+
+    def check(self, pipeline: PipelineConfig) -> None: ...
 
 
 class ExcessiveAliasing(yaml.YAMLError):
@@ -342,9 +342,18 @@ def _check_data(src: DataSource, base: Path, path: str) -> None:
         fail(ConfigError, f"{path}: batch_axes and constants are for npz, npy and python sources, not images.")
 
 
-def parse(raw: Any, base_dir: Path, source: Path | None = None) -> PipelineConfig:
-    """Validate a raw mapping (already overridden) into a :class:`PipelineConfig`."""
-    from steps import STEP_ORDER, get_step
+def parse(
+    raw: Any,
+    base_dir: Path,
+    *,
+    steps: Mapping[str, StepSpec],
+    source: Path | None = None,
+    overrides: list[str] | None = None,
+) -> PipelineConfig:
+    """Validate a raw mapping (already overridden with ``overrides``) into a :class:`PipelineConfig`.
+
+    ``steps``: the step classes by name, in pipeline order (``steps.CATALOG``)."""
+    catalog = steps
 
     if not isinstance(raw, dict):
         fail(ConfigError, f"the pipeline file must be a YAML mapping, got {type(raw).__name__}.")
@@ -354,29 +363,30 @@ def parse(raw: Any, base_dir: Path, source: Path | None = None) -> PipelineConfi
         src = getattr(top.data, which)
         if src is not None:
             _check_data(src, base_dir, f"data.{which}")
-    unknown = [k for k in top.steps if k not in STEP_ORDER]
+    unknown = [k for k in top.steps if k not in catalog]
     if unknown:
-        fail(ConfigError, f"steps.{unknown[0]}: unknown step; the steps are {', '.join(STEP_ORDER)}.")
-    steps: dict[str, Any] = {}
-    for name in STEP_ORDER:
-        if name in top.steps:
-            step = get_step(name)
-            steps[name] = from_mapping(step.Config, top.steps[name], f"steps.{name}")
+        fail(ConfigError, f"steps.{unknown[0]}: unknown step; the steps are {', '.join(catalog)}.")
+    sections: dict[str, Any] = {
+        name: from_mapping(catalog[name].Config, top.steps[name], f"steps.{name}")
+        for name in catalog
+        if name in top.steps
+    }
     cfg = PipelineConfig(
         name=top.name,
         experiment=top.experiment or top.name,
         model=top.model,
         data=top.data,
-        steps=steps,
+        steps=sections,
         base_dir=base_dir,
         source=source,
         sweep=top.sweep,
+        overrides=list(overrides or []),
     )
-    for name in steps:
-        get_step(name).check(cfg)
+    for name in sections:
+        catalog[name].check(cfg)
     _resolve_auto_method(cfg, top)
     if top.sweep is not None:
-        cfg.trials = _trials(raw, top.sweep, base_dir, source)
+        cfg.trials = _trials(raw, top.sweep, cfg, catalog)
     return cfg
 
 
@@ -401,9 +411,12 @@ def _resolve_auto_method(cfg: PipelineConfig, top: RawPipeline) -> None:
 
 
 def _trials(
-    raw: dict[str, Any], sweep: SweepConfig, base_dir: Path, source: Path | None
+    raw: dict[str, Any], sweep: SweepConfig, cfg: PipelineConfig, catalog: Mapping[str, StepSpec]
 ) -> list[tuple[dict[str, Any], PipelineConfig]]:
-    """Every combination of the grid, each validated as a whole pipeline before anything runs."""
+    """Every combination of the grid, each validated as a whole pipeline before anything runs.
+
+    A trial's ``overrides`` are the sweep's plus its combination: a trial process rebuilds the same
+    config from the YAML and them."""
     import itertools
 
     if not sweep.grid or any(not values for values in sweep.grid.values()):
@@ -420,15 +433,16 @@ def _trials(
         trial = copy.deepcopy(base)
         for key, value in overrides.items():
             set_key(trial, key, value, f"sweep.grid.{key}")
+        sets = [*cfg.overrides, "sweep=null", *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
         try:
-            out.append((overrides, parse(trial, base_dir, source)))
+            out.append((overrides, parse(trial, cfg.base_dir, steps=catalog, source=cfg.source, overrides=sets)))
         except ConfigError as exc:
             fail(ConfigError, f"sweep trial {overrides}: {exc}")
     return out
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read, override and validate the pipeline YAML at ``path``."""
+def load(path: str | Path, overrides: list[str] | None = None, *, steps: Mapping[str, StepSpec]) -> PipelineConfig:
+    """Read, override and validate the pipeline YAML at ``path`` (``steps``: as :func:`parse` takes them)."""
     p = Path(path)
     if not p.is_file():
         fail(ConfigError, f"pipeline file not found: {p.resolve()}.")
@@ -439,6 +453,4 @@ def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig
     except yaml.YAMLError as exc:
         fail(ConfigError, f"{p}: not valid YAML: {exc}")
     raw = apply_overrides(raw if raw is not None else {}, overrides or [])
-    cfg = parse(raw, p.resolve().parent, source=p.resolve())
-    cfg.overrides = list(overrides or [])
-    return cfg
+    return parse(raw, p.resolve().parent, steps=steps, source=p.resolve(), overrides=overrides)

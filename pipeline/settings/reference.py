@@ -2,7 +2,7 @@
 
 Types and defaults come from the dataclasses the YAML is parsed into, so they cannot drift; every
 key must have a line in ``DESCRIPTIONS`` (a test fails otherwise, and when the committed file is
-stale). Regenerate with ``python -m pipeline.settings.reference > docs/yaml-reference.md``.
+stale). Regenerate with ``int8pipe reference > docs/yaml-reference.md``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+from pipeline.settings.config import DataSource, RawPipeline, StepSpec
 from pipeline.settings.schema import _describe
 
 DESCRIPTIONS = {
@@ -211,10 +212,8 @@ def _nested(tp: Any) -> type | None:
     return typing.cast(type, tp) if dataclasses.is_dataclass(tp) else None
 
 
-def keys() -> Iterator[tuple[str, str, str]]:
-    """(documented key, type, default) for every YAML key, in file order."""
-    from pipeline.settings.config import DataSource, RawPipeline
-    from steps import STEP_ORDER, get_step
+def keys(steps: Mapping[str, StepSpec]) -> Iterator[tuple[str, str, str]]:
+    """(documented key, type, default) for every YAML key, in file order; ``steps`` as config.parse takes them."""
 
     def walk(cls: type, prefix: str) -> Iterator[tuple[str, str, str]]:
         hints = typing.get_type_hints(cls)
@@ -234,19 +233,19 @@ def keys() -> Iterator[tuple[str, str, str]]:
             if inner is not None:
                 yield from walk(inner, key)
             if key == "steps":
-                for name in STEP_ORDER:
+                for name, step in steps.items():
                     yield f"steps.{name}", "a mapping", "absent: skipped"
-                    yield from walk(get_step(name).Config, f"steps.{name}")
+                    yield from walk(step.Config, f"steps.{name}")
 
     yield from walk(RawPipeline, "")
     yield from walk(DataSource, "data.*")
 
 
-def render() -> str:
+def render(steps: Mapping[str, StepSpec]) -> str:
     lines = [
         "# Pipeline YAML reference",
         "",
-        "Generated from the configuration classes by `python -m pipeline.settings.reference`; every key, its type",
+        "Generated from the configuration classes by `int8pipe reference`; every key, its type",
         "and its default. `data.*` stands for `data.calibration` and `data.validation`, which take the",
         "same keys. Unknown keys, wrong types and missing files are errors naming the key, raised before",
         "anything runs; `--set a.b.c=value` overrides any key (the value is read as YAML).",
@@ -254,11 +253,7 @@ def render() -> str:
         "| key | type | default | meaning |",
         "| --- | --- | --- | --- |",
     ]
-    for key, tp, default in keys():
+    for key, tp, default in keys(steps):
         text = DESCRIPTIONS.get(key, "")
         lines.append(f"| `{key}` | {tp} | `{default}` | {text} |".replace("`required`", "required"))
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(render(), end="")

@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.errors import ConfigError, DataError, fail
 from pipeline.graph.layout import Layout
 from pipeline.settings.config import DataSource, ImagesSource
-from pipeline.settings.user_code import import_object
+from pipeline.user_code import import_object
 
 LABELS = "labels"
 Batch = dict[str, np.ndarray]

@@ -1,8 +1,4 @@
-"""Ray, the optional backend for scaling out: sweep trials as Ray tasks, sharded calibration.
-
-Ray is imported only here and only when asked for (``sweep.executor: ray``,
-``steps.calibrate.workers > 1``); without it int8pipe runs as before and asking for it is one
-:class:`BackendUnavailable` paragraph naming the extra.
+"""``sweep.executor: ray``: each trial a Ray task (the Ray plumbing is :mod:`pipeline.execution.ray_cluster`).
 
 A trial on Ray runs exactly as a trial of a local ``parallel`` sweep: the task starts
 ``python -m pipeline run CONFIG --set ... --under SWEEP_RUN --run-name ... --skip-promote
@@ -23,7 +19,6 @@ trial could not close are closed KILLED by the driver.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -31,22 +26,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import BackendUnavailable, ConfigError, Interrupted, fail
+from pipeline.errors import ConfigError, fail
+from pipeline.execution.ray_cluster import connected, import_ray, resolve_address
 from pipeline.log import logger
+from pipeline.orchestration.executors import SweepRun, TrialExecutor, skip
+from pipeline.orchestration.trials import Trial
 from pipeline.tag_names import ERROR_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from pipeline.orchestration.sweep import Trial
     from pipeline.settings.config import PipelineConfig
 
-INSTALL = 'pip install -e ".[ray]"'
 SUMMARY = "{summary-json}"  # placeholder in a trial's command for the summary file on the worker
 FORWARDED_ENV_EXCLUDED = ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 CANCEL_GRACE_S = 60.0  # after Ctrl-C, how long cancelled trials get to mark their runs KILLED
@@ -71,33 +65,6 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
-def import_ray(what: str) -> Any:
-    """The ``ray`` module, or a one-paragraph :class:`BackendUnavailable` naming the extra."""
-    try:
-        import ray
-    except ImportError as exc:
-        fail(
-            BackendUnavailable,
-            f"{what} needs Ray, which is not installed in this environment ({exc}). Install it with "
-            f"{INSTALL} (or pip install ray), with the same Ray and Python versions on this machine and on "
-            "every node of the cluster; or leave it out (sweep.executor: local, steps.calibrate.workers: 1).",
-        )
-    return ray
-
-
-def resolve_address(configured: str | None, key: str) -> str:
-    """The Ray cluster: ``configured``, else ``$RAY_ADDRESS``, else a ConfigError."""
-    address = configured or os.environ.get("RAY_ADDRESS")
-    if not address:
-        fail(
-            ConfigError,
-            f"{key}: no Ray cluster given. Set {key} to the address `ray start --head` prints "
-            "(e.g. 10.0.0.5:6379), or the RAY_ADDRESS environment variable; a cluster of one machine "
-            "starts with: ray start --head --port 6379 --num-cpus 2.",
-        )
-    return address
-
-
 def check_tracking_uri(uri: str) -> None:
     """Trials log from other machines: refuse a store only this one can reach (sqlite, a path, file:)."""
     if not uri.startswith(("http://", "https://")):
@@ -110,7 +77,7 @@ def check_tracking_uri(uri: str) -> None:
         )
 
 
-def preflight(cfg: PipelineConfig, tracking_uri: str | None) -> str:
+def _preflight(cfg: PipelineConfig, tracking_uri: str | None) -> str:
     """Everything a Ray sweep needs, checked before any run is created: Ray, a cluster, a tracking
     server other machines reach. Returns the cluster address."""
     import mlflow
@@ -122,54 +89,6 @@ def preflight(cfg: PipelineConfig, tracking_uri: str | None) -> str:
     if cfg.sweep.ray.num_cpus < 0 or cfg.sweep.ray.num_gpus < 0:
         fail(ConfigError, "sweep.ray.num_cpus and sweep.ray.num_gpus: expected numbers >= 0.")
     return address
-
-
-@contextmanager
-def connected(address: str, what: str, runtime_env: dict[str, Any] | None = None) -> Iterator[Any]:
-    """This process connected to the Ray cluster at ``address`` (disconnected afterwards; the
-    cluster keeps running). An existing connection is used as it is, unless ``runtime_env`` (the
-    job's: Ray uploads a ``working_dir`` only when connecting) is asked for."""
-    ray = import_ray(what)
-    if ray.is_initialized():
-        if runtime_env:
-            fail(
-                ConfigError,
-                f"{what}: sweep.ray.upload ships the YAML's folder when int8pipe connects to Ray, but this process "
-                "is already connected (ray.init): call ray.shutdown() first, or share the folder at the same path "
-                "on every node and leave upload off.",
-            )
-        yield ray
-        return
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        fail(
-            BackendUnavailable,
-            f"{what}: cannot connect to the Ray cluster at {address} ({str(exc).strip().splitlines()[0][:300]}). "
-            "Start it with ray start --head --port 6379 (and ray start --address <head>:6379 on the other "
-            "machines), and run int8pipe on one of its nodes.",
-        )
-    try:
-        yield ray
-    except KeyboardInterrupt as exc:
-        raise _as_interrupted(exc) from None
-    finally:
-        ray.shutdown()
-
-
-def _as_interrupted(exc: KeyboardInterrupt) -> KeyboardInterrupt:
-    """The CLI's :class:`Interrupted` for a signal that arrived inside a blocking Ray call.
-
-    Ray runs the Python signal handler from its C++ wait loops and raises a plain KeyboardInterrupt
-    in place of what the handler raised; the handler left the signal it got ignored, which tells
-    which it was (SIGTERM or SIGINT), so the CLI still exits 128 + that signal.
-    """
-    if isinstance(exc, Interrupted):
-        return exc
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(signum) == signal.SIG_IGN:
-            return Interrupted(signum)
-    return exc
 
 
 def forwarded_env() -> dict[str, str]:
@@ -246,68 +165,64 @@ def _mark_failed(client: MlflowClient, sweep_run: str, trial: Trial, reason: str
         client.set_terminated(run_id, status="FAILED")
 
 
-def run_trials(
-    cfg: PipelineConfig,
-    trials: list[Trial],
-    uri: str,
-    sweep_run: str,
-    deadline: float,
-    reuse: bool,
-    client: MlflowClient,
-) -> None:
+class RayTasks(TrialExecutor):
     """Every trial as a Ray task, all submitted at once: the cluster's free CPUs decide how many run."""
-    from pipeline.orchestration.sweep import _trial_command, apply_result
 
-    assert cfg.sweep is not None and cfg.source is not None
-    settings = cfg.sweep.ray
-    address = resolve_address(settings.address, "sweep.ray.address")
-    wall_deadline = time.time() + (deadline - time.monotonic())
-    runtime_env = {"working_dir": str(cfg.base_dir)} if settings.upload else None  # Ray uploads it on connecting
-    with connected(address, "sweep.executor: ray", runtime_env) as ray:
-        task = ray.remote(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_retries=0)(run_trial_process)
-        env, cwd = forwarded_env(), None if settings.upload else os.getcwd()
-        pending: dict[Any, Trial] = {}
-        for trial in trials:
-            args = _trial_command(cfg, trial, uri, sweep_run, Path(SUMMARY)) + ([] if reuse else ["--no-reuse"])
-            if settings.upload:  # the task runs in Ray's copy of the YAML's folder
-                args[args.index(str(cfg.source))] = str(cfg.source.relative_to(cfg.base_dir))
-            pending[task.remote(args, cwd, env, wall_deadline)] = trial
-        logger.info("sweep: %d trials submitted to the Ray cluster at %s", len(trials), address)
-        try:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-                for ref in done:
-                    _finish(ray, ref, pending.pop(ref), client, sweep_run, apply_result)
-                if pending and not done:
-                    time.sleep(0.5)  # waiting in Python, where a signal raises what the CLI's handler raises
-        except KeyboardInterrupt:
-            logger.warning("sweep: interrupted; cancelling %d Ray trial(s)", len(pending))
-            for ref in pending:
-                ray.cancel(ref)  # queued: never starts; running: KeyboardInterrupt in the task -> SIGTERM
-            _, stuck = ray.wait(list(pending), num_returns=len(pending), timeout=GENTLE_CANCEL_S)
-            for ref in stuck:
-                logger.warning("sweep: trial %s did not stop on ray.cancel; killing its worker", pending[ref].label)
-                ray.cancel(ref, force=True)
-            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
-            for ref, trial in pending.items():
-                _cancelled(ray, ref, trial, client, sweep_run)
-            raise
-    skipped = sum(t.gate == "skipped" for t in trials)
-    if skipped:
-        logger.warning("sweep: time budget of %ss spent; %d trial(s) not started", cfg.sweep.time_budget_s, skipped)
+    name = "ray"
+
+    def preflight(self, config: PipelineConfig, tracking_uri: str | None) -> None:
+        _preflight(config, tracking_uri)
+
+    def run(self, trials: list[Trial], sweep: SweepRun) -> None:
+        cfg, client, sweep_run = sweep.config, sweep.client, sweep.sweep_run
+        assert cfg.sweep is not None and cfg.source is not None
+        settings = cfg.sweep.ray
+        address = resolve_address(settings.address, "sweep.ray.address")
+        wall_deadline = time.time() + (sweep.deadline - time.monotonic())
+        runtime_env = {"working_dir": str(cfg.base_dir)} if settings.upload else None  # uploaded on connecting
+        with connected(address, "sweep.executor: ray", runtime_env) as ray:
+            task = ray.remote(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_retries=0)(run_trial_process)
+            env, cwd = forwarded_env(), None if settings.upload else os.getcwd()
+            pending: dict[Any, Trial] = {}
+            for trial in trials:
+                args = trial.command(sweep.uri, sweep_run, SUMMARY, sweep.reuse)
+                if settings.upload:  # the task runs in Ray's copy of the YAML's folder
+                    args[args.index(str(cfg.source))] = str(cfg.source.relative_to(cfg.base_dir))
+                pending[task.remote(args, cwd, env, wall_deadline)] = trial
+            logger.info("sweep: %d trials submitted to the Ray cluster at %s", len(trials), address)
+            try:
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+                    for ref in done:
+                        _finish(ray, ref, pending.pop(ref), client, sweep_run)
+                    if pending and not done:
+                        time.sleep(0.5)  # waiting in Python, where a signal raises what the CLI's handler raises
+            except KeyboardInterrupt:
+                logger.warning("sweep: interrupted; cancelling %d Ray trial(s)", len(pending))
+                for ref in pending:
+                    ray.cancel(ref)  # queued: never starts; running: KeyboardInterrupt in the task -> SIGTERM
+                _, stuck = ray.wait(list(pending), num_returns=len(pending), timeout=GENTLE_CANCEL_S)
+                for ref in stuck:
+                    logger.warning("sweep: trial %s did not stop on ray.cancel; killing its worker", pending[ref].label)
+                    ray.cancel(ref, force=True)
+                ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
+                for ref, trial in pending.items():
+                    _cancelled(ray, ref, trial, client, sweep_run)
+                raise
+        skipped = [t for t in trials if t.gate == "skipped"]
+        if skipped:  # the tasks that found the deadline passed
+            skip(skipped, sweep)
 
 
 def _cancelled(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run: str) -> None:
     """A trial outstanding at Ctrl-C: its own outcome if it finished regardless, else killed (it had
     started: its runs are KILLED) or skipped (it was still queued)."""
-    from pipeline.orchestration.sweep import apply_result
-
     try:
         result = ray.get(ref, timeout=0)
     except Exception:  # cancelled, or still winding down
         result = None
     if isinstance(result, dict) and "returncode" in result:
-        apply_result(trial, result["returncode"], result["summary"])
+        trial.record(result["returncode"], result["summary"])
         return
     found = _trial_run(client, sweep_run, trial)
     if found is None:
@@ -333,7 +248,7 @@ def _close_runs(client: MlflowClient, experiment: str, run_id: str, status: str)
             client.set_terminated(run_id, status=status)
 
 
-def _finish(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run: str, apply_result: Any) -> None:
+def _finish(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run: str) -> None:
     try:
         result = ray.get(ref)
     except ray.exceptions.RayTaskError as exc:  # the task itself raised (e.g. the process could not start)
@@ -350,7 +265,7 @@ def _finish(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run: s
     if result.get("skipped"):
         trial.gate = "skipped"
         return
-    apply_result(trial, result["returncode"], result["summary"])
+    trial.record(result["returncode"], result["summary"])
     if trial.gate != "passed":  # the trial's own last words: int8pipe's one-paragraph error
         trial.error = f"on {result['host']}, exit {result['returncode']}: {result['stderr']}"
         logger.warning("sweep: trial %s failed: %s", trial.label, trial.error)

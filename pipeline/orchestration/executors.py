@@ -1,0 +1,138 @@
+"""How a sweep's trials run: the one extension point for executors.
+
+Every executor receives the validated trials and fills in each one's outcome; a trial it did not
+start before the sweep's deadline is ``skipped``. ``sweep.executor`` and ``sweep.parallel`` pick
+one (:func:`executor_for`):
+
+- :class:`InProcess`: one trial after another in this process (``parallel: 1``, the default);
+- :class:`Processes`: up to ``parallel`` trials at once, each an ``int8pipe run`` process;
+- :class:`~pipeline.orchestration.ray_executor.RayTasks`: each trial a Ray task (``executor: ray``).
+
+Trials started as processes are rebuilt there from their YAML and the overrides they were
+validated from (``Trial.command``), so a trial's runs are the same whichever executor ran it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from pipeline.errors import GateFailed, Int8PipeError
+from pipeline.log import logger
+from pipeline.orchestration.runner import Summary, run_pipeline
+from pipeline.orchestration.trials import Trial
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from pipeline.settings.config import PipelineConfig
+
+
+@dataclass
+class SweepRun:
+    """What every executor needs of the sweep: where its trials log, under which run, until when."""
+
+    config: PipelineConfig  # the sweep's own pipeline (sweep settings, YAML, overrides)
+    uri: str  # the tracking URI, as every trial process receives it
+    sweep_run: str  # run id the trials nest under
+    deadline: float  # time.monotonic() after which no trial starts
+    reuse: bool
+    client: MlflowClient
+
+
+class TrialExecutor:
+    """Runs a sweep's trials; subclasses say how."""
+
+    name: ClassVar[str]
+
+    def preflight(self, config: PipelineConfig, tracking_uri: str | None) -> None:
+        """Everything this executor needs, checked before the sweep creates any run."""
+
+    def run(self, trials: list[Trial], sweep: SweepRun) -> None:
+        raise NotImplementedError
+
+
+class InProcess(TrialExecutor):
+    name = "in-process"
+
+    def run(self, trials: list[Trial], sweep: SweepRun) -> None:
+        for i, trial in enumerate(trials):
+            if time.monotonic() >= sweep.deadline:
+                skip(trials[i:], sweep)
+                return
+            logger.info("sweep: trial %d/%d: %s", i + 1, len(trials), trial.label)
+            self._run_one(trial, sweep)
+
+    @staticmethod
+    def _run_one(trial: Trial, sweep: SweepRun) -> None:
+        summary = Summary()
+        try:
+            run_pipeline(trial.pipeline, sweep.uri, reuse=sweep.reuse, summary=summary, under=sweep.sweep_run,
+                         run_name=trial.label)  # fmt: skip
+            trial.gate = "passed"
+        except GateFailed as exc:
+            trial.gate, trial.error = "failed", str(exc)
+        except Int8PipeError as exc:
+            trial.gate, trial.error = "error", str(exc)
+            logger.warning("sweep: trial %s failed: %s", trial.label, exc)
+        except Exception as exc:  # a bug in one trial must not cost the others; its traceback is logged
+            trial.gate, trial.error = "error", f"{type(exc).__name__}: {exc}"
+            logger.exception("sweep: trial %s raised", trial.label)
+        trial.run_id, trial.metrics, trial.steps = summary.run_id, summary.metrics, summary.steps
+
+
+class Processes(TrialExecutor):
+    """Trials as processes on this machine, at most ``sweep.parallel`` at once."""
+
+    name = "processes"
+
+    def run(self, trials: list[Trial], sweep: SweepRun) -> None:
+        assert sweep.config.sweep is not None
+        parallel = sweep.config.sweep.parallel
+        pending = list(trials)
+        running: dict[subprocess.Popen[bytes], tuple[Trial, Path]] = {}
+        with tempfile.TemporaryDirectory(prefix="int8pipe-sweep-") as tmp:
+            try:
+                while pending or running:
+                    while pending and len(running) < parallel and time.monotonic() < sweep.deadline:
+                        trial = pending.pop(0)
+                        out = Path(tmp) / f"trial{trials.index(trial)}.json"
+                        cmd = trial.command(sweep.uri, sweep.sweep_run, out, sweep.reuse)
+                        running[subprocess.Popen(cmd, stdout=subprocess.DEVNULL)] = (trial, out)
+                    if not running:
+                        break
+                    time.sleep(0.2)
+                    for proc in [p for p in running if p.poll() is not None]:
+                        trial, out = running.pop(proc)
+                        trial.record(proc.returncode, json.loads(out.read_text()) if out.is_file() else {})
+            finally:
+                for proc in running:  # Ctrl-C: the trials get SIGTERM and mark their own runs KILLED
+                    proc.terminate()
+                for proc in running:
+                    proc.wait()
+        skip(pending, sweep)
+
+
+def skip(trials: list[Trial], sweep: SweepRun) -> None:
+    """Trials the time budget left unstarted."""
+    if trials:
+        assert sweep.config.sweep is not None
+        budget = sweep.config.sweep.time_budget_s
+        logger.warning("sweep: time budget of %ss spent; %d trial(s) not started", budget, len(trials))
+    for trial in trials:
+        trial.gate = "skipped"
+
+
+def executor_for(config: PipelineConfig) -> TrialExecutor:
+    """The executor ``sweep.executor`` and ``sweep.parallel`` ask for."""
+    assert config.sweep is not None
+    if config.sweep.executor == "ray":
+        from pipeline.orchestration.ray_executor import RayTasks  # Ray's module loads only when asked for
+
+        return RayTasks()
+    return Processes() if config.sweep.parallel > 1 else InProcess()
