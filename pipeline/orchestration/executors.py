@@ -2,7 +2,7 @@
 
 Every executor receives the validated trials and fills in each one's outcome; a trial it did not
 start before the sweep's deadline is ``skipped``. ``sweep.executor`` and ``sweep.parallel`` pick
-one (:func:`executor_for`):
+one (:func:`pipeline.orchestration.sweep.executor_for`):
 
 - :class:`InProcess`: one trial after another in this process (``parallel: 1``, the default);
 - :class:`Processes`: up to ``parallel`` trials at once, each an ``int8pipe run`` process;
@@ -126,13 +126,3 @@ def skip(trials: list[Trial], sweep: SweepRun) -> None:
         logger.warning("sweep: time budget of %ss spent; %d trial(s) not started", budget, len(trials))
     for trial in trials:
         trial.gate = "skipped"
-
-
-def executor_for(config: PipelineConfig) -> TrialExecutor:
-    """The executor ``sweep.executor`` and ``sweep.parallel`` ask for."""
-    assert config.sweep is not None
-    if config.sweep.executor == "ray":
-        from pipeline.orchestration.ray_executor import RayTasks  # Ray's module loads only when asked for
-
-        return RayTasks()
-    return Processes() if config.sweep.parallel > 1 else InProcess()

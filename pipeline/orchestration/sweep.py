@@ -20,7 +20,7 @@ from pipeline.analysis import plots
 from pipeline.errors import GateFailed
 from pipeline.log import logger
 from pipeline.mlflow_io.tracking import Tracker
-from pipeline.orchestration.executors import SweepRun, executor_for
+from pipeline.orchestration.executors import InProcess, Processes, SweepRun, TrialExecutor
 from pipeline.orchestration.runner import Summary, run_pipeline
 from pipeline.orchestration.trials import LATENCY, Trial, select_best
 from pipeline.settings.config import PipelineConfig
@@ -73,6 +73,16 @@ def run_sweep(
                 "sweep/trials_table.json on the sweep run shows each one's gate, metric and error."
             )
     return summary
+
+
+def executor_for(config: PipelineConfig) -> TrialExecutor:
+    """The executor ``sweep.executor`` and ``sweep.parallel`` ask for."""
+    assert config.sweep is not None
+    if config.sweep.executor == "ray":
+        from pipeline.orchestration.ray_executor import RayTasks  # Ray's module loads only when asked for
+
+        return RayTasks()
+    return Processes() if config.sweep.parallel > 1 else InProcess()
 
 
 def _report(tracker: Tracker, sweep_run: str, trials: list[Trial], best: Trial | None) -> None:
