@@ -23,14 +23,11 @@ shard sees). Nothing here talks to MLflow.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import inspect
 import shutil
 import socket
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,98 +44,21 @@ from pipeline.errors import CalibrationError, ConfigError, DataError, Int8PipeEr
 from pipeline.execution.ray_cluster import connected
 from pipeline.graph.layout import Layout
 from pipeline.log import logger
-from pipeline.settings.config import DataSource
 from pipeline.sources import data
-from pipeline.user_code import import_object
+from pipeline.sources.kinds import kind_of
+from pipeline.sources.spec import DataSource
 
 Batch = dict[str, np.ndarray]
-SHARD_ARGS = ("shard_index", "num_shards")
 PLACEMENT_TIMEOUT_S = 120.0  # the actors must be running by then (a cluster without free CPUs never places them)
-
-
-def takes_shard_args(fn: Any) -> bool:
-    """Whether ``fn`` names both ``shard_index`` and ``num_shards`` as parameters (``**kwargs`` is not
-    enough: a function that ignores them would have every worker read every sample)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return all(name in params and params[name].kind in kinds for name in SHARD_ARGS)
-
-
-def shard_range(total: int, index: int, num: int) -> tuple[int, int]:
-    """Samples [lo, hi) of shard ``index`` of ``num``: contiguous, sizes differing by at most one."""
-    return total * index // num, total * (index + 1) // num
-
-
-def _npz_length(path: str, layout: Layout) -> int:
-    """Samples in an npz archive, from a batched array's header (the data stays compressed)."""
-    with zipfile.ZipFile(path) as zf:
-        name = next(
-            n[: -len(".npy")] for n in zf.namelist() if n != f"{data.LABELS}.npy" and n[: -len(".npy")] not in
-            layout.constants
-        )  # fmt: skip
-        with zf.open(f"{name}.npy") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, _ = read(f)
-    return int(shape[layout.axis(name) or 0])
-
-
-def _rows(batches: Iterator[Batch], lo: int, hi: int, layout: Layout) -> Iterator[Batch]:
-    """The samples [lo, hi) of a stream of batches, counted from its first sample."""
-    seen = 0
-    for batch in batches:
-        n = layout.count(batch)
-        a, b = max(lo - seen, 0), min(hi - seen, n)
-        seen += n
-        if a < b:
-            yield layout.take(batch, a, b)
-        if seen >= hi:
-            break
 
 
 def shard_batches(
     src: DataSource, index: int, num: int, batch_size: int, specs: data.Specs, dirs: list[Path], what: str
 ) -> Iterator[Batch]:
     """Shard ``index`` of ``num`` of the calibration source; together the shards yield exactly the
-    samples of ``data.batches(src, ...)``, each once (see the module docstring)."""
+    samples of ``data.batches(src, ...)``, each once (each kind knows how: see the module docstring)."""
     where = f"{what} (shard {index + 1}/{num})"
-    layout = Layout.of(src)
-    if src.npy:
-        arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in src.npy.items()}
-        total = layout.count(arrays)
-        lo, hi = shard_range(min(total, src.limit or total), index, num)
-        for start in range(lo, hi, batch_size):  # memory-mapped: a worker reads only its own rows
-            batch = {k: np.asarray(v) for k, v in layout.take(arrays, start, min(start + batch_size, hi)).items()}
-            data.check_batch(batch, specs, f"{where} samples {start}-{start + layout.count(batch)}", layout)
-            yield batch
-    elif src.images:
-        files = sorted(p for p in Path(src.images.dir).iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
-        files = files[: src.limit] if src.limit else files
-        lo, hi = shard_range(len(files), index, num)
-        if lo == hi:
-            return
-        with tempfile.TemporaryDirectory(prefix="int8pipe-shard-images-") as tmp:
-            for f in files[lo:hi]:  # a folder of this shard's files: decoded by the same code, in the same order
-                (Path(tmp) / f.name).symlink_to(f.resolve())
-            sub = dataclasses.replace(src, images=dataclasses.replace(src.images, dir=tmp), limit=None)
-            yield from data.batches(sub, batch_size, specs, dirs, where)
-    elif src.npz:
-        total = _npz_length(src.npz, layout)
-        lo, hi = shard_range(min(total, src.limit or total), index, num)
-        if lo < hi:
-            yield from _rows(data.batches(src, batch_size, specs, dirs, where), lo, hi, layout)
-    else:
-        fn = import_object(src.python or "", dirs, "python data source")
-        if takes_shard_args(fn) and src.limit is None:
-            sub = dataclasses.replace(src, args={**src.args, "shard_index": index, "num_shards": num})
-            yield from data.batches(sub, batch_size, specs, dirs, where)
-        else:  # every worker reads the source; each keeps every num-th batch
-            for i, batch in enumerate(data.batches(src, batch_size, specs, dirs, where)):
-                if i % num == index:
-                    yield batch
+    return kind_of(src).shard(src, index, num, data.reading(batch_size, specs, dirs), where)
 
 
 class ShardWorker:

@@ -30,6 +30,7 @@ from pipeline.settings import config
 from pipeline.settings.config import PipelineConfig
 from pipeline.settings.schema import to_mapping
 from pipeline.sources import data
+from pipeline.sources.kinds import kind_of
 from pipeline.tag_names import (
     GATE_TAG,
     PIPELINE_TAG,
@@ -400,7 +401,7 @@ def _log_datasets(
     src = getattr(cfg.data, which) if which else None
     if which is None or src is None or "data" not in material:
         return
-    source = src.npz or src.python or (src.images.dir if src.images else None) or next(iter((src.npy or {}).values()))
+    source = kind_of(src).uri(src)
     samples = ctx.metrics.get(step.dataset_samples)
     log_dataset(
         child.client,

@@ -19,6 +19,9 @@ from pipeline.errors import ConfigError, fail
 from pipeline.settings.facts import Facts
 from pipeline.settings.facts import resolve as resolve_facts
 from pipeline.settings.schema import from_mapping, to_mapping
+from pipeline.sources.kind import checked_path
+from pipeline.sources.kinds import KINDS
+from pipeline.sources.spec import DataSource
 
 TORCH_DTYPES = ("float32", "float16", "int64", "int32", "bool")
 
@@ -36,35 +39,6 @@ class ModelSource:
     onnx: str | None = None
     mlflow: str | None = None
     pytorch: PytorchSource | None = None
-
-
-@dataclass
-class ImagesSource:
-    dir: str
-    size: list[int]
-    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    scale: float = 255.0
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
-    channels: Literal["RGB", "BGR", "L"] = "RGB"
-    input: str | None = None
-
-
-@dataclass
-class DataSource:
-    npz: str | None = None
-    npy: dict[str, str] | None = None
-    python: str | None = None
-    args: dict[str, Any] = field(default_factory=dict)
-    images: ImagesSource | None = None
-    limit: int | None = None
-    # python: files or folders the function reads. Declared, their content (with the module's) proves
-    # the data unchanged without running the function; undeclared, the samples themselves are hashed.
-    deps: list[str] = field(default_factory=list)
-    # stateful / streaming models (see pipeline/graph/layout.py): the axis that indexes samples, per input
-    # where it is not 0, and the inputs that are the same for every sample (passed unchanged)
-    batch_axes: dict[str, int] = field(default_factory=dict)
-    constants: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -266,18 +240,10 @@ def _exactly_one(obj: Any, names: tuple[str, ...], path: str) -> str:
     return given[0]
 
 
-def _check_path(base: Path, value: str, path: str, kind: str = "file") -> str:
-    p = (base / value).resolve()
-    ok = p.is_dir() if kind == "folder" else p.is_file()
-    if not ok:
-        fail(ConfigError, f"{path}: {kind} not found: {p} (paths are relative to the YAML file's folder).")
-    return str(p)
-
-
 def _check_model(src: ModelSource, base: Path) -> None:
     which = _exactly_one(src, ("onnx", "mlflow", "pytorch"), "model")
     if which == "onnx":
-        src.onnx = _check_path(base, src.onnx or "", "model.onnx")
+        src.onnx = checked_path(base, src.onnx or "", "model.onnx")
     elif which == "mlflow" and not str(src.mlflow).startswith(("models:/", "runs:/")):
         fail(ConfigError, f"model.mlflow: expected a models:/ or runs:/ URI, got {src.mlflow!r}.")
     elif which == "pytorch" and src.pytorch is not None:
@@ -296,25 +262,8 @@ def _check_model(src: ModelSource, base: Path) -> None:
 
 
 def _check_data(src: DataSource, base: Path, path: str) -> None:
-    which = _exactly_one(src, ("npz", "npy", "python", "images"), path)
-    if which == "npz":
-        src.npz = _check_path(base, src.npz or "", f"{path}.npz")
-    elif which == "npy":
-        src.npy = {k: _check_path(base, v, f"{path}.npy.{k}") for k, v in (src.npy or {}).items()}
-    elif which == "python" and ":" not in (src.python or ""):
-        fail(ConfigError, f"{path}.python: expected 'package.module:function', got {src.python!r}.")
-    elif which == "images" and src.images is not None:
-        src.images.dir = _check_path(base, src.images.dir, f"{path}.images.dir", kind="folder")
-        if len(src.images.size) != 2:
-            fail(ConfigError, f"{path}.images.size: expected [height, width], got {src.images.size}.")
-        channels = 1 if src.images.channels == "L" else 3
-        for key in ("mean", "std"):
-            if len(getattr(src.images, key)) != channels:
-                fail(
-                    ConfigError,
-                    f"{path}.images.{key}: expected {channels} values for channels {src.images.channels}, "
-                    f"got {getattr(src.images, key)}.",
-                )
+    which = _exactly_one(src, tuple(KINDS), path)
+    KINDS[which].check(src, base, path)
     if src.args and which != "python":
         fail(ConfigError, f"{path}.args: only used with python:, not with {which}:.")
     if src.deps and which != "python":
