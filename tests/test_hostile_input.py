@@ -29,8 +29,8 @@ from pipeline.graph import model as onnx_model
 from pipeline.graph.subgraphs import control_flow_report
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.runner import load_config as load
-from pipeline.settings.config import DataSource
 from pipeline.sources import data
+from pipeline.sources.spec import DataSource
 from pipeline.transforms.quantization import QuantizeOptions, node_table, quantize, quantized_activations
 from tests.conftest import ROOT, npz_pipeline, run_args, run_pipeline
 from tests.models import build

@@ -28,9 +28,9 @@ from pipeline.calibration.calibrator import calibrate
 from pipeline.calibration.sharded import shard_batches
 from pipeline.graph import model as onnx_model
 from pipeline.orchestration.cli import main
-from pipeline.settings.config import DataSource, ImagesSource
 from pipeline.sources import data
 from pipeline.sources.python_fn import takes_shard_args
+from pipeline.sources.spec import DataSource, ImagesSource
 from tests.conftest import env_without_mlflow, run_args, run_pipeline
 from tests.models import build
 from tests.ray_cluster import RayCluster, start_cluster

@@ -25,8 +25,8 @@ from pipeline.graph import model as onnx_model
 from pipeline.graph.layout import Layout
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.runner import load_config as load
-from pipeline.settings.config import DataSource
 from pipeline.sources import data
+from pipeline.sources.spec import DataSource
 from tests.conftest import ROOT, run_args, run_pipeline
 
 LAYOUT = {"batch_axes": {"state": 1}, "constants": ["sr"]}

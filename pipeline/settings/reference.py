@@ -13,8 +13,9 @@ import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from pipeline.settings.config import DataSource, RawPipeline, StepSpec
+from pipeline.settings.config import RawPipeline, StepSpec
 from pipeline.settings.schema import _describe
+from pipeline.sources.spec import DataSource
 
 DESCRIPTIONS = {
     "name": "Name of the pipeline: its MLflow runs are named after it (with method and target).",
