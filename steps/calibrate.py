@@ -229,29 +229,35 @@ class Calibrate(Step):
             specs = onnx_model.input_specs(model)
             dirs = data.search_dirs(ctx.pipeline.base_dir)
             histogram_tensors = None if cfg.tensors == "all" else quantized_activations(model, ctx.facts.target)
+            options: dict[str, Any] = {
+                "method": cfg.method,
+                "num_bins": cfg.num_bins,
+                "percentile": cfg.percentile,
+                "passes": cfg.passes,
+                "minmax_inputs": cfg.minmax_inputs,
+                "histogram_tensors": histogram_tensors,
+                "memory_mb": cfg.memory_mb,
+            }
             if cfg.workers > 1:
                 from pipeline.calibration.sharded import calibrate_sharded
                 from pipeline.execution.ray_cluster import resolve_address
 
                 address = resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
                 cal = calibrate_sharded(
-                    model_path, src, cfg.batch_size, specs, dirs, "data.calibration", cfg.workers, address,
-                    cfg.method, cfg.num_bins, cfg.percentile, cfg.passes, cfg.minmax_inputs, histogram_tensors,
-                    cfg.memory_mb, cfg.ray.num_cpus,
-                )  # fmt: skip
-            else:
-                cal = calibrate(
                     model_path,
-                    lambda: data.batches(src, cfg.batch_size, specs, dirs, "data.calibration"),
-                    cfg.method,
-                    cfg.num_bins,
-                    cfg.percentile,
-                    cfg.passes,
-                    cfg.minmax_inputs,
-                    histogram_tensors,
-                    cfg.memory_mb,
-                    Layout.of(src),
+                    src,
+                    **options,
+                    batch_size=cfg.batch_size,
+                    specs=specs,
+                    dirs=dirs,
+                    what="data.calibration",
+                    workers=cfg.workers,
+                    address=address,
+                    num_cpus=cfg.ray.num_cpus,
                 )
+            else:
+                read = lambda: data.batches(src, cfg.batch_size, specs, dirs, "data.calibration")  # noqa: E731
+                cal = calibrate(model_path, read, **options, layout=Layout.of(src))
             algorithm = trt_cache.ALGORITHMS[cfg.method]
         self._write(ctx, cfg, cal, algorithm)
 

@@ -41,9 +41,15 @@ def _from_pytorch(ctx: StepContext, cfg: ExportConfig, dst: Path) -> None:
     src = ctx.pipeline.model.pytorch
     assert src is not None
     torch_export.export(
-        src.factory, src.args, src.inputs, cfg.opset, cfg.dynamic_batch, dst, search_dirs(ctx.pipeline.base_dir),
-        src.dtypes,
-    )  # fmt: skip
+        src.factory,
+        args=src.args,
+        inputs=src.inputs,
+        opset=cfg.opset,
+        dynamic_batch=cfg.dynamic_batch,
+        dst=dst,
+        search_dirs=search_dirs(ctx.pipeline.base_dir),
+        dtypes=src.dtypes,
+    )
 
 
 def _fold(src: Path, dst: Path) -> None:

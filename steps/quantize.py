@@ -86,18 +86,26 @@ class QuantizeConfig:
 
         The weight scheme is a pipeline fact."""
         opts = QuantizeOptions(
-            target=self.target, per_channel=self.per_channel, exclude_nodes=tuple(self.exclude.nodes),
-            exclude_op_types=tuple(self.exclude.op_types), activations=self.activation_scheme,
-            activation_matmuls=self.activation_matmuls, normalization=self.normalization,
+            target=self.target,
+            per_channel=self.per_channel,
+            exclude_nodes=tuple(self.exclude.nodes),
+            exclude_op_types=tuple(self.exclude.op_types),
+            activations=self.activation_scheme,
+            activation_matmuls=self.activation_matmuls,
+            normalization=self.normalization,
             weights=facts.weight_scheme.name,
-        )  # fmt: skip
+        )
         s = self.smoothing
         return recipe.Recipe(
-            quantize=opts, equalization=self.equalization, shift_activations=self.shift_activations,
+            quantize=opts,
+            equalization=self.equalization,
+            shift_activations=self.shift_activations,
             smoothing=recipe.Smoothing(s.alpha, tuple(s.op_types), s.samples, s.method) if s is not None else None,
-            bias_correction=self.bias_correction, bias_correction_samples=self.bias_correction_samples,
-            weight_rounding=self.weight_rounding, weight_rounding_samples=self.weight_rounding_samples,
-        )  # fmt: skip
+            bias_correction=self.bias_correction,
+            bias_correction_samples=self.bias_correction_samples,
+            weight_rounding=self.weight_rounding,
+            weight_rounding_samples=self.weight_rounding_samples,
+        )
 
     @property
     def activation_scheme(self) -> str:
@@ -218,9 +226,14 @@ class Quantize(Step):
         return recipe.Samples(batches, Layout.of(src), ctx.facts.memory_mb)
 
     def _finish(
-        self, ctx: StepContext, cfg: QuantizeConfig, fp32_path: Path, int8_model: onnx.ModelProto,
-        rows: list[dict[str, Any]], corrected: int,
-    ) -> None:  # fmt: skip
+        self,
+        ctx: StepContext,
+        cfg: QuantizeConfig,
+        fp32_path: Path,
+        int8_model: onnx.ModelProto,
+        rows: list[dict[str, Any]],
+        corrected: int,
+    ) -> None:
         out = ctx.output("int8_model", "model/model_int8.onnx")
         onnx_model.save_checked(int8_model, out)
         if rows:

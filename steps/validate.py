@@ -77,8 +77,16 @@ class Validate(Step):
     needs_steps = ("export", "quantize")
     needs_data = ("validation",)
     # int8_* takes int8_nodes too, and fp_nodes goes with it: after a recovery both describe the recovered model
-    parent_metrics = ("fp32_*", "int8_*", "gate_fp32", "gate_int8", "accuracy_drop", "accuracy_drop_se",
-                      "recovered_fp_nodes", "fp_nodes")  # fmt: skip
+    parent_metrics = (
+        "fp32_*",
+        "int8_*",
+        "gate_fp32",
+        "gate_int8",
+        "accuracy_drop",
+        "accuracy_drop_se",
+        "recovered_fp_nodes",
+        "fp_nodes",
+    )
     dataset, dataset_samples = "validation", "validation_samples"
     next_artifact = "validation/report.json"
 
@@ -173,8 +181,12 @@ class Validate(Step):
         logger.info(
             "validate: %.0f MB of activations per sample: %d sample(s) per call while scoring, %d while "
             "comparing layers%s, to stay near %d MB (steps.calibrate.memory_mb)",
-            per_sample / 1e6, score, layer, f" in {len(groups)} groups of tensors" if groups else "", memory_mb,
-        )  # fmt: skip
+            per_sample / 1e6,
+            score,
+            layer,
+            f" in {len(groups)} groups of tensors" if groups else "",
+            memory_mb,
+        )
         return Sizing(score, layer, groups)
 
     @staticmethod
@@ -206,17 +218,23 @@ class Validate(Step):
                 "validate: this CPU (%s) saturates ORT's int8 kernels on %s weights, which steps.quantize.cpu_fleet "
                 "(%s) chose for CPUs that do not: the gate reads the exact arithmetic those CPUs compute, not "
                 "this machine's kernels.",
-                cap["isa"], facts.weight_scheme.name, facts.fleet_label,
-            )  # fmt: skip
+                cap["isa"],
+                facts.weight_scheme.name,
+                facts.fleet_label,
+            )
         names = [o.name for o in fp32.get_outputs()]
         # resolved before the long loop: a typo in a custom metric fails fast
         metric = scoring.resolve_metric(cfg.metric, cfg.output, names, data.search_dirs(ctx.pipeline.base_dir))
         layout = Layout.of(ctx.pipeline.data.validation)
         sizing = self._sizing(ctx, cfg, specs, fp32_model, layout)
         scorer = scoring.Scorer(
-            fp32, metric, lambda: self._batches(ctx, cfg, specs), int8_optimize=not exact, layout=layout,
+            fp32,
+            metric,
+            lambda: self._batches(ctx, cfg, specs),
+            int8_optimize=not exact,
+            layout=layout,
             chunk=sizing.score_chunk,
-        )  # fmt: skip
+        )
         scores = scorer.first(int8)
         # before recovery spends time on a gate that may be measuring FP32's own indecision
         unsure = evaluation.unsure_share(scores.reference[metric.outputs[0]])
@@ -226,14 +244,16 @@ class Validate(Step):
                 "less than %.1f apart in probability): any perturbation flips top-1 there, so agreement "
                 "measures little on them. Validate on data the model is meant for, with labels (metric: "
                 "top1), or gate on metric: cosine.",
-                100 * unsure, evaluation.UNSURE_MARGIN,
-            )  # fmt: skip
+                100 * unsure,
+                evaluation.UNSURE_MARGIN,
+            )
         fidelity = None
         if kernel_session is not None:
             other = scorer.score(kernel_session if exact else exact_session)
             sessions = (kernel_session, exact_session)
-            fidelity = self._fidelity(ctx, cfg, scorer, int8_model, twin, sessions, (scores, other), numerics,
-                                      sizing.layer_chunk)  # fmt: skip
+            fidelity = self._fidelity(
+                ctx, cfg, scorer, int8_model, twin, sessions, (scores, other), numerics, sizing.layer_chunk
+            )
         errors = _layer_errors(cfg, scorer, fp32_model, twin if exact and twin else int8_model, exact, sizing)
         samples = scorer.kept
         result = None
@@ -252,9 +272,12 @@ class Validate(Step):
         cosines = scores.cosines()
         drop_se = scores.drop_se  # built-in metrics only: a custom one returns a single number
         if fidelity is not None:
-            metrics_fidelity = {f"int8_{name}_exact": fidelity["exact"], f"int8_{name}_kernels": fidelity["kernels"],
-                                "kernel_drop": fidelity["exact"] - fidelity["kernels"],
-                                "kernel_departing_layers": sum(r["departs"] for r in fidelity["layers"])}  # fmt: skip
+            metrics_fidelity = {
+                f"int8_{name}_exact": fidelity["exact"],
+                f"int8_{name}_kernels": fidelity["kernels"],
+                "kernel_drop": fidelity["exact"] - fidelity["kernels"],
+                "kernel_departing_layers": sum(r["departs"] for r in fidelity["layers"]),
+            }
         metrics = {
             **(metrics_fidelity if fidelity is not None else {}),
             f"fp32_{name}": scores.fp32,
@@ -325,19 +348,34 @@ class Validate(Step):
             logger.warning("validate: the gate passed narrowly.%s", narrow)
         if not passed:
             message = gate_message(
-                name, scores.fp32, scores.int8, scores.drop, cfg.max_drop, errors.quantized_nodes, result,
-                cfg.recover, drop_se, scores.samples,
-            )  # fmt: skip
+                name,
+                scores.fp32,
+                scores.int8,
+                scores.drop,
+                cfg.max_drop,
+                errors.quantized_nodes,
+                result,
+                cfg.recover,
+                drop_se,
+                scores.samples,
+            )
             # only when the gate read the kernels: then they, not the model, may have failed it
             if fidelity is not None and fidelity["departing"] and numerics == "kernels":
                 message = kernels_note(name, fidelity, cap) + " " + message
             fail(GateFailed, message)
 
     def _fidelity(
-        self, ctx: StepContext, cfg: ValidateConfig, scorer: scoring.Scorer, int8_model: onnx.ModelProto,
-        twin: onnx.ModelProto | None, sessions: tuple[Any, Any], scored: tuple[scoring.Scores, scoring.Scores],
-        numerics: str, chunk: int,
-    ) -> dict[str, Any]:  # fmt: skip
+        self,
+        ctx: StepContext,
+        cfg: ValidateConfig,
+        scorer: scoring.Scorer,
+        int8_model: onnx.ModelProto,
+        twin: onnx.ModelProto | None,
+        sessions: tuple[Any, Any],
+        scored: tuple[scoring.Scores, scoring.Scores],
+        numerics: str,
+        chunk: int,
+    ) -> dict[str, Any]:
         """This CPU's int8 kernels against the model's exact arithmetic: both scores, how far the model's
         outputs differ on the first validation samples and, when beyond rounding, the layers where the
         kernels' results depart."""
@@ -354,14 +392,21 @@ class Validate(Step):
             logger.warning(
                 "validate: this CPU's int8 kernels depart from the model's exact arithmetic, first at %s: %s "
                 "%.4f exact, %.4f through the kernels (table: validation/kernel_fidelity_table.json)",
-                ", ".join(departing), name, exact_scores.int8, kernel_scores.int8,
-            )  # fmt: skip
+                ", ".join(departing),
+                name,
+                exact_scores.int8,
+                kernel_scores.int8,
+            )
         else:
             logger.info(
                 "validate: this CPU's int8 kernels compute the model's exact arithmetic up to rounding (outputs "
                 "%.2g apart, relative RMS, on %d samples; %s %.4f exact, %.4f through the kernels)",
-                output_error, samples, name, exact_scores.int8, kernel_scores.int8,
-            )  # fmt: skip
+                output_error,
+                samples,
+                name,
+                exact_scores.int8,
+                kernel_scores.int8,
+            )
         return {
             "gated_on": numerics,
             "exact": exact_scores.int8,
@@ -440,9 +485,15 @@ def _layer_errors(
 ) -> layers.LayerErrors:
     """The layer table and node ranking of ``int8`` on the first ``layer_samples`` validation samples."""
     return layers.layer_errors(
-        fp32, int8, lambda: scorer.inputs(cfg.layer_samples), cfg.layer_samples, not exact, scorer.layout,
-        sizing.layer_chunk, sizing.groups,
-    )  # fmt: skip
+        fp32,
+        int8,
+        lambda: scorer.inputs(cfg.layer_samples),
+        cfg.layer_samples,
+        not exact,
+        scorer.layout,
+        sizing.layer_chunk,
+        sizing.groups,
+    )
 
 
 def kernels_note(metric: str, fidelity: dict[str, Any], cap: dict[str, Any]) -> str:

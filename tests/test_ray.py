@@ -337,7 +337,8 @@ def test_sharded_calibration_of_a_tiny_model_is_bit_identical(
     onnx.save(build("dynamic_hw_conv" if kind == "images" else "clip_chain"), str(model))
     src, specs, dirs = sources[kind], _specs(kind), [tmp_path]
     local = calibrate(model, lambda: data.batches(src, 4, specs, dirs, "data.calibration"), method)
-    sharded = calibrate_sharded(model, src, 4, specs, dirs, "data.calibration", 2, ray_cluster.address, method)
+    sharded = calibrate_sharded(model, src, method, batch_size=4, specs=specs, dirs=dirs, what="data.calibration",
+                                workers=2, address=ray_cluster.address)  # fmt: skip
     a, b = local.ranges.to_json(), sharded.ranges.to_json()
     assert _bits(b["tensors"]) == _bits(a["tensors"]) and b["tensors"] == a["tensors"]
     assert b["num_samples"] == a["num_samples"] and b["params"] == a["params"]

@@ -220,9 +220,11 @@ def compare(
 
 
 def _unit_sessions(
-    kernels_model: onnx.ModelProto, exact_model: onnx.ModelProto,
-    unit: tuple[Probe, list[onnx.NodeProto], set[str]], values: dict[str, np.ndarray],
-) -> tuple[Any, Any]:  # fmt: skip
+    kernels_model: onnx.ModelProto,
+    exact_model: onnx.ModelProto,
+    unit: tuple[Probe, list[onnx.NodeProto], set[str]],
+    values: dict[str, np.ndarray],
+) -> tuple[Any, Any]:
     """One layer alone, through the kernels (optimised) and exactly (unoptimised)."""
     p, nodes, inputs = unit
     output = p.tensor
@@ -239,9 +241,11 @@ def _unit_sessions(
 
 
 def check(
-    int8_model: onnx.ModelProto, twin: onnx.ModelProto | None, sessions: tuple[Any, Any],
+    int8_model: onnx.ModelProto,
+    twin: onnx.ModelProto | None,
+    sessions: tuple[Any, Any],
     feeds: list[dict[str, np.ndarray]],
-) -> tuple[float, list[dict[str, Any]]]:  # fmt: skip
+) -> tuple[float, list[dict[str, Any]]]:
     """How far the model's outputs through the kernels (``sessions[0]``) are from the exact ones
     (``sessions[1]``), relative RMS, worst output; and, when beyond ``OUTPUT_ROUNDING``, the layer
     table of :func:`compare` (empty otherwise: it costs two small sessions per layer)."""

@@ -98,8 +98,20 @@ def layer_errors(
     if len(passes) > 1:
         logger.info("validate: comparing layers in %d passes over the data, a group of tensors each", len(passes))
     for group in passes:
-        _compare(fp32_model, int8_model, group, int8_name, before_q, acc, acc_before, feeds(), samples,
-                 int8_optimize, layout, chunk)  # fmt: skip
+        _compare(
+            fp32_model,
+            int8_model,
+            group,
+            int8_name=int8_name,
+            before_q=before_q,
+            acc=acc,
+            acc_before=acc_before,
+            feeds=feeds(),
+            samples=samples,
+            int8_optimize=int8_optimize,
+            layout=layout,
+            chunk=chunk,
+        )
     readers: dict[str, list[str]] = {}
     for node in int8_model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -133,6 +145,7 @@ def _compare(
     fp32_model: onnx.ModelProto,
     int8_model: onnx.ModelProto,
     tensors: list[str],
+    *,
     int8_name: dict[str, str],
     before_q: dict[str, str],
     acc: dict[str, evaluation.ErrorAccumulator],

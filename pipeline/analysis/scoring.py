@@ -270,8 +270,9 @@ class Scorer:
                 n_kept += _keep(kept, feeds, a, o, take, self.layout)
             cmp.add({k: a[k] for k in scored}, {k: o[k] for k in scored}, batch.get(data.LABELS))
         self._reference, outputs, self._labels = cmp.arrays()
-        self.kept = {k: _stack(v, self.layout.axis(k[len("input.") :]) if k.startswith("input.") else 0)
-                     for k, v in kept.items()}  # fmt: skip
+        self.kept = {
+            k: _stack(v, self.layout.axis(k[len("input.") :]) if k.startswith("input.") else 0) for k, v in kept.items()
+        }
         self.metric.check(self._reference, self._labels)
         return self.evaluate(outputs)
 

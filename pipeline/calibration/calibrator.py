@@ -113,6 +113,7 @@ def calibrate(
     model_path: Path,
     batches: Callable[[], Iterable[Batch]],
     method: str = methods.DEFAULT,
+    *,
     num_bins: int = 2048,
     percentile: float = 99.99,
     passes: int = 2,
@@ -136,7 +137,14 @@ def calibrate(
 
     ``layout`` says where each input holds its samples (``batch_axes``, ``constants``); default axis 0.
     """
-    plan = make_plan(model_path, method, num_bins, passes, minmax_inputs, histogram_tensors)
+    plan = make_plan(
+        model_path,
+        method,
+        num_bins=num_bins,
+        passes=passes,
+        minmax_inputs=minmax_inputs,
+        histogram_tensors=histogram_tensors,
+    )
     stats = plan.new_stats()
     with tempfile.TemporaryDirectory(prefix="int8pipe-calibration-") as tmp:
         spill = Spill(Path(tmp), layout.count if layout is not None else None)
@@ -149,9 +157,14 @@ def calibrate(
         if plan.two_pass:
             live = plan.start_histogram_pass(stats)
             run_pass(
-                plan.model, live, spill.replay(), "calibration pass 2/2", digest=False, memory_budget=budget,
+                plan.model,
+                live,
+                spill.replay(),
+                "calibration pass 2/2",
+                digest=False,
+                memory_budget=budget,
                 layout=layout,
-            )  # fmt: skip
+            )
     cal = plan.result(stats, model_path, percentile, first.num_samples, first.data_digest, plan.start)
     cal.chunk, cal.sample_bytes = first.chunk, first.sample_bytes
     return cal
@@ -258,6 +271,7 @@ class Plan:
 def make_plan(
     model_path: Path,
     method: str,
+    *,
     num_bins: int = 2048,
     passes: int = 2,
     minmax_inputs: bool = True,
@@ -282,5 +296,16 @@ def make_plan(
         )
     two_pass = passes == 2 and bool(wanted)
     derived = derivable(model, tensors, measure=set() if two_pass else wanted)
-    return Plan(model, method, num_bins, passes, minmax_inputs, histogram_tensors, tensors, wanted, two_pass, derived,
-                start)  # fmt: skip
+    return Plan(
+        model=model,
+        method=method,
+        num_bins=num_bins,
+        passes=passes,
+        minmax_inputs=minmax_inputs,
+        histogram_tensors=histogram_tensors,
+        tensors=tensors,
+        wanted=wanted,
+        two_pass=two_pass,
+        derived=derived,
+        start=start,
+    )

@@ -93,8 +93,14 @@ class ShardWorker:
         self.spill.count = self.layout.count
         source = shard_batches(src, index, num, batch_size, specs, dirs, what)
         label = f"calibration shard {index + 1}/{num} pass 1/{2 if spill else 1}"
-        p = run_pass(self.model, stats, self.spill.record(source) if spill else source, label,
-                     memory_budget=memory_budget, layout=self.layout)  # fmt: skip
+        p = run_pass(
+            self.model,
+            stats,
+            self.spill.record(source) if spill else source,
+            label,
+            memory_budget=memory_budget,
+            layout=self.layout,
+        )
         return {
             "host": socket.gethostname(),
             "num_samples": p.num_samples,
@@ -113,9 +119,14 @@ class ShardWorker:
             st.start_histogram_pass()
             stats[name] = st
         run_pass(
-            self.model, stats, self.spill.replay(), label, digest=False, memory_budget=memory_budget,
+            self.model,
+            stats,
+            self.spill.replay(),
+            label,
+            digest=False,
+            memory_budget=memory_budget,
             layout=self.layout,
-        )  # fmt: skip
+        )
         return {name: st.fine for name, st in stats.items()}
 
     def close(self) -> None:
@@ -145,13 +156,14 @@ def _get(ray: Any, refs: list[Any], what: str) -> list[Any]:
 def calibrate_sharded(
     model_path: Path,
     src: DataSource,
+    method: str = "entropy",
+    *,
     batch_size: int,
     specs: data.Specs,
     dirs: list[Path],
     what: str,
     workers: int,
     address: str,
-    method: str = "entropy",
     num_bins: int = 2048,
     percentile: float = 99.99,
     passes: int = 2,
@@ -163,9 +175,19 @@ def calibrate_sharded(
     """:func:`~pipeline.calibration.calibrator.calibrate` over ``workers`` shards of ``src`` on the Ray
     cluster at ``address``; the result (every min, max and amax) is identical to one process's."""
     if passes == 1 and METHODS[method].needs_histograms:
-        fail(ConfigError, "steps.calibrate.workers > 1 needs passes: 2 (or method: minmax): single-pass "
-                          "histograms depend on the order batches arrive in and cannot be merged exactly.")  # fmt: skip
-    plan = make_plan(model_path, method, num_bins, passes, minmax_inputs, histogram_tensors)
+        fail(
+            ConfigError,
+            "steps.calibrate.workers > 1 needs passes: 2 (or method: minmax): single-pass "
+            "histograms depend on the order batches arrive in and cannot be merged exactly.",
+        )
+    plan = make_plan(
+        model_path,
+        method,
+        num_bins=num_bins,
+        passes=passes,
+        minmax_inputs=minmax_inputs,
+        histogram_tensors=histogram_tensors,
+    )
     budget = memory_mb << 20
     with connected(address, "steps.calibrate.workers") as ray:
         actor = ray.remote(num_cpus=num_cpus, max_restarts=0, max_task_retries=0)(ShardWorker)
@@ -204,8 +226,10 @@ def calibrate_sharded(
             if plan.two_pass:
                 live = plan.start_histogram_pass(stats)
                 bounds = {t: (st.min, st.max, st.count) for t, st in live.items()}
-                refs = [a.pass2.remote(bounds, f"calibration shard {i + 1}/{workers} pass 2/2", budget)
-                        for i, a in enumerate(actors)]  # fmt: skip
+                refs = [
+                    a.pass2.remote(bounds, f"calibration shard {i + 1}/{workers} pass 2/2", budget)
+                    for i, a in enumerate(actors)
+                ]
                 for counts in _get(ray, refs, what):
                     for name, st in live.items():
                         assert st.fine is not None

@@ -81,7 +81,7 @@ SCHEMES: dict[str, Scheme] = {
             True,
             "7-bit int8 weights (reduce_range), 8-bit in depthwise Convs: cannot saturate",
             depthwise_8bit=True,
-        ),  # fmt: skip
+        ),
         Scheme("int7_all", (-64, 64), False, True, "7-bit int8 weights (reduce_range) everywhere: cannot saturate"),
         Scheme("uint8", (0, 255), True, False, "8-bit asymmetric uint8 weights (u8 x u8 kernels), measured only"),
     )

@@ -20,6 +20,7 @@ from pipeline.errors import BackendUnavailable, ModelError, fail
 
 def export(
     factory: str,
+    *,
     args: dict[str, Any],
     inputs: dict[str, list[int]],
     opset: int,

@@ -258,8 +258,10 @@ def promote_model(
     if reused is not None:
         logger.info(
             "promote: %s version %s holds this very INT8 model (same SHA-256, gate and validation data): "
-            "reused, not registered again", registered_model, reused,
-        )  # fmt: skip
+            "reused, not registered again",
+            registered_model,
+            reused,
+        )
         return _decide_alias(client, registered_model, reused, alias, policy, score, reused=True)
     info = mlflow.onnx.log_model(
         onnx_model=model,
@@ -294,9 +296,14 @@ def promote_model(
 
 
 def _decide_alias(
-    client: MlflowClient, registered_model: str, version: str, alias: str | None, policy: str, score: Score | None,
+    client: MlflowClient,
+    registered_model: str,
+    version: str,
+    alias: str | None,
+    policy: str,
+    score: Score | None,
     reused: bool,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Move ``alias`` to ``version`` if the policy allows; what the registry holds afterwards."""
     decision = "no alias requested"
     if alias:

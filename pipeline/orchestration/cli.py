@@ -45,10 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-reuse", action="store_true", help="rerun steps even when a finished run matches")
     run.add_argument("--summary-json", default=None, metavar="PATH", help="write the run summary as JSON")
     run.add_argument(
-        "--only", default=None, metavar="STEP",
+        "--only",
+        default=None,
+        metavar="STEP",
         help="run one step (export, calibrate, quantize, validate, benchmark, promote), reusing the earlier "
         "steps' runs",
-    )  # fmt: skip
+    )
     # how a sweep runs its trials as processes (sweep.parallel > 1); not for people
     run.add_argument("--under", default=None, help=argparse.SUPPRESS)
     run.add_argument("--run-name", default=None, help=argparse.SUPPRESS)

@@ -72,8 +72,14 @@ class InProcess(TrialExecutor):
     def _run_one(trial: Trial, sweep: SweepRun) -> None:
         summary = Summary()
         try:
-            run_pipeline(trial.pipeline, sweep.uri, reuse=sweep.reuse, summary=summary, under=sweep.sweep_run,
-                         run_name=trial.label)  # fmt: skip
+            run_pipeline(
+                trial.pipeline,
+                sweep.uri,
+                reuse=sweep.reuse,
+                summary=summary,
+                under=sweep.sweep_run,
+                run_name=trial.label,
+            )
             trial.gate = "passed"
         except GateFailed as exc:
             trial.gate, trial.error = "failed", str(exc)

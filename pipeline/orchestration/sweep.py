@@ -63,8 +63,9 @@ def run_sweep(
                 summary.steps = dict(best.steps)
         if best is not None and "promote" in cfg.steps and not interrupted:
             assert best.config is not None
-            promoted = run_pipeline(best.config, tracker.uri, reuse=True, only="promote", under=sweep_run,
-                                    run_name=f"promote: {best.label}")  # fmt: skip
+            promoted = run_pipeline(
+                best.config, tracker.uri, reuse=True, only="promote", under=sweep_run, run_name=f"promote: {best.label}"
+            )
             summary.registered_model = promoted.registered_model
             summary.steps["promote"] = promoted.steps["promote"]
         if best is None:  # inside the run: the sweep run ends FAILED

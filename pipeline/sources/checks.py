@@ -164,7 +164,11 @@ def check_counts(batch: Batch, specs: Specs, where: str, layout: Layout) -> None
             DataError,
             f"{where}: arrays differ in number of samples along their sample axes: {counts} "
             f"(shapes { {k: list(v.shape) for k, v in batch.items()} }; "
-            + ("; ".join(hints) if hints else "every input holds its samples along axis 0 unless batch_axes says "
-               "otherwise, and constants lists inputs that are the same for every sample")
+            + (
+                "; ".join(hints)
+                if hints
+                else "every input holds its samples along axis 0 unless batch_axes says "
+                "otherwise, and constants lists inputs that are the same for every sample"
+            )
             + ").",
-        )  # fmt: skip
+        )

@@ -95,9 +95,10 @@ def _npz_length(path: str, layout: Layout) -> int:
     """Samples in an npz archive, from a batched array's header (the data stays compressed)."""
     with zipfile.ZipFile(path) as zf:
         name = next(
-            n[: -len(".npy")] for n in zf.namelist() if n != f"{LABELS}.npy" and n[: -len(".npy")] not in
-            layout.constants
-        )  # fmt: skip
+            n[: -len(".npy")]
+            for n in zf.namelist()
+            if n != f"{LABELS}.npy" and n[: -len(".npy")] not in layout.constants
+        )
         with zf.open(f"{name}.npy") as f:
             major, _ = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
