@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
-from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import Schema, TensorSpec
 
 from pipeline.calibration.ranges import Ranges
 from pipeline.errors import ConfigError, fail
@@ -48,21 +46,6 @@ class PromoteConfig:
     # better: the alias moves only to a version at least as good as its holder on the same validation
     # data and metric; always: to every version that passed the gate
     policy: Literal["better", "always"] = "better"
-
-
-def signature(model: onnx.ModelProto) -> ModelSignature:
-    """The tensor signature straight from the graph: dynamic axes become -1."""
-
-    def specs(vis: list) -> Schema:
-        out: list[Any] = []
-        for vi in vis:
-            tt = vi.type.tensor_type
-            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-            out.append(TensorSpec(dtype, shape, vi.name))
-        return Schema(out)
-
-    return ModelSignature(inputs=specs(onnx_model.graph_inputs(model)), outputs=specs(list(model.graph.output)))
 
 
 class Promote(Step):
@@ -127,7 +110,6 @@ class Promote(Step):
         linked = {k: v for k, v in up.items() if k.startswith(("fp32_", "int8_")) or k == "accuracy_drop"}
         result = ctx.tracker.promote(
             model=int8,
-            signature=signature(int8),
             input_example=input_example(ctx, int8) or None,
             registered_model=cfg.registered_model,
             alias=cfg.alias,

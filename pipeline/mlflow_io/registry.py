@@ -23,10 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
+import onnx
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
 
 from pipeline.errors import TrackingError, fail
+from pipeline.graph import model as onnx_model
 from pipeline.log import logger
 from pipeline.tag_names import (
     DATA_TAG,
@@ -235,8 +240,7 @@ def promote_model(
     client: MlflowClient,
     run_id: str,
     *,
-    model: Any,
-    signature: Any,
+    model: onnx.ModelProto,
     input_example: Any,
     registered_model: str,
     alias: str | None,
@@ -266,7 +270,7 @@ def promote_model(
     info = mlflow.onnx.log_model(
         onnx_model=model,
         name="model",
-        signature=signature,
+        signature=signature(model),
         input_example=input_example,
         save_as_external_data=False,
         pip_requirements=serving_requirements(),
@@ -326,3 +330,18 @@ def _decide_alias(
         "decision": decision,
         "reused": reused,
     }
+
+
+def signature(model: onnx.ModelProto) -> ModelSignature:
+    """The tensor signature straight from the graph: dynamic axes become -1."""
+
+    def specs(vis: list) -> Schema:
+        out: list[Any] = []
+        for vi in vis:
+            tt = vi.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+            out.append(TensorSpec(dtype, shape, vi.name))
+        return Schema(out)
+
+    return ModelSignature(inputs=specs(onnx_model.graph_inputs(model)), outputs=specs(list(model.graph.output)))

@@ -29,6 +29,7 @@ from pipeline.mlflow_io.store import (
 )
 from pipeline.tag_names import (
     CLOSED_BY_TAG,
+    ERROR_TAG,
     HEARTBEAT_TAG,
     HOST_TAG,
     KEY_TAG,
@@ -130,6 +131,11 @@ class StepTracker:
 
     def download_onnx(self, uri: str, dst: Path) -> Path:
         return download_onnx(uri, dst, mlflow.get_tracking_uri())
+
+    def log_dataset(self, name: str, source: str, digest: str, samples: int | None) -> None:
+        """The data source as an MLflow dataset input of this run and of its pipeline run."""
+        runs = [self.run_id, *([self.parent_run_id] if self.parent_run_id else [])]
+        log_dataset(self.client, runs, name, source, digest, samples)
 
     def promote(self, **kwargs: Any) -> dict[str, Any]:
         """Register the model (see :func:`pipeline.mlflow_io.registry.promote_model`)."""
@@ -391,11 +397,61 @@ class Tracker:
         rel = {name: str(path.relative_to(workdir)) for name, path in outputs.items()}
         tracker.set_tags({OUTPUTS_TAG: json.dumps(rel)})
 
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def get_run(self, run_id: str) -> Run:
+        return self.client.get_run(run_id)
+
+    def child_named(self, parent: str, name: str) -> str | None:
+        """The run named ``name`` nested under ``parent`` (a sweep's trial), if one was created."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+        return next((r.info.run_id for r in runs if r.data.tags.get("mlflow.runName") == name), None)
+
+    def close_stopped(self, run_id: str, status: str, grace_s: float) -> None:
+        """Give a stopped process ``grace_s`` to close its run, then close with ``status`` the run and
+        its nested runs still RUNNING (the process is gone or going: nobody else will)."""
+        deadline = time.monotonic() + grace_s
+        try:
+            while self.client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:  # even on a second Ctrl-C during the wait
+            for step in self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"):
+                if step.info.status == "RUNNING":
+                    self.client.set_terminated(step.info.run_id, status=status)
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, status=status)
+
+    def fail_run(self, run_id: str, reason: str) -> None:
+        """End ``run_id`` FAILED with ``reason`` in its error tag."""
+        self.client.set_tag(run_id, ERROR_TAG, reason[:5000])
+        self.client.set_terminated(run_id, status="FAILED")
+
     def log_parent_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self.client.log_metric(run_id, key, value)
         if metrics:
             logger.debug("copied to the pipeline run: %s", ", ".join(sorted(metrics)))
+
+
+def default_uri() -> str:
+    """The tracking URI MLflow uses when none is given (``MLFLOW_TRACKING_URI``, else its default)."""
+    return str(mlflow.get_tracking_uri())
+
+
+def download_artifact(uri: str, tracking_uri: str | None) -> str:
+    """A ``runs:/`` artifact as a local path (in a new temporary folder); FileNotFoundError with
+    MLflow's first line when the run or the artifact does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(), tracking_uri=tracking_uri))
+    except MlflowException as exc:
+        raise FileNotFoundError(str(exc).splitlines()[0][:200]) from exc
 
 
 def download_onnx(uri: str, dst: Path, tracking_uri: str) -> Path:

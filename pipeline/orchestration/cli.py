@@ -91,11 +91,10 @@ def _version() -> str:
 
 def _store_full(exc: BaseException) -> str | None:
     """The message for a tracking or artifact store out of space (see tracking.store_full), else None."""
-    import mlflow
-
     from pipeline.mlflow_io.store import store_full
+    from pipeline.mlflow_io.tracking import default_uri
 
-    return store_full(exc, mlflow.get_tracking_uri())
+    return store_full(exc, default_uri())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -174,18 +173,15 @@ def _cache_file(spec: str, tracking_uri: str | None) -> str:
     """A local cache path for ``spec``: a file, a calibrate run id, or a runs:/ URI (downloaded)."""
     if Path(spec).is_file() or not (spec.startswith("runs:/") or re.fullmatch(r"[0-9a-f]{32}", spec)):
         return spec
-    import tempfile
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    from pipeline.mlflow_io.tracking import download_artifact
 
     uri = spec if spec.startswith("runs:/") else f"runs:/{spec}/calibration/calibration.cache"
     try:
-        return str(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(), tracking_uri=tracking_uri))
-    except MlflowException as exc:
+        return download_artifact(uri, tracking_uri)
+    except FileNotFoundError as exc:
         fail(
             ConfigError,
-            f"cache show {spec}: cannot fetch {uri} ({str(exc).splitlines()[0][:200]}). Give a cache file, the run "
+            f"cache show {spec}: cannot fetch {uri} ({exc}). Give a cache file, the run "
             "id of a calibrate step (printed at the end of int8pipe run), or a runs:/ URI.",
         )
 

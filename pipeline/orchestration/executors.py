@@ -28,8 +28,7 @@ from pipeline.orchestration.runner import Summary, run_pipeline
 from pipeline.orchestration.trials import Trial
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
-
+    from pipeline.mlflow_io.tracking import Tracker
     from pipeline.settings.config import PipelineConfig
 
 
@@ -42,7 +41,7 @@ class SweepRun:
     sweep_run: str  # run id the trials nest under
     deadline: float  # time.monotonic() after which no trial starts
     reuse: bool
-    client: MlflowClient
+    tracker: Tracker  # the sweep's: trials' runs are looked up and closed through it
 
 
 class TrialExecutor:

@@ -32,13 +32,11 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import ConfigError, fail
 from pipeline.execution.ray_cluster import connected, import_ray, resolve_address
 from pipeline.log import logger
+from pipeline.mlflow_io.tracking import Tracker, default_uri
 from pipeline.orchestration.executors import SweepRun, TrialExecutor, skip
 from pipeline.orchestration.trials import Trial
-from pipeline.tag_names import ERROR_TAG
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
-
     from pipeline.settings.config import PipelineConfig
 
 SUMMARY = "{summary-json}"  # placeholder in a trial's command for the summary file on the worker
@@ -80,12 +78,10 @@ def check_tracking_uri(uri: str) -> None:
 def _preflight(cfg: PipelineConfig, tracking_uri: str | None) -> str:
     """Everything a Ray sweep needs, checked before any run is created: Ray, a cluster, a tracking
     server other machines reach. Returns the cluster address."""
-    import mlflow
-
     assert cfg.sweep is not None
     import_ray("sweep.executor: ray")
     address = resolve_address(cfg.sweep.ray.address, "sweep.ray.address")
-    check_tracking_uri(tracking_uri or mlflow.get_tracking_uri())
+    check_tracking_uri(tracking_uri or default_uri())
     if cfg.sweep.ray.num_cpus < 0 or cfg.sweep.ray.num_gpus < 0:
         fail(ConfigError, "sweep.ray.num_cpus and sweep.ray.num_gpus: expected numbers >= 0.")
     return address
@@ -143,26 +139,16 @@ def run_trial_process(args: list[str], cwd: str | None, env: dict[str, str], dea
     return {"returncode": code, "summary": summary, "stderr": "\n".join(lines[-5:]), "host": socket.gethostname()}
 
 
-def _trial_run(client: MlflowClient, sweep_run: str, trial: Trial) -> tuple[str, str] | None:
-    """(experiment id, run id) of the trial's run under the sweep run, if it got as far as creating it."""
-    experiment = client.get_run(sweep_run).info.experiment_id
-    parent = f"tags.mlflow.parentRunId = '{sweep_run}'"
-    runs = [r for r in client.search_runs([experiment], parent) if r.data.tags.get("mlflow.runName") == trial.label]
-    return (experiment, runs[0].info.run_id) if runs else None
-
-
-def _mark_failed(client: MlflowClient, sweep_run: str, trial: Trial, reason: str) -> None:
+def _mark_failed(tracker: Tracker, sweep_run: str, trial: Trial, reason: str) -> None:
     """The run of a trial whose worker died: FAILED with the reason, its open step runs too."""
-    found = _trial_run(client, sweep_run, trial)
-    if found is None:
+    run_id = tracker.child_named(sweep_run, trial.label)
+    if run_id is None:
         return  # it died before creating its run
-    experiment, run_id = found
     trial.run_id = run_id
     try:  # the trial process got SIGTERM when its worker died (Ray may SIGKILL it soon after)
-        _close_runs(client, experiment, run_id, "FAILED")
+        tracker.close_stopped(run_id, "FAILED", DEAD_TRIAL_GRACE_S)
     finally:
-        client.set_tag(run_id, ERROR_TAG, reason[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        tracker.fail_run(run_id, reason)
 
 
 class RayTasks(TrialExecutor):
@@ -174,7 +160,7 @@ class RayTasks(TrialExecutor):
         _preflight(config, tracking_uri)
 
     def run(self, trials: list[Trial], sweep: SweepRun) -> None:
-        cfg, client, sweep_run = sweep.config, sweep.client, sweep.sweep_run
+        cfg, tracker, sweep_run = sweep.config, sweep.tracker, sweep.sweep_run
         assert cfg.sweep is not None and cfg.source is not None
         settings = cfg.sweep.ray
         address = resolve_address(settings.address, "sweep.ray.address")
@@ -194,7 +180,7 @@ class RayTasks(TrialExecutor):
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
                     for ref in done:
-                        _finish(ray, ref, pending.pop(ref), client, sweep_run)
+                        _finish(ray, ref, pending.pop(ref), tracker, sweep_run)
                     if pending and not done:
                         time.sleep(0.5)  # waiting in Python, where a signal raises what the CLI's handler raises
             except KeyboardInterrupt:
@@ -207,14 +193,14 @@ class RayTasks(TrialExecutor):
                     ray.cancel(ref, force=True)
                 ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
                 for ref, trial in pending.items():
-                    _cancelled(ray, ref, trial, client, sweep_run)
+                    _cancelled(ray, ref, trial, tracker, sweep_run)
                 raise
         skipped = [t for t in trials if t.gate == "skipped"]
         if skipped:  # the tasks that found the deadline passed
             skip(skipped, sweep)
 
 
-def _cancelled(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run: str) -> None:
+def _cancelled(ray: Any, ref: Any, trial: Trial, tracker: Tracker, sweep_run: str) -> None:
     """A trial outstanding at Ctrl-C: its own outcome if it finished regardless, else killed (it had
     started: its runs are KILLED) or skipped (it was still queued)."""
     try:
@@ -224,43 +210,28 @@ def _cancelled(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run
     if isinstance(result, dict) and "returncode" in result:
         trial.record(result["returncode"], result["summary"])
         return
-    found = _trial_run(client, sweep_run, trial)
-    if found is None:
+    run_id = tracker.child_named(sweep_run, trial.label)
+    if run_id is None:
         trial.gate = "skipped"
         return
-    experiment, trial.run_id = found
+    trial.run_id = run_id
     trial.gate, trial.error = "killed", "cancelled: Ctrl-C or SIGTERM on the sweep's driver"
-    _close_runs(client, experiment, trial.run_id, "KILLED")
+    tracker.close_stopped(run_id, "KILLED", DEAD_TRIAL_GRACE_S)
 
 
-def _close_runs(client: MlflowClient, experiment: str, run_id: str, status: str) -> None:
-    """Give a stopped trial's process ``DEAD_TRIAL_GRACE_S`` to close its runs, then close with
-    ``status`` the trial's run and its step runs that are still RUNNING."""
-    deadline = time.monotonic() + DEAD_TRIAL_GRACE_S
-    try:
-        while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
-            time.sleep(0.5)
-    finally:  # even on a second Ctrl-C during the wait
-        for step in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}'"):
-            if step.info.status == "RUNNING":
-                client.set_terminated(step.info.run_id, status=status)
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status=status)
-
-
-def _finish(ray: Any, ref: Any, trial: Trial, client: MlflowClient, sweep_run: str) -> None:
+def _finish(ray: Any, ref: Any, trial: Trial, tracker: Tracker, sweep_run: str) -> None:
     try:
         result = ray.get(ref)
     except ray.exceptions.RayTaskError as exc:  # the task itself raised (e.g. the process could not start)
         trial.gate, trial.error = "error", f"the trial's Ray task failed: {exc.cause!r}"
         logger.warning("sweep: trial %s: %s", trial.label, trial.error)
-        _mark_failed(client, sweep_run, trial, trial.error)
+        _mark_failed(tracker, sweep_run, trial, trial.error)
         return
     except ray.exceptions.RayError as exc:  # its worker process or node died
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         trial.gate, trial.error = "error", f"the Ray worker running the trial died ({type(exc).__name__}: {first})"
         logger.warning("sweep: trial %s: %s", trial.label, trial.error)
-        _mark_failed(client, sweep_run, trial, trial.error)
+        _mark_failed(tracker, sweep_run, trial, trial.error)
         return
     if result.get("skipped"):
         trial.gate = "skipped"

@@ -9,9 +9,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Run
+from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
 from pipeline.errors import ConfigError, GateFailed, fail
@@ -24,7 +22,6 @@ from pipeline.mlflow_io.tracking import (
     Tracker,
     download_onnx,
     flatten_params,
-    log_dataset,
 )
 from pipeline.settings import config
 from pipeline.settings.config import PipelineConfig
@@ -40,6 +37,9 @@ from pipeline.tag_names import (
 )
 from steps import CATALOG, Step
 from steps.context import StepContext
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 
 @dataclass
@@ -203,12 +203,10 @@ def run_pipeline(
             if existing is not None:
                 label = existing.name
                 logger.info("pipeline %r: adding step %s to run %s (tracking %s)", label, only, parent, tracker.uri)
-                note = existing.note(only or "", cfg, tracker.client.get_run(parent))
+                note = existing.note(only or "", cfg, tracker.get_run(parent))
             else:
                 logger.info("pipeline %r: run %s (tracking %s)", label, parent, tracker.uri)
-            tracker.client.set_tag(parent, "mlflow.note.content", note)
-            for key, value in run_tags(cfg).items():
-                tracker.client.set_tag(parent, key, value)
+            tracker.set_tags(parent, {"mlflow.note.content": note, **run_tags(cfg)})
             try:
                 for p in restored:
                     if existing is not None:  # already among the reopened run's children
@@ -220,11 +218,11 @@ def run_pipeline(
                     run.in_child_run(parent, run.prepare(name))
             finally:
                 if "validate" in summary.steps:
-                    tracker.client.set_tag(parent, GATE_TAG, summary.gate)
+                    tracker.set_tags(parent, {GATE_TAG: summary.gate})
                 reg = summary.registered_model
                 if reg is not None:  # the run page shows no "Registered models" for a child's version
                     uri = f"models:/{reg['name']}/{reg['version']}"
-                    tracker.client.set_tag(parent, REGISTERED_VERSION_TAG, uri)
+                    tracker.set_tags(parent, {REGISTERED_VERSION_TAG: uri})
     return summary
 
 
@@ -277,7 +275,7 @@ def _pipeline_run_holding(tracker: Tracker, cfg: PipelineConfig, restored: list[
         if not run_id or run_id in seen:
             continue
         seen.add(run_id)
-        run = tracker.client.get_run(run_id)
+        run = tracker.get_run(run_id)
         if (
             run.info.experiment_id != tracker.experiment_id
             or run.info.status == "RUNNING"  # another process is still writing it
@@ -395,7 +393,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 
 
 def _log_datasets(
-    cfg: PipelineConfig, step: type[Step], material: dict[str, Any], ctx: StepContext, child: Any
+    cfg: PipelineConfig, step: type[Step], material: dict[str, Any], ctx: StepContext, child: StepTracker
 ) -> None:
     which = step.dataset
     src = getattr(cfg.data, which) if which else None
@@ -403,14 +401,7 @@ def _log_datasets(
         return
     source = kind_of(src).uri(src)
     samples = ctx.metrics.get(step.dataset_samples)
-    log_dataset(
-        child.client,
-        [child.run_id, child.parent_run_id],
-        which,
-        str(source),
-        material["data"],
-        int(samples) if samples is not None else None,
-    )
+    child.log_dataset(which, str(source), material["data"], int(samples) if samples is not None else None)
 
 
 def pipeline_label(cfg: PipelineConfig) -> str:

@@ -44,11 +44,11 @@ def run_sweep(
     resolved = cfg.resolved() | {"sweep": dataclasses.asdict(cfg.sweep)}
     with tracker.parent_run(cfg.name, resolved, f"{cfg.name} sweep ({len(trials)} trials)") as sweep_run:
         summary.run_id = sweep_run
-        tracker.client.set_tag(sweep_run, SWEEP_TAG, "true")
+        tracker.set_tags(sweep_run, {SWEEP_TAG: "true"})
         logger.info("sweep %r: run %s, %d trials", cfg.name, sweep_run, len(trials))
         interrupted = False
         try:
-            sweep = SweepRun(cfg, tracker.uri, sweep_run, deadline, reuse, tracker.client)
+            sweep = SweepRun(cfg, tracker.uri, sweep_run, deadline, reuse, tracker)
             executor.run(trials, sweep)
         except KeyboardInterrupt:
             interrupted = True
@@ -115,11 +115,10 @@ def _report(tracker: Tracker, sweep_run: str, trials: list[Trial], best: Trial |
                 [t is best for t in done],
                 path,
             )
-            tracker.client.log_artifact(sweep_run, str(path), "sweep")
+            tracker.log_artifact(sweep_run, path, "sweep")
     metrics = {"trials": float(len(trials)), "trials_passed": float(sum(t.gate == "passed" for t in trials))}
     if best is not None:
         metrics |= {k: v for k, v in best.metrics.items() if k in ("int8_nodes", "accuracy_drop", LATENCY)}
-        tracker.client.set_tag(sweep_run, BEST_RUN_TAG, best.run_id)
-        tracker.client.set_tag(sweep_run, BEST_TRIAL_TAG, best.label)
+        tracker.set_tags(sweep_run, {BEST_RUN_TAG: best.run_id, BEST_TRIAL_TAG: best.label})
         logger.info("sweep: best trial %s (run %s)", best.label, best.run_id)
     child.log_metrics(metrics)
