@@ -118,7 +118,7 @@ class Promote(Step):
             tags=tags,
             description=description,
             metrics=linked,
-            evidence=evidence(ctx.upstream_runs),
+            evidence=evidence(ctx.upstream_runs, skipped=_skipped_evidence(ctx)),
             # ORT's int8 kernels are CPU kernels; a TensorRT model is served by a GPU provider
             providers=["CPUExecutionProvider"] if ctx.facts.cpu_kernels else None,
         )
@@ -139,9 +139,20 @@ EVIDENCE = {
 }
 
 
-def evidence(runs: dict[str, str]) -> list[tuple[str, str, str, str]]:
+def evidence(runs: dict[str, str], skipped: tuple[str, ...] = ()) -> list[tuple[str, str, str, str]]:
     """(name, run id, artifact path, file name) of each piece of evidence this pipeline produced."""
-    return [(name, runs[step], path, file) for name, (step, path, file) in EVIDENCE.items() if step in runs]
+    return [
+        (name, runs[step], path, file)
+        for name, (step, path, file) in EVIDENCE.items()
+        if step in runs and name not in skipped
+    ]
+
+
+def _skipped_evidence(ctx: StepContext) -> tuple[str, ...]:
+    """The evidence validate chose not to compute (no per-layer table on a passed gate)."""
+    path = ctx.inputs.get("validation_report")
+    report = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    return ("layer_errors",) if report.get("layer_report") == "skipped" else ()
 
 
 def cpu_tags(ctx: StepContext) -> dict[str, str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import onnx
@@ -68,6 +68,9 @@ class ValidateConfig:
     # model output(s) to score; default: the first for built-in metrics, all of them for a custom metric
     output: str | list[str] | None = None
     layer_samples: int = 64  # samples used for the per-layer error table
+    # auto: the per-layer table only when it is read (a failed gate, recovery); always; never (recovery
+    # still ranks its candidates on it)
+    layer_report: Literal["auto", "always", "never"] = "auto"
     recover: RecoverConfig | None = None  # when the gate fails, keep the nodes that hurt most in float
 
 
@@ -254,10 +257,20 @@ class Validate(Step):
             fidelity = self._fidelity(
                 ctx, cfg, scorer, int8_model, twin, sessions, (scores, other), numerics, sizing.layer_chunk
             )
-        errors = _layer_errors(cfg, scorer, fp32_model, twin if exact and twin else int8_model, exact, sizing)
+        failing = not evaluation.gate_passed(scores.drop, cfg.max_drop)
+        recovering = cfg.recover is not None and failing
+        errors = None
+        if cfg.layer_report == "always" or (cfg.layer_report == "auto" and failing) or recovering:
+            errors = _layer_errors(cfg, scorer, fp32_model, twin if exact and twin else int8_model, exact, sizing)
+        else:
+            logger.info(
+                "validate: no per-layer table (%s; steps.validate.layer_report: always computes it)",
+                "the gate passed" if cfg.layer_report == "auto" else "layer_report: never",
+            )
         samples = scorer.kept
         result = None
-        if cfg.recover is not None and not evaluation.gate_passed(scores.drop, cfg.max_drop):
+        if recovering:
+            assert errors is not None
             # the quantize step's float model when it changed it (equalization, smoothing): a node reverts
             # to its own float weights, which the FP32 model no longer holds
             changed = ctx.inputs.get("float_model")
@@ -267,6 +280,8 @@ class Validate(Step):
                 scores = result.scores
                 errors = _layer_errors(cfg, scorer, fp32_model, result.model, exact, sizing)
                 samples = scorer.kept_outputs(result.model)
+        if errors is None:  # what the report and the gate message read when there is no table
+            errors = layers.LayerErrors([], [], [])
         name, primary = metric.name, metric.outputs[0]
         ref, out = scores.reference[primary], scores.outputs[primary]
         cosines = scores.cosines()
@@ -289,7 +304,7 @@ class Validate(Step):
             **({"accuracy_drop_se": drop_se} if drop_se is not None else {}),
             "cosine_min": float(cosines.min()),
             "cosine_mean": float(cosines.mean()),
-            "sqnr_db_min": errors.sqnr_db_min,
+            **({"sqnr_db_min": errors.sqnr_db_min} if errors.rows else {}),
             "recovered_fp_nodes": len(result.reverted) if result is not None else 0,
         }
         if evaluation.class_scores(ref) is not None:  # an argmax over anything else (a detector's boxes) means nothing
@@ -325,6 +340,7 @@ class Validate(Step):
             },
             "quantized_nodes": errors.quantized_nodes,
             "layers": errors.rows,
+            "layer_report": "computed" if errors.rows else "skipped",
         }
         if result is not None:
             report["recovery"] = {

@@ -106,7 +106,13 @@ def test_validation_follows_the_memory_budget_and_scores_the_same(tmp_path: Path
         "export": {},
         "calibrate": {"method": "minmax"},
         "quantize": {"bias_correction": False},
-        "validate": {"metric": "cosine", "max_drop": 1.0, "batch_size": 16, "layer_samples": 8},
+        "validate": {
+            "metric": "cosine",
+            "max_drop": 1.0,
+            "batch_size": 16,
+            "layer_samples": 8,
+            "layer_report": "always",
+        },
     }
     path = npz_pipeline(tmp_path, wide_conv(), {"x": cal}, {"x": val}, steps, name="validate-budget")
     # the steps before validate once; then validate alone, each time on a copy of that store

@@ -258,7 +258,7 @@ def detector(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "export": {},
         "calibrate": {"method": "minmax", "batch_size": 16},
         "quantize": {},
-        "validate": {"metric": "taskmetric:received", "max_drop": 1.0, "batch_size": 6},
+        "validate": {"metric": "taskmetric:received", "max_drop": 1.0, "batch_size": 6, "layer_report": "always"},
     }
     npz_pipeline(folder, build("tiny_detector"), {"x": cal}, {"x": val}, steps, name="detector")
     return {"folder": folder, "uri": f"sqlite:///{folder / 'mlflow.db'}"}
@@ -445,3 +445,26 @@ def test_agreement_gate_warns_when_fp32_itself_is_unsure(
     art = Path(mlflow.artifacts.download_artifacts(run_id=run_id, tracking_uri=uri))
     share = json.loads((art / "validation/report.json").read_text())["fp32_unsure_share"]
     assert share == (1.0 if warned else 0.0)
+
+
+def test_layer_table_only_where_it_is_read_by_default(
+    detector: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """layer_report: auto skips the per-layer comparison on a passed gate and computes it on a failed one."""
+    folder, uri = detector["folder"], detector["uri"]
+    monkeypatch.chdir(folder)
+
+    def validate_run(*overrides: str) -> tuple[int, dict[str, Any], Path, dict[str, float]]:
+        code, s = _run(detector, "steps.validate.layer_report=auto", *overrides)
+        assert s is not None
+        run_id = s["steps"]["validate"]
+        art = Path(mlflow.artifacts.download_artifacts(run_id=run_id, tracking_uri=uri))
+        metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+        return code, json.loads((art / "validation/report.json").read_text()), art, metrics
+
+    code, report, art, metrics = validate_run()
+    assert code == 0 and report["layer_report"] == "skipped" and report["layers"] == []
+    assert not (art / "validation/layer_errors_table.json").exists() and "sqnr_db_min" not in metrics
+    code, report, art, metrics = validate_run("steps.validate.max_drop=0.001")  # its drop is 0.05
+    assert code == 3 and report["layer_report"] == "computed" and report["quantized_nodes"]
+    assert (art / "validation/layer_errors_table.json").exists() and "sqnr_db_min" in metrics

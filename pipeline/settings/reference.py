@@ -169,6 +169,10 @@ DESCRIPTIONS = {
     "steps.validate.output": "Output(s) scored: a name or a list (default: the first output; all of them for a "
     "custom metric on a multi-output model).",
     "steps.validate.layer_samples": "Samples used for the per-tensor error table.",
+    "steps.validate.layer_report": "`auto`: the per-tensor error table (`validation/layer_errors_table.json`, "
+    "`layer_sqnr.png`, `sqnr_db_min`, `quantized_nodes`) only when it is read: when the gate fails or recovery "
+    "runs (it runs every layer of both models, the longest part of validate on a large network); `always`; "
+    "`never` (recovery still ranks its candidates on it).",
     "steps.validate.recover": "Accuracy recovery (null: off): when the gate fails, keep the quantized nodes that "
     "hurt the metric most in float, one more at a time, until it passes; the recovered model is handed on.",
     "steps.validate.recover.max_fp_nodes": "At most this many quantized nodes are kept in float.",
