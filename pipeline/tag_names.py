@@ -54,3 +54,5 @@ WEIGHT_SCHEME_TAG = "int8pipe.weight_scheme"
 CPU_FLEET_TAG = "int8pipe.cpu_fleet"
 CPU_PORTABILITY_TAG = "int8pipe.cpu_portability"
 VALIDATED_ON_TAG = "int8pipe.validated_on"
+PRECISION_TAG = "int8pipe.precision"  # what the quantized layers compute in: int8
+LATENCY_ON_TAG = "int8pipe.latency_measured_on"  # where the version's latency tags were timed, or why there are none

@@ -24,7 +24,9 @@ from pipeline.tag_names import (
     GATE_TAG,
     INT8_NUMERICS_TAG,
     INT8_SHA256_TAG,
+    LATENCY_ON_TAG,
     PIPELINE_TAG,
+    PRECISION_TAG,
     PREFIX,
     RUN_TAG,
     TARGET_TAG,
@@ -87,9 +89,10 @@ class Promote(Step):
         tags.update(cpu_tags(ctx))
         tags.update({f"{RUN_TAG}.{step}": run_id for step, run_id in ctx.upstream_runs.items()})
         tags.update({f"{FP32_TAG}_{k}": v for k, v in fp32_source(ctx).items()})
-        for key in ("accuracy_drop", "int8_nodes", "fp_nodes", "cpu.int8.latency_p50_ms", "cpu.speedup"):
+        for key in ("accuracy_drop", "int8_nodes", "fp_nodes"):
             if key in up:
                 tags[f"{PREFIX}.{key}"] = f"{up[key]:.6g}"
+        tags.update(latency_tags(ctx))
         score = None
         if gate_metric is not None:
             name = gate_metric.rpartition(":")[2]
@@ -170,6 +173,45 @@ def cpu_tags(ctx: StepContext) -> dict[str, str]:
         tags[WEIGHT_SCHEME_TAG] = facts.weight_scheme.name
         tags[CPU_FLEET_TAG] = facts.fleet_label
         tags[CPU_PORTABILITY_TAG] = cpu_kernels.portability(facts.weight_scheme, list(facts.cpu_fleet), cap)
+    return tags
+
+
+# the benchmark provider that runs a target's model as it is deployed
+DEPLOYED_PROVIDER = {"onnxruntime": "cpu", "tensorrt": "tensorrt"}
+
+
+def latency_tags(ctx: StepContext) -> dict[str, str]:
+    """The version's latency: only a figure timed where its target runs it, and where that was.
+
+    A ``target: tensorrt`` model timed on ONNX Runtime's CPU provider dequantizes and computes in
+    float there (benchmark.placement_note), so that figure is no deployment speedup and stays on the
+    benchmark run."""
+    target = ctx.facts.target
+    provider = DEPLOYED_PROVIDER[target]
+    up = ctx.upstream_metrics
+    tags = {PRECISION_TAG: "int8"}
+    timed = {k: up[k] for k in (f"{provider}.int8.latency_p50_ms", f"{provider}.speedup") if k in up}
+    if not timed:
+        measured = sorted({k.split(".")[0] for k in up if k.endswith(".speedup")})
+        if measured:
+            tags[LATENCY_ON_TAG] = (
+                f"not on the target: target {target} runs on {provider}, and the benchmark timed "
+                f"{', '.join(measured)} (on its run, not a deployment figure)"
+            )
+        return tags
+    tags.update({f"{PREFIX}.{k}": f"{v:.6g}" for k, v in timed.items()})
+    path = ctx.inputs.get("environment")
+    env = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    if provider == "cpu":
+        cpu = env.get("cpu", {})
+        flags = ",".join(f for f in cpu.get("flags", []) if "avx" in f or "vnni" in f or "amx" in f)
+        where = (
+            f"{cpu.get('model', 'unknown CPU')} ({flags or 'no AVX flags read'}), onnxruntime {env.get('onnxruntime')}"
+        )
+    else:
+        gpus = "; ".join(env.get("gpus", [])) or "unknown GPU"
+        where = f"{gpus} (name, driver, compute capability), TensorRT {env.get('tensorrt')}"
+    tags[LATENCY_ON_TAG] = where
     return tags
 
 

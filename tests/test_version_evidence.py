@@ -83,3 +83,25 @@ def test_registry_source_is_recorded_with_the_version_its_alias_named(
     assert mv.tags["int8pipe.fp32_source"] == "models:/digits-fp32@champion"
     assert mv.tags["int8pipe.fp32_version"] == "models:/digits-fp32/1"
     assert "`models:/digits-fp32@champion` (models:/digits-fp32/1)" in mv.description
+
+
+def test_version_latency_is_the_targets_own(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    """A tensorrt model timed on ORT's CPU provider gets no latency on its version, and says why; an
+    onnxruntime model gets its CPU latency with the CPU it was timed on."""
+    fast = ("steps.benchmark.iterations=3", "steps.benchmark.warmup=1", "steps.benchmark.batch_sizes=[1]")
+    client = MlflowClient(tracking_uri)
+    config = digits_copy / "pipeline.yaml"
+    s = run_pipeline(config, tracking_uri, tmp_path, *fast)
+    tags = client.get_model_version(s["registered_model"]["name"], s["registered_model"]["version"]).tags
+    assert "cpu.speedup" in s["metrics"]  # measured, and kept on the benchmark run
+    assert "int8pipe.cpu.speedup" not in tags and "int8pipe.cpu.int8.latency_p50_ms" not in tags
+    assert tags["int8pipe.latency_measured_on"].startswith("not on the target: target tensorrt runs on tensorrt")
+    assert tags["int8pipe.precision"] == "int8"
+
+    s = run_pipeline(config, tracking_uri, tmp_path, *fast, "steps.quantize.target=onnxruntime")
+    tags = client.get_model_version(s["registered_model"]["name"], s["registered_model"]["version"]).tags
+    assert float(tags["int8pipe.cpu.speedup"]) == float(f"{s['metrics']['cpu.speedup']:.6g}")
+    from pipeline.execution import environment
+
+    assert tags["int8pipe.latency_measured_on"].startswith(environment.cpu()["model"])
+    assert "avx2" in tags["int8pipe.latency_measured_on"] or "avx2" not in environment.cpu()["flags"]
