@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from pipeline.execution import runtime
+from pipeline.graph.graph_index import GraphIndex
 from pipeline.log import logger
 from pipeline.transforms.dynamic import INTEGER_OPS
 
@@ -79,32 +80,27 @@ class Probe:
 
 def probes(model: onnx.ModelProto) -> list[Probe]:
     """The layer results of ``model`` worth comparing, in graph order."""
+    index = GraphIndex(model)
+    out = []
     if is_dynamic(model):
-        out = []
         for node in model.graph.node:
-            tensor = _float_result(model, node.output[0]) if node.op_type == "MatMulInteger" else None
+            tensor = _float_result(index, node.output[0]) if node.op_type == "MatMulInteger" else None
             if tensor:  # ORT's dynamic quantizer names its nodes "<original>_quant" / "<original>_MatMul_quant"
                 out.append(Probe(tensor, node.name.removesuffix("_quant").removesuffix("_MatMul"), None))
         return out
-    inits = {i.name for i in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    return [
-        Probe(n.output[0], producer[n.input[0]].name if n.input[0] in producer else n.input[0], n.input[1])
-        for n in model.graph.node
-        if n.op_type == "QuantizeLinear" and n.input[0] not in inits
-    ]
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in index.arrays:
+            src = index.producer(n.input[0])
+            out.append(Probe(n.output[0], src.name if src is not None else n.input[0], n.input[1]))
+    return out
 
 
-def _float_result(model: onnx.ModelProto, start: str) -> str | None:
+def _float_result(index: GraphIndex, start: str) -> str | None:
     """Follow the single-consumer chain after a MatMulInteger (Cast, Mul by the scales, Add bias) to
     its last float tensor."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
     tensor, steps = start, 0
-    while len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type in ("Cast", "Mul", "Add"):
-        tensor, steps = consumers[tensor][0].output[0], steps + 1
+    while len(readers := index.consumers(tensor)) == 1 and readers[0].op_type in ("Cast", "Mul", "Add"):
+        tensor, steps = readers[0].output[0], steps + 1
     return tensor if steps else None
 
 
@@ -116,18 +112,16 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return err / ref if ref > 0 else float(err > 0)
 
 
-def _walk(model: onnx.ModelProto, output: str, stop: set[str], through: Any) -> tuple[list[onnx.NodeProto], set[str]]:
+def _walk(index: GraphIndex, output: str, stop: set[str], through: Any) -> tuple[list[onnx.NodeProto], set[str]]:
     """The nodes ``output`` is computed from, back to tensors in ``stop``, initializers, graph inputs or
     tensors whose producer ``through(node)`` refuses; returns them in graph order with those inputs."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name for i in model.graph.initializer}
     seen: set[int] = set()
     inputs: set[str] = set()
     todo = [output]
     while todo:
         t = todo.pop()
-        node = producer.get(t)
-        if t in inits or not t:
+        node = index.producer(t)
+        if t in index.arrays or not t:
             continue
         if node is None or (t in stop and t != output) or (t != output and not through(node)):
             inputs.add(t)
@@ -135,7 +129,7 @@ def _walk(model: onnx.ModelProto, output: str, stop: set[str], through: Any) -> 
         if id(node) not in seen:
             seen.add(id(node))
             todo.extend(node.input)
-    return [n for n in model.graph.node if id(n) in seen], inputs
+    return [n for n in index.graph.node if id(n) in seen], inputs
 
 
 def _unit_model(
@@ -172,6 +166,9 @@ def compare(
     if len(found) > max_probes:
         found = [found[round(k * (len(found) - 1) / (max_probes - 1))] for k in range(max_probes)]
     exact_model = exact_model or kernels_model
+    # built once for every layer's walk (not once per walk): up to MAX_PROBES walks over the same graph
+    kernels = GraphIndex(kernels_model)
+    exact = kernels if exact_model is kernels_model else GraphIndex(exact_model)
     # the float tensors QuantizeLinear nodes read: a unit starts there, Q and DQ included, so that ORT
     # rewrites it as it rewrites the whole model (int8 activations become uint8 only with their Q in view)
     quantized = {n.input[0]: n.output[0] for n in kernels_model.graph.node if n.op_type == "QuantizeLinear"}
@@ -179,9 +176,9 @@ def compare(
     for p in found:
         if p.scale is not None:  # static: back to the float tensors the quantized inputs are made from
             own = {t for t, q in quantized.items() if q == p.tensor}
-            nodes, inputs = _walk(kernels_model, p.tensor, set(quantized) - own, lambda n: True)
+            nodes, inputs = _walk(kernels, p.tensor, set(quantized) - own, lambda n: True)
         else:  # dynamic: the MatMulInteger, its run-time quantization and its rescaling
-            nodes, inputs = _walk(kernels_model, p.tensor, set(), lambda n: n.op_type in DYNAMIC_UNIT)
+            nodes, inputs = _walk(kernels, p.tensor, set(), lambda n: n.op_type in DYNAMIC_UNIT)
         units.append((p, nodes, inputs))
     wanted = sorted(set().union(*(u[2] for u in units))) if units else []
     full = onnx.ModelProto()
@@ -189,14 +186,14 @@ def compare(
     have = {o.name for o in full.graph.output}
     full.graph.output.extend(helper.make_value_info(t, onnx.TypeProto()) for t in wanted if t not in have)
     exact_run = runtime.session(full.SerializeToString(), optimize=False)
-    scales = {i.name: onnx.numpy_helper.to_array(i) for i in kernels_model.graph.initializer}
+    scales = kernels.arrays
     pairs: list[tuple[Any, Any]] = []  # per unit: its kernel session and its exact one, built on the first feed
     # per unit: sum of squared error, of squared exact value, elements more than 1 LSB off, elements
     sums = np.zeros((len(units), 4))
     for feed in feeds:  # one feed's tensors alive at a time: the memory a validation batch already takes
         values = dict(zip(wanted, exact_run.run(wanted, feed))) if wanted else {}
         if not pairs:
-            pairs = [_unit_sessions(kernels_model, exact_model, u, values) for u in units]
+            pairs = [_unit_sessions(kernels_model, exact_model, exact, u, values) for u in units]
         for k, ((p, _, inputs), (fast, slow)) in enumerate(zip(units, pairs)):
             x = {name: values[name] for name in inputs}
             a = np.asarray(fast.run(None, x)[0], np.float64).reshape(-1)
@@ -222,13 +219,15 @@ def compare(
 def _unit_sessions(
     kernels_model: onnx.ModelProto,
     exact_model: onnx.ModelProto,
+    exact: GraphIndex,
     unit: tuple[Probe, list[onnx.NodeProto], set[str]],
     values: dict[str, np.ndarray],
 ) -> tuple[Any, Any]:
-    """One layer alone, through the kernels (optimised) and exactly (unoptimised)."""
+    """One layer alone, through the kernels (optimised) and exactly (unoptimised); ``exact`` indexes
+    ``exact_model``."""
     p, nodes, inputs = unit
     output = p.tensor
-    exact_nodes = _walk(exact_model, p.tensor, inputs, lambda n: True)[0]
+    exact_nodes = _walk(exact, p.tensor, inputs, lambda n: True)[0]
     if p.scale is not None:  # a probe DequantizeLinear: the quantized tensor must not be a graph output
         q = next(n for n in nodes if n.op_type == "QuantizeLinear" and n.output[0] == p.tensor)
         output = f"{p.tensor}_int8pipe_probe"

@@ -14,6 +14,7 @@ from pipeline.analysis import evaluation
 from pipeline.calibration.collect import expose
 from pipeline.execution import runtime
 from pipeline.graph import model as onnx_model
+from pipeline.graph.graph_index import GraphIndex
 from pipeline.graph.layout import Layout
 from pipeline.log import logger
 from pipeline.sources import data
@@ -77,15 +78,15 @@ def layer_errors(
     bounded by the largest group, at the cost of one pass of both models per group.
     """
     graph_inputs = {vi.name for vi in onnx_model.graph_inputs(int8_model)}
-    int8_producer = {o: n for n in int8_model.graph.node for o in n.output}
+    int8 = GraphIndex(int8_model)
     seen_as = dequantized_names(int8_model)
-    tensors = [t for t in onnx_model.activation_tensors(fp32_model) if t in int8_producer or t in seen_as]
+    tensors = [t for t in onnx_model.activation_tensors(fp32_model) if int8.producer(t) is not None or t in seen_as]
     producer = onnx_model.producers(fp32_model)
     int8_name = {t: seen_as.get(t, t) for t in tensors}
     # the float value a QuantizeLinear reads (graph inputs are exact, nothing to measure)
     before_q: dict[str, str] = {}
     for t, n in int8_name.items():
-        q_input = _quantizer_input(n, int8_producer)
+        q_input = _quantizer_input(n, int8)
         if q_input is not None and q_input not in graph_inputs:
             before_q[t] = q_input
     acc = {t: evaluation.ErrorAccumulator() for t in tensors}
@@ -112,16 +113,11 @@ def layer_errors(
             layout=layout,
             chunk=chunk,
         )
-    readers: dict[str, list[str]] = {}
-    for node in int8_model.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            for i in node.input:
-                readers.setdefault(i, []).append(node.name)
     rows: list[dict[str, Any]] = [
         {
             "tensor": t,
             # the quantized nodes that read this tensor's dequantized value
-            "node": ", ".join(readers.get(n, [])) if _is_dequantized(n, int8_producer) else "",
+            "node": ", ".join(_reader_names(int8, n)) if _is_dequantized(n, int8) else "",
             "producer": producer.get(t, ""),
             "int8_value": "dequantized" if t in seen_as else "float",
             "sqnr_db": _cap(acc[t].sqnr_db),
@@ -178,16 +174,22 @@ def _cap(sqnr_db: float) -> float:
     return min(sqnr_db, SQNR_CAP)
 
 
-def _is_dequantized(name: str, producer: dict[str, Any]) -> bool:
-    node = producer.get(name)
+def _is_dequantized(name: str, index: GraphIndex) -> bool:
+    node = index.producer(name)
     return node is not None and node.op_type == "DequantizeLinear"
 
 
-def _quantizer_input(name: str, producer: dict[str, Any]) -> str | None:
+def _reader_names(index: GraphIndex, tensor: str) -> list[str]:
+    """The names of the nodes reading ``tensor`` other than quantizers (once per input slot)."""
+    return [n.name for n in index.consumers(tensor) if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+
+
+def _quantizer_input(name: str, index: GraphIndex) -> str | None:
     """For the output of a DequantizeLinear fed by a QuantizeLinear: the float tensor quantized."""
-    if not _is_dequantized(name, producer):
+    dq = index.producer(name)
+    if dq is None or dq.op_type != "DequantizeLinear":
         return None
-    q = producer.get(producer[name].input[0])
+    q = index.producer(dq.input[0])
     return str(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
 
 
@@ -210,16 +212,14 @@ def rank_quantized_nodes(
     that added noise alone would give (lower is worse). Excluding a node removes that share. A float
     input of a ``partial`` node counts with its own error (nothing of it is this node's quantization).
     """
-    fp32_nodes = {n.name: n for n in fp32_model.graph.node if n.name}
-    int8_nodes = {n.name: n for n in int8_model.graph.node if n.name}
-    producer = {o: n for n in int8_model.graph.node for o in n.output}
+    fp32, int8 = GraphIndex(fp32_model), GraphIndex(int8_model)
     row_of = {n: t for t, n in int8_name.items()}  # INT8-model tensor -> layer-table tensor
     row_before = {n: t for t, n in before_q.items()}  # float tensor a QuantizeLinear reads -> table tensor
     ranked = []
     for entry in node_table(fp32_model, int8_model):
-        if entry["precision"] not in precisions or entry["node"] not in int8_nodes:
+        node, original = int8.node(entry["node"]), fp32.node(entry["node"])
+        if entry["precision"] not in precisions or node is None or original is None:
             continue
-        node, original = int8_nodes[entry["node"]], fp32_nodes[entry["node"]]
         noise_in, dq_sqnr = 0.0, math.inf
         for i in node.input:
             t = row_of.get(i)
@@ -227,7 +227,7 @@ def rank_quantized_nodes(
                 continue
             dq_sqnr = min(dq_sqnr, sqnr[t])
             dq = evaluation.relative_noise(sqnr[t])
-            if not _is_dequantized(i, producer):  # a float input of a partial node: its error is upstream's
+            if not _is_dequantized(i, int8):  # a float input of a partial node: its error is upstream's
                 noise_in = max(noise_in, dq)
                 continue
             # min: where ORT deleted a Relu/Clip the quantizer's input is the unclipped tensor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,7 @@ def attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def dequantized(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray:
+def dequantized(dq: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> np.ndarray:
     """The float64 values a DequantizeLinear of an initializer produces (per-tensor or per-axis)."""
     q = inits[dq.input[0]].astype(np.float64)
     scale = inits[dq.input[1]].astype(np.float64)

@@ -29,10 +29,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB
+from pipeline.graph.graph_index import GraphIndex
 from pipeline.graph.layout import Layout
 from pipeline.graph.model import append_reduce, attribute, dequantized, opset_of
 from pipeline.log import logger
+from pipeline.transforms import statistics_pass
 from pipeline.transforms.shift import shift_of
 
 Batch = dict[str, np.ndarray]
@@ -49,24 +51,22 @@ class _Layer:
 
 def layers(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Layer]:
     """The Conv and Gemm nodes that run in INT8 in ``qdq``: activation and weight through Q/DQ."""
-    producer = {o: n for n in qdq.graph.node for o in n.output}
-    q_inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
-    originals = {n.name: n for n in fp32.graph.node if n.name}
+    index, originals = GraphIndex(qdq), GraphIndex(fp32)
     out = []
     for node in qdq.graph.node:
-        original = originals.get(node.name)
+        original = originals.node(node.name)
         if node.op_type not in ("Conv", "Gemm") or original is None or original.op_type != node.op_type:
             continue
         if node.op_type == "Gemm" and float(attribute(node, "beta", 1.0)) == 0:
             continue  # a bias that is multiplied by zero cannot carry a correction
-        dq_x, dq_w = (producer.get(t) for t in node.input[:2])
+        dq_x, dq_w = (index.producer(t) for t in node.input[:2])
         if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
             continue
-        q_x = producer.get(dq_x.input[0])
-        if q_x is None or q_x.op_type != "QuantizeLinear" or len(q_x.input) < 3 or dq_w.input[0] not in q_inits:
+        q_x = index.producer(dq_x.input[0])
+        if q_x is None or q_x.op_type != "QuantizeLinear" or len(q_x.input) < 3 or dq_w.input[0] not in index.arrays:
             continue
-        scale, zero_point = q_inits[q_x.input[1]], q_inits[q_x.input[2]]
-        out.append(_Layer(original, scale, zero_point, dequantized(dq_w, q_inits), shift_of(q_x, producer, q_inits)))
+        scale, zero_point = index.array(q_x.input[1]), index.array(q_x.input[2])
+        out.append(_Layer(original, scale, zero_point, dequantized(dq_w, index.arrays), shift_of(q_x, index)))
     return out
 
 
@@ -137,20 +137,18 @@ def shifts(
     Samples go through ONNX Runtime in chunks sized so that ``COPIES`` sets of the network's
     activations fit ``memory_mb`` (a 640×640 detector's are hundreds of MB per sample).
     """
-    from pipeline.execution import runtime
-
-    layout = layout or Layout()
     model, names = _shift_model(fp32, todo)
-    # no graph optimisation: the copied quantizers must round exactly as the Q/DQ model's do
-    sess = runtime.session(model.SerializeToString(), "cpu", optimize=False)
-    inputs = [i.name for i in sess.get_inputs()]
     sums: list[np.ndarray] | None = None
-    seen = 0
-    for feeds, n in budgeted_chunks(fp32, batches, samples, layout, memory_mb, COPIES, "bias correction"):
-        means = runtime.run(sess, {k: feeds[k] for k in inputs}, names)
+
+    def fold(values: dict[str, np.ndarray], n: int) -> None:
+        nonlocal sums
+        means = [values[k] for k in names]
         # weighted by chunk size: ReduceMean averages within a chunk only
         sums = [m.astype(np.float64) * n for m in means] if sums is None else [s + m * n for s, m in zip(sums, means)]
-        seen += n
+
+    # no graph optimisation: the copied quantizers must round exactly as the Q/DQ model's do
+    seen = statistics_pass.run(fp32, names, batches, samples, fold, label="bias correction", copies=COPIES,
+                               layout=layout, memory_mb=memory_mb, graph=model, optimize=False)  # fmt: skip
     return ([s / seen for s in sums] if sums is not None else []), seen
 
 
@@ -161,8 +159,8 @@ def apply(qdq: onnx.ModelProto, corrections: dict[str, np.ndarray]) -> int:
     so a node later reverted to float finds its original bias again. Returns how many nodes changed.
     """
     graph = qdq.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
+    # built before any bias moves: a DequantizeLinear two nodes share is re-pointed for the first only
+    index = GraphIndex(qdq)
     changed = 0
     for node in graph.node:
         delta = corrections.get(node.name)
@@ -173,16 +171,16 @@ def apply(qdq: onnx.ModelProto, corrections: dict[str, np.ndarray]) -> int:
             continue
         name = f"{node.name}_corrected_bias"
         bias_in = node.input[2] if len(node.input) > 2 else ""
-        dq = producer.get(bias_in) if bias_in else None
-        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+        dq = index.producer(bias_in)
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in index.arrays:
             # ONNX Runtime's INT32 bias: re-quantize with its scale (input scale × weight scale)
-            scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
-            bias = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64) * scale - delta / beta
+            scale = index.array(dq.input[1]).astype(np.float64)
+            bias = index.array(dq.input[0]).astype(np.float64) * scale - delta / beta
             quantized = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
             graph.initializer.append(numpy_helper.from_array(quantized, name))
             dq.input[0] = name
-        elif not bias_in or bias_in in inits:
-            old = numpy_helper.to_array(inits[bias_in]).astype(np.float64) if bias_in else np.zeros(1)
+        elif not bias_in or bias_in in index.arrays:
+            old = index.array(bias_in).astype(np.float64) if bias_in else np.zeros(1)
             bias = old - delta / beta  # broadcasts a scalar or (1, N) Gemm bias like Gemm itself would
             graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), name))
             while len(node.input) < 3:

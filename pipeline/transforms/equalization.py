@@ -27,19 +27,19 @@ the equalized ones get ranges of their own (``equalize_and_calibrate``).
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from pipeline.calibration.ranges import TensorRange
+from pipeline.graph.graph_index import GraphIndex
 from pipeline.graph.layout import Layout
 from pipeline.graph.model import attribute, toposort
 from pipeline.log import logger
+from pipeline.transforms import statistics_pass
 
 Batch = dict[str, np.ndarray]
 SUFFIX = "_equalized"
@@ -56,7 +56,7 @@ def _group(node: onnx.NodeProto) -> int:
     return int(attribute(node, "group", 1))
 
 
-def _clip_bounds(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> tuple[float, float] | None:
+def _clip_bounds(node: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> tuple[float, float] | None:
     """(lo, hi) of a Clip whose bounds are constants, from its inputs (opset 11+) or attributes."""
     attrs = {a.name: float(helper.get_attribute_value(a)) for a in node.attribute if a.name in ("min", "max")}
     lo, hi = attrs.get("min"), attrs.get("max")
@@ -76,20 +76,15 @@ def pairs(model: onnx.ModelProto, skip: Iterable[str] = ()) -> list[Pair]:
     must be float32 initializers; B must read all of A's channels (group 1) or one each (depthwise,
     one output per input channel); unnamed nodes and those named in ``skip`` (kept float) are left out.
     """
-    graph = model.graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs, skipped = {o.name for o in graph.output}, set(skip)
+    index = GraphIndex(model)
+    inits, skipped = index.arrays, set(skip)
 
     def only_reader(tensor: str) -> onnx.NodeProto | None:
-        found = readers.get(tensor, [])
-        return found[0] if len(found) == 1 and tensor not in outputs else None
+        found = index.consumers(tensor)
+        return found[0] if len(found) == 1 and tensor not in index.outputs else None
 
     found = []
-    for a in graph.node:
+    for a in model.graph.node:
         if a.op_type != "Conv" or not a.name or a.name in skipped or len(a.input) < 2 or a.input[1] not in inits:
             continue
         act, b = None, only_reader(a.output[0])
@@ -128,7 +123,8 @@ def equalize(model: onnx.ModelProto, skip: Iterable[str] = ()) -> tuple[onnx.Mod
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    # the weights, biases and bounds as they were; what this rewrite adds gets new names and is not looked up
+    inits = GraphIndex(out).arrays
     found = pairs(out, skip)
     # weights, biases and Clip bounds about to be replaced: dropped at the end unless still read elsewhere
     replaced = {i for p in found for n in (p.first, p.second, p.activation) if n is not None for i in n.input[1:]}
@@ -194,15 +190,10 @@ def equalize_and_calibrate(
 ) -> tuple[onnx.ModelProto, dict[str, TensorRange], int]:
     """The equalized model, the ranges of its renamed tensors (calibrated with ``method``), and the
     number of pairs equalized."""
-    from pipeline.calibration.calibrator import calibrate
-
     model, renamed, count = equalize(fp32, skip)
     if not count:
         return fp32, {}, 0
-    with tempfile.TemporaryDirectory(prefix="int8pipe-equalization-") as tmp:
-        path = Path(tmp) / "equalized.onnx"
-        onnx.save(model, str(path))
-        cal = calibrate(path, batches, method, percentile=percentile, histogram_tensors=renamed,
-                        memory_mb=memory_mb, layout=layout)  # fmt: skip
+    ranges = statistics_pass.calibrate_new(model, renamed, batches, method, percentile, memory_mb, layout,
+                                           "equalization")  # fmt: skip
     logger.info("quantize: cross-layer equalization of %d Conv pairs", count)
-    return model, {k: cal.ranges.tensors[k] for k in renamed if k in cal.ranges.tensors}, count
+    return model, ranges, count

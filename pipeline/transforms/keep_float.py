@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import onnx
 
+from pipeline.graph.graph_index import GraphIndex
 from pipeline.log import logger
 
 
@@ -30,14 +31,10 @@ def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterab
 
     graph = qdq.graph
     wanted = list(dict.fromkeys(nodes))  # in the given order: the names of re-created nodes are stable
-    fp32_nodes = {n.name: n for n in fp32.graph.node if n.name}
-    fp32_producer = {o: n for n in fp32.graph.node for o in n.output if o}
-    fp32_inits = {i.name: i for i in fp32.graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output if o}
-    by_name = {n.name: n for n in graph.node if n.name}
+    index, originals = GraphIndex(qdq), GraphIndex(fp32)
+    # not the index's: the float copies made on the way are added here, and later lookups must find them
     inits = {i.name: i for i in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
-    used_tensors = set(producer) | set(inits) | graph_inputs | {i for n in graph.node for i in n.input}
+    used_tensors = {t for n in graph.node for t in [*n.input, *n.output]} | set(inits) | index.inputs
     used_nodes = {n.name for n in graph.node}
     added: list[onnx.NodeProto] = []
     memo: dict[str, str] = {}
@@ -55,24 +52,24 @@ def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterab
         if tensor in memo:
             return memo[tensor]
         out: str | None = None
-        if tensor in fp32_inits:
+        original_init = originals.initializer(tensor)
+        if original_init is not None:
             init = inits.get(tensor)
-            if init is not None and init.data_type == fp32_inits[tensor].data_type:
+            if init is not None and init.data_type == original_init.data_type:
                 out = tensor
             else:
                 copy = onnx.TensorProto()
-                copy.CopyFrom(fp32_inits[tensor])
+                copy.CopyFrom(original_init)
                 copy.name = out = fresh(tensor if init is None else f"{tensor}_float", used_tensors)
                 graph.initializer.append(copy)
                 inits[copy.name] = copy
-        elif tensor in graph_inputs:
+        elif tensor in index.inputs:
             out = tensor
-        elif tensor in fp32_producer:
-            src = fp32_producer[tensor]
-            index = list(src.output).index(tensor)
-            twin = by_name.get(src.name) if src.name else None
+        elif (src := originals.producer(tensor)) is not None:
+            position = list(src.output).index(tensor)
+            twin = index.node(src.name)
             if twin is not None and twin.op_type == src.op_type:
-                out = twin.output[index]
+                out = twin.output[position]
             elif src.name and twin is None:  # deleted by ORT (a Relu/Clip folded into a quantizer)
                 inputs = [float_of(i) if i else "" for i in src.input]
                 if all(i is not None for i in inputs):
@@ -87,28 +84,28 @@ def keep_float_inputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Iterab
                     for o, n in zip(src.output, node.output):
                         if o:
                             memo[o] = n
-                    out = node.output[index]
+                    out = node.output[position]
         if out is not None:
             memo[tensor] = out
         return out
 
     for name in wanted:
-        node, original = by_name.get(name), fp32_nodes.get(name)
+        node, original = index.node(name), originals.node(name)
         if node is None or original is None:
             continue
         for k, tensor in enumerate(node.input):
             if k >= len(original.input):
                 continue
-            if original.input[k] in fp32_inits and tensor != original.input[k] and tensor in inits:
+            if original.input[k] in originals.arrays and tensor != original.input[k] and tensor in inits:
                 # a float initializer swapped in after quantization (a corrected bias): back to FP32's own
                 node.input[k] = float_of(original.input[k]) or tensor
                 continue
-            dq = producer.get(tensor)
+            dq = index.producer(tensor)
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
             src = float_of(original.input[k])
             if src is None:  # no float twin: fall back to the QuantizeLinear's input for activations
-                q = producer.get(dq.input[0])
+                q = index.producer(dq.input[0])
                 if q is None or q.op_type != "QuantizeLinear":
                     logger.warning("quantize: %s input %s stays dequantized (no float value found)", name, tensor)
                     continue

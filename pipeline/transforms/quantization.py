@@ -21,6 +21,7 @@ from onnx import TensorProto, numpy_helper
 
 from pipeline.errors import ModelError, fail
 from pipeline.execution.cpu_kernels import SCHEMES
+from pipeline.graph.graph_index import GraphIndex
 from pipeline.graph.model import FLOAT_TYPES, name_nodes, tensor_types
 from pipeline.log import logger
 from pipeline.transforms.roles import NORMALIZATION_OPS, activation_matmuls, normalization_nodes
@@ -312,21 +313,20 @@ def node_table(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[dict[str, An
     ``int8``: all of them (weights included), ``partial``: some (e.g. a residual Add whose skip
     branch shares a quantized tensor), ``fp32``: none.
     """
-    producer = {o: n for n in qdq.graph.node for o in n.output}
-    inits = {i.name for i in qdq.graph.initializer}
-    sizes = {i.name: int(np.prod(i.dims)) for i in qdq.graph.initializer}
-    by_name = {n.name: n for n in qdq.graph.node}
+    index = GraphIndex(qdq)
+    by_name = {n.name: n for n in qdq.graph.node}  # not index.node: "" too (the export step names every node)
     rows = []
     for node in fp32.graph.node:
         q = by_name.get(node.name)
         if q is None:
             continue
-        dqs = [producer[i] for i in q.input if i in producer and producer[i].op_type == "DequantizeLinear"]
+        producers = [index.producer(i) for i in q.input]
+        dqs = [p for p in producers if p is not None and p.op_type == "DequantizeLinear"]
         if node.op_type in SHAPE_ONLY:
             dqs = []  # reads a quantized tensor's shape, never its values: not INT8 compute
-        runtime_inputs = [i for i in q.input if i and (i not in inits or i in producer)]
+        runtime_inputs = [i for i, p in zip(q.input, producers) if i and (i not in index.arrays or p is not None)]
         precision = "fp32" if not dqs else ("int8" if len(dqs) == len(runtime_inputs) else "partial")
-        per_channel = [dq for dq in dqs if sizes.get(dq.input[1], 1) > 1]
+        per_channel = [dq for dq in dqs if _size(index.initializer(dq.input[1])) > 1]
         rows.append(
             {
                 "node": node.name,
@@ -337,6 +337,10 @@ def node_table(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[dict[str, An
             }
         )
     return rows
+
+
+def _size(tensor: onnx.TensorProto | None) -> int:
+    return int(np.prod(tensor.dims)) if tensor is not None else 1
 
 
 def dequantized_names(qdq: onnx.ModelProto) -> dict[str, str]:

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from pipeline.graph.graph_index import GraphIndex
 from pipeline.graph.model import attribute, dequantized, toposort
 from pipeline.log import logger
 
@@ -51,12 +52,9 @@ def shift_inputs(
     float initializer; ``observed[x]`` (calibration min, max) bounds ``x`` within [-amax, amax].
     """
     graph = qdq.graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in graph.node:
-        for name in n.input:
-            readers[name] = readers.get(name, 0) + 1
+    # every check reads the graph as it came in, not the Subs, Pads and quantizers added along the way
+    index = GraphIndex(qdq)
+    inits = index.arrays
     done: list[Shifted] = []
     replaced: set[str] = set()  # initializers the rewrite stopped reading (shared ones may still be read)
     for conv in list(graph.node):
@@ -64,17 +62,17 @@ def shift_inputs(
             continue
         if attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             continue  # SAME_* padding depends on the input size: no explicit Pad can stand in for it
-        dq = producer.get(conv.input[0])
-        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        dq_w = producer.get(conv.input[1])
+        dq = index.producer(conv.input[0])
+        q = index.producer(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        dq_w = index.producer(conv.input[1])
         if dq is None or q is None or q.op_type != "QuantizeLinear" or dq_w is None:
             continue
-        if readers.get(conv.input[0], 0) != 1 or readers.get(q.output[0], 0) != 1:
+        if len(index.consumers(conv.input[0])) != 1 or len(index.consumers(q.output[0])) != 1:
             continue  # the quantized tensor is read elsewhere too: shifting it would change that reader
         if dq_w.op_type != "DequantizeLinear" or dq_w.input[0] not in inits or len(q.input) < 3:
             continue
         bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-        if bias is not None and (bias not in inits or bias in producer):
+        if bias is not None and (bias not in inits or index.producer(bias) is not None):
             continue  # a bias computed at run time or itself quantized (ONNX Runtime's INT32): not ours to fold into
         scale, zp = inits.get(q.input[1]), inits.get(q.input[2])
         x = q.input[0]
@@ -138,11 +136,13 @@ def shift_inputs(
     return done
 
 
-def shift_of(q: onnx.NodeProto, producer: dict[str, onnx.NodeProto], inits: dict[str, np.ndarray]) -> float:
+def shift_of(q: onnx.NodeProto, index: GraphIndex) -> float:
     """c when ``q`` quantizes ``x - c`` as :func:`shift_inputs` writes it (Sub, then maybe Pad), else 0."""
-    node = producer.get(q.input[0])
+    node = index.producer(q.input[0])
     if node is not None and node.op_type == "Pad":
-        node = producer.get(node.input[0])
-    if node is None or node.op_type != "Sub" or not node.name.endswith(SHIFT_SUFFIX) or node.input[1] not in inits:
+        node = index.producer(node.input[0])
+    if node is None or node.op_type != "Sub" or not node.name.endswith(SHIFT_SUFFIX):
         return 0.0
-    return float(inits[node.input[1]])
+    if node.input[1] not in index.arrays:
+        return 0.0
+    return float(index.array(node.input[1]))

@@ -17,20 +17,20 @@ would not commute with it. The smoothed input is a new tensor, calibrated anew b
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB
 from pipeline.calibration.ranges import TensorRange
+from pipeline.graph.graph_index import GraphIndex
 from pipeline.graph.layout import Layout
 from pipeline.graph.model import append_reduce, attribute, opset_of, toposort
 from pipeline.log import logger
+from pipeline.transforms import statistics_pass
 from pipeline.transforms.roles import activation_matmuls, constant_tensors
 
 Batch = dict[str, np.ndarray]
@@ -59,18 +59,19 @@ def candidates(model: onnx.ModelProto, op_types: Iterable[str], skip: Iterable[s
     Gemm with a constant weight and transA = 0, reading a computed tensor (not a graph input); by
     the names in ``skip`` (kept float) never.
     """
-    inits = {i.name: i for i in model.graph.initializer}
+    index = GraphIndex(model)
     # graph inputs keep their preprocessing's fixed range (calibrated minmax, see calibrator.py): left alone
-    const = constant_tensors(model) | {i.name for i in model.graph.input}
+    const = constant_tensors(model) | index.inputs
     wanted, skipped = set(op_types), {*skip, *activation_matmuls(model)}
     found: dict[str, _Input] = {}
     for node in model.graph.node:
         if node.op_type not in wanted or node.name in skipped or len(node.input) < 2:
             continue
         x, w = node.input[0], node.input[1]
-        if x in const or w not in inits:
+        weight = index.initializer(w)
+        if x in const or weight is None:
             continue
-        dims = list(inits[w].dims)
+        dims = list(weight.dims)
         if node.op_type == "Conv":
             if int(attribute(node, "group", 1)) != 1:
                 continue
@@ -100,8 +101,6 @@ def channel_max(
 ) -> list[np.ndarray]:
     """max |x[c]| per input channel of each tensor over the first ``samples`` samples, fed to ONNX
     Runtime in chunks that keep two sets of the network's activations within ``memory_mb``."""
-    from pipeline.execution import runtime
-
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.output[:]
@@ -121,13 +120,15 @@ def channel_max(
         append_reduce(m.graph, "ReduceMax", flat, f"{p}_max", axes, opset)
         m.graph.output.append(helper.make_tensor_value_info(f"{p}_max", TensorProto.FLOAT, None))
         names.append(f"{p}_max")
-    sess = runtime.session(m.SerializeToString(), "cpu")
-    feeds_names = [i.name for i in sess.get_inputs()]
-    layout = layout or Layout()
     out: list[np.ndarray] | None = None
-    for feeds, _ in budgeted_chunks(model, batches, samples, layout, memory_mb, 2, "smoothing statistics"):
-        values = runtime.run(sess, {k: feeds[k] for k in feeds_names}, names)
+
+    def fold(got: dict[str, np.ndarray], _: int) -> None:
+        nonlocal out
+        values = [got[k] for k in names]
         out = values if out is None else [np.maximum(a, b) for a, b in zip(out, values)]
+
+    statistics_pass.run(model, names, batches, samples, fold, label="smoothing statistics", copies=2,
+                        layout=layout, memory_mb=memory_mb, graph=m)  # fmt: skip
     return [np.asarray(v, np.float64) for v in out] if out is not None else []
 
 
@@ -153,7 +154,7 @@ def smooth(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    inits = GraphIndex(out).arrays  # read by the original weights' names only: the smoothed copies get new ones
     by_name = {n.name: n for n in graph.node}
     new_tensors = []
     for item, x_max in zip(inputs, maxima):
@@ -202,17 +203,11 @@ def smooth_and_calibrate(
     ``batches()`` is called twice: per-channel maxima on the first ``samples`` samples, then a
     calibration of the smoothed inputs on all of them.
     """
-    from pipeline.calibration.calibrator import calibrate
-
     items = candidates(fp32, op_types, skip)
     if not items:
         return fp32, {}
     maxima = channel_max(fp32, items, batches(), samples, layout, memory_mb)
     smoothed, new = smooth(fp32, items, maxima, alpha)
-    with tempfile.TemporaryDirectory(prefix="int8pipe-smoothing-") as tmp:
-        path = Path(tmp) / "smoothed.onnx"
-        onnx.save(smoothed, str(path))
-        cal = calibrate(path, batches, method, percentile=percentile, histogram_tensors=new,
-                        memory_mb=memory_mb, layout=layout)  # fmt: skip
+    ranges = statistics_pass.calibrate_new(smoothed, new, batches, method, percentile, memory_mb, layout, "smoothing")
     logger.info("quantize: smoothed the inputs of %d layers (alpha %.2f)", sum(len(i.consumers) for i in items), alpha)
-    return smoothed, {k: cal.ranges.tensors[k] for k in new if k in cal.ranges.tensors}
+    return smoothed, ranges

@@ -16,7 +16,6 @@ FP32 model's own Conv inputs; bias correction, run afterwards, measures the roun
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,10 +24,12 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, numpy_helper
 
-from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks, expose
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB
+from pipeline.graph.graph_index import GraphIndex
 from pipeline.graph.layout import Layout
 from pipeline.graph.model import attribute
 from pipeline.log import logger
+from pipeline.transforms import statistics_pass
 
 Batch = dict[str, np.ndarray]
 
@@ -49,23 +50,20 @@ class _Conv:
 
 def convs(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[_Conv]:
     """The 2-D Convs of ``qdq`` whose weights are symmetric INT8 (zero point 0) from an initializer."""
-    producer = {o: n for n in qdq.graph.node for o in n.output}
-    q_inits = {i.name: i for i in qdq.graph.initializer}
-    f_inits = {i.name: i for i in fp32.graph.initializer}
+    index, f_inits = GraphIndex(qdq), GraphIndex(fp32).arrays
     originals = {n.name: n for n in fp32.graph.node if n.name and n.op_type == "Conv"}
-    uses = Counter(name for node in qdq.graph.node for name in node.input)
     out = []
     for node in qdq.graph.node:
         original = originals.get(node.name)
-        dq = producer.get(node.input[1]) if node.op_type == "Conv" else None
+        dq = index.producer(node.input[1]) if node.op_type == "Conv" else None
         if original is None or dq is None or dq.op_type != "DequantizeLinear" or original.input[1] not in f_inits:
             continue
-        values = q_inits.get(dq.input[0])
-        if values is None or values.data_type != TensorProto.INT8 or uses[dq.input[0]] != 1:
+        values = index.initializer(dq.input[0])
+        if values is None or values.data_type != TensorProto.INT8 or len(index.consumers(dq.input[0])) != 1:
             continue  # activations, uint8 weights, or an initializer another node reads too
-        zero = numpy_helper.to_array(q_inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1)
-        weight = numpy_helper.to_array(f_inits[original.input[1]])
-        scale = numpy_helper.to_array(q_inits[dq.input[1]]).astype(np.float64).reshape(-1)
+        zero = index.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1)
+        weight = f_inits[original.input[1]]
+        scale = index.array(dq.input[1]).astype(np.float64).reshape(-1)
         if weight.ndim != 4 or np.any(zero != 0) or (scale.size > 1 and int(attribute(dq, "axis", 1)) != 0):
             continue  # not a 2-D Conv, asymmetric, or scales along another axis than the output channels'
         if attribute(original, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
@@ -105,20 +103,10 @@ def second_moments(
     Summed in float64 (GPTQ's choices flip with tiny changes of H: summed in float32, EfficientNet-Lite0's
     agreement moved by up to 0.009) for every Conv at once: Σ groups·D² · 8 bytes, D = C/group·kh·kw (a 3×3
     Conv over 512 channels alone: 170 MB)."""
-    from pipeline.execution import runtime
-
-    layout = layout or Layout()
-    graph_inputs = {i.name for i in fp32.graph.input}
     wanted = list(dict.fromkeys(c.node.input[0] for c in todo))
-    fetch = [n for n in wanted if n not in graph_inputs]
-    # Convs that read a graph input (a stem) need no inference at all
-    sess = runtime.session(expose(fp32, fetch), "cpu", optimize=False) if fetch else None
-    feed_names = [i.name for i in sess.get_inputs()] if sess is not None else []
     sums: dict[str, np.ndarray] = {}
-    seen = 0
-    for feeds, n in budgeted_chunks(fp32, batches, samples, layout, memory_mb, COPIES, "weight rounding"):
-        got = dict(zip(fetch, runtime.run(sess, {k: feeds[k] for k in feed_names}, fetch))) if sess is not None else {}
-        got.update({k: feeds[k] for k in wanted if k in graph_inputs})
+
+    def fold(got: dict[str, np.ndarray], n: int) -> None:
         for conv in todo:
             x = np.asarray(got[conv.node.input[0]], np.float32)
             for sample in x[:n]:  # one sample at a time: a k×k Conv's fields are k² times its input
@@ -129,7 +117,10 @@ def second_moments(
                     sums[conv.node.name] = h.astype(np.float64)
                 else:
                     total += h  # in place: a large Conv's H is tens of MB, and this runs per sample
-        seen += n
+
+    # Convs that read a graph input (a stem) take it from the feeds: for those alone, no inference at all
+    seen = statistics_pass.run(fp32, wanted, batches, samples, fold, label="weight rounding", copies=COPIES,
+                               layout=layout, memory_mb=memory_mb, optimize=False)  # fmt: skip
     return sums, seen
 
 
