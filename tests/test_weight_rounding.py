@@ -186,3 +186,62 @@ def test_without_calibration_samples_it_warns_and_rounds_to_nearest(
     assert "no bias correction (it needs data.calibration samples)" in err  # on by default: said too
     metrics = client.get_run(second["steps"]["quantize"]).data.metrics
     assert metrics["gptq_rounded_nodes"] == 0 and metrics["bias_corrected_nodes"] == 0
+
+
+def _two_convs(channels: int) -> onnx.ModelProto:
+    """x -> Conv a -> Relu -> Conv b, 3x3 over ``channels``: second moments of D = 9·channels each."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array((rng.normal(size=(channels, channels, 3, 3)) * 0.1).astype(np.float32), name)
+        for name in ("wa", "wb")
+    ]
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "wa"], ["a"], name="a", pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        onnx.helper.make_node("Conv", ["r", "wb"], ["y"], name="b", pads=[1, 1, 1, 1]),
+    ]
+    shape = [None, channels, 6, 6]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "two_convs",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)],
+        inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_gptq_stays_within_the_memory_budget(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Second moments are checked against memory_mb before they are allocated: a Conv whose moments alone
+    do not fit keeps nearest rounding (named in a warning); Convs that fit one at a time are measured in
+    several passes, with the same result as one pass."""
+    from pipeline.calibration.calibrator import calibrate
+
+    fp32 = _two_convs(36)  # D = 324: 0.8 MB of float64 moments per Conv, 2.9 MB while rounding one
+    convs = weight_rounding.convs(fp32, quantize(fp32, {"x": 1.0, "r": 1.0}, QuantizeOptions(), None))
+    assert [weight_rounding.moment_bytes(c) for c in convs] == [324 * 324 * 8] * 2
+    x = np.random.default_rng(4).normal(size=(16, 36, 6, 6)).astype(np.float32)
+    onnx.save(fp32, tmp_path / "m.onnx")
+    ranges = calibrate(tmp_path / "m.onnx", lambda: iter([{"x": x}]), "minmax").ranges
+    amax, minmax = ranges.amax(), {k: (v.min, v.max) for k, v in ranges.tensors.items()}
+
+    def rounded(memory_mb: int) -> tuple[tuple[int, int], onnx.ModelProto]:
+        qdq = quantize(fp32, amax, QuantizeOptions(target="tensorrt"), minmax)
+        batches = ({"x": x[i : i + 4]} for i in range(0, 16, 4))  # an iterator: read once
+        return weight_rounding.round_weights(fp32, qdq, batches, samples=16, memory_mb=memory_mb), qdq
+
+    nearest = quantize(fp32, amax, QuantizeOptions(target="tensorrt"), minmax)
+    with caplog.at_level("WARNING", logger="int8pipe"):
+        counts, none_fit = rounded(2)
+    assert counts == (0, 0) and none_fit.SerializeToString() == nearest.SerializeToString()
+    assert "GPTQ leaves a rounded to nearest" in caplog.text and "GPTQ leaves b rounded to nearest" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="int8pipe"):
+        counts, two_passes = rounded(3)
+    assert counts == (2, 16) and "in 2 passes" in caplog.text
+    counts, one_pass = rounded(512)
+    assert counts == (2, 16)
+    assert two_passes.SerializeToString() == one_pass.SerializeToString() != nearest.SerializeToString()

@@ -38,6 +38,9 @@ Batch = dict[str, np.ndarray]
 DAMPING = 0.01
 # Live copies of one sample's activations: the FP32 network's and the Conv inputs fetched from it.
 COPIES = 2
+# Bytes held per byte of a Conv's float64 second moments (groups·D²·8) while it is measured and rounded:
+# the sum itself, one sample's float32 product (half), and GPTQ's inverse and Cholesky factor of a group.
+MOMENT_COPIES = 3.5
 
 
 @dataclass
@@ -143,6 +146,44 @@ def gptq(weight: np.ndarray, scale: np.ndarray, h: np.ndarray, limit: int = 127)
     return out
 
 
+def moment_bytes(conv: _Conv) -> int:
+    """The float64 second moments of ``conv``: groups·D², D = C/group·kh·kw (a 1-D Conv over 1,024
+    channels with 64 taps: D = 65,536, 32 GiB)."""
+    groups = int(attribute(conv.node, "group", 1))
+    d = int(conv.weight[0].size)
+    return groups * d * d * 8
+
+
+def budgeted(todo: list[_Conv], memory_mb: int) -> tuple[list[list[_Conv]], list[_Conv]]:
+    """``todo`` in consecutive passes whose moments fit ``memory_mb`` together, and the Convs whose
+    moments alone do not fit (those keep nearest rounding): checked before anything is allocated."""
+    budget = memory_mb << 20
+    passes: list[list[_Conv]] = []
+    held, too_big = 0, []
+    for conv in todo:
+        need = moment_bytes(conv)
+        if MOMENT_COPIES * need > budget:
+            too_big.append(conv)
+            continue
+        if not passes or held + MOMENT_COPIES * need > budget:
+            passes.append([])
+            held = 0
+        passes[-1].append(conv)
+        held += need
+    return passes, too_big
+
+
+def _first_samples(batches: Iterable[Batch], samples: int, layout: Layout) -> list[Batch]:
+    """The batches holding the first ``samples`` samples, kept for passes after the first."""
+    kept, seen = [], 0
+    for batch in batches:
+        kept.append(batch)
+        seen += layout.count(batch)
+        if seen >= samples:
+            break
+    return kept
+
+
 def round_weights(
     fp32: onnx.ModelProto,
     qdq: onnx.ModelProto,
@@ -151,13 +192,44 @@ def round_weights(
     layout: Layout | None = None,
     memory_mb: int = DEFAULT_MEMORY_MB,
 ) -> tuple[int, int]:
-    """Re-round the INT8 weights of ``qdq``'s Convs by GPTQ, in place. Returns (Convs rounded, samples)."""
-    todo = convs(fp32, qdq)
-    if not todo:
+    """Re-round the INT8 weights of ``qdq``'s Convs by GPTQ, in place. Returns (Convs rounded, samples).
+
+    The Convs' second moments are measured in as many passes over the samples as ``memory_mb`` needs;
+    a Conv whose moments alone exceed it keeps nearest rounding, with a warning naming it."""
+    passes, too_big = budgeted(convs(fp32, qdq), memory_mb)
+    for conv in too_big:
+        logger.warning(
+            "quantize: GPTQ leaves %s rounded to nearest: its second moments (%d×%d per group) need %.0f MB, "
+            "more than steps.calibrate.memory_mb=%d allows",
+            conv.node.name,
+            conv.weight[0].size,
+            conv.weight[0].size,
+            MOMENT_COPIES * moment_bytes(conv) / 2**20,
+            memory_mb,
+        )
+    if not passes:
         return 0, 0
-    moments, seen = second_moments(fp32, todo, batches, samples, layout, memory_mb)
-    if not seen:
-        return 0, 0
+    if len(passes) > 1:
+        logger.info(
+            "quantize: GPTQ measures its %d Convs in %d passes to stay within memory_mb",
+            sum(map(len, passes)),
+            len(passes),
+        )
+        if iter(batches) is batches:  # an iterator reads once: the later passes read the kept samples
+            batches = _first_samples(batches, samples, layout or Layout())
+    rounded = seen = 0
+    for todo in passes:
+        moments, seen = second_moments(fp32, todo, batches, samples, layout, memory_mb)
+        if not seen:
+            return 0, 0
+        _round(qdq, todo, moments)
+        rounded += len(todo)
+    logger.info("quantize: GPTQ weight rounding on %d Convs from %d calibration samples", rounded, seen)
+    return rounded, seen
+
+
+def _round(qdq: onnx.ModelProto, todo: list[_Conv], moments: dict[str, np.ndarray]) -> None:
+    """Write the GPTQ-rounded INT8 values of ``todo`` into ``qdq``'s initializers."""
     inits = {i.name: i for i in qdq.graph.initializer}
     for conv in todo:
         h = moments[conv.node.name]
@@ -171,5 +243,3 @@ def round_weights(
              for g in range(groups)]
         )  # fmt: skip
         inits[conv.values].CopyFrom(numpy_helper.from_array(values.reshape(conv.weight.shape), conv.values))
-    logger.info("quantize: GPTQ weight rounding on %d Convs from %d calibration samples", len(todo), seen)
-    return len(todo), seen
