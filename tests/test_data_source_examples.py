@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import ROOT, run_pipeline
 
+pytestmark = pytest.mark.slow  # every example runs a whole pipeline
+
 EXAMPLES = ROOT / "examples" / "data_sources"
 
 

@@ -173,6 +173,7 @@ def test_pipeline_equalizes_calibrates_the_new_tensors_and_recovers_with_its_flo
     assert min(m.value for m in curve) >= curve[0].value - 1e-4
 
 
+@pytest.mark.slow
 def test_without_samples_or_with_per_channel_weights_it_says_so(
     tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -152,6 +152,7 @@ def test_corrupt_model(digits_copy: Path, tracking_uri: str, capsys: pytest.Capt
     assert "model.onnx" in err and ("not a readable ONNX model" in err or "empty graph" in err or "checker" in err)
 
 
+@pytest.mark.slow
 def test_failed_gate(digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     """A 50th-percentile range clips half of every activation: the gate must stop the pipeline."""
     summary = digits_copy / "s.json"
@@ -177,6 +178,7 @@ def test_failed_gate(digits_copy: Path, tracking_uri: str, capsys: pytest.Captur
     assert client.search_registered_models() == []
 
 
+@pytest.mark.slow
 def test_only_runs_one_step_on_reused_earlier_runs(
     digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

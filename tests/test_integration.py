@@ -17,6 +17,7 @@ from tests.conftest import BIN, DIGITS, ROOT, env_without_mlflow, run_pipeline
 from tests.models import build
 
 
+@pytest.mark.slow
 def test_pipeline_against_a_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
     s = run_pipeline(
         DIGITS / "pipeline.yaml",
@@ -69,6 +70,7 @@ def test_requested_gpu_provider_never_falls_back_silently(tmp_path: Path) -> Non
         runtime.session(model, "cuda")
 
 
+@pytest.mark.slow
 def test_benchmark_reports_unavailable_providers(digits_copy: Path, tracking_uri: str) -> None:
     import onnxruntime
 

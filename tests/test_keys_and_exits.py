@@ -35,6 +35,7 @@ def test_a_bug_in_user_code_keeps_its_traceback(digits_copy: Path, tracking_uri:
         main(["run", str(path), "--tracking-uri", tracking_uri])
 
 
+@pytest.mark.slow
 def test_exit_codes(digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     path = digits_copy / "pipeline.yaml"
     args = ["run", str(path), "--tracking-uri", tracking_uri]

@@ -69,6 +69,7 @@ def _probe(model: Path, data: Path, memory_mb: int) -> dict:
     return json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow  # peak memory of subprocesses, measured
 def test_budget_bounds_peak_memory_and_keeps_the_ranges(tmp_path: Path) -> None:
     model, data = tmp_path / "wide.onnx", tmp_path / "x.npy"
     onnx.save(wide_conv(), str(model))
@@ -93,6 +94,7 @@ print(json.dumps({"code": code, "peak": peak}))
 """
 
 
+@pytest.mark.slow
 def test_validation_follows_the_memory_budget_and_scores_the_same(tmp_path: Path) -> None:
     """The validate step sizes its ONNX Runtime calls (scoring and the layer comparison) from one
     sample's activation bytes and steps.calibrate.memory_mb, as calibration does."""
@@ -181,6 +183,7 @@ print(json.dumps({"peak": peak, "groups": len(groups or [0]), "rows": errors.row
 """
 
 
+@pytest.mark.slow  # peak memory of subprocesses, measured
 def test_layer_comparison_in_groups_bounds_memory_and_measures_the_same(tmp_path: Path) -> None:
     """Comparing every tensor of both models holds all of them for a sample; in groups of tensors, one
     pass over the data per group, only a group's are alive, and every number stays the same."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from pipeline.orchestration.cli import main
 from tests.conftest import run_args, run_pipeline
+
+pytestmark = pytest.mark.slow  # every test runs the pipeline, then steps of it again
 
 
 def _runs(client: MlflowClient, experiment: str) -> list:

@@ -17,6 +17,8 @@ from pipeline.execution import cpu_kernels
 from pipeline.orchestration.cli import main
 from tests.conftest import DIGITS, run_pipeline
 
+pytestmark = pytest.mark.slow  # the module fixture digits_run runs the whole digits pipeline
+
 STEPS = ["export", "calibrate", "quantize", "validate", "benchmark", "promote"]
 
 

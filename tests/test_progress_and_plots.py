@@ -42,6 +42,7 @@ def test_calibration_progress_counts_samples(tmp_path: Path, int8pipe_log: pytes
     assert first and first[-1] == "40"  # pass 1 reads a stream of unknown length: no total
 
 
+@pytest.mark.slow
 def test_bias_correction_progress_counts_the_samples_calibration_saw(
     tmp_path: Path, int8pipe_log: pytest.LogCaptureFixture
 ) -> None:

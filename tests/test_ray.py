@@ -35,7 +35,7 @@ from tests.conftest import env_without_mlflow, run_args, run_pipeline
 from tests.models import build
 from tests.ray_cluster import RayCluster, start_cluster
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a Ray cluster (and pipelines on it): only in the full suite
 
 METHODS = ["minmax", "entropy", "percentile", "mse"]
 

@@ -61,6 +61,7 @@ def outlier(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"folder": folder, "config": config, "uri": uri, "summary": s, "art": art}
 
 
+@pytest.mark.slow
 def test_recovery_keeps_exactly_the_broken_layer_float_and_passes_the_gate(outlier: dict[str, Any]) -> None:
     s, art = outlier["summary"], outlier["art"]
     assert s["gate"] == "passed"
@@ -99,6 +100,7 @@ def test_recovery_keeps_exactly_the_broken_layer_float_and_passes_the_gate(outli
     assert "fc2" not in [r["node"] for r in report["quantized_nodes"]]  # the recovered model's ranking
 
 
+@pytest.mark.slow
 def test_recovered_model_computes_the_layer_in_float(outlier: dict[str, Any]) -> None:
     art = outlier["art"]
     path = art["validate"] / "model/model_int8.onnx"
@@ -127,6 +129,7 @@ def test_recovered_model_computes_the_layer_in_float(outlier: dict[str, Any]) ->
     assert evaluation.score("agreement", got, None, want) == rec["iterations"][-1]["metric"]
 
 
+@pytest.mark.slow
 def test_benchmark_and_promote_receive_the_recovered_model(outlier: dict[str, Any]) -> None:
     s, art, uri = outlier["summary"], outlier["art"], outlier["uri"]
     recovered = model.sha256(art["validate"] / "model/model_int8.onnx")
@@ -151,6 +154,7 @@ def _fail(config: Path, uri: str, folder: Path, capsys: pytest.CaptureFixture[st
     return capsys.readouterr().err, s
 
 
+@pytest.mark.slow
 def test_without_recover_nothing_is_reverted(
     outlier: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -163,6 +167,7 @@ def test_without_recover_nothing_is_reverted(
     assert not (art / "validation/recovery.json").exists() and not (art / "model").exists()
 
 
+@pytest.mark.slow
 def test_max_fp_nodes_zero_stops_before_reverting_and_fails_the_gate(
     outlier: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -177,6 +182,7 @@ def test_max_fp_nodes_zero_stops_before_reverting_and_fails_the_gate(
     assert MlflowClient(outlier["uri"]).get_run(s["steps"]["validate"]).data.metrics["recovered_fp_nodes"] == 0
 
 
+@pytest.mark.slow
 def test_time_budget_stops_recovery_on_digits(
     digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -194,6 +200,7 @@ def test_time_budget_stops_recovery_on_digits(
     assert rec["iterations"][0]["metric"] < 0.5
 
 
+@pytest.mark.slow
 def test_recover_config_is_checked(outlier: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for override, says in [
         ("steps.validate.recover.max_fp_nodes=-1", "steps.validate.recover.max_fp_nodes: expected >= 0"),
@@ -220,6 +227,7 @@ def _scorer(outlier: dict[str, Any], calls: list[int], cache_bytes: int = scorin
     return scoring.Scorer(fp32, metric, batches, int8_optimize=False, cache_bytes=cache_bytes)
 
 
+@pytest.mark.slow
 def test_scorer_scores_other_int8_models_against_the_cached_reference(outlier: dict[str, Any]) -> None:
     art, calls = outlier["art"], []
     scorer = _scorer(outlier, calls)
@@ -240,6 +248,7 @@ def test_scorer_scores_other_int8_models_against_the_cached_reference(outlier: d
     assert streamed.score(recovered).int8 == again.int8 and streamed_calls == [1, 1]
 
 
+@pytest.mark.slow
 def test_time_budget_is_checked_before_each_evaluation(outlier: dict[str, Any]) -> None:
     """A clock that advances 1 s per reading and a 3 s budget: one candidate is ranked, then the
     budget is spent; nothing is reverted and the unranked candidates say so."""

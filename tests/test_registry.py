@@ -36,6 +36,7 @@ def _edit(path: Path, fn) -> None:  # type: ignore[no-untyped-def]
     path.write_text(yaml.safe_dump(cfg))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -124,6 +125,7 @@ def _scale_calibration_data(folder: Path, factor: float) -> None:
     np.savez(folder / "cal.npz", input=x)
 
 
+@pytest.mark.slow
 def test_python_source_whose_data_changed_is_recalibrated(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
     config = _python_source(digits_copy, deps=False)
     client = MlflowClient(tracking_uri)
@@ -140,6 +142,7 @@ def test_python_source_whose_data_changed_is_recalibrated(digits_copy: Path, tra
     assert str(holder.version) == again["registered_model"]["version"]  # the alias did not move
 
 
+@pytest.mark.slow
 def test_python_source_with_declared_deps(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
     config = _python_source(digits_copy, deps=True)
     client = MlflowClient(tracking_uri)
@@ -155,6 +158,7 @@ def test_python_source_with_declared_deps(digits_copy: Path, tracking_uri: str, 
     assert not _reused(client, changed["steps"]["calibrate"])
 
 
+@pytest.mark.slow
 def test_registry_source_alias_resolves_to_todays_version(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
     """model: {mlflow: models:/m@champion} is hashed by content: moving the alias reruns export."""
     mlflow.set_tracking_uri(tracking_uri)
@@ -192,6 +196,7 @@ def _versions(client: MlflowClient, name: str) -> dict[str, dict[str, str]]:
     return {str(mv.version): dict(mv.tags) for mv in client.search_model_versions(f"name = '{name}'")}
 
 
+@pytest.mark.slow
 def test_alias_policy_better_and_always(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
     config = _drop_benchmark(digits_copy)
     cosine = ("steps.validate.metric=cosine", "steps.validate.max_drop=0.5")
@@ -292,6 +297,7 @@ def test_a_version_is_complete_or_absent_under_kill(mlflow_server: str, digits_c
     assert client.get_model_version("digits-int8", "1").description
 
 
+@pytest.mark.slow
 def test_untagged_versions_are_marked_and_never_aliased(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
     config = _drop_benchmark(digits_copy)
     first = run_pipeline(config, tracking_uri, tmp_path)
@@ -319,6 +325,7 @@ def _quantized_models(folder: Path) -> dict[str, Path]:
     return {"dynamic": dynamic}
 
 
+@pytest.mark.slow
 def test_already_quantized_models_are_refused(
     digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -355,6 +362,7 @@ def test_no_int8_node_is_no_int8_model(
     assert "promote" not in summary["steps"] and not client.search_registered_models()
 
 
+@pytest.mark.slow
 def test_readme_consumer_snippet_runs_as_written(
     digits_copy: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -372,6 +380,7 @@ def test_readme_consumer_snippet_runs_as_written(
     assert namespace["version"].tags["int8pipe.metric"] == "top1"
 
 
+@pytest.mark.slow
 def test_parent_run_compares_at_a_glance(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
     """Run name, tags, description, datasets and the metrics people compare, on the parent run."""
     s = run_pipeline(digits_copy / "pipeline.yaml", tracking_uri, tmp_path, "steps.calibrate.method=percentile")
@@ -391,6 +400,7 @@ def test_parent_run_compares_at_a_glance(digits_copy: Path, tracking_uri: str, t
     assert json.loads(inputs["calibration"].profile) == {"num_samples": 512}
 
 
+@pytest.mark.slow
 def test_cache_show_takes_a_run_id(
     digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -406,6 +416,7 @@ def test_cache_show_takes_a_run_id(
     assert "the run id of a calibrate step" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_unchanged_rerun_reuses_its_version(
     digits_copy: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,6 +19,8 @@ from mlflow import MlflowClient
 
 from tests.conftest import env_without_mlflow, run_args, run_pipeline, server_env
 
+pytestmark = pytest.mark.slow  # pipelines, MLflow servers and racing processes in subprocesses
+
 SLOW_SOURCE = """
 import time
 from pathlib import Path
@@ -154,7 +156,6 @@ def _wait_healthy(uri: str, server: subprocess.Popen[bytes]) -> None:
     raise AssertionError("mlflow server did not start")
 
 
-@pytest.mark.slow
 def test_tracking_server_outage_mid_run_is_bounded(digits_copy: Path, tmp_path: Path) -> None:
     from tests.conftest import BIN
 

@@ -55,6 +55,7 @@ def tiny(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_python_source_with_args_matches_npz(tiny: Path, tracking_uri: str) -> None:
     (tiny / "gen.py").write_text(
         "import numpy as np\n"
@@ -78,6 +79,7 @@ def test_python_source_with_args_matches_npz(tiny: Path, tracking_uri: str) -> N
         assert a["tensors"][name]["amax"] == pytest.approx(b["tensors"][name]["amax"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_npy_memory_mapped_source_and_limit(tiny: Path, tracking_uri: str) -> None:
     z = np.load(tiny / "cal.npz")
     np.save(tiny / "a.npy", z["a"])
@@ -90,6 +92,7 @@ def test_npy_memory_mapped_source_and_limit(tiny: Path, tracking_uri: str) -> No
     assert r["tensors"]["a"]["max"] == pytest.approx(float(z["a"][:40].max()))
 
 
+@pytest.mark.slow
 def test_image_folder_source(tmp_path: Path, tracking_uri: str) -> None:
     from PIL import Image
 
@@ -116,6 +119,7 @@ def test_image_folder_source(tmp_path: Path, tracking_uri: str) -> None:
     assert r["tensors"]["x"]["min"] >= -2.0 and r["tensors"]["x"]["max"] <= 2.0  # (v/255 - 0.5) / 0.25
 
 
+@pytest.mark.slow
 def test_from_cache_reproduces_ranges_and_refuses_other_models(
     tiny: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -151,6 +155,7 @@ def test_from_cache_reproduces_ranges_and_refuses_other_models(
     assert "calibrate again on this model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cache_missing_a_tensor_keeps_its_node_fp32(
     tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -174,6 +179,7 @@ def test_cache_missing_a_tensor_keeps_its_node_fp32(
     assert precision["fc"] == "fp32" and precision["conv"] == "int8"
 
 
+@pytest.mark.slow
 def test_unnamed_nodes_are_named_at_export(tmp_path: Path, tracking_uri: str) -> None:
     model = build("conv_relu_gemm")
     for node in model.graph.node:
@@ -196,6 +202,7 @@ def test_unnamed_nodes_are_named_at_export(tmp_path: Path, tracking_uri: str) ->
     }
 
 
+@pytest.mark.slow
 def test_mlflow_registry_model_source(tiny: Path, tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("fp32-models")
@@ -208,6 +215,7 @@ def test_mlflow_registry_model_source(tiny: Path, tracking_uri: str) -> None:
     assert main(["run", str(path), "--tracking-uri", tracking_uri]) == 2
 
 
+@pytest.mark.slow
 def test_pytorch_source(tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch", reason="the [torch] extra is not installed")
     (tmp_path / "net.py").write_text(
@@ -230,6 +238,7 @@ def test_pytorch_source(tmp_path: Path, tracking_uri: str, capsys: pytest.Captur
     assert "exporting broken:build to ONNX failed: RuntimeError: weights missing" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pytorch_source_with_integer_inputs(tmp_path: Path, tracking_uri: str) -> None:
     """A text encoder (token ids and an attention mask, int64) exports, calibrates and quantizes."""
     pytest.importorskip("torch", reason="the [torch] extra is not installed")

@@ -44,6 +44,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_full_tracking_store_names_the_store_and_exits_2(digits_copy: Path, tmp_path: Path) -> None:
     db = tmp_path / "store" / "mlflow.db"
     db.parent.mkdir()

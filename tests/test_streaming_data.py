@@ -71,6 +71,7 @@ def _artifact(uri: str, run_id: str, path: str, dst: Path) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_streaming_model_through_the_whole_pipeline(tmp_path: Path, tracking_uri: str) -> None:
     config = _pipeline(tmp_path / "m")
     s = run_pipeline(config, tracking_uri, tmp_path)

@@ -13,6 +13,8 @@ from mlflow import MlflowClient
 from pipeline.calibration.trt_cache import ALGORITHMS
 from tests.conftest import run_pipeline
 
+pytestmark = pytest.mark.slow  # every test runs the digits pipeline or a sweep of it
+
 
 def _up_to_calibrate(folder: Path) -> Path:
     path = folder / "pipeline.yaml"

@@ -107,6 +107,7 @@ def _frames(n: int, seed: int) -> tuple[np.ndarray, list[list[tuple[int, int, in
     return x, bars
 
 
+@pytest.mark.slow
 def test_the_metric_gates_a_pipeline_and_scores_what_the_logged_model_computes(tmp_path: Path) -> None:
     model = build("text_map")
     onnx.checker.check_model(model, full_check=True)

@@ -275,6 +275,7 @@ def _run(detector: dict[str, Any], *overrides: str) -> tuple[int, dict[str, Any]
     return code, json.loads(summary.read_text()) if summary.exists() else None
 
 
+@pytest.mark.slow
 def test_custom_metric_gets_every_output_and_the_fp32_reference(
     detector: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -324,6 +325,7 @@ def test_custom_metric_gets_every_output_and_the_fp32_reference(
     assert conv1["input_sqnr_db"] == 999.0 and conv1["added_sqnr_db"] == conv1["output_sqnr_db"]  # exact input
 
 
+@pytest.mark.slow
 def test_class_score_metric_on_a_detector_output_is_a_data_error(
     detector: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -336,6 +338,7 @@ def test_class_score_metric_on_a_detector_output_is_a_data_error(
     assert code == 0 and s is not None and "top1_agreement" in s["metrics"]
 
 
+@pytest.mark.slow
 def test_drop_standard_error_is_logged_for_built_in_metrics_only(
     detector: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -366,6 +369,7 @@ def test_drop_standard_error_is_logged_for_built_in_metrics_only(
     assert "accuracy_drop_se" not in client.get_run(s["steps"]["validate"]).data.metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("margin", "warned"), [(1.0, True), (3.0, False)])
 def test_a_gate_passed_within_two_standard_errors_warns(
     detector: dict[str, Any], capsys: pytest.CaptureFixture[str], margin: float, warned: bool
@@ -383,6 +387,7 @@ def test_a_gate_passed_within_two_standard_errors_warns(
     assert ("the gate passed narrowly. The drop is within two standard errors" in capsys.readouterr().err) is warned
 
 
+@pytest.mark.slow
 def test_failed_gate_names_quantized_nodes_not_the_sigmoid(
     detector: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -407,6 +412,7 @@ def test_unsure_share_reads_probabilities_and_logits() -> None:
     assert evaluation.unsure_share(np.zeros((3, 6, 64))) is None  # a detector's output: no classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("scale", "warned"), [(0.01, True), (5.0, False)])
 def test_agreement_gate_warns_when_fp32_itself_is_unsure(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], scale: float, warned: bool
@@ -447,6 +453,7 @@ def test_agreement_gate_warns_when_fp32_itself_is_unsure(
     assert share == (1.0 if warned else 0.0)
 
 
+@pytest.mark.slow
 def test_layer_table_only_where_it_is_read_by_default(
     detector: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import mlflow
 import onnx
+import pytest
 import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import run_pipeline
+
+pytestmark = pytest.mark.slow  # every test runs the digits pipeline
 
 
 def _without_benchmark(folder: Path, **model: str) -> Path:

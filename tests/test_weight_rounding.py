@@ -100,6 +100,7 @@ def test_gptq_lowers_the_conv_output_error_on_samples_it_did_not_see() -> None:
     assert err_gptq < 0.7 * err_near, (err_gptq, err_near)
 
 
+@pytest.mark.slow
 def test_pipeline_rounds_the_int8_convs_by_gptq(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
     config = digits_copy / "pipeline.yaml"
     cfg = yaml.safe_load(config.read_text())
@@ -161,6 +162,7 @@ def test_a_conv_with_implicit_padding_keeps_nearest_rounding() -> None:
     np.testing.assert_array_equal(_dequantized_weight(qdq)[0], before)
 
 
+@pytest.mark.slow
 def test_without_calibration_samples_it_warns_and_rounds_to_nearest(
     tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
