@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 import onnx
 
-from pipeline.analysis import evaluation, kernel_fidelity, layers, plots, recovery, scoring
+from pipeline.analysis import evaluation, kernel_fidelity, layers, plots, recovery, scoring, suggestions
 from pipeline.calibration.collect import activation_sizes
+from pipeline.calibration.ranges import Ranges
 from pipeline.errors import ConfigError, GateFailed, fail
 from pipeline.execution import cpu_kernels, runtime
 from pipeline.graph import model as onnx_model
@@ -310,6 +311,11 @@ class Validate(Step):
         if evaluation.class_scores(ref) is not None:  # an argmax over anything else (a detector's boxes) means nothing
             metrics["top1_agreement"] = evaluation.score("agreement", out, None, ref)
         passed = evaluation.gate_passed(scores.drop, cfg.max_drop)
+        advice = []
+        if not passed and errors.quantized_nodes:
+            ranges = Ranges.read(ctx.inputs["ranges"]) if "ranges" in ctx.inputs else None
+            final = result.model if result is not None and result.model is not None else int8_model
+            advice = suggestions.suggest(fp32_model, final, errors.quantized_nodes, ranges, facts.target)
         np.savez(ctx.output("validation_samples", "validation/samples.npz"), **samples)  # type: ignore[arg-type]
         if errors.rows:
             ctx.log_table(errors.rows, "validation/layer_errors_table.json")
@@ -341,6 +347,8 @@ class Validate(Step):
             "quantized_nodes": errors.quantized_nodes,
             "layers": errors.rows,
             "layer_report": "computed" if errors.rows else "skipped",
+            # a failed gate: the settings most likely to pass, by the share of the measured error they address
+            "suggestions": [{"setting": a.setting, "share": a.share, "why": a.why} for a in advice],
         }
         if result is not None:
             report["recovery"] = {
@@ -378,6 +386,9 @@ class Validate(Step):
             # only when the gate read the kernels: then they, not the model, may have failed it
             if fidelity is not None and fidelity["departing"] and numerics == "kernels":
                 message = kernels_note(name, fidelity, cap) + " " + message
+            if advice:
+                ranked = "; ".join(f"({i}) {a.line()}" for i, a in enumerate(advice, 1))
+                message += f" By what this run measured, most likely to pass: {ranked}."
             fail(GateFailed, message)
 
     def _fidelity(

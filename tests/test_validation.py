@@ -475,3 +475,5 @@ def test_layer_table_only_where_it_is_read_by_default(
     code, report, art, metrics = validate_run("steps.validate.max_drop=0.001")  # its drop is 0.05
     assert code == 3 and report["layer_report"] == "computed" and report["quantized_nodes"]
     assert (art / "validation/layer_errors_table.json").exists() and "sqnr_db_min" in metrics
+    shares = [a["share"] for a in report["suggestions"]]  # the failed gate's advice, largest share first
+    assert shares and shares == sorted(shares, reverse=True) and 0 < shares[0] <= 1
