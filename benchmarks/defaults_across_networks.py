@@ -198,7 +198,7 @@ def val_batches(x: Batch, size: int) -> Iterator[Batch]:
 
 
 def session(model: bytes, optimize: bool) -> Any:
-    from pipeline import runtime
+    from pipeline.execution import runtime
 
     return runtime.session(model, "cpu", optimize=optimize, spin=False)
 
@@ -597,9 +597,9 @@ def ort_target_candidates() -> list[Candidate]:
 
 
 def build_int8pipe(net: Net, cal: Any, c: Candidate) -> onnx.ModelProto:
-    from pipeline import recipe
     from pipeline.calibration.calibrator import rethreshold
-    from pipeline.quantization import QuantizeOptions
+    from pipeline.transforms import recipe
+    from pipeline.transforms.quantization import QuantizeOptions
 
     ranges = rethreshold(cal.ranges, cal.histograms, c.method, 99.99)
     activations = "asymmetric" if c.target == "onnxruntime" else "symmetric"
@@ -630,8 +630,8 @@ def benchmark(net: Net, folder: Path, ort_rows: bool, nncf_on: bool) -> list[Row
     from peers import nncf_builds, ort_quantize_static, ort_static_variants
 
     from pipeline.calibration.calibrator import calibrate
-    from pipeline.quantization import node_table, quantized_activations
-    from pipeline.roles import activation_matmuls
+    from pipeline.transforms.quantization import node_table, quantized_activations
+    from pipeline.transforms.roles import activation_matmuls
 
     fp32 = net.fp32
     attention = bool(activation_matmuls(fp32))

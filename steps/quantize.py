@@ -10,6 +10,7 @@ dynamic quantization (pipeline.dynamic), no ranges needed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,8 +24,8 @@ from pipeline.graph import model as onnx_model
 from pipeline.graph.layout import Layout
 from pipeline.log import logger
 from pipeline.sources import data
-from pipeline.tag_names import CPU_FLEET_TAG, TARGET_TAG, WEIGHT_SCHEME_TAG
-from pipeline.transforms import dynamic, recipe
+from pipeline.tag_names import AUTO_CHOICES_TAG, CPU_FLEET_TAG, GRAPH_KIND_TAG, TARGET_TAG, WEIGHT_SCHEME_TAG
+from pipeline.transforms import dynamic, recipe, roles
 from pipeline.transforms.quantization import QuantizeOptions, node_table
 from steps.base import Step, require_step
 from steps.context import StepContext
@@ -66,12 +67,15 @@ class QuantizeConfig:
     normalization: bool = False
     # cross-layer equalization of Conv pairs, for per-tensor weights (per_channel: false)
     equalization: bool = False
-    # per-channel activation outliers moved into the weights (SmoothQuant); null: off
-    smoothing: Smoothing | None = None
-    # Conv inputs that are (almost) one-signed quantized as x - c, c paid back in the bias: 8 bits, not 7
-    shift_activations: bool = False
-    # the mean output shift of each INT8 Conv/Gemm, measured on calibration samples, folded into its bias
-    bias_correction: bool = True
+    # per-channel activation outliers moved into the weights (SmoothQuant); null: off; auto: with its
+    # defaults on attention graphs, off on the others
+    smoothing: Smoothing | Literal["auto"] | None = "auto"
+    # Conv inputs that are (almost) one-signed quantized as x - c, c paid back in the bias: 8 bits, not 7;
+    # auto: on wherever activations are symmetric (target tensorrt)
+    shift_activations: bool | Literal["auto"] = "auto"
+    # the mean output shift of each INT8 Conv/Gemm, measured on calibration samples, folded into its bias;
+    # auto: on, except on attention graphs (where it measured worse)
+    bias_correction: bool | Literal["auto"] = "auto"
     bias_correction_samples: int = 128
     # nearest: each weight to its nearest INT8 value; gptq: each Conv's weights rounded together for the
     # least output error on calibration samples (pipeline/transforms/weight_rounding.py)
@@ -81,8 +85,37 @@ class QuantizeConfig:
     # null: all of them. A CPU without VNNI in the list gets weights ORT's kernels cannot saturate.
     cpu_fleet: list[str] | None = None
 
+    def for_graph(self, kind: str, has_samples: bool = True) -> QuantizeConfig:
+        """This config with every ``auto`` decided for a graph of ``kind`` (roles.graph_kind); without
+        calibration samples (``from_cache``) the options that measure on them stay off.
+
+        By measurement on nine networks (benchmarks/results/defaults_across_networks.md): shifted
+        activations took every CNN and detector measured up (a layout detector's F1 0.70 -> 0.92),
+        and on MiniLM smoothing with bias correction off matched NNCF's transformer preset (0.969)."""
+        attention = kind == "attention"
+        smoothing = self.smoothing
+        if smoothing == "auto":
+            smoothing = Smoothing() if attention and has_samples else None
+        shift = self.shift_activations
+        if shift == "auto":
+            shift = self.activation_scheme == "symmetric"
+        bias = self.bias_correction
+        if bias == "auto":
+            bias = not attention and has_samples
+        return dataclasses.replace(self, smoothing=smoothing, shift_activations=shift, bias_correction=bias)
+
+    def auto_choices(self, kind: str, has_samples: bool = True) -> str:
+        """What ``auto`` became for this graph, for the run's tag and log line."""
+        done = self.for_graph(kind, has_samples)
+        chosen = []
+        for key in ("shift_activations", "bias_correction", "smoothing"):
+            if getattr(self, key) == "auto":
+                value = getattr(done, key)
+                chosen.append(f"{key}={'off' if value is None else 'on' if value is not False else 'off'}")
+        return ", ".join(chosen)
+
     def as_recipe(self, facts: Facts) -> recipe.Recipe:
-        """These keys as the static recipe (pipeline/transforms/recipe.py) takes them.
+        """These keys, every ``auto`` decided (:meth:`for_graph`), as the static recipe takes them.
 
         The weight scheme is a pipeline fact."""
         opts = QuantizeOptions(
@@ -96,12 +129,13 @@ class QuantizeConfig:
             weights=facts.weight_scheme.name,
         )
         s = self.smoothing
+        assert s != "auto" and self.shift_activations != "auto" and self.bias_correction != "auto"
         return recipe.Recipe(
             quantize=opts,
             equalization=self.equalization,
-            shift_activations=self.shift_activations,
+            shift_activations=bool(self.shift_activations),
             smoothing=recipe.Smoothing(s.alpha, tuple(s.op_types), s.samples, s.method) if s is not None else None,
-            bias_correction=self.bias_correction,
+            bias_correction=bool(self.bias_correction),
             bias_correction_samples=self.bias_correction_samples,
             weight_rounding=self.weight_rounding,
             weight_rounding_samples=self.weight_rounding_samples,
@@ -150,7 +184,7 @@ class Quantize(Step):
                 "activations only with zero point 0. Use activations: symmetric (or auto).",
             )
 
-        if cfg.shift_activations and cfg.activation_scheme != "symmetric":
+        if cfg.shift_activations is True and cfg.activation_scheme != "symmetric":
             fail(
                 ConfigError,
                 "steps.quantize.shift_activations: shifts inputs onto a symmetric grid (zero point 0), but "
@@ -179,7 +213,7 @@ class Quantize(Step):
                     f"steps.quantize.cpu_fleet: {what}; "
                     f"expected a list of {', '.join(allowed)} (null or [all]: every CPU, the safe default).",
                 )
-        smooth = cfg.smoothing
+        smooth = cfg.smoothing if cfg.smoothing != "auto" else None
         if smooth is not None and not 0.0 <= smooth.alpha <= 1.0:
             fail(ConfigError, f"steps.quantize.smoothing.alpha: expected a number in [0, 1], got {smooth.alpha}.")
         if smooth is not None and smooth.samples <= 0:
@@ -207,7 +241,13 @@ class Quantize(Step):
             return
         ranges = Ranges.read(ctx.input("ranges"))
         ranges.check_model(onnx_model.sha256(fp32_path), "steps.quantize")
-        result = recipe.quantize_static(fp32, ranges, cfg.as_recipe(ctx.facts), self._samples(ctx, fp32))
+        kind, samples = roles.graph_kind(fp32), self._samples(ctx, fp32)
+        choices = cfg.auto_choices(kind, samples.batches is not None)
+        ctx.set_tags({GRAPH_KIND_TAG: kind, **({AUTO_CHOICES_TAG: choices} if choices else {})})
+        if choices:
+            logger.info("quantize: %s graph: %s (the defaults measured best for it)", kind, choices)
+        concrete = cfg.for_graph(kind, samples.batches is not None)
+        result = recipe.quantize_static(fp32, ranges, concrete.as_recipe(ctx.facts), samples)
         if result.float_model is not None:
             onnx_model.save_checked(result.float_model, ctx.output("float_model", "model/model_float.onnx"))
         counts = dict(result.counts)
@@ -270,6 +310,7 @@ class Quantize(Step):
 
     def key_material(self, ctx: StepContext, cfg: QuantizeConfig) -> dict[str, Any]:
         src = ctx.pipeline.data.calibration
+        # auto counts as using data: whether it does depends on the model (an input of the key anyway)
         uses_data = cfg.bias_correction or cfg.smoothing or cfg.weight_rounding == "gptq"
         if not uses_data or cfg.mode == "dynamic" or src is None:
             return {}

@@ -324,7 +324,7 @@ def test_the_public_recipe_builds_what_the_step_shipped(digits_run: dict[str, An
     from pipeline.graph.layout import Layout
     from pipeline.orchestration.runner import load_config as load
     from pipeline.sources import data
-    from pipeline.transforms import recipe
+    from pipeline.transforms import recipe, roles
 
     cfg = load(DIGITS / "pipeline.yaml", [])
     art = digits_run["artifacts"]
@@ -335,7 +335,8 @@ def test_the_public_recipe_builds_what_the_step_shipped(digits_run: dict[str, An
     specs, dirs = onnx_model.input_specs(fp32), data.search_dirs(cfg.base_dir)
     samples = recipe.Samples(lambda: data.batches(src, cfg.facts.batch_size, specs, dirs, "data.calibration"),
                              Layout.of(src), cfg.facts.memory_mb)  # fmt: skip
-    built = recipe.quantize_static(fp32, ranges, cfg.steps["quantize"].as_recipe(cfg.facts), samples)
+    chosen = cfg.steps["quantize"].for_graph(roles.graph_kind(fp32))  # what auto became, as the step decides it
+    built = recipe.quantize_static(fp32, ranges, chosen.as_recipe(cfg.facts), samples)
     shipped = onnx.load(str(art["quantize"] / "model/model_int8.onnx"))
     ours = {i.name: onnx.numpy_helper.to_array(i) for i in built.model.graph.initializer}
     theirs = {i.name: onnx.numpy_helper.to_array(i) for i in shipped.graph.initializer}
@@ -377,3 +378,9 @@ def test_the_pipeline_run_links_its_registered_version(digits_run: dict[str, Any
     tags = digits_run["client"].get_run(summary["run_id"]).data.tags
     reg = summary["registered_model"]
     assert tags["int8pipe.registered_version"] == f"models:/{reg['name']}/{reg['version']}"
+
+
+def test_quantize_records_the_graph_kind_and_what_auto_became(digits_run: dict[str, Any]) -> None:
+    tags = digits_run["client"].get_run(digits_run["summary"]["steps"]["quantize"]).data.tags
+    assert tags["int8pipe.graph_kind"] == "convolutional"
+    assert tags["int8pipe.auto_choices"] == "shift_activations=on, bias_correction=on, smoothing=off"

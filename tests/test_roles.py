@@ -50,3 +50,25 @@ def test_normalization_stays_float_unless_asked() -> None:
     opted_in = precisions(fp32, feeds, target="onnxruntime", activations="asymmetric", normalization=True)
     assert default["norm"] == "fp32" and default["fc1"] == default["fc2"] == "int8"
     assert opted_in["norm"] != "fp32"  # ORT's quantizer reads it through DequantizeLinear when allowed
+
+
+def test_quantize_defaults_follow_the_graph_kind() -> None:
+    """auto: shifted activations where activations are symmetric, bias correction except on transformers,
+    smoothing on transformers; options that measure on calibration samples stay off without them."""
+    from pipeline.transforms.roles import graph_kind
+    from steps.quantize import QuantizeConfig, Smoothing
+
+    assert graph_kind(build("tiny_attention")) == "attention"
+    assert graph_kind(build("conv_relu_gemm")) == "convolutional"
+    cfg = QuantizeConfig()
+    conv, attention = cfg.for_graph("convolutional"), cfg.for_graph("attention")
+    assert (conv.shift_activations, conv.bias_correction, conv.smoothing) == (True, True, None)
+    assert (attention.shift_activations, attention.bias_correction, attention.smoothing) == (True, False, Smoothing())
+    assert cfg.auto_choices("attention") == "shift_activations=on, bias_correction=off, smoothing=on"
+    ort = QuantizeConfig(target="onnxruntime").for_graph("convolutional")  # asymmetric: the grid is used whole
+    assert ort.shift_activations is False and ort.bias_correction is True
+    cached = cfg.for_graph("attention", has_samples=False)  # from_cache: nothing to measure on
+    assert (cached.bias_correction, cached.smoothing) == (False, None)
+    explicit = QuantizeConfig(shift_activations=False, bias_correction=True, smoothing=None).for_graph("attention")
+    assert (explicit.shift_activations, explicit.bias_correction, explicit.smoothing) == (False, True, None)
+    assert explicit.auto_choices("attention") == ""

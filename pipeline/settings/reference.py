@@ -116,7 +116,9 @@ DESCRIPTIONS = {
     "transformers: on all-MiniLM-L6-v2 `smoothing: {}` (alpha 0.95, minmax) with `bias_correction: false` took the "
     "`target: tensorrt` model's embedding cosine from 0.967 to 0.998 and nearest-neighbour agreement from 0.77 to "
     "0.97, every weight MatMul INT8. On CNNs it never paid (Conv inputs at alpha 0.5: EfficientNet-Lite0 "
-    "agreement unchanged, PP-OCRv4 detector text boxes kept 0.967 -> 0.965). Off by default (null).",
+    "agreement unchanged, PP-OCRv4 detector text boxes kept 0.967 -> 0.965). `auto` (default): on, with these "
+    "defaults, for a transformer (activations multiplied together, no Conv), off (null) for every other graph; the "
+    "quantize run's tags `int8pipe.graph_kind` and `int8pipe.auto_choices` say what it became.",
     "steps.quantize.smoothing.alpha": "0 keeps the spread in the activation, 1 moves all of it into the weights. "
     "0.95 is what measured best on MiniLM (0.5: cosine 0.959 against 0.997).",
     "steps.quantize.smoothing.op_types": "Layer types whose inputs are smoothed (add `Conv` to smooth convolutions).",
@@ -140,12 +142,14 @@ DESCRIPTIONS = {
     "symmetric INT8 grid: quantize x - c over [-(hi-lo)/2, (hi-lo)/2] (c the middle of the calibrated [lo, hi]) "
     "and add c times the sum of the INT8 weights to the bias; a Conv that pads gets an explicit Pad with -c. "
     "TensorRT runs the added Sub (and Pad) in float; the Conv stays INT8. Applied where the step gets at least "
-    "1.25x finer (metric `shifted_inputs`); symmetric activations only.",
+    "1.25x finer (metric `shifted_inputs`); symmetric activations only. `auto` (default): on wherever activations "
+    "are symmetric (`target: tensorrt`). It took every CNN and detector measured up, a layout detector's box F1 "
+    "from 0.70 to 0.92 (benchmarks/results/defaults_across_networks.md).",
     "steps.quantize.bias_correction": "Measure each INT8 Conv/Gemm's mean output shift per channel (quantized "
     "weights and input against FP32, on calibration samples) and subtract it from the float bias. Free at "
     "inference; on EfficientNet-Lite0 top-1 agreement 0.81 -> 0.88-0.91. It hurt a transformer (all-MiniLM-L6-v2: "
-    "embedding cosine 0.978 -> 0.967): set it false there. Needs `data.calibration`; off when calibrating "
-    "`from_cache`.",
+    "embedding cosine 0.978 -> 0.967). `auto` (default): on, except for a transformer (activations multiplied "
+    "together, no Conv). Needs `data.calibration`; off when calibrating `from_cache`.",
     "steps.quantize.bias_correction_samples": "Calibration samples the shift is measured on (whole batches).",
     "steps.quantize.weight_rounding": "`nearest`: every weight to its nearest INT8 value. `gptq`: each INT8 Conv's "
     "weights rounded together so that its output error on calibration samples is smallest (GPTQ: one input "

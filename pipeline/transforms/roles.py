@@ -30,5 +30,14 @@ def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     ]
 
 
+def graph_kind(model: onnx.ModelProto) -> str:
+    """``attention`` for a transformer (two activations multiplied, no Conv), else ``convolutional``
+    (a CNN with attention on top, such as a text recogniser's, measured best with the CNN defaults):
+    the quantize defaults that measured best differ between the two (README, "Defaults by graph kind")."""
+    if any(n.op_type == "Conv" for n in model.graph.node):
+        return "convolutional"
+    return "attention" if activation_matmuls(model) else "convolutional"
+
+
 def normalization_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in NORMALIZATION_OPS]
