@@ -11,6 +11,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.calibration.trt_cache import ALGORITHMS
+from pipeline.settings.config import AUTO_SEARCH
 from tests.conftest import run_pipeline
 
 pytestmark = pytest.mark.slow  # every test runs the digits pipeline or a sweep of it
@@ -135,11 +136,68 @@ def test_auto_method_chooses_by_the_validate_metric(digits_copy: Path, tracking_
     cfg["steps"]["validate"] = {"metric": "cosine", "max_drop": 0.5}
     path.write_text(yaml.safe_dump(cfg))
     s = run_pipeline(path, tracking_uri, tmp_path)
+    # the search, in order, until a trial passes: the defaults (mse) pass a 0.5 cosine drop at once
+    assert [t["overrides"] for t in s["trials"]] == AUTO_SEARCH
+    assert [t["gate"] for t in s["trials"]] == ["passed"] + ["skipped"] * (len(AUTO_SEARCH) - 1)
+    assert s["best"] == s["trials"][0]["run_id"]
+    table = MlflowClient(tracking_uri).download_artifacts(s["run_id"], "sweep/trials_table.json", str(tmp_path))
+    why = _table_column(Path(table), "why")
+    assert why[0] == "selected: the first trial to pass the gate" and set(why[1:]) == {
+        "not run: an earlier trial passed the gate (stop_at_first_pass)"
+    }
+    # with a grid of the user's, method: auto adds the four methods to it and the metric decides
+    cfg["sweep"] = {"grid": {"steps.validate.max_drop": [0.5]}}
+    path.write_text(yaml.safe_dump(cfg))
+    s = run_pipeline(path, tracking_uri, tmp_path)
     assert [t["overrides"]["steps.calibrate.method"] for t in s["trials"]] == METHODS
     best = max(s["trials"], key=lambda t: t["metrics"]["int8_cosine"])  # equal coverage: the metric decides
     assert s["best"] == best["run_id"]
+    cfg.pop("sweep")
     # without a validate step there is nothing to choose by: the default method
     cfg["steps"] = {k: v for k, v in cfg["steps"].items() if k in ("export", "calibrate", "quantize")}
     path.write_text(yaml.safe_dump(cfg))
     loaded = load(path)
     assert loaded.sweep is None and loaded.steps["calibrate"].method == "mse"
+
+
+def _table_column(path: Path, name: str) -> list[object]:
+    """Column ``name`` of an MLflow table artifact, row by row."""
+    table = json.loads(path.read_text())
+    col = table["columns"].index(name)
+    return [row[col] for row in table["data"]]
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ({"grid": {"steps.calibrate.method": ["mse"]}, "trials": [{"steps.calibrate.method": "mse"}]}, "not both"),
+        ({"trials": [{}]}, "sweep.trials: expected a list of non-empty mappings"),
+        ({"trials": [{"name": "other"}]}, "sweep.trials: name: a trial cannot change"),
+        ({}, "sweep.grid: give at least one key"),
+    ],
+)
+def test_sweep_trials_errors(digits_copy: Path, sweep: dict, message: str) -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.orchestration.runner import load_config
+
+    path = digits_copy / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["sweep"] = sweep
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_sweep_trials_run_in_order(digits_copy: Path) -> None:
+    from pipeline.orchestration.runner import load_config
+
+    path = digits_copy / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    order = [{"steps.calibrate.method": "minmax"}, {"steps.calibrate.method": "mse", "steps.validate.max_drop": 0.5}]
+    cfg["sweep"] = {"trials": order, "stop_at_first_pass": True}
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_config(path)
+    assert [overrides for overrides, _ in loaded.trials] == order
+    second = loaded.trials[1][1]
+    assert second.steps["calibrate"].method == "mse" and second.steps["validate"].max_drop == 0.5
+    assert "steps.validate.max_drop=0.5" in second.overrides  # what a trial process rebuilds it from

@@ -43,6 +43,11 @@ class SweepRun:
     reuse: bool
     tracker: Tracker  # the sweep's: trials' runs are looked up and closed through it
 
+    def passed(self, done: list[Trial]) -> bool:
+        """Whether the sweep stops here: ``stop_at_first_pass`` and one of ``done`` passed."""
+        assert self.config.sweep is not None
+        return self.config.sweep.stop_at_first_pass and any(t.gate == "passed" for t in done)
+
 
 class TrialExecutor:
     """Runs a sweep's trials; subclasses say how."""
@@ -63,6 +68,9 @@ class InProcess(TrialExecutor):
         for i, trial in enumerate(trials):
             if time.monotonic() >= sweep.deadline:
                 skip(trials[i:], sweep)
+                return
+            if sweep.passed(trials[:i]):
+                stopped(trials[i:])
                 return
             logger.info("sweep: trial %d/%d: %s", i + 1, len(trials), trial.label)
             self._run_one(trial, sweep)
@@ -104,6 +112,9 @@ class Processes(TrialExecutor):
         with tempfile.TemporaryDirectory(prefix="int8pipe-sweep-") as tmp:
             try:
                 while pending or running:
+                    if sweep.passed(trials):  # the running ones finish; no other starts
+                        stopped(pending)
+                        pending = []
                     while pending and len(running) < parallel and time.monotonic() < sweep.deadline:
                         trial = pending.pop(0)
                         out = Path(tmp) / f"trial{trials.index(trial)}.json"
@@ -121,6 +132,14 @@ class Processes(TrialExecutor):
                 for proc in running:
                     proc.wait()
         skip(pending, sweep)
+
+
+def stopped(trials: list[Trial]) -> None:
+    """Trials not started because an earlier one passed (``sweep.stop_at_first_pass``)."""
+    if trials:
+        logger.info("sweep: a trial passed the gate; %d trial(s) not started (stop_at_first_pass)", len(trials))
+    for trial in trials:
+        trial.gate, trial.error = "skipped", "not run: an earlier trial passed the gate (stop_at_first_pass)"
 
 
 def skip(trials: list[Trial], sweep: SweepRun) -> None:

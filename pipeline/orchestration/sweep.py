@@ -22,7 +22,7 @@ from pipeline.log import logger
 from pipeline.mlflow_io.tracking import Tracker
 from pipeline.orchestration.executors import InProcess, Processes, SweepRun, TrialExecutor
 from pipeline.orchestration.runner import Summary, run_pipeline
-from pipeline.orchestration.trials import LATENCY, Trial, select_best
+from pipeline.orchestration.trials import LATENCY, Trial, rank_key, select_best
 from pipeline.settings.config import PipelineConfig
 from pipeline.tag_names import BEST_RUN_TAG, BEST_TRIAL_TAG, SWEEP_TAG
 
@@ -55,7 +55,7 @@ def run_sweep(
             raise
         finally:
             best = select_best(trials)
-            _report(tracker, sweep_run, trials, best)
+            _report(tracker, sweep_run, trials, best, cfg.sweep.stop_at_first_pass)
             summary.best = best.run_id if best else None
             summary.gate = "passed" if best else "failed"
             if best is not None:
@@ -86,13 +86,30 @@ def executor_for(config: PipelineConfig) -> TrialExecutor:
     return Processes() if config.sweep.parallel > 1 else InProcess()
 
 
-def _report(tracker: Tracker, sweep_run: str, trials: list[Trial], best: Trial | None) -> None:
+def why(t: Trial, best: Trial | None, first_pass: bool) -> str:
+    """The trials table's account of each trial against the selected one."""
+    if t is best:
+        if first_pass:
+            return "selected: the first trial to pass the gate"
+        return "selected: passed with the most INT8 nodes, then the smallest drop, then the lowest latency"
+    if t.gate == "passed" and best is not None:
+        mine, theirs = rank_key(t), rank_key(best)
+        if mine[0] != theirs[0]:
+            return "passed, with fewer INT8 nodes than the selected trial"
+        return "passed, with a larger drop than the selected trial" if mine[1] != theirs[1] else "passed, slower"
+    if t.gate == "failed":
+        return f"gate failed (drop {t.metrics['accuracy_drop']:.4f})" if "accuracy_drop" in t.metrics else "gate failed"
+    return t.error if t.gate == "skipped" and t.error else t.gate
+
+
+def _report(tracker: Tracker, sweep_run: str, trials: list[Trial], best: Trial | None, first_pass: bool) -> None:
     """The trade-off table and plot on the sweep run, and the best trial's numbers as its metrics."""
     rows = [
         {
             "trial": t.label,
             "gate": t.gate,
             "selected": t is best,
+            "why": why(t, best, first_pass),
             "int8_nodes": t.metrics.get("int8_nodes"),
             "accuracy_drop": t.metrics.get("accuracy_drop"),
             "accuracy_drop_se": t.metrics.get("accuracy_drop_se"),  # drops closer than ~2 of these are a tie

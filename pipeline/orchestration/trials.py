@@ -32,7 +32,7 @@ class Trial:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in self.overrides.items())
+        return ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in self.overrides.items()) or "defaults"
 
     @property
     def pipeline(self) -> PipelineConfig:

@@ -59,7 +59,10 @@ class SweepRay:
 
 @dataclass
 class SweepConfig:
-    grid: dict[str, list[Any]]  # dotted key (as --set takes it) -> the values to try
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted key (as --set takes it) -> values to try
+    # instead of a grid: the trials themselves, in the order they run (each {dotted key: value})
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    stop_at_first_pass: bool = False  # no trial starts once one has passed the gate (local executors)
     parallel: int = 1  # trials at once on this machine
     time_budget_s: float | None = None  # no trial starts after this; the best so far is kept
     executor: Literal["local", "ray"] = "local"  # ray: each trial a Ray task on the cluster
@@ -343,6 +346,16 @@ def parse(
 # (tests/test_calibration_methods.py holds the two equal)
 AUTO_METHODS = ["minmax", "entropy", "percentile", "mse"]
 AUTO_FALLBACK = "mse"  # without a validate step there is nothing to choose by
+# method: auto without a sweep of the user's: the levers that won on the networks measured
+# (benchmarks/results/defaults_across_networks.md), in the order they are tried. One calibration serves
+# every method (thresholds from the same histograms); GPTQ costs most, so it comes after the free levers.
+AUTO_SEARCH = [
+    {"steps.calibrate.method": "mse"},  # the defaults (shifted activations or smoothing by graph kind)
+    {"steps.calibrate.method": "percentile"},  # best or tied-best on six CNNs
+    {"steps.calibrate.method": "percentile", "steps.quantize.weight_rounding": "gptq"},  # +0.02 on Lite0
+    {"steps.calibrate.method": "entropy"},
+    {"steps.calibrate.method": "minmax"},
+]
 
 
 def _resolve_auto_method(cfg: PipelineConfig, top: RawPipeline) -> None:
@@ -354,31 +367,41 @@ def _resolve_auto_method(cfg: PipelineConfig, top: RawPipeline) -> None:
     if "validate" not in cfg.steps:
         calibrate.method = AUTO_FALLBACK
         return
-    sweep = top.sweep or SweepConfig(grid={})
-    sweep.grid = {**sweep.grid, "steps.calibrate.method": sweep.grid.get("steps.calibrate.method", AUTO_METHODS)}
+    if top.sweep is not None:  # the user's grid, over the four methods too
+        sweep = top.sweep
+        sweep.grid = {**sweep.grid, "steps.calibrate.method": sweep.grid.get("steps.calibrate.method", AUTO_METHODS)}
+    else:  # the search: most likely and cheapest first, until one passes
+        sweep = SweepConfig(trials=[dict(t) for t in AUTO_SEARCH], stop_at_first_pass=True)
     top.sweep = cfg.sweep = sweep
 
 
 def _trials(
     raw: dict[str, Any], sweep: SweepConfig, cfg: PipelineConfig, catalog: Mapping[str, StepSpec]
 ) -> list[tuple[dict[str, Any], PipelineConfig]]:
-    """Every combination of the grid, each validated as a whole pipeline before anything runs.
+    """Every combination of the grid (or every entry of ``sweep.trials``, in order), each validated
+    as a whole pipeline before anything runs.
 
     A trial's ``overrides`` are the sweep's plus its combination: a trial process rebuilds the same
     config from the YAML and them."""
     import itertools
 
-    if not sweep.grid or any(not values for values in sweep.grid.values()):
-        fail(ConfigError, "sweep.grid: give at least one key with a non-empty list of values.")
+    if sweep.grid and sweep.trials:
+        fail(ConfigError, "sweep: give either grid (every combination) or trials (a list, in order), not both.")
+    if sweep.trials:
+        if any(not isinstance(t, dict) or not t for t in sweep.trials):
+            fail(ConfigError, "sweep.trials: expected a list of non-empty mappings {dotted.key: value}.")
+    elif not sweep.grid or any(not values for values in sweep.grid.values()):
+        fail(ConfigError, "sweep.grid: give at least one key with a non-empty list of values (or sweep.trials).")
     if sweep.parallel < 1:
         fail(ConfigError, f"sweep.parallel: expected a positive integer, got {sweep.parallel}.")
-    for key in sweep.grid:
+    where = {**{k: f"sweep.grid.{k}" for k in sweep.grid}, **{k: f"sweep.trials: {k}" for t in sweep.trials for k in t}}
+    for key, path in where.items():
         if key.split(".")[0] in ("sweep", "name", "experiment"):
-            fail(ConfigError, f"sweep.grid.{key}: a trial cannot change the sweep, the name or the experiment.")
+            fail(ConfigError, f"{path}: a trial cannot change the sweep, the name or the experiment.")
     base = {k: v for k, v in raw.items() if k != "sweep"}
     out = []
-    for combo in itertools.product(*sweep.grid.values()):
-        overrides = dict(zip(sweep.grid, combo))
+    combos = sweep.trials or [dict(zip(sweep.grid, c)) for c in itertools.product(*sweep.grid.values())]
+    for overrides in combos:
         trial = copy.deepcopy(base)
         for key, value in overrides.items():
             set_key(trial, key, value, f"sweep.grid.{key}")

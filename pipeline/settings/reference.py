@@ -74,7 +74,9 @@ DESCRIPTIONS = {
     "steps.export.fold_batchnorm": "Fold BatchNormalization into the preceding convolutions, as TensorRT does.",
     "steps.calibrate.method": "`minmax` (max |x|), `entropy` (TensorRT's EntropyCalibration2), `percentile`, "
     "`mse` (squared error of fake quantisation; the default, by measurement), or `auto`: with a validate "
-    "step, a sweep over the four from one calibration, the validate metric choosing.",
+    "step, a search that stops at the first trial passing the gate: mse (the defaults), percentile, percentile "
+    "with `weight_rounding: gptq`, entropy, minmax, in that order (one calibration serves every method); with a "
+    "`sweep.grid` of yours, the four methods are added to it and the validate metric chooses.",
     "steps.calibrate.batch_size": "Samples per batch read from the data source.",
     "steps.calibrate.num_bins": "Bins of the |x| histogram (at least 128).",
     "steps.calibrate.percentile": "Percentile of |x| kept by `method: percentile`.",
@@ -201,6 +203,10 @@ DESCRIPTIONS = {
     "validation data and metric; `always`: to every version that passed the gate.",
     "sweep": "Optional: run one trial per combination of `grid`, compare them, promote the best.",
     "sweep.grid": "Dotted key (as `--set` takes it) -> list of values, e.g. `{steps.calibrate.method: [minmax, mse]}`.",
+    "sweep.trials": "Instead of `grid`: the trials themselves, in the order they run, each a mapping of dotted "
+    "keys to values, e.g. `[{steps.calibrate.method: mse}, {steps.quantize.weight_rounding: gptq}]`.",
+    "sweep.stop_at_first_pass": "Start no trial once one has passed the gate (that one is selected); trials "
+    "already running finish. With `executor: ray` every trial is submitted at once, so it does not apply.",
     "sweep.parallel": "Trials run at once, as processes on this machine (`executor: local`).",
     "sweep.time_budget_s": "No trial starts after this many seconds; the finished ones are compared.",
     "sweep.executor": "`local` (this machine) or `ray` (each trial a Ray task on a cluster; needs the `[ray]` "
