@@ -185,7 +185,8 @@ def test_without_calibration_samples_it_warns_and_rounds_to_nearest(
     second = run_pipeline(pipeline({}, {"from_cache": str(Path(cache) / "calibration.cache")}), tracking_uri, tmp_path)
     err = capsys.readouterr().err
     assert "no GPTQ weight rounding (it needs data.calibration samples)" in err
-    assert "no bias correction (it needs data.calibration samples)" in err  # on by default: said too
+    # bias correction is auto: without samples it is decided off, and the log says so
+    assert "bias_correction=off" in err
     metrics = client.get_run(second["steps"]["quantize"]).data.metrics
     assert metrics["gptq_rounded_nodes"] == 0 and metrics["bias_corrected_nodes"] == 0
 
