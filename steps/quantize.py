@@ -89,7 +89,7 @@ class QuantizeConfig:
         """This config with every ``auto`` decided for a graph of ``kind`` (roles.graph_kind); without
         calibration samples (``from_cache``) the options that measure on them stay off.
 
-        By measurement on nine networks (benchmarks/results/defaults_across_networks.md): shifted
+        By measurement on seven networks (benchmarks/results/defaults_across_networks.md): shifted
         activations took every CNN and detector measured up (a layout detector's F1 0.70 -> 0.92),
         and on MiniLM smoothing with bias correction off matched NNCF's transformer preset (0.969)."""
         attention = kind == "attention"
@@ -129,7 +129,8 @@ class QuantizeConfig:
             weights=facts.weight_scheme.name,
         )
         s = self.smoothing
-        assert s != "auto" and self.shift_activations != "auto" and self.bias_correction != "auto"
+        if "auto" in (s, self.shift_activations, self.bias_correction):
+            raise ValueError("QuantizeConfig.as_recipe: decide the auto keys first, with for_graph(kind)")
         return recipe.Recipe(
             quantize=opts,
             equalization=self.equalization,
