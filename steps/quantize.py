@@ -129,7 +129,7 @@ class QuantizeConfig:
             weights=facts.weight_scheme.name,
         )
         s = self.smoothing
-        if "auto" in (s, self.shift_activations, self.bias_correction):
+        if isinstance(s, str) or self.shift_activations == "auto" or self.bias_correction == "auto":
             raise ValueError("QuantizeConfig.as_recipe: decide the auto keys first, with for_graph(kind)")
         return recipe.Recipe(
             quantize=opts,
