@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from pipeline.settings import reference
 from steps import CATALOG
 from tests.conftest import ROOT
@@ -32,3 +34,10 @@ def test_nothing_links_outside_the_repository() -> None:
                 resolved = (path.parent / target).resolve()
                 assert resolved.exists(), f"{path.name} links to missing {target}"
                 assert resolved.is_relative_to(ROOT), f"{path.name} links outside the repository: {target}"
+
+
+def test_int8pipe_reference_prints_the_committed_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.orchestration.cli import main
+
+    assert main(["reference"]) == 0
+    assert capsys.readouterr().out == (ROOT / "docs" / "yaml-reference.md").read_text()

@@ -72,3 +72,12 @@ def test_quantize_defaults_follow_the_graph_kind() -> None:
     explicit = QuantizeConfig(shift_activations=False, bias_correction=True, smoothing=None).for_graph("attention")
     assert (explicit.shift_activations, explicit.bias_correction, explicit.smoothing) == (False, True, None)
     assert explicit.auto_choices("attention") == ""
+
+
+def test_a_recipe_needs_the_auto_keys_decided() -> None:
+    from pipeline.settings.facts import Facts
+    from steps.quantize import QuantizeConfig
+
+    with pytest.raises(ValueError, match="decide the auto keys first, with for_graph"):
+        QuantizeConfig().as_recipe(Facts())
+    assert QuantizeConfig().for_graph("convolutional").as_recipe(Facts()).shift_activations is True

@@ -201,3 +201,16 @@ def test_sweep_trials_run_in_order(digits_copy: Path) -> None:
     second = loaded.trials[1][1]
     assert second.steps["calibrate"].method == "mse" and second.steps["validate"].max_drop == 0.5
     assert "steps.validate.max_drop=0.5" in second.overrides  # what a trial process rebuilds it from
+
+
+def test_processes_stop_starting_trials_once_one_passed(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    """parallel: 2 with stop_at_first_pass: the two running trials finish, the third never starts."""
+    path = _sweep_config(digits_copy, parallel=2)
+    cfg = yaml.safe_load(path.read_text())
+    methods = ["minmax", "percentile", "entropy"]
+    cfg["sweep"] = {"trials": [{"steps.calibrate.method": m} for m in methods], "parallel": 2,
+                    "stop_at_first_pass": True}  # fmt: skip
+    path.write_text(yaml.safe_dump(cfg))
+    s = run_pipeline(path, tracking_uri, tmp_path)
+    assert [t["gate"] for t in s["trials"]] == ["passed", "passed", "skipped"]
+    assert s["best"] in {s["trials"][0]["run_id"], s["trials"][1]["run_id"]}

@@ -103,3 +103,12 @@ def test_cache_show_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "MinMaxCalibration" in capsys.readouterr().out
     assert main(["cache", "show", str(tmp_path / "missing.cache")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cache_show_of_an_unknown_run_says_what_to_give(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.orchestration.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["cache", "show", "0" * 32, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot fetch runs:/{'0' * 32}/calibration/calibration.cache" in err and "Give a cache file" in err
