@@ -106,13 +106,12 @@ class QuantizeConfig:
 
     def auto_choices(self, kind: str, has_samples: bool = True) -> str:
         """What ``auto`` became for this graph, for the run's tag and log line."""
-        done = self.for_graph(kind, has_samples)
-        chosen = []
-        for key in ("shift_activations", "bias_correction", "smoothing"):
-            if getattr(self, key) == "auto":
-                value = getattr(done, key)
-                chosen.append(f"{key}={'off' if value is None else 'on' if value is not False else 'off'}")
-        return ", ".join(chosen)
+        return self.decided(self.for_graph(kind, has_samples))
+
+    def decided(self, done: QuantizeConfig) -> str:
+        """``key=on|off`` for each of this config's ``auto`` keys, as ``done`` (its for_graph) set them."""
+        keys = [k for k in ("shift_activations", "bias_correction", "smoothing") if getattr(self, k) == "auto"]
+        return ", ".join(f"{k}={'off' if getattr(done, k) in (None, False) else 'on'}" for k in keys)
 
     def as_recipe(self, facts: Facts) -> recipe.Recipe:
         """These keys, every ``auto`` decided (:meth:`for_graph`), as the static recipe takes them.
@@ -243,11 +242,11 @@ class Quantize(Step):
         ranges = Ranges.read(ctx.input("ranges"))
         ranges.check_model(onnx_model.sha256(fp32_path), "steps.quantize")
         kind, samples = roles.graph_kind(fp32), self._samples(ctx, fp32)
-        choices = cfg.auto_choices(kind, samples.batches is not None)
+        concrete = cfg.for_graph(kind, samples.batches is not None)
+        choices = cfg.decided(concrete)
         ctx.set_tags({GRAPH_KIND_TAG: kind, **({AUTO_CHOICES_TAG: choices} if choices else {})})
         if choices:
             logger.info("quantize: %s graph: %s (the defaults measured best for it)", kind, choices)
-        concrete = cfg.for_graph(kind, samples.batches is not None)
         result = recipe.quantize_static(fp32, ranges, concrete.as_recipe(ctx.facts), samples)
         if result.float_model is not None:
             onnx_model.save_checked(result.float_model, ctx.output("float_model", "model/model_float.onnx"))
