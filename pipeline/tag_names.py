@@ -56,5 +56,5 @@ CPU_PORTABILITY_TAG = "int8pipe.cpu_portability"
 VALIDATED_ON_TAG = "int8pipe.validated_on"
 GRAPH_KIND_TAG = "int8pipe.graph_kind"  # quantize: attention | convolutional, which decides the auto defaults
 AUTO_CHOICES_TAG = "int8pipe.auto_choices"  # quantize: what each auto key became for this graph
-PRECISION_TAG = "int8pipe.precision"  # what the quantized layers compute in: int8
+PRECISION_TAG = "int8pipe.precision"  # what the quantized layers compute in: int8 | fp8
 LATENCY_ON_TAG = "int8pipe.latency_measured_on"  # where the version's latency tags were timed, or why there are none

@@ -54,8 +54,9 @@ def placement_note(provider: str, target: str | None, speedup: float) -> str | N
     return (
         f"INT8 runs at {speedup:.2f}x FP32's speed on ONNX Runtime's CPU provider: target: tensorrt places "
         "Q/DQ on layer inputs only (TensorRT's placement), and ORT's CPU int8 kernels need the layer's "
-        "output quantized too, so it dequantizes and computes in float. For CPU serving use "
-        "steps.quantize.target: onnxruntime (or mode: dynamic); TensorRT itself runs this model in INT8."
+        "output quantized too, so it dequantizes and computes in float (and the FP16 float regions TensorRT "
+        "runs natively are converted on an x86 CPU). For CPU serving use steps.quantize.target: onnxruntime "
+        "(or mode: dynamic); TensorRT itself runs this model in INT8."
     )
 
 

@@ -189,7 +189,7 @@ def latency_tags(ctx: StepContext) -> dict[str, str]:
     target = ctx.facts.target
     provider = DEPLOYED_PROVIDER[target]
     up = ctx.upstream_metrics
-    tags = {PRECISION_TAG: "int8"}
+    tags = {PRECISION_TAG: ctx.facts.precision}
     timed = {k: up[k] for k in (f"{provider}.int8.latency_p50_ms", f"{provider}.speedup") if k in up}
     if not timed:
         measured = sorted({k.split(".")[0] for k in up if k.endswith(".speedup")})

@@ -11,12 +11,14 @@ dynamic quantization (pipeline.dynamic), no ranges needed.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import onnx
 
+from pipeline.analysis import strongly_typed
 from pipeline.calibration.ranges import Ranges
 from pipeline.errors import ConfigError, ModelError, fail
 from pipeline.execution import cpu_kernels
@@ -26,6 +28,7 @@ from pipeline.log import logger
 from pipeline.sources import data
 from pipeline.tag_names import AUTO_CHOICES_TAG, CPU_FLEET_TAG, GRAPH_KIND_TAG, TARGET_TAG, WEIGHT_SCHEME_TAG
 from pipeline.transforms import dynamic, recipe, roles
+from pipeline.transforms.float_precision import Lowered
 from pipeline.transforms.quantization import QuantizeOptions, node_table
 from steps.base import Step, require_step
 from steps.context import StepContext
@@ -84,6 +87,13 @@ class QuantizeConfig:
     # target onnxruntime: the CPUs the model must compute the same on (pipeline/execution/cpu_kernels.py ISAS);
     # null: all of them. A CPU without VNNI in the list gets weights ORT's kernels cannot saturate.
     cpu_fleet: list[str] | None = None
+    # what the quantized layers compute in: int8, or fp8 (E4M3, scale amax/448; Hopper/Ada/Blackwell, target tensorrt)
+    precision: Literal["int8", "fp8"] = "int8"
+    # what the layers left float compute in (TensorRT 11 runs each layer in the type the model writes):
+    # auto: fp16 for tensorrt (FP32 kept where FP16 cannot hold the values), fp32 for onnxruntime
+    float_precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # nodes whose float computation stays FP32 whatever float_precision says (e.g. named by a validate overflow)
+    keep_fp32_nodes: list[str] = field(default_factory=list)
 
     def for_graph(self, kind: str, has_samples: bool = True) -> QuantizeConfig:
         """This config with every ``auto`` decided for a graph of ``kind`` (roles.graph_kind); without
@@ -97,8 +107,8 @@ class QuantizeConfig:
         if smoothing == "auto":
             smoothing = Smoothing() if attention and has_samples else None
         shift = self.shift_activations
-        if shift == "auto":
-            shift = self.activation_scheme == "symmetric"
+        if shift == "auto":  # the INT8 grid's lost half; E4M3 is not a uniform grid
+            shift = self.activation_scheme == "symmetric" and self.precision == "int8"
         bias = self.bias_correction
         if bias == "auto":
             bias = not attention and has_samples
@@ -139,7 +149,16 @@ class QuantizeConfig:
             bias_correction_samples=self.bias_correction_samples,
             weight_rounding=self.weight_rounding,
             weight_rounding_samples=self.weight_rounding_samples,
+            precision=self.precision,
+            float_precision=self.float_scheme,
+            keep_fp32_nodes=tuple(self.keep_fp32_nodes),
         )
+
+    @property
+    def float_scheme(self) -> str:
+        if self.float_precision != "auto":
+            return self.float_precision
+        return "fp16" if self.target == "tensorrt" else "fp32"
 
     @property
     def activation_scheme(self) -> str:
@@ -191,6 +210,7 @@ class Quantize(Step):
                 "activations are asymmetric here, which already use the whole grid. Drop shift_activations or "
                 "set activations: symmetric.",
             )
+        cls._check_precisions(cfg)
         if cfg.mode == "dynamic" and cfg.target != "onnxruntime":
             fail(
                 ConfigError,
@@ -231,6 +251,34 @@ class Quantize(Step):
                 f"got {cfg.bias_correction_samples} (to turn bias correction off, set bias_correction: false).",
             )
 
+    @staticmethod
+    def _check_precisions(cfg: QuantizeConfig) -> None:
+        if cfg.precision == "fp8" and cfg.target != "tensorrt":
+            fail(
+                ConfigError,
+                "steps.quantize.precision: fp8 needs target: tensorrt (Hopper, Ada or Blackwell GPUs); ONNX Runtime "
+                "has no FP8 kernels to serve it. Use precision: int8 for target onnxruntime.",
+            )
+        if cfg.float_precision in ("fp16", "bf16") and cfg.target != "tensorrt":
+            fail(
+                ConfigError,
+                f"steps.quantize.float_precision: {cfg.float_precision} float regions are for target: tensorrt, "
+                "whose strongly typed engines run each layer in the type the model writes; ONNX Runtime's CPU "
+                "provider runs them slower than FP32. Use float_precision: fp32 (or auto) for target onnxruntime.",
+            )
+        if cfg.precision == "fp8" and cfg.weight_rounding == "gptq":
+            fail(
+                ConfigError,
+                "steps.quantize.weight_rounding: gptq rounds weights onto the INT8 grid, but precision is fp8. "
+                "Use weight_rounding: nearest with fp8.",
+            )
+        if cfg.precision == "fp8" and cfg.shift_activations is True:
+            fail(
+                ConfigError,
+                "steps.quantize.shift_activations: shifts inputs onto the symmetric INT8 grid; precision fp8 "
+                "has no such grid. Drop shift_activations (auto turns it off for fp8).",
+            )
+
     def run(self, ctx: StepContext, cfg: QuantizeConfig) -> None:
         fp32_path = ctx.input("fp32_model")
         fp32 = onnx_model.load(fp32_path, check=False)
@@ -250,10 +298,45 @@ class Quantize(Step):
         result = recipe.quantize_static(fp32, ranges, concrete.as_recipe(ctx.facts), samples)
         if result.float_model is not None:
             onnx_model.save_checked(result.float_model, ctx.output("float_model", "model/model_float.onnx"))
+        # read on the Q/DQ model before lowering: a Cast between a DequantizeLinear and its reader is no change of role
+        rows = node_table(fp32, result.fp32_regions or result.model)
+        if result.regions is not None and result.fp32_regions is not None:
+            self._log_regions(ctx, result.regions, result.fp32_regions, rows)
         counts = dict(result.counts)
         corrected = counts.pop("bias_corrected_nodes")
-        self._finish(ctx, cfg, fp32_path, result.model, node_table(fp32, result.model), corrected)
+        self._finish(ctx, cfg, fp32_path, result.model, rows, corrected)
         ctx.log_metrics({k: float(v) for k, v in counts.items()})
+
+    @staticmethod
+    def _lint(ctx: StepContext, model: onnx.ModelProto) -> None:
+        """TensorRT 11's strongly typed rules, checked here rather than on the GPU host at build time."""
+        found = strongly_typed.lint(model)
+        path = ctx.workdir / "quantize" / "strongly_typed_lint.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([dataclasses.asdict(f) for f in found], indent=1))
+        ctx.log_metrics({"strongly_typed_breaks": len(found)})
+        for finding in found[:10]:
+            logger.warning("quantize: TensorRT 11 would refuse this model: %s", finding)
+        if len(found) > 10:
+            logger.warning("quantize: %d more in quantize/strongly_typed_lint.json", len(found) - 10)
+
+    @staticmethod
+    def _log_regions(
+        ctx: StepContext, regions: Lowered, fp32_regions: onnx.ModelProto, rows: list[dict[str, Any]]
+    ) -> None:
+        """The record of the FP16/BF16 regions (validate lowers a recovered model the same way), the
+        Q/DQ model before lowering (recovery reverts nodes on it), and the node table's float precisions."""
+        path = ctx.output("float_regions", "quantize/float_regions.json")
+        path.write_text(json.dumps(regions.to_json(), indent=1))
+        onnx_model.save_checked(fp32_regions, ctx.output("fp32_regions_model", "model/model_qdq_fp32_regions.onnx"))
+        low = set(regions.low_nodes)
+        for row in rows:
+            if row["precision"] == "fp32" and row["node"] in low:
+                row["precision"] = regions.precision
+        logger.info(
+            "quantize: float layers in %s: %d node(s); %d kept FP32 (quantize/float_regions.json says why)",
+            regions.precision.upper(), len(low), len(regions.kept_fp32),
+        )  # fmt: skip
 
     @staticmethod
     def _samples(ctx: StepContext, model: onnx.ModelProto) -> recipe.Samples:
@@ -276,9 +359,11 @@ class Quantize(Step):
     ) -> None:
         out = ctx.output("int8_model", "model/model_int8.onnx")
         onnx_model.save_checked(int8_model, out)
+        if cfg.target == "tensorrt":
+            self._lint(ctx, int8_model)
         if rows:
             ctx.log_table(rows, "quantize/nodes_table.json")
-        int8 = sum(r["precision"] == "int8" for r in rows)
+        int8 = sum(r["precision"] in ("int8", "fp8") for r in rows)
         if int8 == 0:
             ops = sorted({r["op_type"] for r in rows})
             fail(

@@ -17,8 +17,9 @@ kernels (:mod:`pipeline.analysis.kernel_fidelity`), and the gate reads the numer
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
@@ -27,13 +28,14 @@ import onnx
 from pipeline.analysis import evaluation, kernel_fidelity, layers, plots, recovery, scoring, suggestions
 from pipeline.calibration.collect import activation_sizes
 from pipeline.calibration.ranges import Ranges
-from pipeline.errors import ConfigError, GateFailed, fail
+from pipeline.errors import ConfigError, GateFailed, ModelError, fail
 from pipeline.execution import cpu_kernels, runtime
 from pipeline.graph import model as onnx_model
 from pipeline.graph.layout import Layout
 from pipeline.log import logger
 from pipeline.sources import data
 from pipeline.tag_names import INT8_NUMERICS_TAG
+from pipeline.transforms import float_precision, recipe
 from pipeline.transforms.quantization import node_table
 from steps.base import Step
 from steps.context import StepContext
@@ -240,6 +242,7 @@ class Validate(Step):
             chunk=sizing.score_chunk,
         )
         scores = scorer.first(int8)
+        self._refuse_overflow(ctx, scores, int8_model, specs)
         # before recovery spends time on a gate that may be measuring FP32's own indecision
         unsure = evaluation.unsure_share(scores.reference[metric.outputs[0]])
         if unsure is not None and unsure > UNSURE_WARN and cfg.metric == "agreement":
@@ -444,6 +447,28 @@ class Validate(Step):
             "layers": rows,
         }
 
+    def _refuse_overflow(
+        self, ctx: StepContext, scores: scoring.Scores, int8_model: onnx.ModelProto, specs: data.Specs
+    ) -> None:
+        """A model whose FP16 regions overflow on the validation data fails here, the tensors named,
+        instead of scoring NaN (or a saturated quantizer hiding an inf). The FP16 tensors are read on
+        the first batch; outputs that are not finite where FP32's are point at a later one."""
+        if _regions_record(ctx) is None:
+            return
+        cfg = ctx.pipeline.steps["validate"]
+        feeds = next(iter(self._batches(ctx, cfg, specs)))
+        bad = float_precision.nonfinite_tensors(int8_model, {k: v for k, v in feeds.items() if k != data.LABELS})
+        later = any(np.any(~np.isfinite(v) & np.isfinite(scores.reference[k])) for k, v in scores.outputs.items())
+        if not bad and not later:
+            return
+        where = f"first in {', '.join(bad)}" if bad else "outputs only, after the first batch"
+        fail(
+            ModelError,
+            "validate: the model's FP16 float regions overflow on the validation data (inf or NaN "
+            f"{where}): calibration never saw values this large. Keep the nodes writing them FP32 with "
+            "steps.quantize.keep_fp32_nodes, or set steps.quantize.float_precision: bf16 (FP32's range) or fp32.",
+        )
+
     def _recover(
         self,
         ctx: StepContext,
@@ -471,8 +496,54 @@ class Validate(Step):
         def logged(step: int, it: recovery.Iteration) -> None:
             ctx.log_metrics({f"recovery_{name}": it.scores.int8}, step=step)
 
-        result = recovery.recover(
-            int8_model,
+        # with FP16/BF16 regions, nodes revert on the Q/DQ model before lowering and every candidate is
+        # lowered as the quantize step lowered its model
+        record = _regions_record(ctx)
+        base = int8_model
+        if record is not None:
+            base = onnx_model.load(ctx.input("fp32_regions_model"), check=False)
+            scorer.prepare = lambda m: recipe.lowered_like(m, record)
+        try:
+            result = self._recover_from(base, float_model, scorer, scores, errors, cfg, logged)
+        finally:
+            scorer.prepare = None
+        (ctx.workdir / "validation").mkdir(parents=True, exist_ok=True)
+        (ctx.workdir / "validation" / "recovery.json").write_text(json.dumps(result.to_json(), indent=1))
+        logger.info(
+            "validate: recovery stopped (%s) after %.1fs: %d node(s) in float%s",
+            result.stopped,
+            result.seconds,
+            len(result.reverted),
+            f" ({', '.join(result.reverted)})" if result.reverted else "",
+        )
+        if result.model is not None:
+            rows = node_table(fp32_model, result.model)
+            if record is not None:
+                result.model = recipe.lowered_like(result.model, record)
+                low = set(record.get("low_nodes", []))
+                for row in rows:
+                    if row["precision"] == "fp32" and row["node"] in low | set(result.reverted):
+                        row["precision"] = str(record["precision"])
+            onnx_model.save_checked(result.model, ctx.output("int8_model", "model/model_int8.onnx"))
+            ctx.log_table(rows, "validation/nodes_table.json")
+            int8 = sum(r["precision"] in ("int8", "fp8") for r in rows)
+            ctx.log_metrics({"int8_nodes": int8, "fp_nodes": len(rows) - int8})
+        return result
+
+    @staticmethod
+    def _recover_from(
+        qdq: onnx.ModelProto,
+        float_model: onnx.ModelProto,
+        scorer: scoring.Scorer,
+        scores: scoring.Scores,
+        errors: layers.LayerErrors,
+        cfg: ValidateConfig,
+        logged: Callable[[int, recovery.Iteration], None],
+    ) -> recovery.Recovery:
+        rc = cfg.recover
+        assert rc is not None
+        return recovery.recover(
+            qdq,
             float_model,
             scorer,
             scores,
@@ -484,22 +555,12 @@ class Validate(Step):
             on_iteration=logged,
             sensitivity_samples=rc.sensitivity_samples,
         )
-        (ctx.workdir / "validation").mkdir(parents=True, exist_ok=True)
-        (ctx.workdir / "validation" / "recovery.json").write_text(json.dumps(result.to_json(), indent=1))
-        logger.info(
-            "validate: recovery stopped (%s) after %.1fs: %d node(s) in float%s",
-            result.stopped,
-            result.seconds,
-            len(result.reverted),
-            f" ({', '.join(result.reverted)})" if result.reverted else "",
-        )
-        if result.model is not None:
-            onnx_model.save_checked(result.model, ctx.output("int8_model", "model/model_int8.onnx"))
-            rows = node_table(fp32_model, result.model)
-            ctx.log_table(rows, "validation/nodes_table.json")
-            int8 = sum(r["precision"] == "int8" for r in rows)
-            ctx.log_metrics({"int8_nodes": int8, "fp_nodes": len(rows) - int8})
-        return result
+
+
+def _regions_record(ctx: StepContext) -> dict[str, Any] | None:
+    """The quantize step's record of its FP16/BF16 regions (None: its float layers are FP32)."""
+    path = ctx.inputs.get("float_regions")
+    return json.loads(Path(path).read_text()) if path is not None else None
 
 
 def _layer_errors(

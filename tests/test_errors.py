@@ -62,6 +62,22 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
             lambda d: d["steps"]["quantize"].update(cpu_fleet=["avx2"]),
             "steps.quantize.cpu_fleet: names the CPUs that run the model through ONNX Runtime",
         ),
+        (
+            lambda d: d["steps"]["quantize"].update(target="onnxruntime", precision="fp8"),
+            "steps.quantize.precision: fp8 needs target: tensorrt",
+        ),
+        (
+            lambda d: d["steps"]["quantize"].update(target="onnxruntime", float_precision="fp16"),
+            "steps.quantize.float_precision: fp16 float regions are for target: tensorrt",
+        ),
+        (
+            lambda d: d["steps"]["quantize"].update(precision="fp8", weight_rounding="gptq"),
+            "steps.quantize.weight_rounding: gptq rounds weights onto the INT8 grid, but precision is fp8",
+        ),
+        (
+            lambda d: d["steps"]["quantize"].update(precision="fp8", shift_activations=True),
+            "steps.quantize.shift_activations: shifts inputs onto the symmetric INT8 grid; precision fp8",
+        ),
     ],
 )
 def test_config_errors_name_the_key(

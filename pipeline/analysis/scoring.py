@@ -236,6 +236,8 @@ class Scorer:
         self._fp32_scores: dict[int, float] = {}  # samples -> FP32 score on the first that many
         self.kept: dict[str, np.ndarray] = {}  # the first SAMPLES samples: input.*, fp32.*, int8.*
         self.names = [o.name for o in self._fp32.get_outputs()]
+        # applied to every ModelProto before it runs (recovery's candidates lowered to FP16 regions)
+        self.prepare: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
 
     @property
     def samples(self) -> int:
@@ -247,7 +249,7 @@ class Scorer:
         if hasattr(model, "run"):
             return model
         if isinstance(model, onnx.ModelProto):
-            model = model.SerializeToString()
+            model = (self.prepare(model) if self.prepare is not None else model).SerializeToString()
         return runtime.session(model, optimize=self.int8_optimize)
 
     def first(self, int8: Any, keep: int = SAMPLES) -> Scores:

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import BackendUnavailable, ModelError, fail
+from pipeline.graph import emulation
+from pipeline.log import logger
 
 # YAML name -> ONNX Runtime execution provider
 PROVIDERS = {
@@ -59,6 +61,8 @@ def session(
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+    if wanted == "CPUExecutionProvider":
+        model = _cpu_twin(model)
     try:
         sess = rt.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
@@ -68,6 +72,25 @@ def session(
         # onnxruntime-gpu without a usable GPU quietly registers only the CPU provider.
         fail(BackendUnavailable, f"provider {provider!r} was requested but the session runs on {used[0]}.")
     return sess
+
+
+def _cpu_twin(model: str | Path | bytes) -> str | Path | bytes:
+    """``model``, or for a model with FP16/BF16 tensors its twin that rounds through them explicitly
+    (ORT's CPU provider would otherwise drop the roundings: pipeline/graph/emulation.py)."""
+    import onnx
+
+    if isinstance(model, bytes):
+        proto = onnx.load_from_string(model)
+    else:
+        proto = onnx.load(str(model), load_external_data=False)
+        if not emulation.has_narrow_floats(proto):
+            return model
+        proto = onnx.load(str(model))
+    if not emulation.has_narrow_floats(proto):
+        return model
+    twin, count = emulation.emulated(proto)
+    logger.debug("onnxruntime: %d FP16/BF16 node(s) computed in FP32 between explicit roundings", count)
+    return twin.SerializeToString()
 
 
 def run(sess: Any, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:

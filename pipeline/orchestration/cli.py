@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print {version, algorithm, tensors: {name: {scale, amax}}}")
     show.add_argument("--tracking-uri", default=None, help="where a run id is looked up (default: as for run)")
     sub.add_parser("reference", help="print every YAML key with its type, default and meaning (markdown)")
+    lint = sub.add_parser(
+        "lint",
+        help="check an ONNX model against TensorRT 11's strongly typed rules (exit 1 when a rule breaks)",
+    )
+    lint.add_argument("model", help="an ONNX file (for example a quantize run's model/model_int8.onnx)")
     return p
 
 
@@ -186,6 +191,17 @@ def _cache_file(spec: str, tracking_uri: str | None) -> str:
         )
 
 
+def _lint(path: Path) -> int:
+    from pipeline.analysis.strongly_typed import lint
+    from pipeline.graph import model as onnx_model
+
+    found = lint(onnx_model.load(path, check=False))
+    for finding in found:
+        print(finding)
+    print(f"{path}: {len(found)} break(s) of TensorRT 11's strongly typed rules" if found else f"{path}: clean")
+    return 1 if found else 0
+
+
 def _cache_show(args: argparse.Namespace) -> int:
     """Print a cache, streaming: the file is read line by line, twice (a first pass checks every line
     and measures the table, so a malformed cache prints nothing but the error), and ``--json`` is
@@ -255,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(reference.render(CATALOG), end="")
             return 0
+        if args.command == "lint":
+            return _lint(Path(args.model))
         return _cache_show(args)
     except GateFailed as exc:
         print(f"int8pipe: {exc}", file=sys.stderr)

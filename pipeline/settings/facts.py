@@ -27,6 +27,8 @@ class Facts:
     memory_mb: int = DEFAULT_MEMORY_MB  # activations alive during any inference pass (steps.calibrate.memory_mb)
     batch_size: int = DEFAULT_BATCH_SIZE  # samples per inference pass over calibration data
     gate_metric: str | None = None  # the metric a validate step gates on (None: not validated)
+    precision: str = "int8"  # what the quantized layers compute in: int8 | fp8
+    float_precision: str = "fp32"  # what the float layers compute in: fp32 | fp16 | bf16
 
     @property
     def cpu_kernels(self) -> bool:
@@ -53,5 +55,7 @@ def resolve(steps: dict[str, Any]) -> Facts:
             cpu_fleet=tuple(quantize.cpu_fleet or [ALL]),
             # TensorRT runs 8-bit weights; ORT's CPU kernels get what every CPU of the fleet computes exactly
             weight_scheme=SCHEMES["int8"] if target == "tensorrt" else choose(quantize.cpu_fleet),
+            precision=quantize.precision,
+            float_precision=quantize.float_scheme if quantize.mode == "static" else "fp32",
         )
     return Facts(**out)

@@ -161,6 +161,20 @@ DESCRIPTIONS = {
     "0.910 -> 0.940; it costs one pass over the samples plus about 30 s there. Conv only: MatMul/Gemm keep "
     "`nearest`. Needs `data.calibration`; off when calibrating `from_cache`.",
     "steps.quantize.weight_rounding_samples": "Calibration samples the second moments come from (whole batches).",
+    "steps.quantize.precision": "What the quantized layers compute in. `int8` (default). `fp8`: FP8 E4M3 Q/DQ for "
+    "Hopper, Ada and Blackwell GPUs (`target: tensorrt` only): the same placement and calibrated thresholds, scale "
+    "= amax/448, zero point 0, weights per output channel from max |w|, opset 19. Thresholds come from the "
+    "calibration method as for INT8; `shift_activations` and `weight_rounding: gptq` are INT8-grid tools and are "
+    "refused with fp8. Validated exactly on CPU: ONNX Runtime's CPU provider runs FLOAT8E4M3FN Q/DQ.",
+    "steps.quantize.float_precision": "What the layers left float compute in. TensorRT 11 builds strongly typed "
+    "networks: each layer runs in the type its ONNX tensors carry, so FP32 float regions run in FP32. `auto` "
+    "(default): `fp16` for `target: tensorrt`, `fp32` for `target: onnxruntime`. `fp16`: float layers in FP16, "
+    "except what FP16 cannot hold, kept FP32 and listed with the reason in `quantize/float_regions.json`: "
+    "reductions and normalisation statistics (Softmax, LayerNorm, Reduce*, Exp, Pow), nodes whose calibrated "
+    "|x| exceeds 65504/4, initializers beyond 65504 or non-zero below 2^-24. `bf16`: FP32's range, 8 bits of "
+    "mantissa (opset 22). Graph inputs and outputs stay FP32. `fp16`/`bf16` need `target: tensorrt`.",
+    "steps.quantize.keep_fp32_nodes": "Node names whose float computation stays FP32 whatever `float_precision` "
+    "says, e.g. the nodes a validate overflow message names.",
     "steps.quantize.cpu_fleet": "`target: onnxruntime`: the CPUs the model must compute the same on, a list of "
     "`avx2`, `avx512bw`, `avx_vnni`, `avx512_vnni`, `amx_int8`, `arm64`, `arm64_dotprod` (`null` or `[all]`: every "
     "CPU, the default). ONNX Runtime's int8 kernels on x86 without VNNI (`avx2`, `avx512bw`) sum pairs of uint8 x "

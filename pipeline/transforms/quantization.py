@@ -325,7 +325,8 @@ def node_table(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[dict[str, An
         if node.op_type in SHAPE_ONLY:
             dqs = []  # reads a quantized tensor's shape, never its values: not INT8 compute
         runtime_inputs = [i for i, p in zip(q.input, producers) if i and (i not in index.arrays or p is not None)]
-        precision = "fp32" if not dqs else ("int8" if len(dqs) == len(runtime_inputs) else "partial")
+        grid = "fp8" if any(_zero_point_type(index, dq) == TensorProto.FLOAT8E4M3FN for dq in dqs) else "int8"
+        precision = "fp32" if not dqs else (grid if len(dqs) == len(runtime_inputs) else "partial")
         per_channel = [dq for dq in dqs if _size(index.initializer(dq.input[1])) > 1]
         rows.append(
             {
@@ -337,6 +338,11 @@ def node_table(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[dict[str, An
             }
         )
     return rows
+
+
+def _zero_point_type(index: GraphIndex, dq: onnx.NodeProto) -> int | None:
+    zp = index.initializer(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    return zp.data_type if zp is not None else None
 
 
 def _size(tensor: onnx.TensorProto | None) -> int:

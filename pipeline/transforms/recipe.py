@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,7 +23,7 @@ from pipeline.graph.layout import Layout
 from pipeline.graph.model import drop_unused_initializers
 from pipeline.limits import DEFAULT_MEMORY_MB
 from pipeline.log import logger
-from pipeline.transforms import bias_correction, equalization, shift, smoothing, weight_rounding
+from pipeline.transforms import bias_correction, equalization, float_precision, fp8, shift, smoothing, weight_rounding
 from pipeline.transforms.keep_float import keep_float_inputs
 from pipeline.transforms.quantization import QuantizeOptions, float_nodes, quantize
 
@@ -49,6 +50,9 @@ class Recipe:
     bias_correction_samples: int = 128
     weight_rounding: str = "nearest"  # nearest | gptq
     weight_rounding_samples: int = 128
+    precision: str = "int8"  # what the quantized layers compute in: int8 | fp8 (E4M3, target tensorrt)
+    float_precision: str = "fp32"  # what the rest computes in: fp32 | fp16 | bf16 (float_precision.py)
+    keep_fp32_nodes: tuple[str, ...] = ()  # float nodes that stay FP32 whatever float_precision says
 
 
 @dataclass
@@ -65,6 +69,9 @@ class Quantized:
     model: onnx.ModelProto  # the Q/DQ model
     float_model: onnx.ModelProto | None  # the float model it was built from, when equalization or smoothing changed it
     counts: dict[str, int]  # what each stage changed, named as the quantize step's metrics
+    # float regions lowered to FP16/BF16: the record, and the Q/DQ model before (recovery reverts on it)
+    regions: float_precision.Lowered | None = None
+    fp32_regions: onnx.ModelProto | None = None
 
 
 def quantize_static(fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, samples: Samples) -> Quantized:
@@ -79,6 +86,9 @@ def quantize_static(fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, sampl
     qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
     # excluded means float: also where an excluded node shares an input or weight with a quantized one
     qdq = keep_float_inputs(qdq, fp32, kept_float)
+    if recipe.precision == "fp8":  # same placement and thresholds, E4M3 grids; before the stages that measure
+        counts["fp8_quantizers"] = fp8.to_fp8(qdq, source)
+        source = _with_opset(source, fp8.FP8_OPSET)  # bias correction copies FP8 quantizers into it
     # on at most the samples calibration saw (a true progress total)
     seen = ranges.num_samples or max(recipe.weight_rounding_samples, recipe.bias_correction_samples)
     counts["gptq_rounded_nodes"] = 0
@@ -94,7 +104,31 @@ def quantize_static(fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, sampl
         counts["bias_corrected_nodes"] = _on_samples(bias_correction.correct, "bias correction", source, qdq, samples,
                                                      limit)  # fmt: skip
     drop_unused_initializers(qdq)  # e.g. an int32 bias bias correction replaced
-    return Quantized(qdq, source if source is not fp32 else None, counts)
+    float_model = source if source is not fp32 else None
+    if recipe.float_precision == "fp32":
+        return Quantized(qdq, float_model, counts)
+    seen_max = {k: max(abs(v.min), abs(v.max)) for k, v in tensors.items()}
+    asked = {n: "steps.quantize.keep_fp32_nodes" for n in recipe.keep_fp32_nodes}
+    lowered = float_precision.lower(qdq, recipe.float_precision, seen_max, keep_fp32=asked)
+    counts[f"{recipe.float_precision}_nodes"] = len(lowered.low_nodes)
+    counts["fp32_kept_nodes"] = len(lowered.kept_fp32)
+    return Quantized(lowered.model, float_model, counts, lowered, qdq)
+
+
+def lowered_like(qdq: onnx.ModelProto, record: dict[str, Any]) -> onnx.ModelProto:
+    """``qdq`` (FP32 float regions: recovery's model) lowered as the quantize step lowered its model,
+    ``record`` being that step's ``Lowered.to_json()``: the same precision, the same nodes kept FP32."""
+    precision = str(record.get("precision", "fp32"))
+    if precision == "fp32":
+        return qdq
+    return float_precision.lower(qdq, precision, keep_fp32=dict(record.get("kept_fp32", {}))).model
+
+
+def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    float_precision.raise_opset(out, version)
+    return out
 
 
 def _have(samples: Samples, what: str) -> bool:

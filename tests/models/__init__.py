@@ -600,3 +600,23 @@ def saturating_depthwise() -> onnx.ModelProto:
     ]
     inits = [numpy_helper.from_array(dw, "dw"), numpy_helper.from_array(pw, "pw")]
     return _model(nodes, [_t("x", ["batch", 8, 6, 6])], [_t("y", ["batch", 8, 6, 6])], inits)
+
+
+@register
+def layernorm_by_hand() -> onnx.ModelProto:
+    """x[N,4,8] -> MatMul "fc" -> a LayerNorm written out (ReduceMean, Sub, Mul, ReduceMean, Add eps 1e-12,
+    Sqrt, Div) -> y: FP16 holds neither the epsilon (below its smallest subnormal) nor, safely, the statistics."""
+    rng = np.random.default_rng(71)
+    w = rng.normal(size=(8, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("ReduceMean", ["h"], ["mu"], name="mean", axes=[-1]),
+        helper.make_node("Sub", ["h", "mu"], ["d"], name="center"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name="square"),
+        helper.make_node("ReduceMean", ["d2"], ["var"], name="variance", axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["var_eps"], name="add_eps"),
+        helper.make_node("Sqrt", ["var_eps"], ["std"], name="std"),
+        helper.make_node("Div", ["d", "std"], ["y"], name="normalize"),
+    ]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(1e-12, np.float32), "eps")]
+    return _model(nodes, [_t("x", ["batch", 4, 8])], [_t("y", ["batch", 4, 8])], inits)

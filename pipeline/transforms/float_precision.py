@@ -1,0 +1,335 @@
+"""Float regions in FP16 or BF16 around the quantized layers: what TensorRT 11 runs is what the model says.
+
+TensorRT 11 builds every network strongly typed: a layer runs in the type its ONNX tensors carry. A
+Q/DQ model whose float parts are FP32 therefore runs them in FP32, slower than the FP16 engine a user
+compares against. :func:`lower_float_regions` rewrites the float computation of a model (Q/DQ or
+plain) to FP16 or BF16 and keeps in FP32 what the narrow type cannot hold:
+
+- ops whose result is a long reduction or normalisation statistic (Softmax, LayerNorm, Reduce*, Exp,
+  Pow): their sums overflow or lose the small terms in 10 mantissa bits;
+- nodes that read or write an activation whose calibrated max |x| exceeds FP16's largest value
+  with :data:`FP16_HEADROOM` to spare (the validation data may reach further than calibration did);
+- nodes that read an initializer FP16 cannot hold (beyond 65504, or non-zero below its smallest
+  subnormal, such as a LayerNorm epsilon of 1e-12);
+- ops without a rule here: an unknown op is never guessed into a narrow type.
+
+Typing follows the ONNX (and TensorRT strongly typed) rules: a DequantizeLinear outputs its scale's
+type, so a DQ whose readers all compute in FP16 gets an FP16 scale; a QuantizeLinear's scale has its
+input's type; a Cast is inserted wherever a tensor crosses between regions. Graph inputs and outputs
+stay FP32 so a caller feeds and reads what it did before. BF16 has FP32's exponent range, so only the
+op rules apply to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.graph.model import drop_unused_initializers, opset_of, tensor_types, toposort
+
+PRECISIONS = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+FP16_MAX = 65504.0
+FP16_TINY = 2.0**-24  # smallest FP16 subnormal: a non-zero constant below it becomes 0
+FP16_NORMAL = 2.0**-14  # smallest normal: a Q/DQ scale below it loses its relative precision
+# calibrated activations may grow by this factor on unseen data before an FP16 region overflows
+FP16_HEADROOM = 4.0
+# Q/DQ with a non-FP32 scale (FP16/BF16 regions, FLOAT8 zero points) exist from opset 19; most ops
+# accept BF16 (Conv among them) only from opset 22
+MIN_OPSET = {"fp16": 19, "bf16": 22}
+
+# Ops whose every float input and output share one type T, safe to compute in FP16/BF16.
+LOW_OPS = frozenset(
+    {
+        "Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu",
+        "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Elu", "Selu", "Neg", "Abs", "Max",
+        "Min", "Concat", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Gather",
+        "Pad", "Resize", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
+        "Identity", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Sqrt", "Where",
+    }
+)  # fmt: skip
+# Long reductions and normalisation statistics: FP32 by rule, whatever their range.
+REDUCTION_OPS = frozenset(
+    {
+        "Softmax", "LogSoftmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
+        "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+        "ReduceProd", "CumSum", "Exp", "Log", "Pow", "Einsum",
+    }
+)  # fmt: skip
+# Inputs that are parameters of a fixed float type, not data of type T: (op, input index).
+FIXED_INPUTS = frozenset({("Resize", 1), ("Resize", 2)})
+# Ops that read only a tensor's shape: any element type will do.
+SHAPE_READERS = frozenset({"Shape", "Size"})
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+@dataclass
+class Lowered:
+    """The rewritten model and, per node kept in FP32, why (a node without float data is in neither)."""
+
+    model: onnx.ModelProto
+    precision: str
+    low_nodes: list[str] = field(default_factory=list)
+    kept_fp32: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {"precision": self.precision, "low_nodes": self.low_nodes, "kept_fp32": self.kept_fp32}
+
+
+def lower_float_regions(
+    model: onnx.ModelProto, precision: str, activation_max: Mapping[str, float] | None = None
+) -> onnx.ModelProto:
+    """``model`` with its float computation in ``precision`` (fp16 | bf16; fp32 returns it unchanged).
+
+    ``activation_max``: tensor name -> the largest |x| calibration saw (None: no activation rule)."""
+    return lower(model, precision, activation_max).model
+
+
+def lower(
+    model: onnx.ModelProto,
+    precision: str,
+    activation_max: Mapping[str, float] | None = None,
+    keep_fp32: Mapping[str, str] | None = None,
+) -> Lowered:
+    """:func:`lower_float_regions` with the record of which nodes went low and why the others did not.
+
+    ``keep_fp32``: node name -> reason, nodes kept FP32 whatever the rules say (a record of an earlier
+    lowering, so a model changed since, such as recovery's, is lowered the same way)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown float precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return Lowered(model, precision)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    toposort(out)  # shape inference reads nodes in order: ORT's quantizer appends its Q/DQ nodes at the end
+    raise_opset(out, MIN_OPSET[precision])
+    return _Rewrite(out, PRECISIONS[precision], precision, activation_max or {}, keep_fp32 or {}).run()
+
+
+def raise_opset(model: onnx.ModelProto, version: int) -> None:
+    """Bring ``model``'s default-domain opset to at least ``version``, in place (ONNX's version converter)."""
+    if opset_of(model) >= version:
+        return
+    from onnx import version_converter
+
+    converted = version_converter.convert_version(model, version)
+    model.CopyFrom(converted)
+
+
+class _Rewrite:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        low: int,
+        precision: str,
+        activation_max: Mapping[str, float],
+        keep_fp32: Mapping[str, str],
+    ):
+        self.model, self.low, self.precision, self.activation_max = model, low, precision, activation_max
+        self.keep_fp32 = keep_fp32
+        self.graph = model.graph
+        self.opset = opset_of(model)
+        self.types = tensor_types(model)
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.types.update({name: i.data_type for name, i in self.inits.items()})
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for t in node.input:
+                if t:
+                    self.readers.setdefault(t, []).append(node)
+        self.casts: dict[tuple[str, int], str] = {}
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.taken = set(self.inits) | {t for n in self.graph.node for t in [*n.input, *n.output]}
+
+    def run(self) -> Lowered:
+        kept: dict[str, str] = {}
+        low: set[int] = set()
+        for k, node in enumerate(self.graph.node):
+            if node.op_type in QDQ_OPS or node.op_type in SHAPE_READERS or not self._float_tensors(node):
+                continue
+            reason = self._why_fp32(node)
+            if reason is None:
+                low.add(k)
+            else:
+                kept[node.name or f"#{k}"] = reason
+        names = [self.graph.node[k].name or f"#{k}" for k in sorted(low)]
+        low_dq = {k for k, n in enumerate(self.graph.node) if n.op_type == "DequantizeLinear" and self._dq_low(n, low)}
+        arrival = self._arrival_types(low | low_dq)
+        self._keep_outputs_fp32(arrival)
+        for k, node in enumerate(self.graph.node):
+            self._retype_inputs(node, k in low, arrival)
+            if k in low_dq:
+                node.input[1] = self._typed(node.input[1], self.low, arrival)
+            elif node.op_type == "QuantizeLinear":
+                node.input[1] = self._typed(node.input[1], arrival.get(node.input[0], TensorProto.FLOAT), arrival)
+        self.graph.node.extend(self.new_nodes)
+        del self.graph.value_info[:]  # element types changed: stale entries would contradict them
+        toposort(self.model)
+        drop_unused_initializers(self.model)  # the FP32 originals of initializers converted for one region
+        return Lowered(self.model, self.precision, names, kept)
+
+    # which nodes compute low
+
+    def _float_tensors(self, node: onnx.NodeProto) -> list[str]:
+        return [t for t in [*node.input, *node.output] if t and self.types.get(t) == TensorProto.FLOAT]
+
+    def _why_fp32(self, node: onnx.NodeProto) -> str | None:
+        if node.name in self.keep_fp32:
+            return self.keep_fp32[node.name]
+        if node.op_type in REDUCTION_OPS:
+            return "a reduction or normalisation statistic: stays FP32 by rule"
+        if node.op_type not in LOW_OPS:
+            return f"no {self.precision} rule for {node.op_type}"
+        if not _accepts(node.op_type, self.low, self.opset):
+            return f"ONNX opset {self.opset} has no {self.precision} {node.op_type}"
+        others = [t for t in [*node.input, *node.output] if t and self.types.get(t) not in (None, TensorProto.FLOAT)]
+        if any(self.types[t] in (TensorProto.DOUBLE,) for t in others):
+            return "reads or writes float64"
+        if self.low != TensorProto.FLOAT16:
+            return None  # BF16 keeps FP32's exponent range
+        limit = FP16_MAX / FP16_HEADROOM
+        for t in [*node.input, *node.output]:
+            seen = self.activation_max.get(t)
+            if seen is not None and seen > limit:
+                return f"{t} reached |x| = {seen:.4g} in calibration, beyond FP16's {FP16_MAX:.0f}/{FP16_HEADROOM:.0f}"
+        for t in node.input:
+            init = self.inits.get(t)
+            if init is None or init.data_type != TensorProto.FLOAT:
+                continue
+            values = np.abs(numpy_helper.to_array(init))
+            if values.size and float(values.max()) > FP16_MAX:
+                return f"initializer {t} holds {float(values.max()):.4g}, beyond FP16's {FP16_MAX:.0f}"
+            nonzero = values[values > 0]
+            if nonzero.size and float(nonzero.min()) < FP16_TINY:
+                return f"initializer {t} holds {float(nonzero.min()):.3g}, which FP16 rounds to 0"
+        return None
+
+    def _dq_low(self, dq: onnx.NodeProto, low: set[int]) -> bool:
+        """A DequantizeLinear outputs low when every reader computes low and its scale fits the type."""
+        positions = {id(n): k for k, n in enumerate(self.graph.node)}
+        readers = self.readers.get(dq.output[0], [])
+        if not readers or any(positions[id(r)] not in low for r in readers):
+            return False
+        if dq.output[0] in {o.name for o in self.graph.output}:
+            return False
+        scale = self.inits.get(dq.input[1])
+        if scale is None or scale.data_type != TensorProto.FLOAT:
+            return False
+        if self.low == TensorProto.FLOAT16:
+            s = np.abs(numpy_helper.to_array(scale))
+            return bool(np.all((s >= FP16_NORMAL) & (s <= FP16_MAX)))
+        return True
+
+    # typing
+
+    def _arrival_types(self, low_nodes: set[int]) -> dict[str, int]:
+        """tensor -> the element type it will have once the nodes in ``low_nodes`` compute low."""
+        arrival = dict(self.types)
+        for k, node in enumerate(self.graph.node):
+            if k in low_nodes:
+                for t in node.output:
+                    if t and self.types.get(t) == TensorProto.FLOAT:
+                        arrival[t] = self.low
+        return arrival
+
+    def _keep_outputs_fp32(self, arrival: dict[str, int]) -> None:
+        """A graph output computed low is renamed inside the graph and cast back under its own name."""
+        for out in self.graph.output:
+            if arrival.get(out.name) != self.low:
+                continue
+            inner = self._fresh(f"{out.name}_{self.precision}")
+            for node in self.graph.node:
+                node.output[:] = [inner if t == out.name else t for t in node.output]
+                node.input[:] = [inner if t == out.name else t for t in node.input]
+            for reader in self.readers.pop(out.name, []):
+                self.readers.setdefault(inner, []).append(reader)
+            arrival[inner] = self.low
+            arrival[out.name] = TensorProto.FLOAT
+            self.new_nodes.append(helper.make_node("Cast", [inner], [out.name], to=TensorProto.FLOAT,
+                                                   name=self._fresh(f"{out.name}_to_fp32")))  # fmt: skip
+
+    def _retype_inputs(self, node: onnx.NodeProto, low: bool, arrival: dict[str, int]) -> None:
+        if node.op_type in QDQ_OPS or node.op_type in SHAPE_READERS:
+            return
+        for i, t in enumerate(node.input):
+            if not t or (node.op_type, i) in FIXED_INPUTS or arrival.get(t) not in (TensorProto.FLOAT, self.low):
+                continue
+            want = self.low if low else TensorProto.FLOAT
+            if arrival[t] != want or (t in self.inits and self.inits[t].data_type != want):
+                node.input[i] = self._typed(t, want, arrival)
+
+    def _typed(self, tensor: str, want: int, arrival: dict[str, int]) -> str:
+        """The name under which ``tensor`` is available as ``want``: itself, a converted initializer
+        copy, or the output of a Cast."""
+        have = self.inits[tensor].data_type if tensor in self.inits else arrival.get(tensor, TensorProto.FLOAT)
+        if have == want:
+            return tensor
+        key = (tensor, want)
+        if key in self.casts:
+            return self.casts[key]
+        name = self._fresh(f"{tensor}_{_short(want)}")
+        if tensor in self.inits:
+            values = numpy_helper.to_array(self.inits[tensor])
+            self.graph.initializer.append(numpy_helper.from_array(_as_type(values, want), name))
+        else:
+            self.new_nodes.append(helper.make_node("Cast", [tensor], [name], to=want, name=self._fresh(f"{name}_cast")))
+        arrival[name] = want
+        self.casts[key] = name
+        return name
+
+    def _fresh(self, base: str) -> str:
+        name = base
+        while name in self.taken:
+            name += "_"
+        self.taken.add(name)
+        return name
+
+
+def _accepts(op_type: str, elem_type: int, opset: int) -> bool:
+    """Whether the ONNX schema of ``op_type`` at ``opset`` lets its type T (its data input's) be ``elem_type``."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset)
+    except onnx.defs.SchemaError:
+        return False
+    type_str = f"tensor({onnx.helper.tensor_dtype_to_string(elem_type).split('.')[-1].lower()})"
+    data = schema.inputs[0].type_str if schema.inputs else ""
+    allowed = next((c.allowed_type_strs for c in schema.type_constraints if c.type_param_str == data), [])
+    return type_str in allowed
+
+
+def _short(elem_type: int) -> str:
+    names: dict[int, str] = {int(v): k for k, v in PRECISIONS.items()}
+    return names.get(elem_type, str(elem_type))
+
+
+def _as_type(values: np.ndarray, elem_type: int) -> np.ndarray:
+    if elem_type == TensorProto.FLOAT16:
+        return values.astype(np.float16)
+    if elem_type == TensorProto.BFLOAT16:
+        import ml_dtypes  # installed with onnx >= 1.18; only BF16 regions need it
+
+        return values.astype(np.float32).astype(ml_dtypes.bfloat16)
+    return values.astype(np.float32)
+
+
+def nonfinite_tensors(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], limit: int = 5) -> list[str]:
+    """The first ``limit`` FP16/BF16 tensors of ``model`` (graph order) that hold inf or NaN on ``feeds``:
+    where a narrow region overflowed."""
+    from pipeline.execution import runtime
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    types = tensor_types(probe)
+    outputs = {o.name for o in probe.graph.output}
+    narrow = [
+        t for n in probe.graph.node for t in n.output
+        if t and t not in outputs and types.get(t) in (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    ]  # fmt: skip
+    probe.graph.output.extend(helper.make_tensor_value_info(t, types[t], None) for t in narrow)
+    sess = runtime.session(probe.SerializeToString(), optimize=False)
+    values = sess.run(narrow, dict(feeds))
+    bad = [t for t, v in zip(narrow, values) if not np.all(np.isfinite(np.asarray(v, np.float32)))]
+    return bad[:limit]

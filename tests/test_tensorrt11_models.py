@@ -1,0 +1,86 @@
+"""Pipelines that write models for TensorRT 11: FP16 float regions by default, FP8 on request, the
+strongly typed lint on what is written, and FP16 overflow named by validate instead of NaN scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import mlflow.onnx
+import numpy as np
+import onnx
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.graph.model import tensor_types
+from pipeline.orchestration.cli import main
+from tests.conftest import npz_pipeline, run_args, run_pipeline
+from tests.models import build
+
+pytestmark = pytest.mark.slow
+
+
+def artifact(tracking_uri: str, run_id: str, path: str, dst: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst),
+                                                    tracking_uri=tracking_uri))  # fmt: skip
+
+
+def test_digits_for_tensorrt_has_fp16_regions_by_default_and_fp8_on_request(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    client = MlflowClient(tracking_uri)
+    for precision, dtype in [("int8", onnx.TensorProto.INT8), ("fp8", onnx.TensorProto.FLOAT8E4M3FN)]:
+        folder = tmp_path / precision
+        folder.mkdir()
+        summary = run_pipeline(digits_copy / "pipeline.yaml", tracking_uri, folder,
+                               f"steps.quantize.precision={precision}")  # fmt: skip
+        quantize = summary["steps"]["quantize"]
+        assert summary["gate"] == "passed" and summary["metrics"]["accuracy_drop"] <= 0.01
+        model = onnx.load(artifact(tracking_uri, quantize, "model/model_int8.onnx", folder))
+        onnx.checker.check_model(model, full_check=True)
+        zero_points = {i.data_type for i in model.graph.initializer if "zero_point" in i.name}
+        assert zero_points == {dtype}
+        types = tensor_types(model)
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        assert convs and all(types[n.output[0]] == onnx.TensorProto.FLOAT16 for n in convs)
+        regions = json.loads(artifact(tracking_uri, quantize, "quantize/float_regions.json", folder).read_text())
+        assert regions["precision"] == "fp16" and regions["low_nodes"]
+        lint = artifact(tracking_uri, quantize, "quantize/strongly_typed_lint.json", folder)
+        assert json.loads(lint.read_text()) == []
+        rows = json.loads(artifact(tracking_uri, quantize, "quantize/nodes_table.json", folder).read_text())
+        table = dict(zip(rows["columns"], zip(*rows["data"])))
+        assert precision in table["precision"] and "fp16" in table["precision"]
+        assert client.get_run(quantize).data.metrics["strongly_typed_breaks"] == 0
+        registered = summary["registered_model"]
+        version = client.get_model_version(registered["name"], registered["version"])
+        assert version.tags["int8pipe.precision"] == precision
+        loaded = mlflow.onnx.load_model(f"models:/{registered['name']}/{registered['version']}")
+        onnx.checker.check_model(loaded, full_check=True)
+
+
+def test_fp16_overflow_on_validation_data_names_the_tensor(
+    tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """outlier_channel_matmul multiplies channel 0 by 40 in a float region: calibration sees |h| ~ 160,
+    validation data 3,000 times larger pushes h past FP16's 65504, and the INT8 quantizer reading h would
+    saturate the inf into a finite, wrong number."""
+    rng = np.random.default_rng(0)
+    cal = {"x": rng.normal(size=(64, 8)).astype(np.float32)}
+    val = {"x": (rng.normal(size=(32, 8)) * 3e3).astype(np.float32)}
+    steps = {"export": {}, "calibrate": {"method": "minmax"}, "quantize": {},
+             "validate": {"metric": "cosine", "max_drop": 0.05}}  # fmt: skip
+    config = npz_pipeline(tmp_path, build("outlier_channel_matmul"), cal, val, steps, name="overflow")
+    code = main(run_args(config, tracking_uri, tmp_path / "s.json"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "FP16 float regions overflow on the validation data (inf or NaN first in h)" in err
+    assert "keep_fp32_nodes" in err and "Traceback" not in err
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("overflow").experiment_id])
+    statuses = {r.data.tags.get("int8pipe.step"): r.info.status for r in runs}
+    assert statuses["validate"] == "FAILED" and statuses["quantize"] == "FINISHED"
+    # the way out the message gives works: the node writing h kept FP32
+    code = main(run_args(config, tracking_uri, tmp_path / "s2.json", "steps.quantize.keep_fp32_nodes=[outlier]"))
+    err = capsys.readouterr().err
+    assert code in (0, 3) and "float regions overflow" not in err, err
