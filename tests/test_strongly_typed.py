@@ -100,3 +100,18 @@ def test_what_int8pipe_writes_for_tensorrt_is_clean(name: str) -> None:
     fp8.to_fp8(model, build(name))
     assert lint(model) == []
     assert lint(float_precision.lower_float_regions(model, "fp16")) == []
+
+
+def test_lint_command_exit_codes(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.orchestration.cli import main
+
+    clean, broken = tmp_path / "clean.onnx", tmp_path / "broken.onnx"
+    onnx.save(conv_model(), str(clean))
+    onnx.save(conv_model(w_axis=1), str(broken))
+    assert main(["lint", str(clean)]) == 0
+    assert capsys.readouterr().out.strip().endswith("clean")
+    assert main(["lint", str(broken)]) == 1
+    out = capsys.readouterr().out
+    assert "[weight-axis] w_dq: per-channel axis 1, but Conv 'conv' has its output channels on axis 0" in out
+    assert main(["lint", str(tmp_path / "missing.onnx")]) == 2
+    assert "model file not found" in capsys.readouterr().err

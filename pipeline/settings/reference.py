@@ -171,7 +171,7 @@ DESCRIPTIONS = {
     "(default): `fp16` for `target: tensorrt`, `fp32` for `target: onnxruntime`. `fp16`: float layers in FP16, "
     "except what FP16 cannot hold, kept FP32 and listed with the reason in `quantize/float_regions.json`: "
     "reductions and normalisation statistics (Softmax, LayerNorm, Reduce*, Exp, Pow), nodes whose calibrated "
-    "|x| exceeds 65504/4, initializers beyond 65504 or non-zero below 2^-24. `bf16`: FP32's range, 8 bits of "
+    "|x| exceeds 65504/4, initializers beyond 65504 or wholly below 2^-14 (an epsilon). `bf16`: FP32's range, 8 bits of "
     "mantissa (opset 22). Graph inputs and outputs stay FP32. `fp16`/`bf16` need `target: tensorrt`.",
     "steps.quantize.keep_fp32_nodes": "Node names whose float computation stays FP32 whatever `float_precision` "
     "says, e.g. the nodes a validate overflow message names.",

@@ -9,8 +9,8 @@ plain) to FP16 or BF16 and keeps in FP32 what the narrow type cannot hold:
   Pow): their sums overflow or lose the small terms in 10 mantissa bits;
 - nodes that read or write an activation whose calibrated max |x| exceeds FP16's largest value
   with :data:`FP16_HEADROOM` to spare (the validation data may reach further than calibration did);
-- nodes that read an initializer FP16 cannot hold (beyond 65504, or non-zero below its smallest
-  subnormal, such as a LayerNorm epsilon of 1e-12);
+- nodes that read an initializer FP16 cannot hold (beyond 65504, or all of it below FP16's normal
+  range, such as a LayerNorm epsilon of 1e-12, which FP16 rounds to 0);
 - ops without a rule here: an unknown op is never guessed into a narrow type.
 
 Typing follows the ONNX (and TensorRT strongly typed) rules: a DequantizeLinear outputs its scale's
@@ -33,7 +33,6 @@ from pipeline.graph.model import drop_unused_initializers, opset_of, tensor_type
 
 PRECISIONS = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 FP16_MAX = 65504.0
-FP16_TINY = 2.0**-24  # smallest FP16 subnormal: a non-zero constant below it becomes 0
 FP16_NORMAL = 2.0**-14  # smallest normal: a Q/DQ scale below it loses its relative precision
 # calibrated activations may grow by this factor on unseen data before an FP16 region overflows
 FP16_HEADROOM = 4.0
@@ -61,8 +60,8 @@ REDUCTION_OPS = frozenset(
 )  # fmt: skip
 # Inputs that are parameters of a fixed float type, not data of type T: (op, input index).
 FIXED_INPUTS = frozenset({("Resize", 1), ("Resize", 2)})
-# Ops that read only a tensor's shape: any element type will do.
-SHAPE_READERS = frozenset({"Shape", "Size"})
+# Ops that read only a tensor's shape (any element type will do), and constants (TensorRT folds their Casts).
+SHAPE_READERS = frozenset({"Shape", "Size", "Constant"})
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
@@ -202,9 +201,10 @@ class _Rewrite:
             values = np.abs(numpy_helper.to_array(init))
             if values.size and float(values.max()) > FP16_MAX:
                 return f"initializer {t} holds {float(values.max()):.4g}, beyond FP16's {FP16_MAX:.0f}"
-            nonzero = values[values > 0]
-            if nonzero.size and float(nonzero.min()) < FP16_TINY:
-                return f"initializer {t} holds {float(nonzero.min()):.3g}, which FP16 rounds to 0"
+            # a tensor whose every value sits below FP16's normal range (an epsilon) loses itself; a weight
+            # tensor with a few tiny entries among larger ones loses nothing that matters
+            if values.size and 0 < float(values.max()) < FP16_NORMAL:
+                return f"initializer {t} holds only values below FP16's normal range (max {float(values.max()):.3g})"
         return None
 
     def _dq_low(self, dq: onnx.NodeProto, low: set[int]) -> bool:
