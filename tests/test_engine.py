@@ -229,6 +229,18 @@ def test_type_words(text: str, word: str) -> None:
     assert engine_layers.type_of(text) == word
 
 
+def test_precision_rules() -> None:
+    """The rule itself, on type lists (not recorded layers): weights decide; else the narrowest input,
+    except in a generated pointwise kernel, where an INT8 input beside a float one is dequantized."""
+    assert engine_layers.compute_precision("int8", ["fp16"], ["fp16"]) == "int8"
+    assert engine_layers.compute_precision(None, ["int8", "fp16"], ["fp16"]) == "int8"
+    assert engine_layers.compute_precision(None, ["int8", "fp16"], ["fp16"], pointwise=True) == "fp16"
+    assert engine_layers.compute_precision(None, ["int32", "fp32"], ["fp32"]) == "fp32"  # an index input aside
+    assert engine_layers.compute_precision(None, ["int64"], ["int64"]) == "int64"  # shape arithmetic
+    assert engine_layers.compute_precision(None, [], ["fp16"]) == "fp16"
+    assert engine_layers.compute_precision(None, ["unknown"], []) == "unknown"
+
+
 def test_not_layer_information_is_an_error() -> None:
     with pytest.raises(ValueError, match="Layers"):
         engine_layers.parse({"Engine": 1})

@@ -58,6 +58,8 @@ INDEX_TYPES = ("int32", "int64", "uint8", "bool")  # shapes, indices, masks: not
 COUNTED = ("int8", "fp8", "fp16", "bf16", "fp32")  # metrics per precision; the rest count as "other"
 
 COMPUTE, REFORMAT, NOOP = "compute", "reformat", "noop"
+# TensorRT's layer types for generated elementwise kernels (TensorRT 8's PointWise, Myelin's kgen)
+POINTWISE_TYPES = ("PointWise", "PointWiseV2", "ElementWise", "kgen")
 _REFORMAT_PREFIX = re.compile(r"^Reformatting CopyNode for (?:Input|Output) Tensor \d+ to ")
 # "[ONNX Layer: /conv1/Conv]" items, joined by U+001E (TensorRT 8.6, 10.1) or U+001F (later 10.x)
 _METADATA_ITEM = re.compile(r"\[ONNX Layer: (.*?)\](?=[\x1e\x1f]|\[ONNX Layer: |$)", re.S)
@@ -145,15 +147,21 @@ class EngineInfo:
         ]
 
 
-def compute_precision(weights: str | None, inputs: Iterable[str], outputs: Iterable[str]) -> str:
+def compute_precision(
+    weights: str | None, inputs: Iterable[str], outputs: Iterable[str], pointwise: bool = False
+) -> str:
     """What a layer computes in: its weights' type when it holds weights, else the narrowest float or
-    quantized type among its inputs (index and mask inputs aside), else among its outputs."""
+    quantized type among its inputs (index and mask inputs aside), else among its outputs.
+
+    A ``pointwise`` layer (a generated elementwise kernel) that reads an INT8 tensor beside a float one
+    dequantizes it and computes in the float type: there the widest input type counts."""
     if weights is not None and weights in COMPUTE_ORDER:
         return weights
     for side in (list(inputs), list(outputs)):
         found = [t for t in side if t in COMPUTE_ORDER]
         if found:
-            return min(found, key=COMPUTE_ORDER.index)
+            pick = max if pointwise else min
+            return pick(found, key=COMPUTE_ORDER.index)
         if side and all(t in INDEX_TYPES for t in side):
             return side[0]
     return "unknown"
@@ -239,7 +247,7 @@ def _layer(raw: Mapping[str, Any] | str, onnx_nodes: Collection[str] | None) -> 
         name=name,
         layer_type=str(raw.get("LayerType", "")),
         role=_role(name, raw),
-        precision=compute_precision(weights, inputs, outputs),
+        precision=compute_precision(weights, inputs, outputs, raw.get("LayerType") in POINTWISE_TYPES),
         inputs=inputs,
         outputs=outputs,
         weights=weights,
