@@ -144,7 +144,10 @@ class Engine(Step):
         shapes = benchmark.input_shapes(specs, cfg.shapes, sample, source, layout, key=SHAPES_KEY)
         feeds = benchmark.benchmark_feeds(specs, shapes, cfg.batch_size, sample, layout=layout)
         fp16 = fp16_baseline(fp32, ctx.inputs.get("ranges"))
-        onnx_model.save_checked(fp16, ctx.output("fp16_model", "engine/model_fp16.onnx"))
+        # logged with the run, not handed on: a later step (promote) reads only the report, and a reused
+        # run need not download two engines to stand in
+        folder = ctx.workdir / "engine"
+        onnx_model.save_checked(fp16, folder / "model_fp16.onnx")
         quantized = [r["node"] for r in quantization.node_table(fp32, int8) if r["precision"] == "int8"]
         report: dict[str, Any] = {
             "status": "built",
@@ -163,8 +166,8 @@ class Engine(Step):
             built = tensorrt_engine.build(
                 model.SerializeToString(), {k: tuple(v.shape) for k, v in feeds.items()}, cfg.workspace_mb
             )
-            ctx.output(f"{which}_plan", f"engine/model_{which}.plan").write_bytes(built.plan)
-            ctx.output(f"{which}_inspector", f"engine/inspector_{which}.json").write_text(built.inspector_json)
+            (folder / f"model_{which}.plan").write_bytes(built.plan)
+            (folder / f"inspector_{which}.json").write_text(built.inspector_json)
             info = engine_layers.parse(built.inspector_json, {n.name for n in model.graph.node})
             counts = info.counts()
             times = tensorrt_engine.time_engine(built.plan, feeds, cfg.iterations, cfg.warmup, cfg.repeats)
