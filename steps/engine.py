@@ -179,6 +179,7 @@ class Engine(Step):
                 "build_seconds": built.build_seconds,
                 "plan_mb": len(built.plan) / 2**20,
                 "schema": info.schema,
+                "tensorrt_warnings": built.warnings[:20],  # what the builder warned about, e.g. a layer left float
                 "layers": counts,
                 "latency": stats[which].to_json(),
             }
