@@ -58,3 +58,9 @@ GRAPH_KIND_TAG = "int8pipe.graph_kind"  # quantize: attention | convolutional, w
 AUTO_CHOICES_TAG = "int8pipe.auto_choices"  # quantize: what each auto key became for this graph
 PRECISION_TAG = "int8pipe.precision"  # what the quantized layers compute in: int8 | fp8
 LATENCY_ON_TAG = "int8pipe.latency_measured_on"  # where the version's latency tags were timed, or why there are none
+
+# the engine step (steps/engine.py): whether TensorRT engines were built here, and if not, why not
+ENGINE_TAG = "int8pipe.engine"  # built | skipped
+ENGINE_SKIP_REASON_TAG = "int8pipe.engine.skip_reason"  # e.g. "tensorrt not importable (...); no CUDA device (...)"
+ENGINE_DEVICE_TAG = "int8pipe.engine.device"  # the GPU, its compute capability, driver and CUDA runtime
+ENGINE_TENSORRT_TAG = "int8pipe.engine.tensorrt"  # the TensorRT version that built and timed the engines

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 
 from steps.base import Step
 
-STEP_ORDER = ("export", "calibrate", "quantize", "validate", "benchmark", "promote")
+STEP_ORDER = ("export", "calibrate", "quantize", "validate", "benchmark", "engine", "promote")
 
 
 def get_step(name: str) -> type[Step]:

@@ -99,16 +99,18 @@ def input_shapes(
     sample: data.Batch | None,
     source: str | None,
     layout: Layout | None = None,
+    key: str = SHAPES_KEY,
 ) -> dict[str, tuple[list[int], str]]:
     """Per input: the shape of one sample (batch dim left out; a constant's whole shape) and where it
-    comes from: ``shapes`` (steps.benchmark.shapes), the real ``sample``, or the model when every
-    other dim is fixed. The batch dim is the data source's declared sample axis (``layout``)."""
+    comes from: ``shapes`` (the YAML's ``key``, steps.benchmark.shapes), the real ``sample``, or the
+    model when every other dim is fixed. The batch dim is the data source's declared sample axis
+    (``layout``)."""
     layout = layout or Layout()
     unknown = [k for k in shapes if k not in specs]
     if unknown:
         fail(
             ConfigError,
-            f"{SHAPES_KEY}.{unknown[0]}: the model has no input {unknown[0]!r}; its inputs are {list(specs)}.",
+            f"{key}.{unknown[0]}: the model has no input {unknown[0]!r}; its inputs are {list(specs)}.",
         )
     out: dict[str, tuple[list[int], str]] = {}
     for name, (dims, _) in specs.items():
@@ -125,10 +127,10 @@ def input_shapes(
             ):
                 fail(
                     ConfigError,
-                    f"{SHAPES_KEY}.{name}: {shape} does not fit the model's input {name!r} of shape {dims}; give "
+                    f"{key}.{name}: {shape} does not fit the model's input {name!r} of shape {dims}; give "
                     f"{len(dims)} positive dims ({where}), equal to the model's where it fixes them.",
                 )
-            out[name] = (_without(shape, axis), SHAPES_KEY)
+            out[name] = (_without(shape, axis), key)
         elif sample is not None and source is not None:
             out[name] = (_without(sample[name].shape, axis), source)
         elif all(isinstance(d, int) and d > 0 for i, d in enumerate(dims) if i != axis):
@@ -136,9 +138,9 @@ def input_shapes(
         else:
             fail(
                 ConfigError,
-                f"steps.benchmark: input {name!r} has shape {dims}, whose dims besides the batch are not all "
+                f"{key.rpartition('.')[0]}: input {name!r} has shape {dims}, whose dims besides the batch are not all "
                 "fixed, and there is no data.validation or data.calibration to take a real shape from; set "
-                f"{SHAPES_KEY}: {{{name}: [1, ...]}} (the full shape, batch first).",
+                f"{key}: {{{name}: [1, ...]}} (the full shape, batch first).",
             )
     return out
 

@@ -33,7 +33,7 @@ from pipeline.tag_names import (
     VALIDATED_ON_TAG,
     WEIGHT_SCHEME_TAG,
 )
-from steps.base import Step
+from steps.base import Step, require_step
 from steps.context import StepContext
 
 if TYPE_CHECKING:
@@ -48,6 +48,9 @@ class PromoteConfig:
     # better: the alias moves only to a version at least as good as its holder on the same validation
     # data and metric; always: to every version that passed the gate
     policy: Literal["better", "always"] = "better"
+    # refuse unless the engine step measured the INT8 engine faster than the FP16 one (off, and saying
+    # so, where the engine step built nothing: no TensorRT or no GPU)
+    require_int8_faster_than_fp16: bool = False
 
 
 class Promote(Step):
@@ -66,10 +69,16 @@ class Promote(Step):
                 "steps.promote.alias is set only when the accuracy gate passes: "
                 "add steps.validate, or set alias: null.",
             )
+        if cfg.require_int8_faster_than_fp16:
+            require_step("promote.require_int8_faster_than_fp16", "engine", pipeline)
 
     def run(self, ctx: StepContext, cfg: PromoteConfig) -> None:
         from pipeline.mlflow_io.registry import Score
 
+        if cfg.require_int8_faster_than_fp16:
+            from steps.engine import require_int8_faster
+
+            require_int8_faster(ctx)
         int8 = onnx_model.load(ctx.input("int8_model"), check=False)
         ranges = Ranges.read(ctx.inputs["ranges"]) if "ranges" in ctx.inputs else None
         # mode: dynamic has no calibration: its activation ranges are taken per batch at run time

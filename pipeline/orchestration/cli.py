@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         default=None,
         metavar="STEP",
-        help="run one step (export, calibrate, quantize, validate, benchmark, promote), reusing the earlier "
+        help="run one step (export, calibrate, quantize, validate, benchmark, engine, promote), reusing the earlier "
         "steps' runs",
     )
     # how a sweep runs its trials as processes (sweep.parallel > 1); not for people

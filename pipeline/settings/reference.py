@@ -61,13 +61,18 @@ DESCRIPTIONS = {
     "data.*.constants": "Inputs that are the same for every sample (a scalar sample rate, an initial state "
     "without a batch dim): stored once (an npz member of their own shape) and passed unchanged with every "
     "batch; the benchmark keeps their shape.",
-    "steps": "The steps to run, in the order export, calibrate, quantize, validate, benchmark, promote; "
+    "steps": "The steps to run, in the order export, calibrate, quantize, validate, benchmark, engine, promote; "
     "an absent step is skipped, an empty mapping `{}` runs it with defaults.",
     "steps.export": "Load the model, check it, raise its opset, make the batch dynamic, fold BatchNorm.",
     "steps.calibrate": "Measure per-tensor ranges; write ranges.json, the TensorRT cache and the ORT table.",
     "steps.quantize": "Build the explicit Q/DQ INT8 model from ranges.json.",
     "steps.validate": "Compare FP32 and INT8 on the validation data; the accuracy gate.",
     "steps.benchmark": "Latency and throughput of FP32 and INT8 per provider and batch size.",
+    "steps.engine": "Where `tensorrt` imports and a CUDA GPU is present: build the strongly typed TensorRT engine "
+    "of the Q/DQ model and the FP16 engine of the same FP32 model, log both plans, their inspector JSON and "
+    "`engine/layers_table.json` (engine layer -> ONNX nodes -> precision), and time both on the GPU. Elsewhere "
+    "the step logs why it skipped (tag `int8pipe.engine.skip_reason`) and does nothing else. Needs "
+    "`target: tensorrt`.",
     "steps.promote": "Register the INT8 model in the MLflow Model Registry and decide its alias.",
     "steps.export.opset": "Opset the model is converted to when its own is below 13 (per-channel Q/DQ needs 13).",
     "steps.export.dynamic_batch": "Make the first axis of every input and output symbolic.",
@@ -171,8 +176,8 @@ DESCRIPTIONS = {
     "(default): `fp16` for `target: tensorrt`, `fp32` for `target: onnxruntime`. `fp16`: float layers in FP16, "
     "except what FP16 cannot hold, kept FP32 and listed with the reason in `quantize/float_regions.json`: "
     "reductions and normalisation statistics (Softmax, LayerNorm, Reduce*, Exp, Pow), nodes whose calibrated "
-    "|x| exceeds 65504/4, initializers beyond 65504 or wholly below 2^-14 (an epsilon). `bf16`: FP32's range, 8 bits of "
-    "mantissa (opset 22). Graph inputs and outputs stay FP32. `fp16`/`bf16` need `target: tensorrt`.",
+    "|x| exceeds 65504/4, initializers beyond 65504 or wholly below 2^-14 (an epsilon). `bf16`: FP32's range, "
+    "8 bits of mantissa (opset 22). Graph inputs and outputs stay FP32. `fp16`/`bf16` need `target: tensorrt`.",
     "steps.quantize.keep_fp32_nodes": "Node names whose float computation stays FP32 whatever `float_precision` "
     "says, e.g. the nodes a validate overflow message names.",
     "steps.quantize.cpu_fleet": "`target: onnxruntime`: the CPUs the model must compute the same on, a list of "
@@ -210,11 +215,25 @@ DESCRIPTIONS = {
     "steps.benchmark.threads": "ONNX Runtime intra-op threads (default: ORT's choice).",
     "steps.benchmark.shapes": "Input name -> full shape for inputs with symbolic dimensions besides the batch "
     "(default: taken from the validation or calibration data).",
+    "steps.engine.batch_size": "The batch both engines are built for (min = opt = max of the optimisation "
+    "profile) and timed at.",
+    "steps.engine.iterations": "Timed inferences per repeat; each is one enqueue between two CUDA events, inputs "
+    "already on the GPU (GPU compute time, as trtexec reports it).",
+    "steps.engine.warmup": "Untimed inferences before the first repeat (clocks up, lazy initialisation done).",
+    "steps.engine.repeats": "Timing repeats; p50, p99 and throughput are over all of them, and "
+    "`repeat_spread` is how far the repeats' medians lie apart, relative to their median.",
+    "steps.engine.workspace_mb": "Limit of TensorRT's builder workspace pool in MiB (default: TensorRT's).",
+    "steps.engine.shapes": "Input name -> full shape for inputs with symbolic dimensions besides the batch "
+    "(default: taken from the validation or calibration data), as `steps.benchmark.shapes`.",
     "steps.promote.registered_model": "Registered model name in the MLflow Model Registry.",
     "steps.promote.alias": "Alias given to the version when the gate passed and the policy allows (null: none).",
     "steps.promote.description": "Version description (default: generated from the pipeline).",
     "steps.promote.policy": "`better`: the alias moves only to a version at least as good as its holder on the same "
     "validation data and metric; `always`: to every version that passed the gate.",
+    "steps.promote.require_int8_faster_than_fp16": "Refuse promotion (a failed gate, exit 3, nothing registered) "
+    "unless the engine step measured the INT8 engine faster than the FP16 engine at the median. Needs "
+    "`steps.engine`. Where that step built nothing (no TensorRT or no GPU), the requirement is off for the run "
+    "and promote logs a warning saying why.",
     "sweep": "Optional: run one trial per combination of `grid`, compare them, promote the best.",
     "sweep.grid": "Dotted key (as `--set` takes it) -> list of values, e.g. `{steps.calibrate.method: [minmax, mse]}`.",
     "sweep.trials": "Instead of `grid`: the trials themselves, in the order they run, each a mapping of dotted "
