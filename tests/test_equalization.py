@@ -145,7 +145,8 @@ def test_pipeline_equalizes_calibrates_the_new_tensors_and_recovers_with_its_flo
     config = _digits_yaml(
         digits_copy,
         # unshifted: the QuantizeLinear reads the renamed tensor itself (a shift would read x - c)
-        {"per_channel": False, "equalization": True, "shift_activations": False},
+        # FP32 float regions: the scales below are checked exactly, not as FP16 rounds them
+        {"per_channel": False, "equalization": True, "shift_activations": False, "float_precision": "fp32"},
         {"metric": "cosine", "max_drop": 0.0, "recover": {"max_fp_nodes": 20}},
     )
     summary = tmp_path / "s.json"
@@ -205,4 +206,8 @@ def test_without_samples_or_with_per_channel_weights_it_says_so(
     assert "no equalization (it needs data.calibration samples)" in capsys.readouterr().err
     run = client.get_run(json.loads(second.read_text())["steps"]["quantize"])
     assert "equalized_pairs" not in run.data.metrics
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model_int8.onnx"]
+    # no model_float.onnx: nothing was equalized (the FP32-regions Q/DQ model is there for recovery)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == [
+        "model/model_int8.onnx",
+        "model/model_qdq_fp32_regions.onnx",
+    ]

@@ -31,6 +31,8 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from pipeline.errors import TrackingError, fail
+from pipeline.execution import runtime
+from pipeline.graph import emulation
 from pipeline.graph import model as onnx_model
 from pipeline.log import logger
 from pipeline.tag_names import (
@@ -130,6 +132,13 @@ def registry_lock(client: MlflowClient, name: str, timeout_s: float = LOCK_TIMEO
             client.delete_registered_model(lock)
         except MlflowException:
             logger.warning("promote: could not release the registry lock %r; it expires in %.0fs", lock, LOCK_LEASE_S)
+
+
+def _session_options(model: onnx.ModelProto) -> dict[str, Any]:
+    """What MLflow's pyfunc must hand ONNX Runtime for ``model`` (runtime.NARROW_FLOAT_SESSION_CONFIG)."""
+    if not emulation.has_narrow_floats(model):
+        return {}
+    return {"onnx_session_options": {"extra_session_config": dict(runtime.NARROW_FLOAT_SESSION_CONFIG)}}
 
 
 def mark_incomplete_versions(client: MlflowClient, name: str) -> list[str]:
@@ -276,6 +285,7 @@ def promote_model(
         pip_requirements=serving_requirements(),
         # what the model is served with; MLflow's default (CUDA first) warns on every CPU load
         onnx_execution_providers=providers or ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        **_session_options(model),
     )
     for key, metric in metrics.items():  # linked to the LoggedModel, so the model page shows them
         mlflow.log_metric(key, metric, model_id=info.model_id, run_id=run_id)
