@@ -17,6 +17,8 @@ THRESHOLDS_FROM_TAG = "int8pipe.thresholds_from"  # calibrate: thresholds recomp
 # liveness of a running process (pipeline/mlflow_io/store.py) and how a run ended
 HOST_TAG = "int8pipe.host"
 PID_TAG = "int8pipe.pid"  # "<pid>:<process start time>": a reused pid is not the same process
+# "<boot id>/<pid namespace>": where that pid means something (containers share hostnames, not PID namespaces)
+PID_NAMESPACE_TAG = "int8pipe.pid_namespace"
 HEARTBEAT_TAG = "int8pipe.heartbeat"
 CLOSED_BY_TAG = "int8pipe.closed_by"
 ERROR_TAG = "int8pipe.error"

@@ -249,3 +249,34 @@ def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path: Path) -> Non
     assert [p.exitcode for p in procs] == [0] * len(runs)
     for r in (r for ids in runs for r in ids):
         assert [d.dataset.name for d in client.get_run(r).inputs.dataset_inputs] == ["calibration"]
+
+
+def test_a_run_from_another_pid_namespace_with_our_hostname_is_judged_by_its_heartbeat(tracking_uri: str) -> None:
+    """Two containers on one host (or two hosts) may share a hostname and a pid: a pid is only looked up
+    where the run was started in this boot and PID namespace; anything else goes by its heartbeat."""
+    import socket
+    import time
+
+    from mlflow import MlflowClient
+
+    from pipeline.mlflow_io.store import owner_tags, pid_namespace
+    from pipeline.mlflow_io.tracking import STALE_AFTER_S, Tracker
+    from pipeline.tag_names import HEARTBEAT_TAG, HOST_TAG, PID_NAMESPACE_TAG, PID_TAG
+
+    tracker = Tracker(tracking_uri, "owners")
+    client = MlflowClient(tracking_uri)
+    assert pid_namespace() and owner_tags()[PID_NAMESPACE_TAG] == pid_namespace()
+    dead_pid = "4194303:1"  # above any pid_max this kernel hands out: no such process here
+    now = time.time()
+
+    def running(namespace: str, beat: float) -> str:
+        tags = {HOST_TAG: socket.gethostname(), PID_NAMESPACE_TAG: namespace, PID_TAG: dead_pid,
+                HEARTBEAT_TAG: repr(beat)}  # fmt: skip
+        return client.create_run(tracker.experiment_id, tags=tags).info.run_id
+
+    neighbour = running("another-boot/pid:[4026531836]", now)  # alive elsewhere: its heartbeat is fresh
+    ours_dead = running(pid_namespace(), now)  # our namespace, and the pid is gone
+    neighbour_stale = running("another-boot/pid:[4026531836]", now - STALE_AFTER_S - 60)
+    closed = set(tracker.close_abandoned())
+    assert closed == {ours_dead, neighbour_stale}
+    assert client.get_run(neighbour).info.status == "RUNNING"

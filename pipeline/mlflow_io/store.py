@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.tag_names import HEARTBEAT_TAG, HOST_TAG, PID_TAG
+from pipeline.tag_names import HEARTBEAT_TAG, HOST_TAG, PID_NAMESPACE_TAG, PID_TAG
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -124,9 +124,33 @@ def alive(pid_tag: str) -> bool:
     return not start or process_start(pid) == start
 
 
+def pid_namespace() -> str:
+    """Where this process's pid means something: this boot of this kernel and this PID namespace.
+
+    Two containers may share a hostname (and a pid); they never share both a boot id and a PID
+    namespace. '' where /proc does not tell, and then no pid is ever judged from here."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{boot}/{namespace}"
+
+
+def same_pid_namespace(tags: dict[str, str]) -> bool:
+    """Whether the process that wrote ``tags`` (owner_tags) can be looked up by pid from here."""
+    here = pid_namespace()
+    return bool(here) and tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_NAMESPACE_TAG) == here
+
+
 def owner_tags() -> dict[str, str]:
     pid = os.getpid()
-    return {HOST_TAG: socket.gethostname(), PID_TAG: f"{pid}:{process_start(pid)}", HEARTBEAT_TAG: repr(time.time())}
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_NAMESPACE_TAG: pid_namespace(),
+        PID_TAG: f"{pid}:{process_start(pid)}",
+        HEARTBEAT_TAG: repr(time.time()),
+    }
 
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:

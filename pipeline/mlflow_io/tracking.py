@@ -25,6 +25,7 @@ from pipeline.mlflow_io.store import (
     closing,
     owner_tags,
     quiet_when_full,
+    same_pid_namespace,
     sqlite_init_lock,
 )
 from pipeline.tag_names import (
@@ -256,9 +257,10 @@ class Tracker:
     def close_abandoned(self) -> list[str]:
         """Close the runs of this experiment left RUNNING by an int8pipe process that is gone.
 
-        On this host a run's process is checked directly (pid and start time); a run from another
-        host is abandoned when its pipeline's heartbeat is older than ``STALE_AFTER_S``. Returns
-        the run ids closed (as KILLED).
+        A run whose process lives in this PID namespace of this host is checked directly (pid and
+        start time); any other (another host, or another container with the same hostname) is
+        abandoned when its pipeline's heartbeat is older than ``STALE_AFTER_S``. Returns the run ids
+        closed (as KILLED).
         """
         runs = self.client.search_runs(
             [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
@@ -269,7 +271,7 @@ class Tracker:
             tags = run.data.tags
             if HOST_TAG not in tags or run.info.run_id == self.outer_run_id:
                 continue
-            if tags[HOST_TAG] == host:
+            if same_pid_namespace(tags):
                 gone = not alive(tags.get(PID_TAG, ""))
             else:
                 parent = by_id.get(tags.get("mlflow.parentRunId", ""), run)
