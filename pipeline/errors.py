@@ -10,6 +10,7 @@ paragraph and exits non-zero. Any other exception is a bug and keeps its traceba
     ├── CalibrationError     ranges or a cache cannot be used (wrong model, bad file)
     ├── BackendUnavailable   an optional backend (torch, TensorRT, a GPU provider) is missing
     ├── TrackingError        the MLflow tracking store cannot be reached or stopped answering
+    ├── UserCodeError        code the YAML names (a python: source, a factory, a metric) raised or exited
     └── GateFailed           the INT8 model lost more accuracy than allowed
 
     Interrupted (a KeyboardInterrupt, not a user error): SIGTERM or SIGINT arrived; open runs are
@@ -50,6 +51,17 @@ class BackendUnavailable(Int8PipeError):
 
 class TrackingError(Int8PipeError):
     """The MLflow tracking store cannot be reached, or stopped answering during a run."""
+
+
+class UserCodeError(Int8PipeError):
+    """Code the YAML names raised, or called ``sys.exit()``, while int8pipe ran it.
+
+    ``user_traceback`` is that code's own traceback (from its first frame on), which the CLI prints
+    above the one-paragraph message: the user's bug is theirs to read, int8pipe's frames are not."""
+
+    def __init__(self, message: str, user_traceback: str = ""):
+        super().__init__(message)
+        self.user_traceback = user_traceback
 
 
 class Interrupted(KeyboardInterrupt):

@@ -181,6 +181,26 @@ class Benchmark(Step):
     )
     next_artifact = "benchmark/report.json"
 
+    @classmethod
+    def check(cls, pipeline: PipelineConfig) -> None:
+        """The counts, at config time: a benchmark that cannot time anything must not wait for the
+        steps before it to run (minutes on a real model) to say so."""
+        super().check(pipeline)
+        cfg: BenchmarkConfig = pipeline.steps["benchmark"]
+        if not cfg.batch_sizes or min(cfg.batch_sizes) <= 0:
+            fail(ConfigError, f"steps.benchmark.batch_sizes: expected a list of positive sizes, got {cfg.batch_sizes}.")
+        if cfg.iterations < 1:
+            fail(
+                ConfigError, f"steps.benchmark.iterations: expected >= 1 (timed runs per model), got {cfg.iterations}."
+            )
+        if cfg.warmup < 0:
+            fail(ConfigError, f"steps.benchmark.warmup: expected >= 0 (untimed runs first), got {cfg.warmup}.")
+        if cfg.threads is not None and cfg.threads < 1:
+            fail(
+                ConfigError,
+                f"steps.benchmark.threads: expected >= 1 or null (ONNX Runtime's choice), got {cfg.threads}.",
+            )
+
     def key_material(self, ctx: StepContext, cfg: Any) -> dict[str, Any]:
         env = environment.fingerprint()
         key = {"cpu": env["cpu"]["model"], "ort": env["onnxruntime"], "gpus": env["gpus"]}
@@ -190,8 +210,6 @@ class Benchmark(Step):
         return key
 
     def run(self, ctx: StepContext, cfg: BenchmarkConfig) -> None:
-        if not cfg.batch_sizes or min(cfg.batch_sizes) <= 0 or cfg.iterations <= 0:
-            fail(ConfigError, "steps.benchmark: batch_sizes must be positive and iterations > 0.")
         env = environment.fingerprint()
         ctx.output("environment", "benchmark/environment.json").write_text(json.dumps(env, indent=1))
         ctx.set_tags(cpu_kernels.tags(cpu_kernels.this_machine()))  # the int8 kernels the latencies were taken on

@@ -258,6 +258,7 @@ class Calibrate(Step):
             else:
                 read = lambda: data.batches(src, cfg.batch_size, specs, dirs, "data.calibration")  # noqa: E731
                 cal = calibrate(model_path, read, **options, layout=Layout.of(src))
+            warn_blank_inputs(cal.ranges, list(specs), Layout.of(src))
             algorithm = trt_cache.ALGORITHMS[cfg.method]
         self._write(ctx, cfg, cal, algorithm)
 
@@ -327,6 +328,27 @@ class Calibrate(Step):
                 else {}
             )
         )
+
+
+def warn_blank_inputs(ranges: Ranges, inputs: list[str], layout: Layout) -> list[str]:
+    """Warn about model inputs that were 0 in every calibration sample (returned): such data gives the
+    input no scale, so everything reading it stays FP32, and it is far more often a broken source (a
+    blank image folder, a wrong key or scale, a loader returning zeros) than the model's real input.
+    Constants are left out: an all-zero initial state is a real value."""
+    blank = [
+        name
+        for name in inputs
+        if name in ranges.tensors and name not in layout.constants and ranges.tensors[name].minmax_amax == 0
+    ]
+    if blank:
+        logger.warning(
+            "calibrate: model input(s) %s were 0 in every one of the %d calibration samples, so they get no "
+            "INT8 scale and the nodes reading them stay FP32. Check data.calibration: a blank or all-black "
+            "image set, a wrong npz key or scale, a loader returning zeros.",
+            ", ".join(repr(n) for n in blank),
+            ranges.num_samples,
+        )
+    return blank
 
 
 STEP = Calibrate

@@ -8,7 +8,10 @@ optimiser creates get names of their own.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +63,8 @@ def _fold(src: Path, dst: Path) -> None:
     try:
         rt.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
+        if shutil.disk_usage(dst.parent).free < src.stat().st_size:  # ORT says "serialization failed"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst)) from exc
         fail(ModelError, f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}")
 
 
@@ -85,6 +90,62 @@ def _rename_generated(before: onnx.ModelProto, after: onnx.ModelProto) -> int:
     for info in [*after.graph.input, *after.graph.value_info]:  # an older IR lists initializers as inputs
         info.name = renamed.get(info.name, info.name)
     return len(renamed)
+
+
+def _plain_gemm(node: onnx.NodeProto) -> bool:
+    """A Gemm computing exactly A @ B + C (what MatMulAddFusion writes): no scaling, no transposes."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return (
+        attrs.get("alpha", 1.0) == 1.0
+        and attrs.get("beta", 1.0) == 1.0
+        and not attrs.get("transA", 0)
+        and not attrs.get("transB", 0)
+    )
+
+
+def _unfuse_activation_addends(before: onnx.ModelProto, after: onnx.ModelProto) -> int:
+    """Split back into MatMul + Add each Gemm that ORT's optimiser made of a MatMul and an Add whose
+    other input is an activation (a state, a residual), not a constant bias; returns how many.
+
+    MatMulAddFusion takes any addend whose shape broadcasts, but a Gemm's C is a bias to the
+    quantizer and to TensorRT: a Gemm adding an activation is left in float, and a streaming model
+    (``x @ W + reduce(state)``) then had no node at all to quantize. Split, the MatMul is quantized
+    as any other; a constant bias keeps its fusion. The original nodes and tensor names come back
+    where the model had them (an exclude list may name them)."""
+    constants = {i.name for i in after.graph.initializer}
+    gemms_before = {o for n in before.graph.node if n.op_type == "Gemm" for o in n.output}
+    made_by = {o: n for n in before.graph.node for o in n.output}
+    nodes: list[onnx.NodeProto] = []
+    split = 0
+    for node in after.graph.node:
+        fused = node.op_type == "Gemm" and node.output[0] not in gemms_before and len(node.input) == 3
+        if not fused or not node.input[2] or node.input[2] in constants or not _plain_gemm(node):
+            nodes.append(node)
+            continue
+        nodes += _matmul_add(node, made_by)
+        split += 1
+    if split:
+        del after.graph.node[:]
+        after.graph.node.extend(nodes)
+    return split
+
+
+def _matmul_add(gemm: onnx.NodeProto, made_by: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``gemm`` (A @ B + C) as the MatMul and Add it was made of, named as they were where the source
+    model shows them (the Add wrote the Gemm's output, the MatMul one of the Add's inputs)."""
+    add = made_by.get(gemm.output[0])
+    matmul = None
+    if add is not None and add.op_type == "Add" and gemm.input[2] in add.input:
+        product = next(i for i in add.input if i != gemm.input[2])  # the other addend may be a MatMul's too
+        matmul = made_by.get(product) if made_by.get(product, add).op_type == "MatMul" else None
+    product = matmul.output[0] if matmul is not None else f"{gemm.output[0]}_{GENERATED_PREFIX}matmul"
+    addends = [product, gemm.input[2]]
+    if add is not None and matmul is not None and add.input[0] != product:  # the Add's own order
+        addends.reverse()
+    return [
+        onnx.helper.make_node("MatMul", list(gemm.input[:2]), [product], name=matmul.name if matmul else ""),
+        onnx.helper.make_node("Add", addends, list(gemm.output), name=add.name if add and matmul else ""),
+    ]
 
 
 def _layout(ctx: StepContext) -> Layout:
@@ -118,6 +179,9 @@ def prepare(model: onnx.ModelProto, cfg: ExportConfig, layout: Layout | None, ou
         else:
             out.write_bytes(staged.read_bytes())
     prepared = onnx_model.load(out)
+    split = _unfuse_activation_addends(model, prepared)
+    if split:
+        logger.info("export: %d MatMul + Add of an activation kept apart (a Gemm's addend is a bias)", split)
     _rename_generated(model, prepared)
     onnx_model.name_nodes(prepared)  # exclude lists and per-node tables address nodes by name
     onnx_model.save_checked(prepared, out)

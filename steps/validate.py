@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 WORST_NODES = 3  # quantized nodes the gate message names
 FIDELITY_SAMPLES = 16  # validation samples the layer-by-layer kernel check runs on
 UNSURE_WARN = 0.25  # share of unsure FP32 samples above which an agreement gate gets a warning
+# Below this many validation samples a gate's verdict is warned about: the drop's standard error is
+# itself too uncertain to read (a t-interval on fewer than ~30 samples is much wider than +-2 SE),
+# and one sample moves an accuracy by 1/n, more than any usual max_drop.
+MIN_GATE_SAMPLES = 30
 
 
 class Sizing(NamedTuple):
@@ -92,6 +96,7 @@ class Validate(Step):
         "accuracy_drop_se",
         "recovered_fp_nodes",
         "fp_nodes",
+        "validation_samples",
     )
     dataset, dataset_samples = "validation", "validation_samples"
     next_artifact = "validation/report.json"
@@ -110,8 +115,8 @@ class Validate(Step):
                 f"steps.validate.metric: {cfg.metric!r} is neither one of "
                 f"{', '.join(evaluation.BUILTIN_METRICS)} nor 'pkg.mod:function'.",
             )
-        if cfg.max_drop < 0:
-            fail(ConfigError, f"steps.validate.max_drop: expected >= 0, got {cfg.max_drop}.")
+        if not cfg.max_drop >= 0:  # NaN too: every comparison with it is False, so no gate could fail
+            fail(ConfigError, f"steps.validate.max_drop: expected a number >= 0, got {cfg.max_drop}.")
         if isinstance(cfg.output, list):
             if not cfg.output:
                 fail(ConfigError, "steps.validate.output: the list is empty; name at least one model output, or null.")
@@ -310,6 +315,7 @@ class Validate(Step):
             "cosine_mean": float(cosines.mean()),
             **({"sqnr_db_min": errors.sqnr_db_min} if errors.rows else {}),
             "recovered_fp_nodes": len(result.reverted) if result is not None else 0,
+            "validation_samples": scores.samples,  # what the gate's verdict rests on
         }
         if evaluation.class_scores(ref) is not None:  # an argmax over anything else (a detector's boxes) means nothing
             metrics["top1_agreement"] = evaluation.score("agreement", out, None, ref)
@@ -373,6 +379,9 @@ class Validate(Step):
         narrow = near_gate(scores.drop, cfg.max_drop, drop_se, scores.samples)
         if passed and narrow:
             logger.warning("validate: the gate passed narrowly.%s", narrow)
+        few = few_samples(scores.samples, passed)
+        if few:
+            logger.warning("validate: %s", few)
         if not passed:
             message = gate_message(
                 name,
@@ -640,6 +649,18 @@ def gate_message(
         "steps.calibrate.method, or keep these quantized nodes in FP32"
         + (f": steps.quantize.exclude.nodes: {json.dumps(keep)}." if keep else ".")
         + noise
+    )
+
+
+def few_samples(samples: int, passed: bool) -> str:
+    """A sentence when the gate was decided on fewer than MIN_GATE_SAMPLES samples (else "")."""
+    if samples >= MIN_GATE_SAMPLES:
+        return ""
+    return (
+        f"the gate {'passed' if passed else 'failed'} on {samples} validation sample(s), fewer than "
+        f"{MIN_GATE_SAMPLES}: one sample moves an accuracy by {1 / max(samples, 1):.2g}, and the drop's "
+        "standard error means little on so few. Give data.validation more samples before trusting the "
+        "verdict (the count is the metric validation_samples of this run and its pipeline run)."
     )
 
 

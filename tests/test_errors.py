@@ -228,7 +228,11 @@ def test_only_runs_one_step_on_reused_earlier_runs(
         (None, ["--only", "nothing"], "--only nothing: that step is not in this pipeline"),
         ("no_labels", [], "steps.validate.metric top1 needs labels"),
         (None, ["--set", "steps.validate.output=probs"], "steps.validate.output: the model has no output 'probs'"),
-        (None, ["--set", "steps.benchmark.batch_sizes=[0]"], "steps.benchmark: batch_sizes must be positive"),
+        (
+            None,
+            ["--set", "steps.benchmark.batch_sizes=[0]"],
+            "steps.benchmark.batch_sizes: expected a list of positive sizes",
+        ),
         ("python_list", [], "yielded a list as batch 0"),
         ("empty_images", [], "no images"),
     ],

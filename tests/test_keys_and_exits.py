@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,22 @@ def test_cache_key_holds_config_inputs_and_extra(tmp_path: Path) -> None:
     assert base != cache_key("quantize", CalibrateConfig(), {"fp32_model": model}, {"data": "d1"})
 
 
-def test_a_bug_in_user_code_keeps_its_traceback(digits_copy: Path, tracking_uri: str) -> None:
-    """Only Int8PipeError is a one-paragraph exit 2; anything else propagates with its traceback."""
+def test_a_bug_in_user_code_keeps_its_traceback_under_one_paragraph(
+    digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The user's code raising is exit 2: its own traceback (from its file on, none of int8pipe's
+    frames), then one int8pipe paragraph naming the code. A bug of int8pipe's keeps propagating."""
     (digits_copy / "broken.py").write_text("def batches():\n    yield {'input': 1 / 0}\n")
     path = digits_copy / "pipeline.yaml"
     cfg = yaml.safe_load(path.read_text())
     cfg["data"]["calibration"] = {"python": "broken:batches"}
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ZeroDivisionError):
-        main(["run", str(path), "--tracking-uri", tracking_uri])
+    assert main(["run", str(path), "--tracking-uri", tracking_uri]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[lines.index("Traceback (most recent call last):") :]
+    assert 'broken.py", line 2, in batches' in err[1]
+    assert err[-2] == "ZeroDivisionError: division by zero" and not any("pipeline/" in line for line in err)
+    assert err[-1].startswith("int8pipe: error: data.calibration.python: broken:batches raised ZeroDivisionError")
 
 
 @pytest.mark.slow
@@ -57,3 +65,67 @@ def test_version_names_the_int8_kernels_and_help_lists_exit_codes(capsys: pytest
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "exit codes: 0 success, 2 a user error" in capsys.readouterr().out
+
+
+def test_the_code_digest_covers_int8pipes_own_source() -> None:
+    """It hashed no file at all (the sha256 of nothing) once the runner moved a folder down, so an
+    edited checkout reused step runs of the old code."""
+    import hashlib
+
+    from pipeline.orchestration.runner import code_digest
+
+    assert code_digest() != hashlib.sha256().hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("steps.validate.max_drop=.nan", "steps.validate.max_drop: expected a number >= 0, got nan"),
+        ("steps.benchmark.iterations=0", "steps.benchmark.iterations: expected >= 1"),
+        ("steps.benchmark.warmup=-1", "steps.benchmark.warmup: expected >= 0"),
+    ],
+)
+def test_counts_that_cannot_work_are_refused_before_anything_runs(
+    digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str], override: str, expected: str
+) -> None:
+    """max_drop: .nan passed every gate (no comparison with NaN is true); iterations: 0 was refused
+    only after export, calibrate, quantize and validate had run."""
+    from mlflow import MlflowClient
+
+    path = digits_copy / "pipeline.yaml"
+    assert main(["run", str(path), "--tracking-uri", tracking_uri, "--set", override]) == 2
+    assert expected in capsys.readouterr().err
+    client = MlflowClient(tracking_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+@pytest.mark.slow
+def test_a_pipeline_without_validate_says_its_gate_was_not_run(
+    digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "gate passed" and "gate": "passed", which an orchestrator would promote unvalidated."""
+    path = digits_copy / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["steps"] = {"export": {}, "calibrate": {"method": "minmax"}, "quantize": {}}
+    path.write_text(yaml.safe_dump(cfg))
+    summary = digits_copy / "s.json"
+    assert main(["run", str(path), "--tracking-uri", tracking_uri, "--summary-json", str(summary)]) == 0
+    assert ": gate not run (no validate step)" in capsys.readouterr().out
+    assert json.loads(summary.read_text())["gate"] == "not run"
+
+
+def test_a_trial_process_counts_by_what_its_summary_says() -> None:
+    """Exit 0 without a summary was "passed" (and could be selected with an empty run id); an
+    errored trial's reason was left out of the trials table."""
+    from pipeline.orchestration.trials import Trial, select_best
+
+    vanished, errored, ungated, passed = (Trial({"k": i}) for i in range(4))
+    vanished.record(0, {}, ["[int8pipe] INFO calibrate: running"])
+    assert vanished.gate == "error" and "exited 0 without writing its summary" in vanished.error
+    errored.record(2, {"run_id": "e" * 32}, ["Traceback ...", "ValueError: x", "int8pipe: error: data.x: bad"])
+    assert errored.gate == "error" and errored.error == "int8pipe: error: data.x: bad"
+    ungated.record(0, {"run_id": "u" * 32, "gate": "not run", "metrics": {"int8_nodes": 9.0}})
+    passed.record(0, {"run_id": "p" * 32, "gate": "passed", "metrics": {"int8_nodes": 1.0}})
+    assert (ungated.gate, passed.gate) == ("not run", "passed") and not ungated.error
+    assert select_best([vanished, errored, ungated, passed]) is passed  # a gated pass beats any ungated trial
+    assert select_best([vanished, errored, ungated]) is ungated  # a sweep without validate still picks one

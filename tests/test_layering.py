@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # lowest first; each may import the ones before it
 FLOORS = [
-    {"errors", "log", "tag_names", "limits", "user_code", "__init__"},
+    {"errors", "log", "tag_names", "limits", "user_code", "launch", "__init__"},
     {"graph"},
     {"execution"},
     {"sources"},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -225,3 +227,25 @@ def test_keep_float_inputs_recreates_a_relu_ort_folded_into_a_quantizer() -> Non
     raw, flat = runtime.session(expose(qdq, [conv_out, "flat"]), optimize=False).run([conv_out, "flat"], {"x": x})
     assert raw.min() < 0 and raw.max() > 6
     np.testing.assert_array_equal(flat, np.clip(raw, 0.0, 6.0).reshape(len(x), -1))
+
+
+def test_all_zero_calibration_data_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model input that was 0 in every sample gets no scale: before, the one warning blamed "a
+    calibration cache without it", which a run from data never has."""
+    from pipeline import log
+    from pipeline.calibration.calibrator import calibrate
+    from pipeline.graph.layout import Layout
+    from steps.calibrate import warn_blank_inputs
+
+    log.configure()
+    model, path = build("conv_relu_gemm"), tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    zeros = np.zeros((8, 2, 4, 4), np.float32)
+    ranges = calibrate(path, lambda: [{"x": zeros}], "minmax").ranges
+    assert warn_blank_inputs(ranges, ["x"], Layout()) == ["x"]
+    assert warn_blank_inputs(ranges, ["x"], Layout(constants=frozenset({"x"}))) == []  # e.g. an initial state
+    quantize(model, ranges.amax(), QuantizeOptions(target="tensorrt"))
+    err = capsys.readouterr().err
+    assert "input(s) 'x' were 0 in every one of the 8 calibration samples" in err
+    assert "stay FP32 because a tensor they would quantize was 0 on every calibration sample" in err
+    assert "conv (x)" in err and "calibration cache without it" not in err

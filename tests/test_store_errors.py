@@ -7,6 +7,8 @@ registered models as the registry lock.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -132,3 +134,56 @@ def test_calibrate_memory_mb_must_be_positive(
     err = capsys.readouterr().err
     assert f"steps.calibrate.memory_mb: expected a positive number of MB, got {value}" in err
     assert not (tmp_path / "mlflow.db").exists()  # refused before any run
+
+
+def _can_mount_tmpfs() -> bool:
+    """Whether this machine lets an unprivileged user namespace mount a tmpfs (unshare -rm)."""
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True, check=False
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_temporary_folder_is_named_as_such(digits_copy: Path, tracking_uri: str, tmp_path: Path) -> None:
+    """TMPDIR on a real 64 kB tmpfs (a mount namespace of its own), the store on a disk with room:
+    before, "the MLflow artifact store is full" although the store had room."""
+    if shutil.which("unshare") is None or not _can_mount_tmpfs():
+        pytest.skip("needs unshare -rm and a tmpfs mount in a user namespace")
+    small = tmp_path / "small-tmp"
+    small.mkdir()
+    args = " ".join(shlex.quote(a) for a in run_args(digits_copy / "pipeline.yaml", tracking_uri, tmp_path / "s.json"))
+    script = f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(small))} && exec {shlex.quote(sys.executable)} " \
+        f"-m pipeline {args}"  # fmt: skip
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env_without_mlflow(TMPDIR=str(small), PYTHONPATH=str(ROOT)),
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"int8pipe: error: the temporary folder {small} is full: writing to {small}/"), last
+    assert "TMPDIR" in last and "artifact store" not in last and "Traceback" not in proc.stderr
+
+
+def test_a_full_disk_is_blamed_on_the_folder_the_file_was_in(tmp_path: Path) -> None:
+    """The working files int8pipe and libraries keep in TMPDIR (int8pipe-*, tmp*) against a store
+    that happens to live under /tmp too (as a test's does)."""
+    import errno
+    import tempfile
+
+    from pipeline.mlflow_io.store import store_full
+
+    def full(path: str) -> OSError:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    work = tempfile.mkdtemp(prefix="int8pipe-")
+    try:
+        assert (store_full(full(f"{work}/export/model.onnx"), "") or "").startswith("the temporary folder")
+    finally:
+        os.rmdir(work)
+    store = tmp_path / "mlartifacts" / "0" / "model.onnx"
+    assert (store_full(full(str(store)), "") or "").startswith(f"the MLflow artifact store is full: writing {store}")

@@ -477,3 +477,23 @@ def test_layer_table_only_where_it_is_read_by_default(
     assert (art / "validation/layer_errors_table.json").exists() and "sqnr_db_min" in metrics
     shares = [a["share"] for a in report["suggestions"]]  # the failed gate's advice, largest share first
     assert shares and shares == sorted(shares, reverse=True) and 0 < shares[0] <= 1
+
+
+@pytest.mark.slow
+def test_a_gate_on_one_validation_sample_warns_and_records_the_count(
+    digits_copy: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, a gate passed on a single sample went on silently to registration."""
+    val = np.load(digits_copy / "data" / "validation.npz")
+    np.savez(digits_copy / "data" / "validation.npz", input=val["input"][:1], labels=val["labels"][:1])
+    path = digits_copy / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["steps"] = {"export": {}, "calibrate": {"method": "minmax"}, "quantize": {}, "validate": {"metric": "top1"}}
+    path.write_text(yaml.safe_dump(cfg))
+    summary = digits_copy / "s.json"
+    assert main(["run", str(path), "--tracking-uri", tracking_uri, "--summary-json", str(summary)]) == 0
+    assert "the gate passed on 1 validation sample(s), fewer than 30" in capsys.readouterr().err
+    s = json.loads(summary.read_text())
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(s["steps"]["validate"]).data.metrics["validation_samples"] == 1
+    assert client.get_run(s["run_id"]).data.metrics["validation_samples"] == 1  # the runs table shows it

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import BackendUnavailable, ModelError, fail
+from pipeline.launch import own_module_command
 
 
 def export(
@@ -42,7 +43,7 @@ def export(
         "search_dirs": [str(d) for d in search_dirs],
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.graph.torch_export", json.dumps(spec)], capture_output=True, text=True
+        [*own_module_command("pipeline.graph.torch_export"), json.dumps(spec)], capture_output=True, text=True
     )
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-3:])

@@ -3,13 +3,16 @@ run's owner process still lives, and the first use of a sqlite store."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +20,65 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.tag_names import HEARTBEAT_TAG, HOST_TAG, PID_NAMESPACE_TAG, PID_TAG
+
+
+def _userinfo(uri: str) -> tuple[str, str, str]:
+    """``uri`` split around its ``user:password@`` part: (before, userinfo, after); '' when none."""
+    scheme, sep, rest = uri.partition("://")
+    netloc = rest.split("/", 1)[0]
+    if not sep or "@" not in netloc:
+        return uri, "", ""
+    userinfo, _, _ = netloc.rpartition("@")
+    return f"{scheme}://", userinfo, rest[len(userinfo) + 1 :]
+
+
+def has_credentials(uri: str) -> bool:
+    return bool(_userinfo(uri)[1])
+
+
+def redacted(uri: str) -> str:
+    """``uri`` as int8pipe prints, logs or tags it: its ``user:password@`` replaced by ``***@`` (a
+    user name alone may be a token)."""
+    before, userinfo, after = _userinfo(uri)
+    return f"{before}***@{after}" if userinfo else uri
+
+
+def adopt_credentials(uri: str) -> str:
+    """An http(s) tracking URI without its ``user:password@``, the credentials moved to
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``.
+
+    MLflow accepts such a URI (``requests`` sends its userinfo as basic auth, and those two settings
+    take precedence when set, as they keep doing here). Held in MLflow's own settings, the
+    credentials reach the trial processes (inherited) and Ray trials (forwarded with the other
+    ``MLFLOW_*`` settings) without ever being part of a URI int8pipe passes on a command line,
+    prints, logs or tags. Other schemes (a database URL) keep them: their driver needs them there.
+    """
+    before, userinfo, after = _userinfo(uri)
+    if not userinfo or before not in ("http://", "https://"):
+        return uri
+    user, _, password = userinfo.partition(":")
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(user))
+    if password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(password))
+    return before + after
+
+
+def _health_request(uri: str) -> urllib.request.Request:
+    """int8pipe's own request to the server's ``/health``, with the authorization MLflow's client
+    sends (urllib takes no ``user:password@`` in a URL): the settings, else the URI's."""
+    before, userinfo, after = _userinfo(uri)
+    user, _, password = (urllib.parse.unquote(p) for p in userinfo.partition(":"))
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or user
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or password
+    return urllib.request.Request((before + after).rstrip("/") + "/health", headers=_auth_headers(user, password))
+
+
+def _auth_headers(user: str, password: str) -> dict[str, str]:
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+    bearer = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"Authorization": f"Bearer {bearer}"} if bearer else {}
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -37,7 +99,7 @@ def store_full(exc: BaseException, tracking_uri: str) -> str | None:
     while chain is not None and id(chain) not in seen:
         seen.add(id(chain))
         if "database or disk is full" in str(chain):
-            where = tracking_uri
+            where = redacted(tracking_uri)
             if tracking_uri.startswith("sqlite:///"):
                 where = f"{tracking_uri} (the file {Path(tracking_uri[len('sqlite:///') :]).resolve()})"
             return (
@@ -47,14 +109,46 @@ def store_full(exc: BaseException, tracking_uri: str) -> str | None:
                 "are reused by the next run."
             )
         if isinstance(chain, OSError) and chain.errno in FULL_ERRNOS:
-            path = chain.filename or "the artifact store"
-            return (
-                f"the MLflow artifact store is full: writing {path} failed ({os.strerror(chain.errno or 0)}). "
-                "Free space on that disk, or point --tracking-uri (or MLFLOW_TRACKING_URI) at a store whose "
-                "artifacts live on a disk with room; runs already finished stay intact and are reused."
-            )
+            return _full_disk(chain)
         chain = chain.__cause__ or chain.__context__
     return None
+
+
+def _full_disk(exc: OSError) -> str:
+    """The message for a write that found its disk full: the temporary folder's (TMPDIR) when the
+    file was one of the working files there, else the artifact store's."""
+    reason = os.strerror(exc.errno or 0)
+    path = str(exc.filename) if exc.filename else None
+    if path is not None and in_temp_area(path):
+        return (
+            f"the temporary folder {tempfile.gettempdir()} is full: writing to {path} failed ({reason}). int8pipe "
+            "keeps each step's working files there while it runs (the models, calibration statistics); free "
+            "space on that disk, or point TMPDIR at a folder on a disk with room. Runs already finished stay "
+            "intact and are reused."
+        )
+    return (
+        f"the MLflow artifact store is full: writing {path or 'the artifact store'} failed ({reason}). "
+        "Free space on that disk, or point --tracking-uri (or MLFLOW_TRACKING_URI) at a store whose "
+        "artifacts live on a disk with room; runs already finished stay intact and are reused."
+    )
+
+
+def in_temp_area(path: str | Path) -> bool:
+    """Whether ``path`` is a working file in the temporary folder: under TMPDIR, in a folder that
+    int8pipe (``int8pipe-*``) or a library (``tmp*``, tempfile's names) made for the process's work.
+    A store a user keeps elsewhere under /tmp (a test's folder) is not."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(tempfile.gettempdir()).resolve())
+    except ValueError:
+        return False
+    return bool(rel.parts) and rel.parts[0].startswith(("int8pipe-", "tmp"))
+
+
+def blame_workdir(exc: BaseException, workdir: Path) -> None:
+    """A step's write that found the disk full names no file (``write()`` errors carry none): a step
+    writes only in its working folder, so that is the file's place."""
+    if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS and not exc.filename:
+        exc.filename = str(workdir)
 
 
 class _QuietWhenFull(logging.Filter):
@@ -160,9 +254,10 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     if uri.startswith(("http://", "https://")):
         deadline = time.monotonic() + timeout_s
         last = ""
+        health = _health_request(uri)
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as r:
+                with urllib.request.urlopen(health, timeout=3) as r:
                     if r.status == 200:
                         return
                     last = f"HTTP {r.status}"
@@ -173,14 +268,16 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
             time.sleep(1.0)
         fail(
             TrackingError,
-            f"the MLflow tracking server {uri} does not answer ({last}). Start it (mlflow server --host "
+            f"the MLflow tracking server {redacted(uri)} does not answer ({last}). Start it (mlflow server --host "
             "127.0.0.1 --port 5000), check --tracking-uri / MLFLOW_TRACKING_URI, or use a local store "
             "such as sqlite:///mlflow.db.",
         )
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///") :]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
-            fail(TrackingError, f"tracking store {uri}: the folder {folder} does not exist or is not writable.")
+            fail(
+                TrackingError, f"tracking store {redacted(uri)}: the folder {folder} does not exist or is not writable."
+            )
 
 
 @contextmanager

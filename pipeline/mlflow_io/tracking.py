@@ -20,6 +20,7 @@ from mlflow.entities import Run
 
 from pipeline.log import logger
 from pipeline.mlflow_io.store import (
+    adopt_credentials,
     alive,
     check_reachable,
     closing,
@@ -193,9 +194,10 @@ class Tracker:
     def __init__(self, tracking_uri: str | None, experiment: str, under: str | None = None):
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        self.uri = mlflow.get_tracking_uri()
+        given = tracking_uri or mlflow.get_tracking_uri()
+        self.uri = adopt_credentials(given)  # an http(s) password goes to MLflow's settings, not into logs
+        if tracking_uri or self.uri != given:
+            mlflow.set_tracking_uri(self.uri)
         check_reachable(self.uri)
         quiet_when_full()
         with sqlite_init_lock(self.uri):
@@ -441,7 +443,8 @@ class Tracker:
 
 
 def default_uri() -> str:
-    """The tracking URI MLflow uses when none is given (``MLFLOW_TRACKING_URI``, else its default)."""
+    """The tracking URI MLflow uses when none is given (``MLFLOW_TRACKING_URI``, else its default).
+    It may hold credentials: print it only through :func:`pipeline.mlflow_io.store.redacted`."""
     return str(mlflow.get_tracking_uri())
 
 
@@ -450,6 +453,7 @@ def download_artifact(uri: str, tracking_uri: str | None) -> str:
     MLflow's first line when the run or the artifact does not exist."""
     from mlflow.exceptions import MlflowException
 
+    tracking_uri = adopt_credentials(tracking_uri or default_uri())  # MLflow's errors quote the server's URL
     try:
         return str(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(), tracking_uri=tracking_uri))
     except MlflowException as exc:

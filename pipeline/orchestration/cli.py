@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import log
-from pipeline.errors import ConfigError, GateFailed, Int8PipeError, Interrupted, TrackingError, fail
+from pipeline.errors import (
+    ConfigError,
+    GateFailed,
+    Int8PipeError,
+    Interrupted,
+    TrackingError,
+    UserCodeError,
+    fail,
+)
 
 EXIT_USER_ERROR = 2
 EXIT_GATE_FAILED = 3
@@ -132,20 +140,29 @@ def _run(args: argparse.Namespace) -> int:
         if full is None:
             raise
         fail(TrackingError, full)  # exit 2, one paragraph: no traceback for a disk that ran out
+    except SystemExit as exc:  # not the user's code (that is a UserCodeError): a library's, so a bug
+        raise RuntimeError(f"sys.exit({exc.code!r}) was called during the run; the run did not finish") from exc
     finally:
         if args.summary_json and summary.run_id:
             Path(args.summary_json).write_text(json.dumps(summary.to_json(), indent=2))
     if summary.trials is not None:
-        passed = sum(t.gate == "passed" for t in summary.trials)
-        best = next((t for t in summary.trials if t.run_id == summary.best), None)
-        print(
-            f"sweep run {summary.run_id}: {passed}/{len(summary.trials)} trials passed the gate; best "
-            f"{best.label if best else '-'} (run {summary.best}){_registry_line(summary.registered_model)}"
-        )
+        print(f"sweep run {summary.run_id}: {_trials_line(summary)}{_registry_line(summary.registered_model)}")
         return 0
-    print(f"pipeline run {summary.run_id}: gate {summary.gate}{_registry_line(summary.registered_model)}")
+    gate = "not run (no validate step)" if summary.gate == "not run" else summary.gate
+    print(f"pipeline run {summary.run_id}: gate {gate}{_registry_line(summary.registered_model)}")
     _print_runs(summary)
     return 0
+
+
+def _trials_line(summary: Any) -> str:
+    """How the trials ended and which one was selected."""
+    best = next((t for t in summary.trials if t.run_id == summary.best), None)
+    chosen = f"best {best.label if best else '-'} (run {summary.best})"
+    if summary.gate == "not run":  # the pipeline has no validate step: nothing was gated
+        finished = sum(t.gate == "not run" for t in summary.trials)
+        return f"{finished}/{len(summary.trials)} trials finished, gate not run (no validate step); {chosen}"
+    passed = sum(t.gate == "passed" for t in summary.trials)
+    return f"{passed}/{len(summary.trials)} trials passed the gate; {chosen}"
 
 
 def _print_runs(summary: Any) -> None:
@@ -278,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"int8pipe: {exc}", file=sys.stderr)
         return EXIT_GATE_FAILED
     except Int8PipeError as exc:
+        if isinstance(exc, UserCodeError) and exc.user_traceback:
+            print(exc.user_traceback, file=sys.stderr, end="")
         print(f"int8pipe: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Interrupted as exc:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import IO, TYPE_CHECKING, ClassVar
 
 from pipeline.errors import GateFailed, Int8PipeError
 from pipeline.log import logger
@@ -87,7 +90,7 @@ class InProcess(TrialExecutor):
                 under=sweep.sweep_run,
                 run_name=trial.label,
             )
-            trial.gate = "passed"
+            trial.gate = summary.gate  # passed, or not run when the pipeline has no validate step
         except GateFailed as exc:
             trial.gate, trial.error = "failed", str(exc)
         except Int8PipeError as exc:
@@ -108,7 +111,7 @@ class Processes(TrialExecutor):
         assert sweep.config.sweep is not None
         parallel = sweep.config.sweep.parallel
         pending = list(trials)
-        running: dict[subprocess.Popen[bytes], tuple[Trial, Path]] = {}
+        running: dict[subprocess.Popen[bytes], tuple[Trial, Path, _StderrTail]] = {}
         with tempfile.TemporaryDirectory(prefix="int8pipe-sweep-") as tmp:
             try:
                 while pending or running:
@@ -119,19 +122,49 @@ class Processes(TrialExecutor):
                         trial = pending.pop(0)
                         out = Path(tmp) / f"trial{trials.index(trial)}.json"
                         cmd = trial.command(sweep.uri, sweep.sweep_run, out, sweep.reuse)
-                        running[subprocess.Popen(cmd, stdout=subprocess.DEVNULL)] = (trial, out)
+                        env = trial.environment(sweep.uri)
+                        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                        running[proc] = (trial, out, _StderrTail(proc))
                     if not running:
                         break
                     time.sleep(0.2)
                     for proc in [p for p in running if p.poll() is not None]:
-                        trial, out = running.pop(proc)
-                        trial.record(proc.returncode, json.loads(out.read_text()) if out.is_file() else {})
+                        trial, out, tail = running.pop(proc)
+                        summary = json.loads(out.read_text()) if out.is_file() else {}
+                        trial.record(proc.returncode, summary, tail.lines())
+                        if trial.error:
+                            logger.warning("sweep: trial %s: %s", trial.label, trial.error)
             finally:
                 for proc in running:  # Ctrl-C: the trials get SIGTERM and mark their own runs KILLED
                     proc.terminate()
                 for proc in running:
                     proc.wait()
         skip(pending, sweep)
+
+
+class _StderrTail:
+    """A trial process's stderr, passed on to this process's line by line as it comes (its log stays
+    live) while its last lines are kept: the trials table quotes them for a trial that errored."""
+
+    KEPT = 40
+
+    def __init__(self, proc: subprocess.Popen[bytes]):
+        assert proc.stderr is not None
+        self._kept: deque[str] = deque(maxlen=self.KEPT)
+        self._thread = threading.Thread(target=self._pump, args=(proc.stderr,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        with stream:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode(errors="replace")
+                sys.stderr.write(line)
+                self._kept.append(line)
+
+    def lines(self) -> list[str]:
+        """The last lines, once the process has closed its stderr (it has exited)."""
+        self._thread.join(timeout=10.0)
+        return list(self._kept)
 
 
 def stopped(trials: list[Trial]) -> None:

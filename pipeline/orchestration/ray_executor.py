@@ -1,8 +1,9 @@
 """``sweep.executor: ray``: each trial a Ray task (the Ray plumbing is :mod:`pipeline.execution.ray_cluster`).
 
 A trial on Ray runs exactly as a trial of a local ``parallel`` sweep: the task starts
-``python -m pipeline run CONFIG --set ... --under SWEEP_RUN --run-name ... --skip-promote
---summary-json FILE`` on its node and returns the summary, so runs, reuse, metrics and the selection
+``int8pipe run CONFIG --set ... --under SWEEP_RUN --run-name ... --skip-promote --summary-json FILE``
+on its node (as ``python -m pipeline`` would, without the working directory on ``sys.path``:
+:mod:`pipeline.launch`) and returns the summary, so runs, reuse, metrics and the selection
 are those of a local sweep. The node reads the YAML and its files at the driver's paths (a shared
 filesystem, or the same checkout everywhere), or, with ``sweep.ray.upload``, from a copy of the
 YAML's folder Ray ships with the task (runtime_env ``working_dir``). Trials log to the tracking
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import ConfigError, fail
 from pipeline.execution.ray_cluster import connected, import_ray, resolve_address
 from pipeline.log import logger
+from pipeline.mlflow_io.store import redacted
 from pipeline.mlflow_io.tracking import Tracker, default_uri
 from pipeline.orchestration.executors import SweepRun, TrialExecutor, skip
 from pipeline.orchestration.trials import Trial
@@ -47,6 +49,7 @@ CANCEL_GRACE_S = 60.0  # after Ctrl-C, how long cancelled trials get to mark the
 # ``ray.cancel`` is cancelled with force, which kills its worker; the trial process then gets SIGTERM
 # as its parent-death signal and closes its runs as a dead worker's trial does.
 GENTLE_CANCEL_S = 10.0
+STDERR_KEPT = 40  # a trial's last stderr lines returned to the driver (its error paragraph is the last)
 DEAD_TRIAL_GRACE_S = 5.0  # a dead worker's trial process (SIGTERM from its parent's death) closing its runs
 
 # Runs a trial's command with SIGTERM as its parent-death signal (Linux), so a trial whose Ray worker
@@ -68,7 +71,7 @@ def check_tracking_uri(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         fail(
             ConfigError,
-            f"sweep.executor: ray: the tracking store {uri} can only be reached from this machine, and each "
+            f"sweep.executor: ray: the tracking store {redacted(uri)} can only be reached from this machine, and each "
             "trial logs its runs from the Ray node it runs on. Use an http(s):// tracking server reachable "
             "from every node: mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db, "
             "then --tracking-uri http://<this host>:5000 (or MLFLOW_TRACKING_URI).",
@@ -136,7 +139,8 @@ def run_trial_process(args: list[str], cwd: str | None, env: dict[str, str], dea
                 raise
         lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
         summary = json.loads(out.read_text()) if out.is_file() else {}
-    return {"returncode": code, "summary": summary, "stderr": "\n".join(lines[-5:]), "host": socket.gethostname()}
+    last = "\n".join(lines[-STDERR_KEPT:])
+    return {"returncode": code, "summary": summary, "stderr": last, "host": socket.gethostname()}
 
 
 def _mark_failed(tracker: Tracker, sweep_run: str, trial: Trial, reason: str) -> None:
@@ -208,7 +212,7 @@ def _cancelled(ray: Any, ref: Any, trial: Trial, tracker: Tracker, sweep_run: st
     except Exception:  # cancelled, or still winding down
         result = None
     if isinstance(result, dict) and "returncode" in result:
-        trial.record(result["returncode"], result["summary"])
+        trial.record(result["returncode"], result["summary"], result["stderr"].splitlines())
         return
     run_id = tracker.child_named(sweep_run, trial.label)
     if run_id is None:
@@ -236,7 +240,7 @@ def _finish(ray: Any, ref: Any, trial: Trial, tracker: Tracker, sweep_run: str) 
     if result.get("skipped"):
         trial.gate = "skipped"
         return
-    trial.record(result["returncode"], result["summary"])
-    if trial.gate != "passed":  # the trial's own last words: int8pipe's one-paragraph error
-        trial.error = f"on {result['host']}, exit {result['returncode']}: {result['stderr']}"
+    trial.record(result["returncode"], result["summary"], result["stderr"].splitlines())
+    if trial.error:  # the trial's own last words: int8pipe's one-paragraph error
+        trial.error = f"on {result['host']}, exit {result['returncode']}: {trial.error}"
         logger.warning("sweep: trial %s failed: %s", trial.label, trial.error)

@@ -15,7 +15,7 @@ from pipeline import __version__
 from pipeline.errors import ConfigError, GateFailed, fail
 from pipeline.graph import model as onnx_model
 from pipeline.log import logger
-from pipeline.mlflow_io.store import is_outage
+from pipeline.mlflow_io.store import blame_workdir, is_outage, redacted
 from pipeline.mlflow_io.tracking import (
     DeferredStepTracker,
     StepTracker,
@@ -50,7 +50,9 @@ class Summary:
     steps: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     registered_model: dict[str, Any] | None = None
-    gate: str = "passed"
+    # passed | failed | not run: "passed" only once a validate step finished (run or reused), so a
+    # pipeline without one, or one that stopped before it, never claims a gate it did not pass
+    gate: str = "not run"
     reused: list[str] = field(default_factory=list)
     trials: list[Any] | None = None  # a sweep's (pipeline.orchestration.sweep.Trial)
     best: str | None = None  # a sweep's selected trial run
@@ -82,7 +84,7 @@ def code_digest() -> str:
     Read anew each time (a few ms): a sweep's trial processes and its driver must agree on it even
     when the checkout changed while the driver was running."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: pipeline/orchestration/runner.py
     for pkg in ("pipeline", "steps"):
         for f in sorted((root / pkg).rglob("*.py")):
             h.update(f.read_bytes())
@@ -202,16 +204,19 @@ def run_pipeline(
             note = describe(cfg)
             if existing is not None:
                 label = existing.name
-                logger.info("pipeline %r: adding step %s to run %s (tracking %s)", label, only, parent, tracker.uri)
+                logger.info(
+                    "pipeline %r: adding step %s to run %s (tracking %s)", label, only, parent, redacted(tracker.uri)
+                )
                 note = existing.note(only or "", cfg, tracker.get_run(parent))
             else:
-                logger.info("pipeline %r: run %s (tracking %s)", label, parent, tracker.uri)
+                logger.info("pipeline %r: run %s (tracking %s)", label, parent, redacted(tracker.uri))
             tracker.set_tags(parent, {"mlflow.note.content": note, **run_tags(cfg)})
             try:
                 for p in restored:
                     if existing is not None:  # already among the reopened run's children
                         summary.steps[p.name] = existing.children[p.name]
                         summary.metrics.update(p.ctx.metrics)
+                        run.finished(p.name)
                     else:
                         run.in_child_run(parent, p)
                 for name in names[len(restored) :]:
@@ -349,6 +354,12 @@ class _Run:
         self.summary.metrics.update(p.ctx.metrics)
         self.handoffs.update(p.ctx.outputs)
 
+    def finished(self, name: str) -> None:
+        """A step ended well (ran, or a finished run stands in for it): a validate step's gate passed,
+        since only a validate run that passed its gate finishes."""
+        if name == "validate":
+            self.summary.gate = "passed"
+
     def in_child_run(self, parent: str, p: _Prepared) -> None:
         """Run, reuse, or (for a step restored before its run existed) record the step in a child run."""
         summary = self.summary
@@ -366,11 +377,13 @@ class _Run:
                     logger.info("%s: running", p.name)
                     p.step.run(p.ctx, p.cfg)
                 _log_datasets(self.cfg, type(p.step), p.material, p.ctx, child)
+                self.finished(p.name)
             except GateFailed:
                 summary.gate = "failed"
                 raise
             except Exception as exc:
                 outage = is_outage(exc)  # then nothing more can be logged: each call would wait out retries
+                blame_workdir(exc, p.ctx.workdir)
                 raise
             finally:
                 summary.metrics.update(p.ctx.metrics)

@@ -57,7 +57,7 @@ def run_sweep(
             best = select_best(trials)
             _report(tracker, sweep_run, trials, best, cfg.sweep.stop_at_first_pass)
             summary.best = best.run_id if best else None
-            summary.gate = "passed" if best else "failed"
+            summary.gate = best.gate if best else "failed"  # passed, or not run (no validate step)
             if best is not None:
                 summary.metrics = dict(best.metrics)
                 summary.steps = dict(best.steps)

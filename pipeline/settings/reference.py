@@ -189,7 +189,7 @@ DESCRIPTIONS = {
     "registry version. See the README's CPU portability section.",
     "steps.validate.metric": "`top1`, `top5` (need labels), `agreement` (top-1 agreement with FP32), `cosine`, "
     "or `package.module:function` called as `fn(outputs, labels, reference)`; higher is better.",
-    "steps.validate.max_drop": "The gate: FP32 score - INT8 score may be at most this.",
+    "steps.validate.max_drop": "The gate: FP32 score - INT8 score may be at most this (a number >= 0, not NaN).",
     "steps.validate.batch_size": "Samples per validation batch.",
     "steps.validate.output": "Output(s) scored: a name or a list (default: the first output; all of them for a "
     "custom metric on a multi-output model).",
@@ -210,8 +210,8 @@ DESCRIPTIONS = {
     "steps.benchmark.providers": "Execution providers timed: `cpu`, `cuda`, `tensorrt`; one that is not really "
     "available is reported as such.",
     "steps.benchmark.batch_sizes": "Batch sizes timed; the first also gives the unsuffixed metric names.",
-    "steps.benchmark.iterations": "Timed runs per configuration.",
-    "steps.benchmark.warmup": "Untimed runs first.",
+    "steps.benchmark.iterations": "Timed runs per configuration (at least 1).",
+    "steps.benchmark.warmup": "Untimed runs first (0 or more).",
     "steps.benchmark.threads": "ONNX Runtime intra-op threads (default: ORT's choice).",
     "steps.benchmark.shapes": "Input name -> full shape for inputs with symbolic dimensions besides the batch "
     "(default: taken from the validation or calibration data).",

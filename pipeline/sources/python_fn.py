@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +16,48 @@ from pipeline.graph.layout import Layout
 from pipeline.sources.checks import Batch, Specs
 from pipeline.sources.kind import Reading, SourceKind, hash_files
 from pipeline.sources.spec import DataSource
-from pipeline.user_code import import_object
+from pipeline.user_code import import_object, iterate
 
 SHARD_ARGS = ("shard_index", "num_shards")
+SHAPE = "yield (or return a list of) {input_name: ndarray} mappings, one per batch"
+DEFAULT_WHAT = "python data source"
 
 
-def _python(src: DataSource, search_dirs: list[Path]) -> Iterator[Batch]:
-    fn: Callable[..., Iterable[Batch]] = import_object(src.python or "", search_dirs, "python data source")
-    for i, batch in enumerate(fn(**src.args)):
-        if not isinstance(batch, dict):
-            fail(
-                DataError,
-                f"{src.python} yielded a {type(batch).__name__} as batch {i}; yield {{input_name: ndarray}} mappings.",
-            )
-        yield {k: np.asarray(v) for k, v in batch.items()}
+def _python(src: DataSource, search_dirs: list[Path], what: str = DEFAULT_WHAT) -> Iterator[Batch]:
+    where = _where(what)
+    fn = import_object(src.python or "", search_dirs, where)
+    result = fn(**src.args)
+    _check_returned(result, src, where)
+    for i, batch in enumerate(iterate(fn, result)):
+        if not isinstance(batch, Mapping):
+            fail(DataError, f"{where}: {src.python} yielded a {type(batch).__name__} as batch {i}; {SHAPE}.")
+        yield {k: _array(v, src, where, i, k) for k, v in batch.items()}
+
+
+def _where(what: str) -> str:
+    """The YAML key of the source (``data.calibration.python``) where the reader knows it."""
+    return f"{what}.python" if what.startswith("data.") else DEFAULT_WHAT
+
+
+def _check_returned(result: object, src: DataSource, where: str) -> None:
+    """What the function returned is an iterable of batches, or one paragraph saying what it is."""
+    if isinstance(result, Mapping):
+        fail(DataError, f"{where}: {src.python} returned a single mapping, not batches of them; {SHAPE}.")
+    if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
+        shown = repr(result)[:80]
+        fail(DataError, f"{where}: {src.python} returned {shown} ({type(result).__name__}); {SHAPE}.")
+
+
+def _array(value: object, src: DataSource, where: str, index: int, name: str) -> np.ndarray:
+    """``value`` as an array; nested lists of unequal lengths (ragged) are a DataError naming them."""
+    try:
+        return np.asarray(value)
+    except ValueError as exc:
+        fail(
+            DataError,
+            f"{where}: {src.python}: batch {index}, input {name!r} is not an array ({str(exc).splitlines()[0]}); "
+            "nested lists must have equal lengths on every axis (pad them, or yield one sample per batch).",
+        )
 
 
 def takes_shard_args(fn: Any) -> bool:
@@ -79,7 +107,7 @@ class PythonFunction(SourceKind):
     def read(
         self, src: DataSource, batch_size: int, layout: Layout, specs: Specs, dirs: list[Path], what: str
     ) -> Iterator[Batch]:
-        return _python(src, dirs)
+        return _python(src, dirs, what)
 
     def digest(self, h: Any, src: DataSource, dirs: list[Path]) -> None:
         """The module file plus the declared ``deps:``; without ``deps:`` nothing short of running it
@@ -92,7 +120,7 @@ class PythonFunction(SourceKind):
             h.update(sample_digest(src, dirs).encode())
 
     def shard(self, src: DataSource, index: int, num: int, reading: Reading, what: str) -> Iterator[Batch]:
-        fn = import_object(src.python or "", reading.dirs, "python data source")
+        fn = import_object(src.python or "", reading.dirs, _where(what))
         if takes_shard_args(fn) and src.limit is None:
             sub = dataclasses.replace(src, args={**src.args, "shard_index": index, "num_shards": num})
             yield from reading.batches(sub, what)

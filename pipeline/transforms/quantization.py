@@ -123,6 +123,48 @@ def _without_ranges(
     return model, [n.name for n in missing]
 
 
+def _warn_unranged(
+    model: onnx.ModelProto,
+    unranged: list[str],
+    bounds: dict[str, tuple[float, float]],
+    amax: dict[str, float],
+    target: str,
+) -> None:
+    """Say why nodes stay FP32 for want of a range: a tensor that was 0 on every calibration sample
+    (all-zero data, a dead branch) or one the ranges do not hold at all (e.g. a cache without it)."""
+    inits, types, wanted = {i.name for i in model.graph.initializer}, _element_types(model), set(unranged)
+    missing = {
+        n.name: [
+            t
+            for t in [*n.input, *(n.output if target != "tensorrt" else [])]  # as _without_ranges reads them
+            if t and t not in inits and t not in bounds and types.get(t, TensorProto.FLOAT) in FLOAT_TYPES
+        ]
+        for n in model.graph.node
+        if n.name in wanted
+    }
+    blank = {name for name, ts in missing.items() if ts and all(amax.get(t) == 0 for t in ts)}
+    zero = [f"{name} ({', '.join(missing[name])})" for name in unranged if name in blank]
+    absent = [name for name in unranged if name not in blank]
+    if zero:
+        logger.warning(
+            "quantize: %d node(s) stay FP32 because a tensor they would quantize was 0 on every calibration "
+            "sample, so it has no scale: %s. Check the calibration data when that tensor is a model input",
+            len(zero),
+            _first(zero),
+        )
+    if absent:
+        logger.warning(
+            "quantize: %d node(s) stay FP32 because a float tensor they would quantize has no range "
+            "(e.g. a calibration cache without it): %s",
+            len(absent),
+            _first(absent),
+        )
+
+
+def _first(names: list[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f" (the first {shown} of {len(names)})" if len(names) > shown else "")
+
+
 def _vector_gemm_biases(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model``, or a copy whose Gemm biases that broadcast along rows are stored as vectors [N].
 
@@ -255,13 +297,7 @@ def quantize(
     model, unranged = _without_ranges(model, bounds, op_types, opts.target)
     float_matmuls = [] if opts.activation_matmuls or "MatMul" not in op_types else activation_matmuls(model)
     if unranged:
-        shown = ", ".join(unranged[:8]) + (f" (the first 8 of {len(unranged)})" if len(unranged) > 8 else "")
-        logger.warning(
-            "quantize: %d node(s) stay FP32 because a float tensor they would quantize has no range "
-            "(e.g. a calibration cache without it): %s",
-            len(unranged),
-            shown,
-        )
+        _warn_unranged(model, unranged, bounds, amax, opts.target)
     model = _unit_gemm_beta(model)
     if opts.per_channel:
         model = _vector_gemm_biases(model)

@@ -1,0 +1,88 @@
+"""A parallel sweep's trials as processes: they start int8pipe whatever the working directory holds,
+and a trial counts as passed only when it says so in its summary.
+
+Real trial processes (``sweep.parallel: 2``) on the digits example, a real sqlite MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import run_pipeline
+
+pytestmark = pytest.mark.slow  # every test runs a sweep of trial processes
+
+SOURCE = """\
+import os
+
+import numpy as np
+
+
+def batches(mode):
+    if mode == "vanish":  # ends the process "well" before it could write its summary
+        os._exit(0)
+    if mode == "boom":
+        raise ValueError("the shard is missing")
+    x = np.load("data/calibration.npz")["input"]
+    for i in range(0, 128, 64):
+        yield {"input": x[i : i + 64]}
+"""
+
+
+def _sweep(folder: Path, modes: list[str]) -> Path:
+    """The digits pipeline (validate on cosine: every working trial passes) over a python: source
+    whose ``mode`` each trial sets."""
+    (folder / "source.py").write_text(SOURCE)
+    path = folder / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["calibration"] = {"python": "source:batches", "args": {"mode": "ok"}}
+    cfg["steps"] = {
+        "export": {},
+        "calibrate": {"method": "minmax"},
+        "quantize": {},
+        "validate": {"metric": "cosine", "max_drop": 0.5},
+    }
+    cfg["sweep"] = {"trials": [{"data.calibration.args.mode": m} for m in modes], "parallel": 2}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _table(tracking_uri: str, sweep_run: str, dst: Path) -> list[dict]:
+    path = MlflowClient(tracking_uri).download_artifacts(sweep_run, "sweep/trials_table.json", str(dst))
+    table = json.loads(Path(path).read_text())
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def test_trials_start_int8pipe_whatever_the_working_directory_holds(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline.py in the working directory: before, `python -m pipeline` ran it in every trial
+    (here it exits 0, so the trials "passed" with no run)."""
+    marker = tmp_path / "shadow-ran"
+    (digits_copy / "pipeline.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(0)\n")
+    monkeypatch.chdir(digits_copy)
+    s = run_pipeline(_sweep(digits_copy, ["ok", "ok"]), tracking_uri, tmp_path)
+    assert not marker.exists()
+    assert [t["gate"] for t in s["trials"]] == ["passed", "passed"] and all(t["run_id"] for t in s["trials"])
+    assert s["best"] in {t["run_id"] for t in s["trials"]} and s["gate"] == "passed"
+
+
+def test_a_trial_that_ends_without_its_summary_is_an_error_with_a_reason(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial process exiting 0 without its summary: before, it counted as passed and was selected
+    (empty run id). The trials table's error column holds each errored trial's reason."""
+    monkeypatch.chdir(digits_copy)
+    s = run_pipeline(_sweep(digits_copy, ["vanish", "ok", "boom"]), tracking_uri, tmp_path)
+    gates = [t["gate"] for t in s["trials"]]
+    assert gates == ["error", "passed", "error"]
+    assert s["best"] == s["trials"][1]["run_id"] != "" and s["gate"] == "passed"
+    rows = _table(tracking_uri, s["run_id"], tmp_path)
+    assert "exited 0 without writing its summary" in rows[0]["error"]
+    assert rows[1]["error"] == "" and rows[1]["selected"]
+    assert rows[2]["error"].startswith("int8pipe: error: data.calibration.python: source:batches raised ValueError")
