@@ -274,3 +274,15 @@ def test_malformed_ranges_file(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(CalibrationError, match="not a readable ranges.json"):
         Ranges.read(bad)
+
+
+def test_a_step_is_dropped_from_the_command_line_and_a_top_level_typo_is_named(digits_copy: Path) -> None:
+    from pipeline.errors import ConfigError
+
+    cfg = load(digits_copy / "pipeline.yaml", ["steps.promote=null", "steps.benchmark=null"])
+    assert "promote" not in cfg.steps and "benchmark" not in cfg.steps and "validate" in cfg.steps
+    assert "promote" in load(digits_copy / "pipeline.yaml", ["steps.promote={registered_model: x}"]).steps
+    data = base(digits_copy)
+    data["step"] = {}
+    with pytest.raises(ConfigError, match=r"^unknown top-level key 'step'; allowed keys: name, model"):
+        load(write_yaml(digits_copy, data), [])

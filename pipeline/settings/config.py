@@ -206,7 +206,10 @@ def _yaml_load(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a copy of ``raw``."""
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a copy of ``raw``.
+
+    ``steps.<step>=null`` drops that step: in the YAML an empty ``promote:`` turns a step on with its
+    defaults, but nobody types ``--set steps.promote=null`` for that (``{}`` does it); they mean "without"."""
     out = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -218,6 +221,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             fail(ConfigError, f"--set {item!r}: {exc}.")
         except yaml.YAMLError as exc:
             fail(ConfigError, f"--set {item!r}: the value is not valid YAML ({exc}).")
+        parts = key.strip().split(".")
+        if value is None and len(parts) == 2 and parts[0] == "steps":
+            steps = out.get("steps")
+            if isinstance(steps, dict):
+                steps.pop(parts[1], None)
+            continue
         set_key(out, key.strip(), value, f"--set {item!r}")
     return out
 

@@ -92,10 +92,10 @@ def from_mapping(cls: type[T], data: Any, path: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        fail(
-            ConfigError,
-            f"{path}: unknown key {unknown[0]!r} (at {path}.{unknown[0]}); allowed keys: {', '.join(fields)}.",
-        )
+        where = f"{path}: unknown key {unknown[0]!r} (at {path}.{unknown[0]})" if path else (
+            f"unknown top-level key {unknown[0]!r}"
+        )  # fmt: skip
+        fail(ConfigError, f"{where}; allowed keys: {', '.join(fields)}.")
     kwargs = {}
     for name, field in fields.items():
         sub = f"{path}.{name}" if path else name
