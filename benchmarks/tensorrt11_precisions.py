@@ -7,7 +7,8 @@ TensorRT 11 builds strongly typed networks: each layer runs in the type the ONNX
 float regions of a Q/DQ model run in FP32 unless they are written FP16/BF16 (steps.quantize.float_precision)
 and the quantized layers are INT8 or FP8 E4M3 as the Q/DQ zero points say (steps.quantize.precision).
 Every model is int8pipe's default recipe for the network (what steps.quantize's ``auto`` keys become for
-its graph kind, mse thresholds from one calibration), varied in those two keys only, and scored against
+its graph kind, mse thresholds from one calibration), varied in those two keys only (and, for FP8, the
+thresholds: mse and entropy choose them for INT8's uniform grid; E4M3's steps grow with the value), and scored against
 the FP32 model on held-out data exactly as in benchmarks/defaults_across_networks.py (networks, data and
 metrics are that script's). FP16/BF16 are computed on this CPU by rounding every narrow tensor explicitly
 (pipeline/graph/emulation.py: FP16 storage, FP32 accumulation, what TensorRT's FP16 layers do); FP8 Q/DQ
@@ -32,12 +33,13 @@ sys.path[:0] = [str(ROOT.parent), str(ROOT)]
 
 from defaults_across_networks import LOADERS, cpu_flags, progress  # noqa: E402
 
-VARIANTS = [  # (label, precision, float precision)
-    ("INT8, FP32 regions", "int8", "fp32"),
-    ("INT8, FP16 regions (default for tensorrt)", "int8", "fp16"),
-    ("INT8, BF16 regions", "int8", "bf16"),
-    ("FP8 E4M3, FP32 regions", "fp8", "fp32"),
-    ("FP8 E4M3, FP16 regions", "fp8", "fp16"),
+VARIANTS = [  # (label, precision, float precision, calibration method)
+    ("INT8, FP32 regions", "int8", "fp32", "mse"),
+    ("INT8, FP16 regions (default for tensorrt)", "int8", "fp16", "mse"),
+    ("INT8, BF16 regions", "int8", "bf16", "mse"),
+    ("FP8 E4M3, FP32 regions", "fp8", "fp32", "mse"),
+    ("FP8 E4M3, FP16 regions", "fp8", "fp16", "mse"),
+    ("FP8 E4M3, FP16 regions, minmax thresholds", "fp8", "fp16", "minmax"),
 ]
 
 
@@ -71,7 +73,7 @@ def main() -> None:
 
 
 def table(net) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.calibration.calibrator import calibrate
+    from pipeline.calibration.calibrator import calibrate, rethreshold
     from pipeline.settings.facts import resolve
     from pipeline.transforms import float_precision, recipe, roles
     from pipeline.transforms.quantization import quantized_activations
@@ -91,12 +93,13 @@ def table(net) -> None:  # type: ignore[no-untyped-def]
           f"{len(lowered.kept_fp32)} | {time.process_time() - start:.0f} |", flush=True)  # fmt: skip
     progress(f"{net.key}: calibration (mse)")
     cal = calibrate(net.path, net.cal_batches, "mse", histogram_tensors=quantized_activations(fp32, "tensorrt"))
-    for label, precision, floats in VARIANTS:
+    for label, precision, floats, method in VARIANTS:
         progress(f"{net.key}: {label}")
         cfg = QuantizeConfig(precision=precision, float_precision=floats)  # type: ignore[arg-type]
         facts = resolve({"quantize": cfg})
         start = time.process_time()
-        done = recipe.quantize_static(fp32, cal.ranges, cfg.for_graph(kind).as_recipe(facts),
+        ranges = rethreshold(cal.ranges, cal.histograms, method, 99.99) if method != "mse" else cal.ranges
+        done = recipe.quantize_static(fp32, ranges, cfg.for_graph(kind).as_recipe(facts),
                                       recipe.Samples(net.cal_batches))  # fmt: skip
         built = time.process_time() - start
         s = net.score(net.outputs(done.model.SerializeToString(), False), ref)

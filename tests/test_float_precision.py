@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pipeline.errors import ModelError
 from pipeline.execution import runtime
 from pipeline.graph import emulation
-from pipeline.graph.model import tensor_types, toposort
+from pipeline.graph.model import subgraph_inputs, tensor_types, toposort
 from pipeline.transforms import float_precision, fp8
 from pipeline.transforms.quantization import QuantizeOptions, quantize
 from tests.models import build
@@ -194,3 +194,21 @@ def test_overflowing_fp16_tensor_is_named() -> None:
     x = np.full((1, 2, 4, 4), 30000.0, np.float32)  # the 3x3 sums pass 65504
     assert "conv" in float_precision.nonfinite_tensors(lowered, {"x": x})
     assert float_precision.nonfinite_tensors(lowered, {"x": x / 1e4}) == []
+
+
+def test_a_tensor_an_if_body_reads_keeps_its_type() -> None:
+    """if_branches behind a Relu "pre": the If's bodies read its output; lowering the Relu would retype
+    what the bodies were typed against."""
+    model = build("if_branches")
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                for inner in attr.g.node:
+                    inner.input[:] = ["xr" if t == "x" else t for t in inner.input]
+    model.graph.node.insert(0, helper.make_node("Relu", ["x"], ["xr"], name="pre"))
+    assert "xr" in set().union(*(subgraph_inputs(n) for n in model.graph.node))
+    lowered = float_precision.lower(model, "fp16")
+    onnx.checker.check_model(lowered.model, full_check=True)
+    assert "If/Loop/Scan body" in lowered.kept_fp32["pre"]
+    x = np.random.default_rng(6).normal(size=(3, 4)).astype(np.float32)
+    assert np.allclose(run(model, {"x": x})[0], run(lowered.model, {"x": x})[0], atol=1e-2)

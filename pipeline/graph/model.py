@@ -100,7 +100,7 @@ def refuse_quantized(model: onnx.ModelProto, label: str, where: str) -> None:
         )
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Outer-scope names a node's subgraphs (If/Loop/Scan bodies) read: they order it like inputs."""
     used: set[str] = set()
     for attr in node.attribute:
@@ -110,7 +110,7 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
                 local.update(n.output)
             for n in sub.node:
                 used.update(i for i in n.input if i and i not in local)
-                used.update(_subgraph_inputs(n) - local)
+                used.update(subgraph_inputs(n) - local)
     return used
 
 
@@ -125,7 +125,7 @@ def toposort(model: onnx.ModelProto) -> None:
     nodes = list(graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     deps = [
-        {producer[t] for t in (set(n.input) | _subgraph_inputs(n)) if t in producer and producer[t] != i}
+        {producer[t] for t in (set(n.input) | subgraph_inputs(n)) if t in producer and producer[t] != i}
         for i, n in enumerate(nodes)
     ]
     users: list[list[int]] = [[] for _ in nodes]

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.graph.model import drop_unused_initializers, opset_of, tensor_types, toposort
+from pipeline.graph.model import drop_unused_initializers, opset_of, subgraph_inputs, tensor_types, toposort
 
 PRECISIONS = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 FP16_MAX = 65504.0
@@ -139,6 +139,9 @@ class _Rewrite:
             for t in node.input:
                 if t:
                     self.readers.setdefault(t, []).append(node)
+        # outer tensors an If/Loop/Scan body reads keep their type: the body was typed against it
+        self.read_by_bodies = set().union(*(subgraph_inputs(n) for n in self.graph.node))
+        self.positions = {id(n): k for k, n in enumerate(self.graph.node)}
         self.casts: dict[tuple[str, int], str] = {}
         self.new_nodes: list[onnx.NodeProto] = []
         self.taken = set(self.inits) | {t for n in self.graph.node for t in [*n.input, *n.output]}
@@ -184,6 +187,9 @@ class _Rewrite:
             return f"no {self.precision} rule for {node.op_type}"
         if not _accepts(node.op_type, self.low, self.opset):
             return f"ONNX opset {self.opset} has no {self.precision} {node.op_type}"
+        read = [t for t in node.output if t in self.read_by_bodies]
+        if read:
+            return f"{read[0]} is read inside an If/Loop/Scan body"
         others = [t for t in [*node.input, *node.output] if t and self.types.get(t) not in (None, TensorProto.FLOAT)]
         if any(self.types[t] in (TensorProto.DOUBLE,) for t in others):
             return "reads or writes float64"
@@ -209,9 +215,8 @@ class _Rewrite:
 
     def _dq_low(self, dq: onnx.NodeProto, low: set[int]) -> bool:
         """A DequantizeLinear outputs low when every reader computes low and its scale fits the type."""
-        positions = {id(n): k for k, n in enumerate(self.graph.node)}
         readers = self.readers.get(dq.output[0], [])
-        if not readers or any(positions[id(r)] not in low for r in readers):
+        if not readers or any(self.positions[id(r)] not in low for r in readers) or dq.output[0] in self.read_by_bodies:
             return False
         if dq.output[0] in {o.name for o in self.graph.output}:
             return False
