@@ -14,6 +14,7 @@ from pipeline.errors import ConfigError, fail
 from pipeline.execution import cpu_kernels
 from pipeline.graph import model as onnx_model
 from pipeline.log import logger
+from pipeline.mlflow_io import names
 from pipeline.sources import data
 from pipeline.tag_names import (
     CALIBRATION_METHOD_TAG,
@@ -45,8 +46,8 @@ class PromoteConfig:
     registered_model: str
     alias: str | None = "candidate"
     description: str | None = None
-    # better: the alias moves only to a version at least as good as its holder on the same validation
-    # data and metric; always: to every version that passed the gate
+    # better: the alias goes to the best validated version on the newest version's metric and
+    # validation data; always: to the newest validated version (pipeline/mlflow_io/registry.choose)
     policy: Literal["better", "always"] = "better"
     # refuse unless the engine step measured the INT8 engine faster than the FP16 one (off, and saying
     # so, where the engine step built nothing: no TensorRT or no GPU)
@@ -63,6 +64,13 @@ class Promote(Step):
     def check(cls, pipeline: PipelineConfig) -> None:
         super().check(pipeline)
         cfg: PromoteConfig = pipeline.steps["promote"]
+        # MLflow checks these only when they are written: after every other step has run
+        problem = names.registered_model_problem(cfg.registered_model)
+        if problem:
+            fail(ConfigError, f"steps.promote.registered_model: {problem}.")
+        problem = names.alias_problem(cfg.alias) if cfg.alias else None
+        if problem:
+            fail(ConfigError, f"steps.promote.alias: {problem}.")
         if cfg.alias and "validate" not in pipeline.steps:
             fail(
                 ConfigError,

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.mlflow_io import registry
+from pipeline.errors import TrackingError
+from pipeline.mlflow_io import names, registry
 from pipeline.orchestration.cli import main
 from tests.conftest import env_without_mlflow, run_args, run_pipeline
 
@@ -226,18 +227,175 @@ def test_alias_policy_better_and_always(digits_copy: Path, tracking_uri: str, tm
     assert forced["registered_model"]["alias"] == "candidate"
 
 
-def test_decide_unit() -> None:
-    score = registry.Score("top1", 0.9, "d")
+def _candidate(version: int, value: float, data: str = "d", policy: str = "better") -> registry.Candidate:
+    return registry.Candidate(version, registry.Score("cosine", value, data), policy)
 
-    class V:
-        def __init__(self, tags: dict[str, str]):
-            self.version, self.tags = "4", tags
 
-    assert registry.decide(score, None, "better")[0]
-    assert registry.decide(score, V(registry.Score("top1", 0.9, "d").tags()), "better")[0]  # equal moves
-    assert not registry.decide(score, V(registry.Score("top1", 0.91, "d").tags()), "better")[0]
-    assert registry.decide(score, V(registry.Score("top1", 0.91, "d").tags()), "always")[0]
-    assert not registry.decide(None, None, "always")[0]  # never without a validated score
+def _chosen(*cands: registry.Candidate) -> int | None:
+    choice = registry.choose(list(cands))
+    return None if choice is None else choice.version
+
+
+def test_choice_is_a_function_of_the_candidates_the_newest_setting_the_rule() -> None:
+    c = _candidate
+    assert _chosen() is None
+    # better: the best on the newest version's metric and data; an equal score goes to the newer version
+    assert _chosen(c(1, 0.9), c(2, 0.8), c(3, 0.85)) == 1
+    assert _chosen(c(1, 0.9), c(2, 0.9)) == _chosen(c(2, 0.9), c(1, 0.9)) == 2  # whatever the order read
+    # other validation data cannot be compared: the newest version's data decides which compete
+    assert _chosen(c(1, 0.99, "old"), c(2, 0.5, "new"), c(3, 0.4, "new")) == 2
+    assert _chosen(c(1, 0.99, "old"), c(2, 0.5, "new"), c(3, 0.4, "old")) == 1
+    # always: the newest; a later better-policy version chooses among all again
+    assert _chosen(c(1, 0.99), c(2, 0.5, policy="always")) == 2
+    assert _chosen(c(1, 0.99), c(2, 0.5, policy="always"), c(3, 0.7)) == 1
+
+
+SOURCE = "file:///nowhere/model"  # never loaded: these tests read tags and aliases only
+
+
+def _identity(value: float | None, alias: str, policy: str = "better", data: str = "d", sha: str = "") -> dict:
+    """The tags a promotion creates its version with (registry.IDENTITY_TAGS among them)."""
+    tags = {registry.GATE_TAG: "passed", registry.INT8_SHA256_TAG: sha or f"sha-{value}-{policy}-{data}"}
+    tags.update(registry.request_tags(alias, policy))
+    if value is not None:
+        tags.update(registry.Score("cosine", value, data).tags())
+    return tags
+
+
+def _version(
+    client: MlflowClient,
+    value: float | None,
+    alias: str = "candidate",
+    policy: str = "better",
+    data: str = "d",
+    **extra: str,
+) -> str:
+    """A complete version of m as a promotion creates it: its tags in the same call."""
+    registry.ensure_registered_model(client, "m")
+    tags = {**_identity(value, alias, policy, data), **extra}
+    return str(client.create_model_version("m", source=SOURCE, tags=tags).version)
+
+
+def test_candidates_are_complete_versions_competing_for_that_alias(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    listed = [_version(client, 0.5)]
+    _version(client, 0.9, alias="champion")  # another alias's
+    _version(client, None)  # no score
+    _version(client, float("nan"))
+    _version(client, 0.99, **{registry.WITHDRAWN_TAG: "rolled back"})
+    _version(client, 0.99, **{registry.INCOMPLETE_TAG: "x"})
+    registry.ensure_registered_model(client, "m")
+    older = client.create_model_version("m", source=SOURCE, tags={registry.GATE_TAG: "passed"})
+    client.set_model_version_tag("m", older.version, registry.METRIC_TAG, "cosine")  # tags afterwards: never whole
+    # an older int8pipe's version (no alias or policy tag) competes for every alias
+    old = {registry.GATE_TAG: "passed", **registry.Score("cosine", 0.6, "d").tags()}
+    listed.append(str(client.create_model_version("m", source=SOURCE, tags=old).version))
+    assert [str(c.version) for c in registry.candidates(client, "m", "candidate")] == listed
+
+
+def test_a_rerun_reuses_its_version_unless_a_copy_would_set_the_rule(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+
+    def reusable(value: float, alias: str, policy: str = "better") -> str | None:
+        return registry.reusable_version(client, "m", _identity(value, alias, policy))
+
+    assert reusable(0.9, "candidate") is None  # nothing registered yet
+    first = _version(client, 0.9)
+    assert reusable(0.9, "candidate") == first  # the newest itself
+    assert reusable(0.9, "champion") is None  # another request
+    _version(client, 0.8)
+    assert reusable(0.9, "candidate") == first  # better, scored like the newest: it competes as it is
+    always = _version(client, 0.7, policy="always")
+    _version(client, 0.6, policy="always")
+    assert reusable(0.7, "candidate", policy="always") is None  # always: a copy is what makes it the newest
+    _version(client, 0.95, data="refreshed")
+    assert reusable(0.9, "candidate") is None  # the newest version was scored on other data
+    client.set_model_version_tag("m", always, registry.WITHDRAWN_TAG, "rolled back")
+    assert reusable(0.7, "candidate", policy="always") == always  # a copy must not bring it back
+
+
+class _Interleaved(MlflowClient):
+    """A client that lets another process act just before this one's next alias write."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.before_write: list = []
+        self.writes: list[str] = []
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        if self.before_write:
+            self.before_write.pop(0)()
+        super().set_registered_model_alias(name, alias, version)
+        self.writes.append(str(version))
+
+
+def test_a_stale_write_is_followed_by_the_right_one(tracking_uri: str) -> None:
+    client = _Interleaved(tracking_uri)
+    mine = _version(client, 0.90)
+    other = MlflowClient(tracking_uri)
+    better: list[str] = []
+
+    def better_promotion_completes() -> None:  # between this process's reads and its write
+        better.append(_version(other, 0.95))
+        assert registry.settle_alias(other, "m", "candidate").holder == better[0]
+
+    client.before_write.append(better_promotion_completes)
+    settled = registry.settle_alias(client, "m", "candidate")
+    assert client.writes == [mine, better[0]]  # its stale choice, then the right one
+    assert settled.holder == better[0] == str(other.get_model_version_by_alias("m", "candidate").version)
+    assert registry.explain(mine, settled).startswith(f"stayed on v{settled.holder}: its cosine 0.95 > this")
+
+
+class _Contested(MlflowClient):
+    """A client whose every alias write is overwritten at once by another process's."""
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        super().set_registered_model_alias(name, alias, version)
+        super().set_registered_model_alias(name, alias, "1")
+
+
+def test_an_alias_that_never_settles_is_a_tracking_error(tracking_uri: str) -> None:
+    client = _Contested(tracking_uri)
+    _version(client, 0.5)
+    _version(client, 0.9)
+    with pytest.raises(TrackingError, match=r"@candidate of 'm' was still changing after 20 rounds.*run again"):
+        registry.settle_alias(client, "m", "candidate")
+
+
+def test_a_withdrawn_version_loses_the_alias_and_a_hand_set_one_is_settled(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    first = _version(client, 0.9)
+    second = _version(client, 0.95)
+    client.set_registered_model_alias("m", "candidate", first)  # set by hand
+    assert registry.settle_alias(client, "m", "candidate").holder == second
+    client.set_model_version_tag("m", second, registry.WITHDRAWN_TAG, "rolled back")
+    assert registry.settle_alias(client, "m", "candidate").holder == first
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("registered_model", "", "the name is empty"),
+        ("registered_model", "   ", "the name is empty"),
+        ("registered_model", "team/digits", "holds '/', which MLflow refuses"),
+        ("registered_model", "team:digits", "holds ':', which MLflow refuses"),
+        ("registered_model", "o'brien", "holds a single quote"),
+        ("registered_model", "..digits", "resolves to another"),
+        ("registered_model", "x" + names.RESERVED_SUFFIX, "names ending in '.int8pipe-lock' are reserved"),
+        ("alias", "latest", "'latest' is reserved by MLflow"),
+        ("alias", "v3", "'v3' is reserved by MLflow"),
+        ("alias", "best model", "may hold only letters, digits"),
+    ],
+)
+def test_registry_names_mlflow_or_int8pipe_refuse_are_config_errors(
+    digits_copy: Path, capsys: pytest.CaptureFixture[str], key: str, value: str, expected: str
+) -> None:
+    _edit(digits_copy / "pipeline.yaml", lambda cfg: cfg["steps"]["promote"].update({key: value}))
+    store = digits_copy.parent / "mlflow.db"
+    assert main(["run", str(digits_copy / "pipeline.yaml"), "--tracking-uri", f"sqlite:///{store}"]) == 2
+    err = capsys.readouterr().err
+    assert f"steps.promote.{key}: " in err and expected in err and "Traceback" not in err
+    assert not store.exists()  # refused before anything ran
 
 
 def _start(config: Path, uri: str, summary: Path, *overrides: str) -> subprocess.Popen[bytes]:
@@ -270,7 +428,7 @@ def test_concurrent_promotions_end_on_the_best(mlflow_server: str, digits_copy: 
         # at exit, the alias sat on a version at least as good as this one, and the claim matches
         assert scores[reg["alias_version"]] >= scores[reg["version"]]
         assert (reg["alias"] == "candidate") == (reg["alias_version"] == reg["version"])
-    assert not [m for m in client.search_registered_models() if m.name.endswith(registry.LOCK_SUFFIX)]
+    assert [m.name for m in client.search_registered_models()] == ["digits-int8"]  # nothing else
 
 
 @pytest.mark.slow

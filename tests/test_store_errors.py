@@ -1,7 +1,6 @@
-"""Stores that cannot take a write, and the registry lock: clear errors, never tracebacks.
+"""Stores that cannot take a write: clear errors, never tracebacks.
 
-Real parts: the CLI in a subprocess (or in-process) against a real sqlite MLflow store, real
-registered models as the registry lock.
+Real parts: the CLI in a subprocess (or in-process) against a real sqlite MLflow store.
 """
 
 from __future__ import annotations
@@ -12,14 +11,11 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.errors import TrackingError
-from pipeline.mlflow_io import registry
 from pipeline.orchestration.cli import main
 from tests.conftest import ROOT, env_without_mlflow, run_args
 
@@ -89,39 +85,6 @@ def test_sqlite_store_in_a_read_only_folder_is_a_tracking_error(
     assert code == 2 and "Traceback" not in err
     assert f"the folder {folder} does not exist or is not writable" in err
     assert not (folder / "mlflow.db").exists()
-
-
-def _hold_lock(client: MlflowClient, name: str, owner: str, age_s: float) -> None:
-    """The lock model as a promoting int8pipe creates it, acquired ``age_s`` seconds ago."""
-    client.create_registered_model(
-        name + registry.LOCK_SUFFIX, tags={"owner": owner, "acquired": repr(time.time() - age_s)}
-    )
-
-
-def test_a_stale_registry_lock_is_broken(tracking_uri: str) -> None:
-    client = MlflowClient(tracking_uri)
-    _hold_lock(client, "m", "gone-host:4242", registry.LOCK_LEASE_S + 60)
-    start = time.monotonic()
-    with registry.registry_lock(client, "m", timeout_s=30):
-        held = client.get_registered_model("m" + registry.LOCK_SUFFIX)
-        assert held.tags["owner"] == f"{os.uname().nodename}:{os.getpid()}"  # ours now
-        assert time.time() - float(held.tags["acquired"]) < 30
-    assert time.monotonic() - start < 10  # broken at once, not waited out
-    assert not client.search_registered_models(f"name = 'm{registry.LOCK_SUFFIX}'")  # released
-
-
-def test_a_live_registry_lock_times_out_with_a_tracking_error(tracking_uri: str) -> None:
-    client = MlflowClient(tracking_uri)
-    _hold_lock(client, "m", "busy-host:77", 5)
-    start = time.monotonic()
-    with pytest.raises(
-        TrackingError, match=r"registry lock 'm\.int8pipe-lock' is still held after 2s, by busy-host:77"
-    ):
-        with registry.registry_lock(client, "m", timeout_s=2):
-            pytest.fail("entered a lock another process holds")
-    assert 2 <= time.monotonic() - start < 15
-    held = client.get_registered_model("m" + registry.LOCK_SUFFIX)
-    assert held.tags["owner"] == "busy-host:77"  # a live lock is left alone
 
 
 @pytest.mark.parametrize("value", ["0", "-64"])

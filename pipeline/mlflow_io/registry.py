@@ -1,23 +1,21 @@
 """Promotion into the MLflow Model Registry: what the registry says is true, and what it holds loads.
 
 - A version is complete or absent: it is created with its tags and description in one call.
-- The alias moves under a registry-wide lock, so concurrent pipelines cannot overwrite a better
-  holder with a stale decision; policy ``better`` moves it only when the new version scores at least
-  as well as the holder on the same validation data and metric.
-- The caller reports the alias as it stands after the lock is released, never as it meant it to be.
+- The alias is a function of the complete versions (:func:`choose`), and every promoting process
+  writes it until it reads it back unchanged (:func:`settle_alias`): no lock, no lease, no clock, so
+  concurrent pipelines end on the best version whatever their timing (the argument is there).
+- int8pipe creates only the registered model the YAML names and its own versions; it never deletes
+  or renames a registered model or a version (it tags versions: its own, and hand-registered ones as
+  incomplete).
+- The caller reports the alias as it read it after its last write, never as it meant it to be.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import os
-import random
+import math
 import shutil
-import socket
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from pipeline.graph import emulation
 from pipeline.graph import model as onnx_model
 from pipeline.log import logger
 from pipeline.tag_names import (
+    ALIAS_TAG,
     DATA_TAG,
     DECISION_TAG,
     EVIDENCE_TAG,
@@ -43,14 +42,19 @@ from pipeline.tag_names import (
     INCOMPLETE_TAG,
     INT8_SHA256_TAG,
     METRIC_TAG,
+    POLICY_TAG,
     VALUE_TAG,
+    WITHDRAWN_TAG,
 )
 
-LOCK_SUFFIX = ".int8pipe-lock"
-LOCK_LEASE_S = 120.0  # a lock older than this was left by a process that died; it is broken
-LOCK_TIMEOUT_S = 300.0
-# what makes two versions the same: the INT8 model's bytes and the evidence its gate passed on
-IDENTITY_TAGS = (INT8_SHA256_TAG, GATE_TAG, METRIC_TAG, VALUE_TAG, DATA_TAG)
+NO_ALIAS = "(none)"  # ALIAS_TAG of a version registered without an alias: no MLflow alias can be spelled so
+# what makes two versions the same: the INT8 model's bytes, the evidence its gate passed on, and what
+# its promotion asked for
+IDENTITY_TAGS = (INT8_SHA256_TAG, GATE_TAG, METRIC_TAG, VALUE_TAG, DATA_TAG, ALIAS_TAG, POLICY_TAG)
+# Rounds of settle_alias before it gives up. Once no version is being registered, every process stops
+# within a few rounds (a stale write already decided, the right one, the read that confirms it); more
+# means registrations keep arriving.
+SETTLE_ROUNDS = 20
 
 
 @dataclass
@@ -64,12 +68,30 @@ class Score:
     def tags(self) -> dict[str, str]:
         return {METRIC_TAG: self.metric, VALUE_TAG: repr(self.value), DATA_TAG: self.data_digest}
 
+    def comparable(self, other: Score) -> bool:
+        return (self.metric, self.data_digest) == (other.metric, other.data_digest)
+
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> Score | None:
         try:
             return cls(tags[METRIC_TAG], float(tags[VALUE_TAG]), tags[DATA_TAG])
         except (KeyError, ValueError):
             return None
+
+
+def request_tags(alias: str | None, policy: str) -> dict[str, str]:
+    """What a promotion asked for, tagged on its version: the alias it competes for and the policy
+    that chooses the alias's version while it is the newest (see :func:`choose`)."""
+    return {ALIAS_TAG: alias or NO_ALIAS, POLICY_TAG: policy}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A complete version competing for an alias."""
+
+    version: int
+    score: Score
+    policy: str
 
 
 def _already_exists(exc: MlflowException) -> bool:
@@ -84,54 +106,155 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
-@contextmanager
-def registry_lock(client: MlflowClient, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Mutual exclusion between promotions of one registered model, through the tracking server.
-
-    MLflow has no compare-and-set on aliases, but creating a registered model is atomic (the name
-    is unique), so a registered model ``<name>.int8pipe-lock`` is the lock. A lock older than
-    ``LOCK_LEASE_S`` belonged to a process that died and is broken.
-    """
-    lock = name + LOCK_SUFFIX
-    owner = f"{socket.gethostname()}:{os.getpid()}"
-    deadline = time.monotonic() + timeout_s
+def all_versions(client: MlflowClient, name: str) -> list[Any]:
+    """Every version of ``name`` (none when the registered model does not exist yet), page by page."""
+    versions: list[Any] = []
+    token = None
     while True:
-        try:
-            client.create_registered_model(
-                lock,
-                tags={"owner": owner, "acquired": repr(time.time())},
-                description=f"int8pipe: held while a pipeline decides the aliases of '{name}'. "
-                "Deleted when it is done; safe to delete when no int8pipe is promoting.",
-            )
-            break
-        except MlflowException as exc:
-            if not _already_exists(exc):
-                raise
-        try:
-            held = client.get_registered_model(lock)
-            age = time.time() - float(held.tags.get("acquired", "0"))
-            if age > LOCK_LEASE_S:
-                logger.warning("promote: breaking a registry lock held for %.0fs by %s", age, held.tags.get("owner"))
-                client.delete_registered_model(lock)
-                continue
-        except MlflowException:
-            continue  # released between our two calls
-        if time.monotonic() > deadline:
-            fail(
-                TrackingError,
-                f"promote: the registry lock {lock!r} is still held after {timeout_s:.0f}s, by "
-                f"{held.tags.get('owner', 'an unknown process')} for {age:.0f}s: another int8pipe is promoting "
-                f"{name!r}. Run again when it is done (finished steps are reused); a lock older than "
-                f"{LOCK_LEASE_S:.0f}s is broken, or delete the registered model {lock!r} if no int8pipe is running.",
-            )
-        time.sleep(random.uniform(0.1, 0.4))
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        versions += page
+        token = page.token
+        if not token:
+            return versions
+
+
+def candidate(mv: Any, alias: str) -> Candidate | None:
+    """``mv`` as a candidate for ``alias``, or None: a complete version (created with its tags in one
+    call, READY) whose gate passed with a finite score, that competes for this alias and that nobody
+    marked incomplete or withdrawn. A version without ALIAS_TAG was registered before int8pipe
+    recorded it, when any int8pipe promotion could give it the alias: it competes for every alias."""
+    tags = mv.tags or {}
+    if mv.status != "READY" or tags.get(GATE_TAG) != "passed":
+        return None
+    if INCOMPLETE_TAG in tags or WITHDRAWN_TAG in tags or tags.get(ALIAS_TAG, alias) != alias:
+        return None
+    score = Score.from_tags(tags)
+    if score is None or not math.isfinite(score.value):  # NaN compares neither way: no order to agree on
+        return None
+    return Candidate(int(mv.version), score, "always" if tags.get(POLICY_TAG) == "always" else "better")
+
+
+def candidates(client: MlflowClient, name: str, alias: str) -> list[Candidate]:
+    return sorted((c for mv in all_versions(client, name) if (c := candidate(mv, alias))), key=lambda c: c.version)
+
+
+def choose(cands: list[Candidate]) -> Candidate | None:
+    """The version the alias belongs on, computed from the candidates alone, so that every process
+    that reads the same candidates chooses the same version.
+
+    The newest candidate (the highest version number: the store's own counter, the one order every
+    process agrees on without a clock) says how, by its policy and by what it was scored on:
+
+    - ``always``: the newest candidate itself; the last version registered wins.
+    - ``better``: the best score among the candidates scored with the newest one's metric on the
+      same validation data. Equal scores go to the newer version (at least as good takes the alias).
+      Candidates scored otherwise cannot be compared and wait until a newer version is scored like
+      them.
+    """
+    if not cands:
+        return None
+    newest = max(cands, key=lambda c: c.version)
+    if newest.policy == "always":
+        return newest
+    rivals = [c for c in cands if c.score.comparable(newest.score)]
+    return max(rivals, key=lambda c: (c.score.value, c.version))
+
+
+def holder(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version ``alias`` stands on now, or None when it stands on none."""
     try:
-        yield
-    finally:
-        try:
-            client.delete_registered_model(lock)
-        except MlflowException:
-            logger.warning("promote: could not release the registry lock %r; it expires in %.0fs", lock, LOCK_LEASE_S)
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        # MLflow answers a missing alias with INVALID_PARAMETER_VALUE, a missing model with
+        # RESOURCE_DOES_NOT_EXIST; anything else (an outage) is not an answer
+        if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return None
+        raise
+
+
+@dataclass
+class Settled:
+    """How a promotion left the alias: the choice, and the holder as read after its last write."""
+
+    choice: Candidate | None
+    holder: str | None
+    candidates: list[Candidate]
+
+
+def settle_alias(client: MlflowClient, name: str, alias: str) -> Settled:
+    """Write ``alias`` until it stands on ``choose(candidates)`` as read after the last write.
+
+    MLflow has no compare-and-set, so a lock or lease built on it is unsafe against a slow process or
+    a skewed clock. Instead the alias's version is a function of the registry's contents
+    (:func:`choose`), and every process that registered or reused a version runs::
+
+        repeat: h = the alias's holder; then S = the candidates (complete versions competing for it);
+                if h == choose(S): stop and report h; else set the alias to choose(S).
+
+    Complete: created by one ``create_model_version`` call carrying the gate, score, alias and policy
+    tags. The store writes a version and its tags in one transaction, so a reader sees the whole
+    version or none; nothing becomes a candidate later.
+
+    Invariant: once the processes have stopped, the alias stands on ``choose(U)``, U the candidates
+    then, whatever the interleaving. Let c be the moment the last version of U became complete, and Q
+    the process that registered it. Q's rounds all start after c, so its last round read a holder h
+    after c and then exactly U (nothing completes after c, and int8pipe deletes nothing), and Q
+    stopped because h == choose(U). If nobody writes after Q's read of h, the alias is still h.
+    Otherwise take W, the last write of all, by P: it follows c. Every write is followed by a round
+    of its writer, so P read the holder after W (W's value: no write follows W) and then the
+    candidates (U), and stopped only because W's value is choose(U); had it not been, P would have
+    written again, after W. Either way the alias ends on choose(U).
+
+    Nothing is timed, so slow processes and skewed clocks change only when the end comes. A slow
+    process can write a stale choice (read before a better version completed); its next round puts
+    the right one back before it stops, so the alias can sit on an older choice for that window,
+    never at the end. The argument needs every writer to live through the round after its write,
+    and Q through one round: a process killed in between can leave the alias stale until the next
+    promotion of that model, which corrects it whatever its own score. Outside it too: a write the
+    server applies after the client gave up on it, and versions deleted or retagged meanwhile.
+    """
+    for _ in range(SETTLE_ROUNDS):
+        # the holder first: a choice computed from candidates read later is never older than what it replaces
+        now = holder(client, name, alias)
+        cands = candidates(client, name, alias)
+        chosen = choose(cands)
+        if chosen is None or now == str(chosen.version):
+            return Settled(chosen, now, cands)
+        client.set_registered_model_alias(name, alias, str(chosen.version))
+    fail(
+        TrackingError,
+        f"promote: the alias @{alias} of {name!r} was still changing after {SETTLE_ROUNDS} rounds: other "
+        "promotions keep registering versions of it. This version is registered; run again when they are "
+        "done (finished steps and this version are reused) to decide the alias.",
+    )
+
+
+def explain(version: str, settled: Settled) -> str:
+    """Why the alias stands where it does, as this version's DECISION_TAG says it."""
+    own = next((c for c in settled.candidates if str(c.version) == version), None)
+    chosen = settled.choice
+    if own is None:
+        where = f"stayed on v{settled.holder}" if settled.holder else "not given"
+        return f"{where}: this version is no candidate (no passed gate with a finite score, or withdrawn)"
+    assert chosen is not None  # own is a candidate
+    if chosen == own:
+        if own.policy == "always":
+            return "on this version: policy always gives it to the newest validated version"
+        rivals = sum(c.score.comparable(own.score) for c in settled.candidates)
+        return f"on this version: {own.score.metric} {own.score.value:.6g}, best of {rivals} on this validation data"
+    newest = max(settled.candidates, key=lambda c: c.version)
+    where = f"stayed on v{chosen.version}"
+    if newest.policy == "always":
+        return f"{where}: policy always of the newest validated version, v{newest.version}, gives it the alias"
+    if not own.score.comparable(newest.score):
+        return (
+            f"{where}: the newest version v{newest.version} was scored with {newest.score.metric} on validation "
+            f"data {newest.score.data_digest[:12]}, this one with {own.score.metric} on "
+            f"{own.score.data_digest[:12]}; policy better compares only like with like"
+        )
+    if chosen.score.value > own.score.value:
+        return f"{where}: its {own.score.metric} {chosen.score.value:.6g} > this version's {own.score.value:.6g}"
+    return f"{where}: an equal {own.score.metric} {own.score.value:.6g} on a newer version"
 
 
 def _session_options(model: onnx.ModelProto) -> dict[str, Any]:
@@ -145,7 +268,7 @@ def mark_incomplete_versions(client: MlflowClient, name: str) -> list[str]:
     """Tag versions without int8pipe's gate tag: left by an interrupted promotion of an older int8pipe,
     or registered by hand. They are never alias candidates; returns their version numbers."""
     marked = []
-    for mv in client.search_model_versions(f"name = '{name}'"):
+    for mv in all_versions(client, name):
         tags = mv.tags or {}
         if GATE_TAG in tags or INCOMPLETE_TAG in tags:
             continue
@@ -159,32 +282,6 @@ def mark_incomplete_versions(client: MlflowClient, name: str) -> list[str]:
     if marked:
         logger.warning("promote: %s version(s) %s carry no validation tags; marked incomplete", name, marked)
     return marked
-
-
-def holder(client: MlflowClient, name: str, alias: str) -> Any | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def decide(new: Score | None, current: Any | None, policy: str) -> tuple[bool, str]:
-    """Whether the alias moves to the new version, and why (as tagged on the version)."""
-    if new is None:
-        return False, "not validated"
-    if policy == "always" or current is None:
-        return True, "moved: " + ("policy always" if current is not None else "no previous holder")
-    old = Score.from_tags(current.tags or {})
-    if old is None:
-        return True, f"moved: v{current.version} carries no int8pipe score to compare with"
-    if (old.metric, old.data_digest) != (new.metric, new.data_digest):
-        return True, (
-            f"moved: v{current.version} was scored with {old.metric} on other validation data; "
-            "policy better compares only like with like"
-        )
-    if new.value >= old.value:
-        return True, f"moved: {new.metric} {new.value:.6g} >= v{current.version}'s {old.value:.6g}"
-    return False, f"stayed on v{current.version}: its {old.metric} {old.value:.6g} > this version's {new.value:.6g}"
 
 
 def attach_evidence(client: MlflowClient, model_id: str, evidence: list[tuple[str, str, str, str]]) -> dict[str, str]:
@@ -228,21 +325,41 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def identical_version(client: MlflowClient, name: str, tags: dict[str, str]) -> str | None:
-    """The oldest complete version of ``name`` with the same INT8 model and gate evidence (IDENTITY_TAGS)
-    as ``tags``, or None: an unchanged rerun reuses it instead of registering a byte-identical copy."""
+def identical_version(versions: list[Any], tags: dict[str, str]) -> Any | None:
+    """The oldest complete version with the same INT8 model, gate evidence and request (IDENTITY_TAGS)
+    as ``tags``, or None."""
     want = {k: tags.get(k) for k in IDENTITY_TAGS}
     if want[INT8_SHA256_TAG] is None:
-        return None
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:  # no such registered model yet
         return None
     for mv in sorted(versions, key=lambda v: int(v.version)):
         have = mv.tags or {}
         if mv.status == "READY" and INCOMPLETE_TAG not in have and all(have.get(k) == v for k, v in want.items()):
-            return str(mv.version)
+            return mv
     return None
+
+
+def reusable_version(client: MlflowClient, name: str, tags: dict[str, str]) -> str | None:
+    """The version an unchanged rerun stands on instead of registering a byte-identical copy, or None.
+
+    A copy would be the newest candidate, and the newest candidate says how the alias is chosen
+    (:func:`choose`); so the original is reused only where the copy would change nothing: it is the
+    newest itself, or both it and the newest are ``better`` and scored alike. A rerun of an older model
+    with ``always``, or on the validation data of an older version, is registered again."""
+    try:
+        versions = all_versions(client, name)
+    except MlflowException:  # no such registered model yet
+        return None
+    original = identical_version(versions, tags)
+    alias = tags.get(ALIAS_TAG, NO_ALIAS)
+    if original is None or alias == NO_ALIAS:
+        return None if original is None else str(original.version)
+    cands = [c for mv in versions if (c := candidate(mv, alias))]
+    mine = next((c for c in cands if c.version == int(original.version)), None)
+    if mine is None:  # withdrawn: a copy must not bring it back
+        return str(original.version)
+    newest = max(cands, key=lambda c: c.version)
+    alike = newest == mine or (mine.policy == newest.policy == "better" and newest.score.comparable(mine.score))
+    return str(original.version) if alike else None
 
 
 def promote_model(
@@ -261,21 +378,23 @@ def promote_model(
     evidence: list[tuple[str, str, str, str]] | None = None,
     providers: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Log ``model`` under ``run_id``, register it complete, decide the alias; returns what the
-    registry holds afterwards: name, version, alias (None unless this version holds it), decision.
+    """Log ``model`` under ``run_id``, register it complete, settle the alias; returns what the
+    registry holds afterwards: name, version, alias (None unless this version holds it),
+    alias_version (where the alias stands), decision, reused.
 
     ``evidence`` (name, run id, artifact path, file name) is copied into the logged model's
     ``evidence/`` folder, tagged on the version as ``int8pipe.evidence.<name>`` = its ``runs:/`` URI
     and listed in the description; a piece that cannot be fetched is left out with a warning."""
-    reused = identical_version(client, registered_model, {**tags, **(score.tags() if score else {})})
+    identity = {**tags, **(score.tags() if score else {}), **request_tags(alias, policy)}
+    reused = reusable_version(client, registered_model, identity)
     if reused is not None:
         logger.info(
-            "promote: %s version %s holds this very INT8 model (same SHA-256, gate and validation data): "
-            "reused, not registered again",
+            "promote: %s version %s holds this very INT8 model (same SHA-256, gate, validation data and "
+            "promotion request): reused, not registered again",
             registered_model,
             reused,
         )
-        return _decide_alias(client, registered_model, reused, alias, policy, score, reused=True)
+        return _decide_alias(client, registered_model, reused, alias, reused=True)
     info = mlflow.onnx.log_model(
         onnx_model=model,
         name="model",
@@ -295,51 +414,39 @@ def promote_model(
             f"- {name}: `{uri}`" for name, uri in attached.items()
         )
     ensure_registered_model(client, registered_model)
-    all_tags = {**tags, **{f"{EVIDENCE_TAG}.{k}": v for k, v in attached.items()}, **(score.tags() if score else {})}
-    mv = client.create_model_version(
+    mv = client.create_model_version(  # complete in one call: see settle_alias
         registered_model,
         source=info.model_uri,
         run_id=run_id,
-        tags=all_tags,
+        tags={**identity, **{f"{EVIDENCE_TAG}.{k}": v for k, v in attached.items()}},
         description=description,
         model_id=info.model_id,
     )
     version = str(mv.version)
     logger.info("promote: registered %s version %s", registered_model, version)
-    return _decide_alias(client, registered_model, version, alias, policy, score, reused=False)
+    return _decide_alias(client, registered_model, version, alias, reused=False)
 
 
 def _decide_alias(
-    client: MlflowClient,
-    registered_model: str,
-    version: str,
-    alias: str | None,
-    policy: str,
-    score: Score | None,
-    reused: bool,
+    client: MlflowClient, registered_model: str, version: str, alias: str | None, reused: bool
 ) -> dict[str, Any]:
-    """Move ``alias`` to ``version`` if the policy allows; what the registry holds afterwards."""
-    decision = "no alias requested"
-    if alias:
-        with registry_lock(client, registered_model):
-            mark_incomplete_versions(client, registered_model)
-            current = holder(client, registered_model, alias)
-            if current is not None and str(current.version) == version:
-                current = None
-            move, decision = decide(score, current, policy)
-            if move:
-                client.set_registered_model_alias(registered_model, alias, version)
-            client.set_model_version_tag(registered_model, version, DECISION_TAG, f"@{alias} {decision}")
-    now = holder(client, registered_model, alias) if alias else None
-    held = alias if now is not None and str(now.version) == version else None
-    return {
+    """Settle ``alias``, tag ``version`` with why it stands where it does; what the registry holds."""
+    result: dict[str, Any] = {
         "name": registered_model,
         "version": version,
-        "alias": held,
-        "alias_version": str(now.version) if now is not None else None,
-        "decision": decision,
+        "alias": None,
+        "alias_version": None,
+        "decision": "no alias requested",
         "reused": reused,
     }
+    if not alias:
+        return result
+    mark_incomplete_versions(client, registered_model)
+    settled = settle_alias(client, registered_model, alias)
+    decision = explain(version, settled)
+    client.set_model_version_tag(registered_model, version, DECISION_TAG, f"@{alias} {decision}")
+    held = alias if settled.holder == version else None
+    return {**result, "alias": held, "alias_version": settled.holder, "decision": decision}
 
 
 def signature(model: onnx.ModelProto) -> ModelSignature:

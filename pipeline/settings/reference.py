@@ -225,11 +225,13 @@ DESCRIPTIONS = {
     "steps.engine.workspace_mb": "Limit of TensorRT's builder workspace pool in MiB (default: TensorRT's).",
     "steps.engine.shapes": "Input name -> full shape for inputs with symbolic dimensions besides the batch "
     "(default: taken from the validation or calibration data), as `steps.benchmark.shapes`.",
-    "steps.promote.registered_model": "Registered model name in the MLflow Model Registry.",
-    "steps.promote.alias": "Alias given to the version when the gate passed and the policy allows (null: none).",
+    "steps.promote.registered_model": "Registered model name in the MLflow Model Registry; checked before anything "
+    "runs (not empty, no `/`, `:` or `'`, not ending in `.int8pipe-lock`).",
+    "steps.promote.alias": "Alias given to the version when the gate passed and the policy chooses it (null: none); "
+    "letters, digits, `_` and `-`, not `latest` or `v<number>`.",
     "steps.promote.description": "Version description (default: generated from the pipeline).",
-    "steps.promote.policy": "`better`: the alias moves only to a version at least as good as its holder on the same "
-    "validation data and metric; `always`: to every version that passed the gate.",
+    "steps.promote.policy": "How the alias is chosen while this run's version is the newest: `better`, the best "
+    "validated version on its metric and validation data (ties: the newer); `always`, the newest validated version.",
     "steps.promote.require_int8_faster_than_fp16": "Refuse promotion (a failed gate, exit 3, nothing registered) "
     "unless the engine step measured the INT8 engine faster than the FP16 engine at the median. Needs "
     "`steps.engine`. Where that step built nothing (no TensorRT or no GPU), the requirement is off for the run "
