@@ -106,7 +106,7 @@ class Promote(Step):
         tags.update(cpu_tags(ctx))
         tags.update({f"{RUN_TAG}.{step}": run_id for step, run_id in ctx.upstream_runs.items()})
         tags.update({f"{FP32_TAG}_{k}": v for k, v in fp32_source(ctx).items()})
-        for key in ("accuracy_drop", "int8_nodes", "fp_nodes"):
+        for key in ("accuracy_drop", "validation_samples", "int8_nodes", "fp_nodes"):
             if key in up:
                 tags[f"{PREFIX}.{key}"] = f"{up[key]:.6g}"
         tags.update(latency_tags(ctx))
@@ -118,13 +118,16 @@ class Promote(Step):
             digest = data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))
             score = Score(gate_metric, up[f"int8_{name}"], digest)
         drop = f"accuracy drop {up['accuracy_drop']:.4f}" if "accuracy_drop" in up else "not validated"
+        if "validation_samples" in up:  # how much the drop can be trusted
+            drop += f" on {up['validation_samples']:.0f} validation samples"
         calibration = (
             f"calibration {ranges.method} over {ranges.num_samples} samples"
             if ranges is not None
             else "ONNX Runtime dynamic quantization (activation ranges per batch at run time)"
         )
         description = cfg.description or (
-            f"INT8 model of pipeline '{ctx.pipeline.name}' for {target}: {calibration}, {drop}."
+            f"{ctx.facts.precision.upper()} model of pipeline '{ctx.pipeline.name}' for {target} "
+            f"({ctx.facts.float_precision.upper()} float layers): {calibration}, {drop}."
         )
         description += "\n\n" + parent_line(fp32_source(ctx), fp32_sha)
         linked = {k: v for k, v in up.items() if k.startswith(("fp32_", "int8_")) or k == "accuracy_drop"}

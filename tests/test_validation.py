@@ -488,7 +488,8 @@ def test_a_gate_on_one_validation_sample_warns_and_records_the_count(
     np.savez(digits_copy / "data" / "validation.npz", input=val["input"][:1], labels=val["labels"][:1])
     path = digits_copy / "pipeline.yaml"
     cfg = yaml.safe_load(path.read_text())
-    cfg["steps"] = {"export": {}, "calibrate": {"method": "minmax"}, "quantize": {}, "validate": {"metric": "top1"}}
+    cfg["steps"] = {"export": {}, "calibrate": {"method": "minmax"}, "quantize": {}, "validate": {"metric": "top1"},
+                    "promote": {"registered_model": "one-sample"}}  # fmt: skip
     path.write_text(yaml.safe_dump(cfg))
     summary = digits_copy / "s.json"
     assert main(["run", str(path), "--tracking-uri", tracking_uri, "--summary-json", str(summary)]) == 0
@@ -497,3 +498,5 @@ def test_a_gate_on_one_validation_sample_warns_and_records_the_count(
     client = MlflowClient(tracking_uri)
     assert client.get_run(s["steps"]["validate"]).data.metrics["validation_samples"] == 1
     assert client.get_run(s["run_id"]).data.metrics["validation_samples"] == 1  # the runs table shows it
+    version = client.get_model_version("one-sample", s["registered_model"]["version"])  # and the version says it
+    assert version.tags["int8pipe.validation_samples"] == "1" and "on 1 validation samples" in version.description
