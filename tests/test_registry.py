@@ -589,3 +589,13 @@ def test_an_unchanged_rerun_reuses_its_version(
     assert list(_versions(client, "digits-int8")) == [first["registered_model"]["version"]]
     changed = run_pipeline(config, tracking_uri, tmp_path, "steps.calibrate.method=percentile")
     assert changed["registered_model"]["version"] != first["registered_model"]["version"]  # a new model: a new version
+
+
+def test_a_decision_on_new_validation_data_says_the_older_versions_were_not_compared() -> None:
+    c = _candidate
+    old, new = c(1, 0.99, "old"), c(2, 0.5, "new")
+    settled = registry.Settled(new, "2", [old, new])
+    said = registry.explain("2", settled)
+    assert said.startswith("on this version: ") and "not compared with v1" in said
+    assert "another metric or validation data" in said
+    assert "not compared" not in registry.explain("2", registry.Settled(new, "2", [c(1, 0.4, "new"), new]))

@@ -241,7 +241,14 @@ def explain(version: str, settled: Settled) -> str:
         if own.policy == "always":
             return "on this version: policy always gives it to the newest validated version"
         rivals = sum(c.score.comparable(own.score) for c in settled.candidates)
-        return f"on this version: {own.score.metric} {own.score.value:.6g}, best of {rivals} on this validation data"
+        said = f"on this version: {own.score.metric} {own.score.value:.6g}, best of {rivals} on this validation data"
+        apart = [f"v{c.version}" for c in settled.candidates if not c.score.comparable(own.score)]
+        if apart:  # refreshed validation data: the earlier holders were never measured on it
+            said += (
+                f"; not compared with {', '.join(apart)}, scored with another metric or validation data "
+                "(rerun their pipelines on this data to compare: README, The Model Registry)"
+            )
+        return said
     newest = max(settled.candidates, key=lambda c: c.version)
     where = f"stayed on v{chosen.version}"
     if newest.policy == "always":
