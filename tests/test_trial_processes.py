@@ -86,3 +86,42 @@ def test_a_trial_that_ends_without_its_summary_is_an_error_with_a_reason(
     assert "exited 0 without writing its summary" in rows[0]["error"]
     assert rows[1]["error"] == "" and rows[1]["selected"]
     assert rows[2]["error"].startswith("int8pipe: error: data.calibration.python: source:batches raised ValueError")
+
+
+def test_a_child_started_to_die_with_its_parent_ends_when_the_parent_is_killed(tmp_path: Path) -> None:
+    """A kill -9 of a sweep driver leaves no trial running unowned: the trial gets SIGTERM at once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(120)\n")
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        "from pipeline import launch\n"
+        "path = sys.argv[1] + os.pathsep + os.environ.get('PYTHONPATH', '')\n"
+        "env = launch.die_with({**os.environ, 'PYTHONPATH': path})\n"
+        "child = subprocess.Popen(launch.own_module_command('sleeper'), env=env)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    time.sleep(1.0)  # the child has set its parent-death signal
+    os.kill(child, 0)  # running
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    parent.stdout.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+            return  # exited, waiting for init to reap it
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the child outlived its killed parent by 10 s")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, ClassVar
 
+from pipeline import launch
 from pipeline.errors import GateFailed, Int8PipeError
 from pipeline.log import logger
 from pipeline.orchestration.runner import Summary, run_pipeline
@@ -122,7 +123,7 @@ class Processes(TrialExecutor):
                         trial = pending.pop(0)
                         out = Path(tmp) / f"trial{trials.index(trial)}.json"
                         cmd = trial.command(sweep.uri, sweep.sweep_run, out, sweep.reuse)
-                        env = trial.environment(sweep.uri)
+                        env = launch.die_with(trial.environment(sweep.uri))  # a kill -9 of this driver ends it
                         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
                         running[proc] = (trial, out, _StderrTail(proc))
                     if not running:
