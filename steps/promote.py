@@ -11,7 +11,7 @@ import onnx
 
 from pipeline.calibration.ranges import Ranges
 from pipeline.errors import ConfigError, fail
-from pipeline.execution import cpu_kernels
+from pipeline.execution import cpu_kernels, runtime
 from pipeline.graph import model as onnx_model
 from pipeline.log import logger
 from pipeline.mlflow_io import names
@@ -143,7 +143,7 @@ class Promote(Step):
             metrics=linked,
             evidence=evidence(ctx.upstream_runs, skipped=_skipped_evidence(ctx)),
             # ORT's int8 kernels are CPU kernels; a TensorRT model is served by a GPU provider
-            providers=["CPUExecutionProvider"] if ctx.facts.cpu_kernels else None,
+            providers=serving_providers(ctx.facts.cpu_kernels),
         )
         ctx.results["registered_model"] = result
         where = (
@@ -198,6 +198,16 @@ def cpu_tags(ctx: StepContext) -> dict[str, str]:
 
 # the benchmark provider that runs a target's model as it is deployed
 DEPLOYED_PROVIDER = {"onnxruntime": "cpu", "tensorrt": "tensorrt"}
+
+
+def serving_providers(cpu_target: bool) -> list[str]:
+    """The execution providers MLflow's pyfunc opens the version with: the CPU for target onnxruntime;
+    for tensorrt, CUDA first where this ONNX Runtime has it (a GPU build), else the CPU only, so that
+    loading it where it was registered does not warn about a provider that is not there."""
+    if cpu_target:
+        return ["CPUExecutionProvider"]
+    available = runtime.ort().get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def latency_tags(ctx: StepContext) -> dict[str, str]:

@@ -72,6 +72,11 @@ def test_registered_model_loads_with_both_loaders(
     sess = runtime.session(model.SerializeToString(), optimize=not exact)
     np.testing.assert_array_equal(sess.run(["logits"], inputs)[0], int8_validated)
 
+    # it declares only providers this ONNX Runtime has: loading it here warns about none
+    import onnxruntime
+
+    declared = mlflow.models.get_model_info(uri).flavors["onnx"]["providers"]
+    assert declared and set(declared) <= set(onnxruntime.get_available_providers())
     pyfunc = mlflow.pyfunc.load_model(uri)
     # a model server installs what the model declares: this environment's packages, pinned
     reqs = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt", dst_path=str(tmp_path))).read_text()
