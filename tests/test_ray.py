@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from pipeline.calibration.calibrator import calibrate
 from pipeline.calibration.sharded import shard_batches
 from pipeline.graph import model as onnx_model
+from pipeline.launch import BOOTSTRAP
 from pipeline.orchestration.cli import main
 from pipeline.sources import data
 from pipeline.sources.python_fn import takes_shard_args
@@ -128,7 +129,8 @@ def _trial_processes(marker: str) -> dict[str, tuple[int, int]]:
             ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if marker in argv and "--under" in argv and "--run-name" in argv and "-c" not in argv:
+        # the trial itself starts with int8pipe's bootstrap; the Ray task's wrapper with its own launcher
+        if marker in argv and "--under" in argv and "--run-name" in argv and argv[1:3] == ["-c", BOOTSTRAP]:
             out[argv[argv.index("--run-name") + 1]] = (int(proc.name), ppid)
     return out
 
