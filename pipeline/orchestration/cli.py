@@ -260,10 +260,11 @@ def _on_signal(signum: int, frame: object) -> None:
 
 def _tracking_outage(exc: BaseException) -> str | None:
     """The one-paragraph message for a tracking server that stopped answering mid-run, else None."""
-    from pipeline.mlflow_io.store import is_outage
+    from pipeline.mlflow_io.store import give_up_on_server, is_outage
 
     if not is_outage(exc):
         return None
+    give_up_on_server()
     text = f"{type(exc).__name__}: {exc}"
     return (
         "the MLflow tracking server stopped answering during the run "
