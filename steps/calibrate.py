@@ -162,7 +162,8 @@ class Calibrate(Step):
             from pipeline.execution.ray_cluster import import_ray, resolve_address
 
             import_ray("steps.calibrate.workers > 1")
-            resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
+            if not pipeline.in_ray_sweep:  # a Ray sweep's trial gets the sweep's cluster in $RAY_ADDRESS
+                resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
 
     def cache_config(self, cfg: CalibrateConfig) -> Any:
         # The measurements (min/max, and histograms for every method but minmax) do not depend on the
