@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -314,6 +315,8 @@ class _Run:
         step = CATALOG[name]()
         step_cfg = self.cfg.steps[name]
         workdir = self.tmp / name
+        if workdir.exists():  # prepared once already by an --only call that found nothing to restore
+            shutil.rmtree(workdir)
         workdir.mkdir()
         ctx = StepContext(
             pipeline=self.cfg,
