@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.analysis import plots
 from pipeline.errors import GateFailed
 from pipeline.log import logger
-from pipeline.mlflow_io.tracking import Tracker
+from pipeline.mlflow_io.tracking import Tracker, ui_line
 from pipeline.orchestration.executors import InProcess, Processes, SweepRun, TrialExecutor
 from pipeline.orchestration.runner import Summary, run_pipeline
 from pipeline.orchestration.trials import LATENCY, Trial, rank_key, select_best
@@ -46,6 +46,7 @@ def run_sweep(
         summary.run_id = sweep_run
         tracker.set_tags(sweep_run, {SWEEP_TAG: "true"})
         logger.info("sweep %r: run %s, %d trials", cfg.name, sweep_run, len(trials))
+        logger.info("sweep %r: %s", cfg.name, ui_line(tracker.uri, tracker.experiment_id, sweep_run))
         interrupted = False
         try:
             sweep = SweepRun(cfg, tracker.uri, sweep_run, deadline, reuse, tracker)
