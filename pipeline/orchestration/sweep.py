@@ -112,6 +112,7 @@ def _report(tracker: Tracker, sweep_run: str, trials: list[Trial], best: Trial |
             "selected": t is best,
             "why": why(t, best, first_pass),
             "int8_nodes": t.metrics.get("int8_nodes"),
+            "recovered_fp_nodes": t.metrics.get("recovered_fp_nodes"),  # the nodes recovery kept float
             "accuracy_drop": t.metrics.get("accuracy_drop"),
             "accuracy_drop_se": t.metrics.get("accuracy_drop_se"),  # drops closer than ~2 of these are a tie
             "latency_p50_ms": t.metrics.get(LATENCY),
@@ -132,6 +133,7 @@ def _report(tracker: Tracker, sweep_run: str, trials: list[Trial], best: Trial |
                 [t.metrics["accuracy_drop"] for t in done],
                 [t is best for t in done],
                 path,
+                [int(t.metrics.get("recovered_fp_nodes", 0)) for t in done],
             )
             tracker.log_artifact(sweep_run, path, "sweep")
     metrics = {"trials": float(len(trials)), "trials_passed": float(sum(t.gate == "passed" for t in trials))}
