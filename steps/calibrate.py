@@ -197,7 +197,9 @@ class Calibrate(Step):
         ranges = Ranges.read(ctx.outputs["ranges"])
         if self._same_thresholds(ranges, cfg):
             return "same config and inputs"
-        return f"same inputs and measurements; its {ranges.method} thresholds are replaced by {cfg.method}'s"
+        before = _thresholds(ranges.method, ranges.params.get("percentile"))
+        now = _thresholds(cfg.method, cfg.percentile)
+        return f"same inputs and measurements; its {before} thresholds are replaced by {now}'s"
 
     def on_reuse(self, ctx: StepContext, cfg: CalibrateConfig) -> None:
         ranges = Ranges.read(ctx.outputs["ranges"])
@@ -350,6 +352,11 @@ def warn_blank_inputs(ranges: Ranges, inputs: list[str], layout: Layout) -> list
             ranges.num_samples,
         )
     return blank
+
+
+def _thresholds(method: str, percentile: float | None) -> str:
+    """A method as the log names its thresholds: a percentile says which."""
+    return f"{method} {percentile:g}" if method == "percentile" and percentile is not None else method
 
 
 STEP = Calibrate
