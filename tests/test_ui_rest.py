@@ -127,8 +127,9 @@ def test_the_logged_ui_link_opens_the_run_in_the_model_training_layout() -> None
 
     from pipeline.mlflow_io.tracking import ui_line, ui_link
 
-    on_server = ui_link("http://10.0.0.5:5000/", "3", "abc")
+    on_server = ui_link("http://me:secret@10.0.0.5:5000/", "3", "abc")  # the browser asks for credentials
     assert on_server == "http://10.0.0.5:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert "secret" not in ui_line("postgresql://me:secret@db/mlflow", "3", "abc")
     local = ui_line("sqlite:///mlflow.db", "1", "abc")
     assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db`" in local
     assert local.endswith("http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning")

@@ -26,8 +26,10 @@ from pipeline.mlflow_io.store import (
     closing,
     owner_tags,
     quiet_when_full,
+    redacted,
     same_pid_namespace,
     sqlite_init_lock,
+    without_credentials,
 )
 from pipeline.tag_names import (
     CLOSED_BY_TAG,
@@ -195,15 +197,16 @@ def _is_server(tracking_uri: str) -> bool:
 
 
 def ui_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI, in its model-training layout: on the tracking server itself,
-    else where `mlflow ui` serves by default."""
-    base = tracking_uri.rstrip("/") if _is_server(tracking_uri) else LOCAL_UI
+    """The run's page in the MLflow UI, in its model-training layout: on the tracking server itself
+    (no credentials in the link), else where `mlflow ui` serves by default."""
+    base = without_credentials(tracking_uri).rstrip("/") if _is_server(tracking_uri) else LOCAL_UI
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_LAYOUT}"
 
 
 def ui_line(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """For the log: where the run is in the MLflow UI, and how to start one on a store without a server."""
-    start = "" if _is_server(tracking_uri) else f" (`mlflow ui --backend-store-uri {tracking_uri}`)"
+    """For the log: where the run is in the MLflow UI, and how to start one on a store without a server
+    (a database URI's password shown as ***)."""
+    start = "" if _is_server(tracking_uri) else f" (`mlflow ui --backend-store-uri {redacted(tracking_uri)}`)"
     return f"in the MLflow UI{start}: {ui_link(tracking_uri, experiment_id, run_id)}"
 
 
