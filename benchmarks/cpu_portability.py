@@ -5,7 +5,7 @@ fused int8 kernels, with its batch-1 latency, beside ORT's quantize_static in th
     python benchmarks/cpu_portability.py [--networks digits,efficientnet,ocr_rec] [--validation 256]
 
 - digits: the bundled example (labels: top-1 accuracy).
-- efficientnet: EfficientNet-Lite0 (the [torch,bench] extras), scored as top-1 agreement with FP32 on
+- efficientnet: EfficientNet-Lite0 (the [efficientnet] extra), scored as top-1 agreement with FP32 on
   held-out crops (seed 1; calibration seed 0), as benchmarks/accuracy_vs_peers.py does.
 - ocr_rec: the PP-OCRv4 recogniser that ``pip install rapidocr-onnxruntime`` ships, scored as exact
   string agreement with FP32 (benchmarks/ocr_rec_vs_peers.py's text lines), static and dynamic mode.

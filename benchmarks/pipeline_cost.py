@@ -1,7 +1,7 @@
 """CPU time of a default int8pipe pipeline through validate against ONNX Runtime's quantize_static plus
 scoring the same validation data (issue 24: validate at the peers' cost), in one run.
 
-    pip install -e ".[torch,bench]"
+    pip install -e ".[efficientnet]"
     python benchmarks/pipeline_cost.py [--config examples/efficientnet_lite0/pipeline.yaml]
 
 int8pipe: ``int8pipe run CONFIG`` (a config of export, calibrate, quantize, validate: the example's; no reuse)

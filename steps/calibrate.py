@@ -162,7 +162,8 @@ class Calibrate(Step):
             from pipeline.execution.ray_cluster import import_ray, resolve_address
 
             import_ray("steps.calibrate.workers > 1")
-            resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
+            if not pipeline.in_ray_sweep:  # a Ray sweep's trial gets the sweep's cluster in $RAY_ADDRESS
+                resolve_address(cfg.ray.address, "steps.calibrate.ray.address")
 
     def cache_config(self, cfg: CalibrateConfig) -> Any:
         # The measurements (min/max, and histograms for every method but minmax) do not depend on the
@@ -196,7 +197,9 @@ class Calibrate(Step):
         ranges = Ranges.read(ctx.outputs["ranges"])
         if self._same_thresholds(ranges, cfg):
             return "same config and inputs"
-        return f"same inputs and measurements; its {ranges.method} thresholds are replaced by {cfg.method}'s"
+        before = _thresholds(ranges.method, ranges.params.get("percentile"))
+        now = _thresholds(cfg.method, cfg.percentile)
+        return f"same inputs and measurements; its {before} thresholds are replaced by {now}'s"
 
     def on_reuse(self, ctx: StepContext, cfg: CalibrateConfig) -> None:
         ranges = Ranges.read(ctx.outputs["ranges"])
@@ -349,6 +352,11 @@ def warn_blank_inputs(ranges: Ranges, inputs: list[str], layout: Layout) -> list
             ranges.num_samples,
         )
     return blank
+
+
+def _thresholds(method: str, percentile: float | None) -> str:
+    """A method as the log names its thresholds: a percentile says which."""
+    return f"{method} {percentile:g}" if method == "percentile" and percentile is not None else method
 
 
 STEP = Calibrate

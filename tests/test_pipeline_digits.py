@@ -347,11 +347,17 @@ def test_the_public_recipe_builds_what_the_step_shipped(digits_run: dict[str, An
     assert built.counts["bias_corrected_nodes"] > 0 and built.float_model is None
 
 
-def test_the_experiment_opens_as_model_development(digits_run: dict[str, Any]) -> None:
-    """MLflow 3's UI reads this tag to show runs and models, not a GenAI traces overview."""
-    client = digits_run["client"]
-    run = client.get_run(digits_run["summary"]["run_id"])
+def test_the_experiment_and_the_pipeline_run_are_model_development(digits_run: dict[str, Any]) -> None:
+    """The experiment kind tag (MLflow UIs before 3.17's layout switch read it), and the pipeline run's
+    model output: MLflow 3's UI counts a run with one as a training run, without as an evaluation."""
+    client, summary = digits_run["client"], digits_run["summary"]
+    run = client.get_run(summary["run_id"])
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    reg = summary["registered_model"]
+    version = client.get_model_version(reg["name"], str(reg["version"]))
+    model_id = version.model_id or version.source[len("models:/") :]  # the version's source is its logged model
+    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]
+    assert client.get_logged_model(model_id).source_run_id == summary["steps"]["promote"]
 
 
 def test_gate_scores_have_metric_independent_names(digits_run: dict[str, Any]) -> None:

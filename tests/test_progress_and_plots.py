@@ -111,3 +111,38 @@ def test_saved_layer_plot_has_a_margin_around_its_longest_label(tmp_path: Path) 
     pixels = matplotlib.image.imread(str(tmp_path / "p.png"))
     ink = np.where((pixels[..., :3].sum(-1) < 2.5).any(axis=0))[0]
     assert ink.min() > 2 and ink.max() < pixels.shape[1] - 3  # nothing drawn against the left or right edge
+
+
+def test_layer_comparison_progress_counts_samples(tmp_path: Path, int8pipe_log: pytest.LogCaptureFixture) -> None:
+    """The per-layer comparison ran for minutes without a line on a large network: it counts samples
+    towards layer_samples, and stops there even when the data holds more."""
+    from pipeline.analysis import layers
+    from pipeline.transforms.quantization import QuantizeOptions, quantize
+
+    fp32 = build("conv_relu_gemm")
+    onnx.save(fp32, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).normal(size=(10, 2, 4, 4)).astype(np.float32)
+    ranges = calibrate(tmp_path / "m.onnx", lambda: [{"x": x}], "minmax").ranges
+    int8 = quantize(fp32, ranges.amax(), QuantizeOptions(target="tensorrt"))
+    int8pipe_log.clear()
+    layers.layer_errors(fp32, int8, lambda: ({"x": x[i : i + 3]} for i in range(0, 10, 3)), 8, False, chunk=2)
+    lines = [r.getMessage() for r in int8pipe_log.records if r.getMessage().startswith("validate: comparing layers")]
+    count = re.compile(r"validate: comparing layers: (\d+)/8 samples \(")
+    counts = [int(m.group(1)) for m in map(count.match, lines) if m]
+    assert counts and counts == sorted(counts) and counts[-1] == 8, lines
+    assert lines[-1].startswith("validate: comparing layers: done, 8 samples in"), lines
+
+
+def test_tradeoff_plot_counts_nodes_in_integers_and_marks_recovered_trials() -> None:
+    plt = plots._pyplot()
+    if plt is None:
+        pytest.skip("matplotlib is not installed")
+    fig = plots.tradeoff_figure(
+        plt, ["mse", "entropy", "minmax"], [49.0, 50.0, 50.0], [0.01, 0.03, 0.02], [True, False, False], [1, 0, 0]
+    )
+    ax = fig.axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["as quantized", "after recovery"]
+    assert [a.get_text() for a in ax.texts] == ["mse (1 kept float)", "entropy", "minmax"]
+    plt.close(fig)

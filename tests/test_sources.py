@@ -231,6 +231,9 @@ def test_pytorch_source(tmp_path: Path, tracking_uri: str, capsys: pytest.Captur
     s = run(tiny_pipeline(tmp_path, model, {"npz": "cal.npz"}), tracking_uri)
     export = MlflowClient(tracking_uri).get_run(s["steps"]["export"]).data.metrics
     assert export["batchnorm_folded"] == 1 and export["num_nodes"] >= 4
+    # an export from PyTorch is never reused: --only runs it again in the same call
+    only = run(tiny_pipeline(tmp_path, model, {"npz": "cal.npz"}), tracking_uri, "--only", "calibrate")
+    assert list(only["steps"]) == ["export", "calibrate"] and only["steps"]["export"] != s["steps"]["export"]
     (tmp_path / "broken.py").write_text("def build():\n    raise RuntimeError('weights missing')\n")
     path = tiny_pipeline(
         tmp_path, {"pytorch": {"factory": "broken:build", "inputs": {"input": [1, 1, 4, 4]}}}, {"npz": "cal.npz"}

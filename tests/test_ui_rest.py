@@ -96,7 +96,7 @@ def test_two_pipelines_as_the_ui_shows_them(mlflow_server: str, tmp_path: Path) 
     }
     for v in versions:
         tags = _tags(v)
-        assert tags["int8pipe.fp32_source"] == "model.onnx"
+        assert tags["int8pipe.fp32_source"] == str((DIGITS / "model.onnx").resolve())  # absolute
         assert tags["int8pipe.evidence.calibration_cache"].startswith("runs:/")
         model_id = v["source"].removeprefix("models:/")
         model = models[model_id]
@@ -118,3 +118,25 @@ def test_two_pipelines_as_the_ui_shows_them(mlflow_server: str, tmp_path: Path) 
         assert "calibration.cache" in evidence
         cache = _get(mlflow_server, f"/api/2.0/mlflow-artifacts/artifacts/{location}/evidence/calibration.cache")
         assert cache.startswith("TRT-")
+
+
+def test_the_logged_ui_link_opens_the_run_in_the_model_training_layout() -> None:
+    """MLflow 3.17's UI lays an experiment out by a per-browser switch (GenAI in a new browser), read
+    from the URL parameter workflowType first: the link int8pipe logs sets it to the training layout."""
+    import mlflow
+
+    from pipeline.mlflow_io.tracking import ui_line, ui_link
+
+    on_server = ui_link("http://me:secret@10.0.0.5:5000/", "3", "abc")  # the browser asks for credentials
+    assert on_server == "http://10.0.0.5:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert "secret" not in ui_line("postgresql://me:secret@db/mlflow", "3", "abc")
+    local = ui_line("sqlite:///mlflow.db", "1", "abc")
+    assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db`" in local
+    assert local.endswith("http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning")
+    # the installed UI still reads that parameter and knows that value (its bundle, as the browser gets it)
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    main = next(bundle.glob("main.*.js"), None)
+    if main is None:
+        pytest.skip("this MLflow has no bundled UI")
+    code = main.read_text(errors="replace")
+    assert 'get("workflowType")' in code and 'MACHINE_LEARNING="machine_learning"' in code

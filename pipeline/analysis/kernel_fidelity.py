@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 
 from pipeline.execution import runtime
 from pipeline.graph.graph_index import GraphIndex
-from pipeline.log import logger
+from pipeline.log import logger, progress
 from pipeline.transforms.dynamic import INTEGER_OPS
 
 DYNAMIC_ROUNDING = 1e-5  # relative RMS error of a dynamic layer's float result that is float rounding
@@ -190,7 +190,8 @@ def compare(
     pairs: list[tuple[Any, Any]] = []  # per unit: its kernel session and its exact one, built on the first feed
     # per unit: sum of squared error, of squared exact value, elements more than 1 LSB off, elements
     sums = np.zeros((len(units), 4))
-    for feed in feeds:  # one feed's tensors alive at a time: the memory a validation batch already takes
+    # one feed's tensors alive at a time: the memory a validation batch already takes
+    for feed in progress(feeds, "validate: the int8 kernels layer by layer", total=len(feeds), unit="batches"):
         values = dict(zip(wanted, exact_run.run(wanted, feed))) if wanted else {}
         if not pairs:
             pairs = [_unit_sessions(kernels_model, exact_model, exact, u, values) for u in units]

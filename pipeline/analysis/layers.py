@@ -4,7 +4,7 @@ error their own quantization adds. Plain numerics on two ONNX models, no trackin
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ from pipeline.execution import runtime
 from pipeline.graph import model as onnx_model
 from pipeline.graph.graph_index import GraphIndex
 from pipeline.graph.layout import Layout
-from pipeline.log import logger
+from pipeline.log import logger, progress
 from pipeline.sources import data
 from pipeline.transforms.quantization import dequantized_names, node_table
 
@@ -98,11 +98,12 @@ def layer_errors(
     passes = [g for g in [*passes, [t for t in tensors if t not in grouped]] if g]
     if len(passes) > 1:
         logger.info("validate: comparing layers in %d passes over the data, a group of tensors each", len(passes))
-    for group in passes:
+    for number, group in enumerate(passes, 1):
         _compare(
             fp32_model,
             int8_model,
             group,
+            label="validate: comparing layers" + (f" (pass {number}/{len(passes)})" if len(passes) > 1 else ""),
             int8_name=int8_name,
             before_q=before_q,
             acc=acc,
@@ -142,6 +143,7 @@ def _compare(
     int8_model: onnx.ModelProto,
     tensors: list[str],
     *,
+    label: str,
     int8_name: dict[str, str],
     before_q: dict[str, str],
     acc: dict[str, evaluation.ErrorAccumulator],
@@ -152,22 +154,30 @@ def _compare(
     layout: Layout,
     chunk: int,
 ) -> None:
-    """One pass over the data comparing ``tensors`` of both models, into the accumulators."""
+    """One pass over the data comparing ``tensors`` of both models, into the accumulators; progress
+    is logged under ``label``."""
     fetch = [int8_name[t] for t in tensors]
     fetch = list(dict.fromkeys([*fetch, *(before_q[t] for t in tensors if t in before_q)]))
     a = runtime.session(expose(fp32_model, tensors))
     b = runtime.session(expose(int8_model, fetch), optimize=int8_optimize)
-    seen = 0
-    for part in data.rechunk(feeds, chunk, layout):
-        if seen >= samples:
-            break
-        part = layout.take(part, 0, samples - seen)
-        seen += layout.count(part)
+    parts = _first_samples(data.rechunk(feeds, chunk, layout), samples, layout)
+    for part in progress(parts, label, total=samples, size=layout.count, unit="samples"):
         got = dict(zip(fetch, b.run(fetch, part)))
         for t, x in zip(tensors, a.run(tensors, part)):
             acc[t].update(x, got[int8_name[t]])
             if t in before_q:
                 acc_before[t].update(x, got[before_q[t]])
+
+
+def _first_samples(parts: Iterable[data.Batch], samples: int, layout: Layout) -> Iterator[data.Batch]:
+    """``parts`` cut off after ``samples`` samples."""
+    seen = 0
+    for part in parts:
+        if seen >= samples:
+            return
+        part = layout.take(part, 0, samples - seen)
+        seen += layout.count(part)
+        yield part
 
 
 def _cap(sqnr_db: float) -> float:

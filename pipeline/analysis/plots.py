@@ -98,21 +98,46 @@ def bar_figure(plt: Any, labels: list[str], values: list[float], title: str, xla
     return fig
 
 
-def tradeoff(labels: list[str], coverage: list[float], drops: list[float], best: list[bool], path: Path) -> bool:
-    """Sweep trials: INT8 nodes against accuracy drop, the selected trial marked."""
+def tradeoff(
+    labels: list[str],
+    coverage: list[float],
+    drops: list[float],
+    best: list[bool],
+    path: Path,
+    recovered: list[int] | None = None,
+) -> bool:
+    """Sweep trials: INT8 nodes against accuracy drop, the selected trial marked; ``recovered`` counts
+    the nodes each trial's recovery kept float."""
     plt = _pyplot()
     if plt is None or not labels:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = ["#c44e52" if b else "#4c72b0" for b in best]
-    ax.scatter(coverage, drops, c=colours, s=40)
-    for x, y, label in zip(coverage, drops, labels):
-        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("INT8 nodes")
-    ax.set_ylabel("accuracy drop (FP32 - INT8)")
-    ax.set_title("sweep trials (selected in red)")
-    fig.tight_layout()
+    fig = tradeoff_figure(plt, labels, coverage, drops, best, recovered or [0] * len(labels))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def tradeoff_figure(
+    plt: Any, labels: list[str], coverage: list[float], drops: list[float], best: list[bool], recovered: list[int]
+) -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = np.array(["#c44e52" if b else "#4c72b0" for b in best])
+    kept = np.array([n > 0 for n in recovered], dtype=bool)
+    x, y = np.asarray(coverage, dtype=float), np.asarray(drops, dtype=float)
+    ax.scatter(x[~kept], y[~kept], c=colours[~kept], s=40, marker="o", label="as quantized")
+    if kept.any():  # recovery changed the model: its node count is after the revert
+        ax.scatter(x[kept], y[kept], c=colours[kept], s=60, marker="D", label="after recovery")
+    for xi, yi, label, n in zip(x, y, labels, recovered):
+        text = f"{label} ({n} kept float)" if n else label
+        ax.annotate(text, (xi, yi), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a count of nodes: no 49.5 on the axis
+    ax.set_xlabel("INT8 nodes")
+    ax.set_ylabel("accuracy drop (FP32 - INT8)")
+    ax.set_title("sweep trials (selected in red)")
+    if kept.any():
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig

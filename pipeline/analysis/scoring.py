@@ -288,15 +288,20 @@ class Scorer:
         int8 = self.metric.score(outputs, labels, ref)
         return Scores(self.metric, self._fp32_scores[n], int8, outputs, ref, labels)
 
-    def score(self, int8: Any, limit: int | None = None) -> Scores:
+    def score(self, int8: Any, limit: int | None = None, label: str | None = None) -> Scores:
         """Score another INT8 model against the cached reference, on the first ``limit`` samples
-        (default: all); only the INT8 model runs."""
+        (default: all); only the INT8 model runs. With ``label``, progress is logged under it (recovery
+        scores many models briefly and logs each result instead)."""
         if not self._reference:
             raise RuntimeError("Scorer.score before Scorer.first: there is no FP32 reference yet")
         b = self.session(int8)
         scored = self.metric.outputs
         parts: dict[str, list[np.ndarray]] = {k: [] for k in scored}
-        for feeds in self.inputs(limit):
+        feeds_in = self.inputs(limit)
+        if label is not None:
+            total = self.samples if limit is None else min(limit, self.samples)
+            feeds_in = progress(feeds_in, label, total=total, size=self.layout.count, unit="samples")
+        for feeds in feeds_in:
             for k, v in self._run(b, scored, feeds).items():
                 parts[k].append(v)
         return self.evaluate({k: np.concatenate(v) for k, v in parts.items()})

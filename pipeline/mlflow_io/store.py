@@ -36,6 +36,12 @@ def has_credentials(uri: str) -> bool:
     return bool(_userinfo(uri)[1])
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` with no ``user:password@`` at all: for a link a browser opens (it asks for them itself)."""
+    before, userinfo, after = _userinfo(uri)
+    return before + after if userinfo else uri
+
+
 def redacted(uri: str) -> str:
     """``uri`` as int8pipe prints, logs or tags it: its ``user:password@`` replaced by ``***@`` (a
     user name alone may be a token)."""

@@ -26,8 +26,10 @@ from pipeline.mlflow_io.store import (
     closing,
     owner_tags,
     quiet_when_full,
+    redacted,
     same_pid_namespace,
     sqlite_init_lock,
+    without_credentials,
 )
 from pipeline.tag_names import (
     CLOSED_BY_TAG,
@@ -53,6 +55,7 @@ HTTP_DEFAULTS = {
     # one tqdm bar per artifact download (restores, evidence) buried the log: a sweep printed 19
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def flatten_params(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -170,9 +173,41 @@ class DeferredStepTracker(StepTracker):
             getattr(target, method)(*args)
 
 
-# the experiment tag MLflow 3's UI reads to choose its layout, and its value for training-style work
+# the experiment tag MLflow 3's UI read to choose its layout, and its value for training-style work
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"
+# MLflow 3.17's UI ignores that tag: it lays every experiment out by a switch of its own (GenAI or
+# Model training, remembered per browser, GenAI in a new one), which this URL parameter sets
+UI_LAYOUT = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told otherwise
+
+
+def _logged_model_of(version: Any) -> str | None:
+    """The id of the logged model a registry version was made from: its ``model_id`` when the
+    registry recorded one, else the ``models:/m-...`` source it was created from."""
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(version.source or "")
+    return source[len("models:/") :] if source.startswith("models:/m-") else None
+
+
+def _is_server(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def ui_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI, in its model-training layout: on the tracking server itself
+    (no credentials in the link), else where `mlflow ui` serves by default."""
+    base = without_credentials(tracking_uri).rstrip("/") if _is_server(tracking_uri) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_LAYOUT}"
+
+
+def ui_line(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """For the log: where the run is in the MLflow UI, and how to start one on a store without a server
+    (a database URI's password shown as ***)."""
+    start = "" if _is_server(tracking_uri) else f" (`mlflow ui --backend-store-uri {redacted(tracking_uri)}`)"
+    return f"in the MLflow UI{start}: {ui_link(tracking_uri, experiment_id, run_id)}"
 
 
 def _set_experiment(name: str) -> str:
@@ -408,6 +443,22 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path, artifact_path: str) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def link_version_model(self, run_id: str, name: str, version: str) -> str | None:
+        """Record the logged model behind registry version ``name``/``version`` as an output of
+        ``run_id`` (the pipeline run; the promote step's run logged it). MLflow 3's UI counts a run
+        with a model output as a training run, one without as an evaluation, and shows the model on
+        the run's page. Returns the model's id (None: the version has none, e.g. an MLflow 2 version)."""
+        from mlflow.entities import LoggedModelOutput
+
+        model_id = _logged_model_of(self.client.get_model_version(name, version))
+        if model_id is None:
+            return None
+        run = self.client.get_run(run_id)
+        if any(o.model_id == model_id for o in (run.outputs.model_outputs if run.outputs else [])):
+            return model_id  # a reopened run (--only promote) already links it
+        self.client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+        return model_id
+
     def get_run(self, run_id: str) -> Run:
         return self.client.get_run(run_id)
 
@@ -448,12 +499,18 @@ def default_uri() -> str:
     return str(mlflow.get_tracking_uri())
 
 
+def quiet_downloads() -> None:
+    """No tqdm bar per artifact download (a sweep's log printed 19), unless the user asked for them."""
+    os.environ.setdefault(PROGRESS_BAR_ENV, HTTP_DEFAULTS[PROGRESS_BAR_ENV])
+
+
 def download_artifact(uri: str, tracking_uri: str | None) -> str:
     """A ``runs:/`` artifact as a local path (in a new temporary folder); FileNotFoundError with
     MLflow's first line when the run or the artifact does not exist."""
     from mlflow.exceptions import MlflowException
 
     tracking_uri = adopt_credentials(tracking_uri or default_uri())  # MLflow's errors quote the server's URL
+    quiet_downloads()
     try:
         return str(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(), tracking_uri=tracking_uri))
     except MlflowException as exc:
@@ -466,6 +523,7 @@ def download_onnx(uri: str, dst: Path, tracking_uri: str) -> Path:
 
     from pipeline.errors import ModelError, fail
 
+    quiet_downloads()
     try:
         local = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pipeline.mlflow_io.tracking import (
     Tracker,
     download_onnx,
     flatten_params,
+    ui_line,
 )
 from pipeline.settings import config
 from pipeline.settings.config import PipelineConfig
@@ -104,12 +106,15 @@ def cache_key(step: str, cfg: Any, inputs: dict[str, Path], extra: dict[str, Any
 
 
 def model_reference(cfg: PipelineConfig, tracker: Tracker) -> dict[str, str]:
-    """Where the FP32 model comes from, as the INT8 model version records it: the YAML's path, or the
-    registry URI with the version it names right now (an alias may move later)."""
+    """Where the FP32 model comes from, as the INT8 model version records it: the file's absolute path
+    (the YAML's own path, often a bare ``model.onnx``, says nothing once read away from the YAML), or
+    the registry URI with the version it names right now (an alias may move later)."""
     resolved = cfg.resolved()["model"]
     which = next(k for k in ("onnx", "mlflow", "pytorch") if resolved.get(k) is not None)
     if which == "pytorch":
         return {"pytorch": str(resolved["pytorch"]["factory"])}
+    if which == "onnx":
+        return {"onnx": str(Path(str(cfg.model.onnx)).resolve())}  # the config resolved it against the YAML
     ref = {which: str(resolved[which])}
     if which == "mlflow":
         version = tracker.registered_version(ref["mlflow"])
@@ -210,6 +215,8 @@ def run_pipeline(
                 note = existing.note(only or "", cfg, tracker.get_run(parent))
             else:
                 logger.info("pipeline %r: run %s (tracking %s)", label, parent, redacted(tracker.uri))
+            if under is None:  # a sweep's trial: the sweep names its own run
+                logger.info("pipeline %r: %s", label, ui_line(tracker.uri, tracker.experiment_id, parent))
             tracker.set_tags(parent, {"mlflow.note.content": note, **run_tags(cfg)})
             try:
                 for p in restored:
@@ -228,6 +235,7 @@ def run_pipeline(
                 if reg is not None:  # the run page shows no "Registered models" for a child's version
                     uri = f"models:/{reg['name']}/{reg['version']}"
                     tracker.set_tags(parent, {REGISTERED_VERSION_TAG: uri})
+                    tracker.link_version_model(parent, reg["name"], str(reg["version"]))
     return summary
 
 
@@ -314,6 +322,8 @@ class _Run:
         step = CATALOG[name]()
         step_cfg = self.cfg.steps[name]
         workdir = self.tmp / name
+        if workdir.exists():  # prepared once already by an --only call that found nothing to restore
+            shutil.rmtree(workdir)
         workdir.mkdir()
         ctx = StepContext(
             pipeline=self.cfg,

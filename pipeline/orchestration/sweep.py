@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.analysis import plots
 from pipeline.errors import GateFailed
 from pipeline.log import logger
-from pipeline.mlflow_io.tracking import Tracker
+from pipeline.mlflow_io.tracking import Tracker, ui_line
 from pipeline.orchestration.executors import InProcess, Processes, SweepRun, TrialExecutor
 from pipeline.orchestration.runner import Summary, run_pipeline
 from pipeline.orchestration.trials import LATENCY, Trial, rank_key, select_best
@@ -46,6 +46,7 @@ def run_sweep(
         summary.run_id = sweep_run
         tracker.set_tags(sweep_run, {SWEEP_TAG: "true"})
         logger.info("sweep %r: run %s, %d trials", cfg.name, sweep_run, len(trials))
+        logger.info("sweep %r: %s", cfg.name, ui_line(tracker.uri, tracker.experiment_id, sweep_run))
         interrupted = False
         try:
             sweep = SweepRun(cfg, tracker.uri, sweep_run, deadline, reuse, tracker)
@@ -111,6 +112,7 @@ def _report(tracker: Tracker, sweep_run: str, trials: list[Trial], best: Trial |
             "selected": t is best,
             "why": why(t, best, first_pass),
             "int8_nodes": t.metrics.get("int8_nodes"),
+            "recovered_fp_nodes": t.metrics.get("recovered_fp_nodes"),  # the nodes recovery kept float
             "accuracy_drop": t.metrics.get("accuracy_drop"),
             "accuracy_drop_se": t.metrics.get("accuracy_drop_se"),  # drops closer than ~2 of these are a tie
             "latency_p50_ms": t.metrics.get(LATENCY),
@@ -131,6 +133,7 @@ def _report(tracker: Tracker, sweep_run: str, trials: list[Trial], best: Trial |
                 [t.metrics["accuracy_drop"] for t in done],
                 [t is best for t in done],
                 path,
+                [int(t.metrics.get("recovered_fp_nodes", 0)) for t in done],
             )
             tracker.log_artifact(sweep_run, path, "sweep")
     metrics = {"trials": float(len(trials)), "trials_passed": float(sum(t.gate == "passed" for t in trials))}

@@ -93,9 +93,17 @@ class PipelineConfig:
     sweep: SweepConfig | None = None
     trials: list[tuple[dict[str, Any], PipelineConfig]] = field(default_factory=list)  # a sweep's, validated
     overrides: list[str] = field(default_factory=list)  # the --set items it was loaded with
+    trial_of: SweepConfig | None = None  # the sweep this config is a trial of, while the sweep validates it
 
     def step(self, name: str) -> Any:
         return self.steps.get(name)
+
+    @property
+    def in_ray_sweep(self) -> bool:
+        """A Ray sweep, or one of its trials: every trial process is handed the sweep's cluster in
+        ``$RAY_ADDRESS``, which the sweep itself checks (``sweep.ray.address``)."""
+        sweep = self.sweep or self.trial_of
+        return sweep is not None and sweep.executor == "ray"
 
     @property
     def facts(self) -> Facts:
@@ -310,10 +318,12 @@ def parse(
     steps: Mapping[str, StepSpec],
     source: Path | None = None,
     overrides: list[str] | None = None,
+    trial_of: SweepConfig | None = None,
 ) -> PipelineConfig:
     """Validate a raw mapping (already overridden with ``overrides``) into a :class:`PipelineConfig`.
 
-    ``steps``: the step classes by name, in pipeline order (``steps.CATALOG``)."""
+    ``steps``: the step classes by name, in pipeline order (``steps.CATALOG``); ``trial_of``: the sweep
+    whose trial this is (its steps' checks may rely on what the sweep gives a trial)."""
     catalog = steps
 
     if not isinstance(raw, dict):
@@ -342,6 +352,7 @@ def parse(
         source=source,
         sweep=top.sweep,
         overrides=list(overrides or []),
+        trial_of=trial_of,
     )
     for name in sections:
         catalog[name].check(cfg)
@@ -416,7 +427,8 @@ def _trials(
             set_key(trial, key, value, f"sweep.grid.{key}")
         sets = [*cfg.overrides, "sweep=null", *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
         try:
-            out.append((overrides, parse(trial, cfg.base_dir, steps=catalog, source=cfg.source, overrides=sets)))
+            parsed = parse(trial, cfg.base_dir, steps=catalog, source=cfg.source, overrides=sets, trial_of=sweep)
+            out.append((overrides, parsed))
         except ConfigError as exc:
             fail(ConfigError, f"sweep trial {overrides}: {exc}")
     return out
