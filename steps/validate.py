@@ -51,6 +51,8 @@ UNSURE_WARN = 0.25  # share of unsure FP32 samples above which an agreement gate
 # itself too uncertain to read (a t-interval on fewer than ~30 samples is much wider than +-2 SE),
 # and one sample moves an accuracy by 1/n, more than any usual max_drop.
 MIN_GATE_SAMPLES = 30
+# samples whose every FP16 tensor is read for inf/NaN: all of a model's activations at once for each
+OVERFLOW_PROBE_SAMPLES = 4
 
 
 class Sizing(NamedTuple):
@@ -466,8 +468,10 @@ class Validate(Step):
         if _regions_record(ctx) is None:
             return
         cfg = ctx.pipeline.steps["validate"]
-        feeds = next(iter(self._batches(ctx, cfg, specs)))
-        bad = float_precision.nonfinite_tensors(int8_model, {k: v for k, v in feeds.items() if k != data.LABELS})
+        batch = next(iter(self._batches(ctx, cfg, specs)))
+        layout = Layout.of(ctx.pipeline.data.validation)
+        feeds = {k: _first(v, layout.axis(k), OVERFLOW_PROBE_SAMPLES) for k, v in batch.items() if k != data.LABELS}
+        bad = float_precision.nonfinite_tensors(int8_model, feeds)
         later = any(np.any(~np.isfinite(v) & np.isfinite(scores.reference[k])) for k, v in scores.outputs.items())
         if not bad and not later:
             return
@@ -565,6 +569,11 @@ class Validate(Step):
             on_iteration=logged,
             sensitivity_samples=rc.sensitivity_samples,
         )
+
+
+def _first(array: np.ndarray, axis: int | None, n: int) -> np.ndarray:
+    """The first ``n`` samples of ``array`` along its sample ``axis`` (a constant input whole)."""
+    return array if axis is None else np.take(array, range(min(n, array.shape[axis])), axis=axis)
 
 
 def _regions_record(ctx: StepContext) -> dict[str, Any] | None:
