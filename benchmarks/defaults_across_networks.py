@@ -771,6 +771,16 @@ def summary(net: Net, rows: list[Row]) -> None:
 # ---------------------------------------------------------------- main
 
 
+def loaded(args: Any, folder: Path) -> Iterator[Net]:
+    """The networks ``args.networks`` names, each prepared in ``folder``; one that cannot be says why."""
+    for key in args.networks.split(","):
+        progress(f"{key}: preparing model and data")
+        try:
+            yield LOADERS[key](folder, args)
+        except SystemExit as exc:
+            print(f"\n## {key}: skipped: {exc}\n", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--networks", default=",".join(ALL_NETWORKS), help=f"comma-separated, of {', '.join(LOADERS)}")
@@ -805,13 +815,7 @@ def main() -> None:
     print("# accuracy of every Q/DQ model computed exactly (ORT graph optimisations off); 'ORT CPU kernels': "
           "optimisations on, this machine's int8 kernels")  # fmt: skip
     start = resource.getrusage(resource.RUSAGE_SELF)
-    for key in args.networks.split(","):
-        progress(f"{key}: preparing model and data")
-        try:
-            net = LOADERS[key](folder, args)
-        except SystemExit as exc:
-            print(f"\n## {key}: skipped: {exc}\n", flush=True)
-            continue
+    for net in loaded(args, folder):
         benchmark(net, folder, not args.no_ort_target, not args.no_nncf)
     end = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -31,7 +31,7 @@ import onnx
 ROOT = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT.parent), str(ROOT)]
 
-from defaults_across_networks import LOADERS, cpu_flags, progress  # noqa: E402
+from defaults_across_networks import LOADERS, cpu_flags, loaded, progress  # noqa: E402
 
 VARIANTS = [  # (label, precision, float precision, calibration method)
     ("INT8, FP32 regions", "int8", "fp32", "mse"),
@@ -62,13 +62,7 @@ def main() -> None:
           f"onnx {onnx.__version__}, Python {platform.python_version()}, {os.cpu_count()} cores")  # fmt: skip
     print(f"# /proc/cpuinfo flags: {cpu_flags()}")
     folder = Path(tempfile.mkdtemp(prefix="int8pipe-trt11-"))
-    for key in args.networks.split(","):
-        progress(f"{key}: preparing model and data")
-        try:
-            net = LOADERS[key](folder, args)
-        except SystemExit as exc:
-            print(f"\n## {key}: skipped: {exc}\n", flush=True)
-            continue
+    for net in loaded(args, folder):
         table(net)
 
 
