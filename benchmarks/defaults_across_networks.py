@@ -561,6 +561,7 @@ class Candidate:
     smoothing: bool = False
     target: str = "tensorrt"
     weights: str = "int8"
+    float_precision: str = "fp32"  # what the layers left float compute in
 
 
 CURRENT = "mse, bias correction (current default)"
@@ -577,6 +578,12 @@ def candidates(attention: bool) -> list[Candidate]:
         Candidate("percentile + shift_activations", method="percentile", shift=True),
         Candidate("percentile + shift_activations + GPTQ", method="percentile", shift=True, gptq=True),
     ]
+    # what `int8pipe run` writes for target tensorrt with no option set: the float layers in FP16
+    grid.append(Candidate(
+        "pipeline default: mse + " + ("smoothing {}, no bias correction" if attention else "shift_activations")
+        + ", FP16 float regions",
+        shift=not attention, smoothing=attention, bias_correction=not attention, float_precision="fp16",
+    ))  # fmt: skip
     if attention:
         grid += [
             Candidate("mse + smoothing {} (0.95, minmax)", smoothing=True),
@@ -607,6 +614,7 @@ def build_int8pipe(net: Net, cal: Any, c: Candidate) -> onnx.ModelProto:
     r = recipe.Recipe(
         quantize=opts, shift_activations=c.shift, bias_correction=c.bias_correction,
         weight_rounding="gptq" if c.gptq else "nearest", smoothing=recipe.Smoothing() if c.smoothing else None,
+        float_precision=c.float_precision,
     )  # fmt: skip
     done = recipe.quantize_static(net.fp32, ranges, r, recipe.Samples(net.cal_batches))
     progress(f"  {c.name}: {done.counts}")
