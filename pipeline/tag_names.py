@@ -34,20 +34,29 @@ REGISTERED_VERSION_TAG = "int8pipe.registered_version"  # models:/<name>/<versio
 BEST_RUN_TAG = "int8pipe.best_run"
 BEST_TRIAL_TAG = "int8pipe.best_trial"
 
-# the registry version (pipeline/mlflow_io/registry.py, steps/promote.py)
+# the registry version (pipeline/mlflow_io/registry.py, steps/promote.py). A version carries the few
+# tags a person filters on (GATE, METRIC, VALUE, TARGET, PRECISION, CALIBRATION_METHOD), the facts the
+# promotion logic reads as one JSON tag (PROMOTION), and the alias decision; everything else is in
+# its description (docs/runs-artifacts-metrics.md, The registry version)
 METRIC_TAG = "int8pipe.metric"
 VALUE_TAG = "int8pipe.metric_value"
-DATA_TAG = "int8pipe.validation_digest"
+PROMOTION_TAG = "int8pipe.promotion"  # JSON: int8_sha256, validation_digest, alias, policy
 DECISION_TAG = "int8pipe.alias_decision"
-ALIAS_TAG = "int8pipe.alias"  # the alias the version competes for, "(none)" when the YAML asked for none
-POLICY_TAG = "int8pipe.policy"  # better | always: how the alias is chosen while this is the newest version
 WITHDRAWN_TAG = "int8pipe.withdrawn"  # set by a person: never given an alias by int8pipe again
 INCOMPLETE_TAG = "int8pipe.incomplete"
+# Versions registered before PROMOTION_TAG carry its facts under these, still read (registry.facts);
+# the other tags of that layout are no longer written (their facts are in the description)
+DATA_TAG = "int8pipe.validation_digest"
+ALIAS_TAG = "int8pipe.alias"  # the alias the version competes for, "(none)" when the YAML asked for none
+POLICY_TAG = "int8pipe.policy"  # better | always: how the alias is chosen while this is the newest version
+INT8_SHA256_TAG = "int8pipe.int8_sha256"
 EVIDENCE_TAG = "int8pipe.evidence"  # .<name>: a runs:/ URI
 RUN_TAG = "int8pipe.run"  # .<step>: the step's run id
-FP32_TAG = "int8pipe.fp32"  # _source, _version, _sha256: the FP32 parent
+FP32_TAG = "int8pipe.fp32"  # _source, _version: the FP32 parent
 FP32_SHA256_TAG = "int8pipe.fp32_sha256"
-INT8_SHA256_TAG = "int8pipe.int8_sha256"
+VALIDATED_ON_TAG = "int8pipe.validated_on"
+CPU_PORTABILITY_TAG = "int8pipe.cpu_portability"
+LATENCY_ON_TAG = "int8pipe.latency_measured_on"
 
 # where numbers were measured and which CPUs an ONNX Runtime model computes the same on (cpu_kernels)
 CPU_TAG = "int8pipe.cpu"
@@ -57,12 +66,9 @@ ONNXRUNTIME_TAG = "int8pipe.onnxruntime"
 INT8_NUMERICS_TAG = "int8pipe.int8_numerics"
 WEIGHT_SCHEME_TAG = "int8pipe.weight_scheme"
 CPU_FLEET_TAG = "int8pipe.cpu_fleet"
-CPU_PORTABILITY_TAG = "int8pipe.cpu_portability"
-VALIDATED_ON_TAG = "int8pipe.validated_on"
 GRAPH_KIND_TAG = "int8pipe.graph_kind"  # quantize: attention | convolutional, which decides the auto defaults
 AUTO_CHOICES_TAG = "int8pipe.auto_choices"  # quantize: what each auto key became for this graph
 PRECISION_TAG = "int8pipe.precision"  # what the quantized layers compute in: int8 | fp8
-LATENCY_ON_TAG = "int8pipe.latency_measured_on"  # where the version's latency tags were timed, or why there are none
 
 # the engine step (steps/engine.py): whether TensorRT engines were built here, and if not, why not
 ENGINE_TAG = "int8pipe.engine"  # built | skipped

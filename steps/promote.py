@@ -11,29 +11,13 @@ import onnx
 
 from pipeline.calibration.ranges import Ranges
 from pipeline.errors import ConfigError, fail
-from pipeline.execution import cpu_kernels, runtime
+from pipeline.execution import runtime
 from pipeline.graph import model as onnx_model
 from pipeline.log import logger
 from pipeline.mlflow_io import names
 from pipeline.sources import data
-from pipeline.tag_names import (
-    CALIBRATION_METHOD_TAG,
-    CPU_FLEET_TAG,
-    CPU_PORTABILITY_TAG,
-    FP32_SHA256_TAG,
-    FP32_TAG,
-    GATE_TAG,
-    INT8_NUMERICS_TAG,
-    INT8_SHA256_TAG,
-    LATENCY_ON_TAG,
-    PIPELINE_TAG,
-    PRECISION_TAG,
-    PREFIX,
-    RUN_TAG,
-    TARGET_TAG,
-    VALIDATED_ON_TAG,
-    WEIGHT_SCHEME_TAG,
-)
+from pipeline.tag_names import CALIBRATION_METHOD_TAG, GATE_TAG, PRECISION_TAG, TARGET_TAG
+from steps import version_notes
 from steps.base import Step, require_step
 from steps.context import StepContext
 
@@ -95,21 +79,15 @@ class Promote(Step):
         up = ctx.upstream_metrics
         target = ctx.facts.target
         gate_metric = ctx.facts.gate_metric
+        # what people filter the version list on; the metric and its value come with the score, and
+        # the rest is in the description (version_notes), one tag per fact made a screen per version
         tags = {
-            CALIBRATION_METHOD_TAG: method,
-            TARGET_TAG: target,
-            FP32_SHA256_TAG: fp32_sha,
-            INT8_SHA256_TAG: onnx_model.sha256(ctx.input("int8_model")),
             GATE_TAG: "passed" if gate_metric is not None else "not run",
-            PIPELINE_TAG: ctx.pipeline.name,
+            TARGET_TAG: target,
+            PRECISION_TAG: ctx.facts.precision,
+            CALIBRATION_METHOD_TAG: method,
         }
-        tags.update(cpu_tags(ctx))
-        tags.update({f"{RUN_TAG}.{step}": run_id for step, run_id in ctx.upstream_runs.items()})
-        tags.update({f"{FP32_TAG}_{k}": v for k, v in fp32_source(ctx).items()})
-        for key in ("accuracy_drop", "validation_samples", "int8_nodes", "fp_nodes"):
-            if key in up:
-                tags[f"{PREFIX}.{key}"] = f"{up[key]:.6g}"
-        tags.update(latency_tags(ctx))
+        int8_sha = onnx_model.sha256(ctx.input("int8_model"))
         score = None
         if gate_metric is not None:
             name = gate_metric.rpartition(":")[2]
@@ -130,6 +108,7 @@ class Promote(Step):
             f"({ctx.facts.float_precision.upper()} float layers): {calibration}, {drop}."
         )
         description += "\n\n" + parent_line(fp32_source(ctx), fp32_sha)
+        description += "\n\n" + version_notes.details(ctx, int8_sha, score.data_digest if score else None)
         linked = {k: v for k, v in up.items() if k.startswith(("fp32_", "int8_")) or k == "accuracy_drop"}
         result = ctx.tracker.promote(
             model=int8,
@@ -138,6 +117,7 @@ class Promote(Step):
             alias=cfg.alias,
             policy=cfg.policy,
             score=score,
+            int8_sha256=int8_sha,
             tags=tags,
             description=description,
             metrics=linked,
@@ -178,28 +158,6 @@ def _skipped_evidence(ctx: StepContext) -> tuple[str, ...]:
     return ("layer_errors",) if report.get("layer_report") == "skipped" else ()
 
 
-def cpu_tags(ctx: StepContext) -> dict[str, str]:
-    """Where the model was validated and, for ORT's CPU kernels, on which CPUs it computes the same."""
-    path = ctx.inputs.get("validation_report")
-    report = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-    cap = report.get("cpu")
-    tags = {}
-    if cap is not None:
-        numerics = report.get("kernel_fidelity") or {}
-        tags[VALIDATED_ON_TAG] = cpu_kernels.describe(cap)
-        tags[INT8_NUMERICS_TAG] = numerics.get("gated_on", "exact")
-    facts = ctx.facts
-    if facts.cpu_kernels:
-        tags[WEIGHT_SCHEME_TAG] = facts.weight_scheme.name
-        tags[CPU_FLEET_TAG] = facts.fleet_label
-        tags[CPU_PORTABILITY_TAG] = cpu_kernels.portability(facts.weight_scheme, list(facts.cpu_fleet), cap)
-    return tags
-
-
-# the benchmark provider that runs a target's model as it is deployed
-DEPLOYED_PROVIDER = {"onnxruntime": "cpu", "tensorrt": "tensorrt"}
-
-
 def serving_providers(cpu_target: bool) -> list[str]:
     """The execution providers MLflow's pyfunc opens the version with: the CPU for target onnxruntime;
     for tensorrt, CUDA first where this ONNX Runtime has it (a GPU build), else the CPU only, so that
@@ -210,43 +168,8 @@ def serving_providers(cpu_target: bool) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def latency_tags(ctx: StepContext) -> dict[str, str]:
-    """The version's latency: only a figure timed where its target runs it, and where that was.
-
-    A ``target: tensorrt`` model timed on ONNX Runtime's CPU provider dequantizes and computes in
-    float there (benchmark.placement_note), so that figure is no deployment speedup and stays on the
-    benchmark run."""
-    target = ctx.facts.target
-    provider = DEPLOYED_PROVIDER[target]
-    up = ctx.upstream_metrics
-    tags = {PRECISION_TAG: ctx.facts.precision}
-    timed = {k: up[k] for k in (f"{provider}.int8.latency_p50_ms", f"{provider}.speedup") if k in up}
-    if not timed:
-        measured = sorted({k.split(".")[0] for k in up if k.endswith(".speedup")})
-        if measured:
-            tags[LATENCY_ON_TAG] = (
-                f"not on the target: target {target} runs on {provider}, and the benchmark timed "
-                f"{', '.join(measured)} (on its run, not a deployment figure)"
-            )
-        return tags
-    tags.update({f"{PREFIX}.{k}": f"{v:.6g}" for k, v in timed.items()})
-    path = ctx.inputs.get("environment")
-    env = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-    if provider == "cpu":
-        cpu = env.get("cpu", {})
-        flags = ",".join(f for f in cpu.get("flags", []) if "avx" in f or "vnni" in f or "amx" in f)
-        where = (
-            f"{cpu.get('model', 'unknown CPU')} ({flags or 'no AVX flags read'}), onnxruntime {env.get('onnxruntime')}"
-        )
-    else:
-        gpus = "; ".join(env.get("gpus", [])) or "unknown GPU"
-        where = f"{gpus} (name, driver, compute capability), TensorRT {env.get('tensorrt')}"
-    tags[LATENCY_ON_TAG] = where
-    return tags
-
-
 def fp32_source(ctx: StepContext) -> dict[str, str]:
-    """The FP32 parent as version tags: its YAML path or registry URI, and the version that URI named."""
+    """The FP32 parent: its YAML path or registry URI, and the version that URI named."""
     src = ctx.source
     out = {"source": next((src[k] for k in ("onnx", "mlflow", "pytorch") if k in src), "")}
     if "version" in src:

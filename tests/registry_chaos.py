@@ -96,7 +96,7 @@ def promote(spec: dict[str, Any]) -> None:
     import mlflow
 
     from pipeline.mlflow_io import registry
-    from pipeline.tag_names import GATE_TAG, INT8_SHA256_TAG
+    from pipeline.tag_names import GATE_TAG
     from tests.models import build
 
     model = build("single_matmul")
@@ -112,7 +112,8 @@ def promote(spec: dict[str, Any]) -> None:
             alias=spec.get("alias", "candidate"),
             policy=spec.get("policy", "better"),
             score=registry.Score("cosine", float(spec["score"]), spec.get("data", "d")),
-            tags={GATE_TAG: "passed", INT8_SHA256_TAG: hashlib.sha256(model.SerializeToString()).hexdigest()},
+            int8_sha256=hashlib.sha256(model.SerializeToString()).hexdigest(),
+            tags={GATE_TAG: "passed"},
             description=f"registry_chaos {spec['label']}",
             metrics={},
         )

@@ -49,7 +49,7 @@ def test_mlflow_run_quick_start(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(uri)
     version = client.get_model_version_by_alias("digits-int8", "candidate")
-    parent = client.get_run(version.tags["int8pipe.run.export"]).data.tags["mlflow.parentRunId"]
+    parent = client.get_run(version.run_id).data.tags["mlflow.parentRunId"]  # the promote run's
     exp = client.get_experiment_by_name("int8-digits")
     assert client.get_run(parent).info.experiment_id == exp.experiment_id
     assert client.get_run(parent).info.run_name == "digits-int8 (entropy, tensorrt)"

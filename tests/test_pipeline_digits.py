@@ -184,7 +184,7 @@ def test_accuracy_and_registry(digits_run: dict[str, Any]) -> None:
     version = client.get_model_version_by_alias("digits-int8", "candidate")
     assert str(version.version) == reg["version"]
     assert version.tags["int8pipe.calibration_method"] == "entropy"
-    assert version.tags["int8pipe.run.calibrate"] == summary["steps"]["calibrate"]
+    assert f"calibrate `{summary['steps']['calibrate']}`" in version.description
     assert "accuracy drop" in version.description
     mlflow.set_tracking_uri(digits_run["uri"])
     model = mlflow.pyfunc.load_model("models:/digits-int8@candidate")
@@ -257,10 +257,10 @@ def test_onnxruntime_target_uses_asymmetric_uint8_activations(tmp_path: Path) ->
         tags = client.get_run(summary["steps"][step]).data.tags
         assert tags["int8pipe.cpu.isa"] == cap["isa"] and tags["int8pipe.onnxruntime"] == cap["onnxruntime"]
     version = client.get_model_version(summary["registered_model"]["name"], summary["registered_model"]["version"])
-    assert version.tags["int8pipe.validated_on"] == cpu_kernels.describe(cap)
-    assert version.tags["int8pipe.weight_scheme"] == cpu_kernels.PORTABLE
-    assert version.tags["int8pipe.cpu_fleet"] == "all"
-    assert "on every CPU of the fleet" in version.tags["int8pipe.cpu_portability"]
+    assert f"**Validated on** {cpu_kernels.describe(cap)}; INT8 numerics kernels" in version.description
+    fleet = next(line for line in version.description.splitlines() if line.startswith("- **CPU fleet**"))
+    assert fleet.startswith(f"- **CPU fleet** all, weight scheme {cpu_kernels.PORTABLE}:")
+    assert "on every CPU of the fleet" in fleet
     # served by ORT's CPU kernels: the logged model declares that provider, so loading it warns of no CUDA
     mlflow.set_tracking_uri(uri)
     info = mlflow.models.get_model_info(f"models:/{version.name}/{version.version}")
@@ -290,9 +290,9 @@ def test_a_vnni_only_fleet_gets_full_8_bit_weights_and_says_so(tmp_path: Path) -
         assert len(table["data"]) >= 9 and "share_off_by_more_than_1_lsb" in table["columns"]
     assert m["accuracy_drop"] <= 0.01
     version = client.get_model_version(summary["registered_model"]["name"], summary["registered_model"]["version"])
-    assert version.tags["int8pipe.weight_scheme"] == "int8"
-    assert "do not serve it there" in version.tags["int8pipe.cpu_portability"]
-    assert ("Validated only on int32 (VNNI-class)" in version.tags["int8pipe.cpu_portability"]) is not saturates
+    fleet = next(line for line in version.description.splitlines() if line.startswith("- **CPU fleet**"))
+    assert ", weight scheme int8:" in fleet and "do not serve it there" in fleet
+    assert ("Validated only on int32 (VNNI-class)" in fleet) is not saturates
 
 
 def test_placement_note_names_why_tensorrt_placed_int8_is_slow_on_ort_cpu() -> None:

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from pipeline.analysis import evaluation, layers, recovery, scoring
 from pipeline.execution import runtime
 from pipeline.graph import model
+from pipeline.mlflow_io import registry
 from pipeline.orchestration.cli import main
 from pipeline.sources import data
 from pipeline.transforms.quantization import node_table
@@ -138,8 +139,8 @@ def test_benchmark_and_promote_receive_the_recovered_model(outlier: dict[str, An
     assert recovered != model.sha256(art["quantize"] / "model/model_int8.onnx")
     client = MlflowClient(uri)
     version = client.get_model_version("outlier-int8", s["registered_model"]["version"])
-    assert version.tags["int8pipe.int8_sha256"] == recovered  # promote registered the recovered model
-    assert version.tags["int8pipe.int8_nodes"] == "2"
+    assert registry.facts(version.tags)["int8_sha256"] == recovered  # promote registered the recovered model
+    assert "**INT8 model**: 2 INT8 nodes, " in version.description
     mlflow.set_tracking_uri(uri)
     registered = mlflow.onnx.load_model(f"models:/outlier-int8/{version.version}")
     assert {r["node"]: r["precision"] for r in node_table(build("outlier_mlp"), registered)}["fc2"] == "fp32"

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from pipeline.errors import TrackingError
 from pipeline.mlflow_io import names, registry
 from pipeline.orchestration.cli import main
+from pipeline.tag_names import ALIAS_TAG, DATA_TAG, INT8_SHA256_TAG, METRIC_TAG, POLICY_TAG, PROMOTION_TAG, VALUE_TAG
 from tests.conftest import env_without_mlflow, run_args, run_pipeline
 
 
@@ -259,12 +260,18 @@ SOURCE = "file:///nowhere/model"  # never loaded: these tests read tags and alia
 
 
 def _identity(value: float | None, alias: str, policy: str = "better", data: str = "d", sha: str = "") -> dict:
-    """The tags a promotion creates its version with (registry.IDENTITY_TAGS among them)."""
-    tags = {registry.GATE_TAG: "passed", registry.INT8_SHA256_TAG: sha or f"sha-{value}-{policy}-{data}"}
-    tags.update(registry.request_tags(alias, policy))
-    if value is not None:
-        tags.update(registry.Score("cosine", value, data).tags())
-    return tags
+    """The tags a promotion creates its version with (registry.version_tags among them)."""
+    score = registry.Score("cosine", value, data) if value is not None else None
+    sha = sha or f"sha-{value}-{policy}-{data}"
+    return {registry.GATE_TAG: "passed", **registry.version_tags(sha, score, alias, policy)}
+
+
+def _previous_layout(client: MlflowClient, value: float, alias: str, policy: str = "better") -> str:
+    """A version as int8pipe registered it before PROMOTION_TAG: each fact under its own tag."""
+    tags = {registry.GATE_TAG: "passed", METRIC_TAG: "cosine", VALUE_TAG: repr(value), DATA_TAG: "d"}
+    tags.update({ALIAS_TAG: alias, POLICY_TAG: policy, INT8_SHA256_TAG: f"sha-{value}-{policy}-d"})
+    registry.ensure_registered_model(client, "m")
+    return str(client.create_model_version("m", source=SOURCE, tags=tags).version)
 
 
 def _version(
@@ -293,7 +300,7 @@ def test_candidates_are_complete_versions_competing_for_that_alias(tracking_uri:
     older = client.create_model_version("m", source=SOURCE, tags={registry.GATE_TAG: "passed"})
     client.set_model_version_tag("m", older.version, registry.METRIC_TAG, "cosine")  # tags afterwards: never whole
     # an older int8pipe's version (no alias or policy tag) competes for every alias
-    old = {registry.GATE_TAG: "passed", **registry.Score("cosine", 0.6, "d").tags()}
+    old = {registry.GATE_TAG: "passed", METRIC_TAG: "cosine", VALUE_TAG: "0.6", DATA_TAG: "d"}
     listed.append(str(client.create_model_version("m", source=SOURCE, tags=old).version))
     assert [str(c.version) for c in registry.candidates(client, "m", "candidate")] == listed
 
@@ -317,6 +324,36 @@ def test_a_rerun_reuses_its_version_unless_a_copy_would_set_the_rule(tracking_ur
     assert reusable(0.9, "candidate") is None  # the newest version was scored on other data
     client.set_model_version_tag("m", always, registry.WITHDRAWN_TAG, "rolled back")
     assert reusable(0.7, "candidate", policy="always") == always  # a copy must not bring it back
+
+
+def test_versions_of_the_previous_tag_layout_compete_and_are_reused(tracking_uri: str) -> None:
+    """Existing registries hold versions tagged fact by fact: they read as the new layout does."""
+    client = MlflowClient(tracking_uri)
+    old = _previous_layout(client, 0.9, "candidate")
+    _previous_layout(client, 0.99, "champion")  # another alias's, as its tag says
+    new = _version(client, 0.8)
+    cands = registry.candidates(client, "m", "candidate")
+    assert [str(c.version) for c in cands] == [old, new]
+    chosen = registry.choose(cands)
+    assert chosen is not None and str(chosen.version) == old  # scored alike across layouts: compared
+    assert registry.facts(client.get_model_version("m", old).tags) == registry.facts(_identity(0.9, "candidate"))
+    assert registry.reusable_version(client, "m", _identity(0.9, "candidate")) == old  # its unchanged rerun
+    assert registry.reusable_version(client, "m", _identity(0.9, "candidate", policy="always")) is None
+
+
+def test_a_version_carries_its_promotion_facts_in_one_tag(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    tags = client.get_model_version("m", _version(client, 0.9)).tags
+    assert set(tags) == {registry.GATE_TAG, METRIC_TAG, VALUE_TAG, PROMOTION_TAG}
+    assert json.loads(tags[PROMOTION_TAG]) == {
+        "alias": "candidate",
+        "policy": "better",
+        "int8_sha256": "sha-0.9-better-d",
+        "validation_digest": "d",
+    }
+    # unreadable facts make no candidate rather than one competing for every alias
+    client.set_model_version_tag("m", "1", PROMOTION_TAG, "{not json")
+    assert registry.candidates(client, "m", "candidate") == []
 
 
 class _Interleaved(MlflowClient):

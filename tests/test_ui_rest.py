@@ -95,9 +95,9 @@ def test_two_pipelines_as_the_ui_shows_them(mlflow_server: str, tmp_path: Path) 
         )["models"]
     }
     for v in versions:
-        tags = _tags(v)
-        assert tags["int8pipe.fp32_source"] == str((DIGITS / "model.onnx").resolve())  # absolute
-        assert tags["int8pipe.evidence.calibration_cache"].startswith("runs:/")
+        assert len(_tags(v)) <= 8  # the few people filter on; the rest is in the description
+        assert f"FP32 parent: `{(DIGITS / 'model.onnx').resolve()}`" in v["description"]  # absolute
+        assert "- calibration_cache: `runs:/" in v["description"]
         model_id = v["source"].removeprefix("models:/")
         model = models[model_id]
         assert model["info"]["source_run_id"] == v["run_id"]

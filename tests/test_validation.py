@@ -499,7 +499,7 @@ def test_a_gate_on_one_validation_sample_warns_and_records_the_count(
     assert client.get_run(s["steps"]["validate"]).data.metrics["validation_samples"] == 1
     assert client.get_run(s["run_id"]).data.metrics["validation_samples"] == 1  # the runs table shows it
     version = client.get_model_version("one-sample", s["registered_model"]["version"])  # and the version says it
-    assert version.tags["int8pipe.validation_samples"] == "1" and "on 1 validation samples" in version.description
+    assert "on 1 validation samples" in version.description
 
 
 def test_error_accumulator_in_blocks_measures_what_whole_tensors_do() -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
 import shutil
 import tempfile
@@ -37,20 +38,21 @@ from pipeline.tag_names import (
     ALIAS_TAG,
     DATA_TAG,
     DECISION_TAG,
-    EVIDENCE_TAG,
     GATE_TAG,
     INCOMPLETE_TAG,
     INT8_SHA256_TAG,
     METRIC_TAG,
     POLICY_TAG,
+    PROMOTION_TAG,
     VALUE_TAG,
     WITHDRAWN_TAG,
 )
 
-NO_ALIAS = "(none)"  # ALIAS_TAG of a version registered without an alias: no MLflow alias can be spelled so
-# what makes two versions the same: the INT8 model's bytes, the evidence its gate passed on, and what
-# its promotion asked for
-IDENTITY_TAGS = (INT8_SHA256_TAG, GATE_TAG, METRIC_TAG, VALUE_TAG, DATA_TAG, ALIAS_TAG, POLICY_TAG)
+NO_ALIAS = "(none)"  # the alias of a version registered without one: no MLflow alias can be spelled so
+# What the promotion logic reads on a version besides its score tags, kept in one JSON tag
+# (PROMOTION_TAG) so that the version page shows the few tags people filter on. Versions registered
+# before it carry each fact under its own tag; existing registries hold them, so both are read.
+FACTS = {"int8_sha256": INT8_SHA256_TAG, "validation_digest": DATA_TAG, "alias": ALIAS_TAG, "policy": POLICY_TAG}
 # Rounds of settle_alias before it gives up. Once no version is being registered, every process stops
 # within a few rounds (a stale write already decided, the right one, the read that confirms it); more
 # means registrations keep arriving.
@@ -66,7 +68,8 @@ class Score:
     data_digest: str
 
     def tags(self) -> dict[str, str]:
-        return {METRIC_TAG: self.metric, VALUE_TAG: repr(self.value), DATA_TAG: self.data_digest}
+        """The two a person filters on; the data digest goes into PROMOTION_TAG (:func:`version_tags`)."""
+        return {METRIC_TAG: self.metric, VALUE_TAG: repr(self.value)}
 
     def comparable(self, other: Score) -> bool:
         return (self.metric, self.data_digest) == (other.metric, other.data_digest)
@@ -74,15 +77,42 @@ class Score:
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> Score | None:
         try:
-            return cls(tags[METRIC_TAG], float(tags[VALUE_TAG]), tags[DATA_TAG])
+            return cls(tags[METRIC_TAG], float(tags[VALUE_TAG]), facts(tags)["validation_digest"])
         except (KeyError, ValueError):
             return None
 
 
-def request_tags(alias: str | None, policy: str) -> dict[str, str]:
-    """What a promotion asked for, tagged on its version: the alias it competes for and the policy
-    that chooses the alias's version while it is the newest (see :func:`choose`)."""
-    return {ALIAS_TAG: alias or NO_ALIAS, POLICY_TAG: policy}
+def facts(tags: dict[str, str]) -> dict[str, str]:
+    """The FACTS a version records, from PROMOTION_TAG or the separate tags of the previous layout.
+    A fact missing from both is missing here (a version of an older int8pipe has no alias: see
+    :func:`candidate`); unreadable JSON reads as no facts, which makes the version no candidate."""
+    try:
+        found = json.loads(tags.get(PROMOTION_TAG) or "{}")
+    except ValueError:
+        found = {}
+    found = found if isinstance(found, dict) else {}
+    return {k: str(found[k]) if k in found else tags[old] for k, old in FACTS.items() if k in found or old in tags}
+
+
+def version_tags(int8_sha256: str, score: Score | None, alias: str | None, policy: str) -> dict[str, str]:
+    """What the promotion logic reads on a version, as created: the score (metric and value, which
+    people filter on too) and PROMOTION_TAG: the INT8 model's bytes, the data the score was measured
+    on, the alias the version competes for and the policy that chooses the alias's version while it
+    is the newest (see :func:`choose`)."""
+    found = {"alias": alias or NO_ALIAS, "policy": policy, "int8_sha256": int8_sha256}
+    if score is not None:
+        found["validation_digest"] = score.data_digest
+    return {**(score.tags() if score else {}), PROMOTION_TAG: json.dumps(found)}
+
+
+def identity(tags: dict[str, str]) -> tuple[str | None, ...] | None:
+    """What makes two versions the same: the INT8 model's bytes, the evidence its gate passed on, and
+    what its promotion asked for; None without the model's SHA-256 (nothing to be the same as)."""
+    found = facts(tags)
+    if "int8_sha256" not in found:
+        return None
+    score = (tags.get(GATE_TAG), tags.get(METRIC_TAG), tags.get(VALUE_TAG), found.get("validation_digest"))
+    return (found["int8_sha256"], *score, found.get("alias"), found.get("policy"))
 
 
 @dataclass(frozen=True)
@@ -121,17 +151,18 @@ def all_versions(client: MlflowClient, name: str) -> list[Any]:
 def candidate(mv: Any, alias: str) -> Candidate | None:
     """``mv`` as a candidate for ``alias``, or None: a complete version (created with its tags in one
     call, READY) whose gate passed with a finite score, that competes for this alias and that nobody
-    marked incomplete or withdrawn. A version without ALIAS_TAG was registered before int8pipe
+    marked incomplete or withdrawn. A version without an alias fact was registered before int8pipe
     recorded it, when any int8pipe promotion could give it the alias: it competes for every alias."""
     tags = mv.tags or {}
     if mv.status != "READY" or tags.get(GATE_TAG) != "passed":
         return None
-    if INCOMPLETE_TAG in tags or WITHDRAWN_TAG in tags or tags.get(ALIAS_TAG, alias) != alias:
+    found = facts(tags)
+    if INCOMPLETE_TAG in tags or WITHDRAWN_TAG in tags or found.get("alias", alias) != alias:
         return None
     score = Score.from_tags(tags)
     if score is None or not math.isfinite(score.value):  # NaN compares neither way: no order to agree on
         return None
-    return Candidate(int(mv.version), score, "always" if tags.get(POLICY_TAG) == "always" else "better")
+    return Candidate(int(mv.version), score, "always" if found.get("policy") == "always" else "better")
 
 
 def candidates(client: MlflowClient, name: str, alias: str) -> list[Candidate]:
@@ -191,9 +222,9 @@ def settle_alias(client: MlflowClient, name: str, alias: str) -> Settled:
         repeat: h = the alias's holder; then S = the candidates (complete versions competing for it);
                 if h == choose(S): stop and report h; else set the alias to choose(S).
 
-    Complete: created by one ``create_model_version`` call carrying the gate, score, alias and policy
-    tags. The store writes a version and its tags in one transaction, so a reader sees the whole
-    version or none; nothing becomes a candidate later.
+    Complete: created by one ``create_model_version`` call carrying the gate, score and promotion
+    (alias, policy) tags. The store writes a version and its tags in one transaction, so a reader sees
+    the whole version or none; nothing becomes a candidate later.
 
     Invariant: once the processes have stopped, the alias stands on ``choose(U)``, U the candidates
     then, whatever the interleaving. Let c be the moment the last version of U became complete, and Q
@@ -333,14 +364,14 @@ def _version(distribution: str) -> str | None:
 
 
 def identical_version(versions: list[Any], tags: dict[str, str]) -> Any | None:
-    """The oldest complete version with the same INT8 model, gate evidence and request (IDENTITY_TAGS)
-    as ``tags``, or None."""
-    want = {k: tags.get(k) for k in IDENTITY_TAGS}
-    if want[INT8_SHA256_TAG] is None:
+    """The oldest complete version with the same INT8 model, gate evidence and request (:func:`identity`)
+    as ``tags``, or None. A version of the previous tag layout is the same as its rerun's request."""
+    want = identity(tags)
+    if want is None:
         return None
     for mv in sorted(versions, key=lambda v: int(v.version)):
         have = mv.tags or {}
-        if mv.status == "READY" and INCOMPLETE_TAG not in have and all(have.get(k) == v for k, v in want.items()):
+        if mv.status == "READY" and INCOMPLETE_TAG not in have and identity(have) == want:
             return mv
     return None
 
@@ -357,7 +388,7 @@ def reusable_version(client: MlflowClient, name: str, tags: dict[str, str]) -> s
     except MlflowException:  # no such registered model yet
         return None
     original = identical_version(versions, tags)
-    alias = tags.get(ALIAS_TAG, NO_ALIAS)
+    alias = facts(tags).get("alias", NO_ALIAS)
     if original is None or alias == NO_ALIAS:
         return None if original is None else str(original.version)
     cands = [c for mv in versions if (c := candidate(mv, alias))]
@@ -379,6 +410,7 @@ def promote_model(
     alias: str | None,
     policy: str,
     score: Score | None,
+    int8_sha256: str,
     tags: dict[str, str],
     description: str,
     metrics: dict[str, float],
@@ -389,11 +421,12 @@ def promote_model(
     registry holds afterwards: name, version, alias (None unless this version holds it),
     alias_version (where the alias stands), decision, reused.
 
-    ``evidence`` (name, run id, artifact path, file name) is copied into the logged model's
-    ``evidence/`` folder, tagged on the version as ``int8pipe.evidence.<name>`` = its ``runs:/`` URI
-    and listed in the description; a piece that cannot be fetched is left out with a warning."""
-    identity = {**tags, **(score.tags() if score else {}), **request_tags(alias, policy)}
-    reused = reusable_version(client, registered_model, identity)
+    ``tags`` are the ones people filter on (the gate among them); the version also gets
+    :func:`version_tags`. ``evidence`` (name, run id, artifact path, file name) is copied into the
+    logged model's ``evidence/`` folder and its ``runs:/`` URI listed in the description; a piece that
+    cannot be fetched is left out with a warning."""
+    all_tags = {**tags, **version_tags(int8_sha256, score, alias, policy)}
+    reused = reusable_version(client, registered_model, all_tags)
     if reused is not None:
         logger.info(
             "promote: %s version %s holds this very INT8 model (same SHA-256, gate, validation data and "
@@ -425,7 +458,7 @@ def promote_model(
         registered_model,
         source=info.model_uri,
         run_id=run_id,
-        tags={**identity, **{f"{EVIDENCE_TAG}.{k}": v for k, v in attached.items()}},
+        tags=all_tags,
         description=description,
         model_id=info.model_id,
     )

@@ -185,8 +185,8 @@ DESCRIPTIONS = {
     "CPU, the default). ONNX Runtime's int8 kernels on x86 without VNNI (`avx2`, `avx512bw`) sum pairs of uint8 x "
     "int8 products in 16 bits and saturate; a fleet with such a CPU gets 7-bit weights (`reduce_range`; depthwise "
     "Convs, whose kernel sums in 32 bits, keep 8), which cannot. A fleet whose CPUs all have VNNI or arm64 dot "
-    "products keeps 8-bit weights. The scheme is tagged `int8pipe.weight_scheme` on the quantize run and the "
-    "registry version. See the README's CPU portability section.",
+    "products keeps 8-bit weights. The scheme is tagged `int8pipe.weight_scheme` on the quantize run and named in "
+    "the registry version's description. See the README's CPU portability section.",
     "steps.validate.metric": "`top1`, `top5` (need labels), `agreement` (top-1 agreement with FP32), `cosine`, "
     "or `package.module:function` called as `fn(outputs, labels, reference)`; higher is better.",
     "steps.validate.max_drop": "The gate: FP32 score - INT8 score may be at most this (a number >= 0, not NaN).",
@@ -229,7 +229,8 @@ DESCRIPTIONS = {
     "runs (not empty, no `/`, `:` or `'`, not ending in `.int8pipe-lock`).",
     "steps.promote.alias": "Alias given to the version when the gate passed and the policy chooses it (null: none); "
     "letters, digits, `_` and `-`, not `latest` or `v<number>`.",
-    "steps.promote.description": "Version description (default: generated from the pipeline).",
+    "steps.promote.description": "The version description's first paragraph (default: generated from the "
+    "pipeline); the FP32 parent, gate, model, latency, runs and evidence follow it.",
     "steps.promote.policy": "How the alias is chosen while this run's version is the newest: `better`, the best "
     "validated version on its metric and validation data (ties: the newer); `always`, the newest validated version.",
     "steps.promote.require_int8_faster_than_fp16": "Refuse promotion (a failed gate, exit 3, nothing registered) "
