@@ -36,9 +36,19 @@ def configure(verbose: bool = False) -> None:
     retries = logging.getLogger("urllib3.connectionpool")
     if not any(isinstance(h, _StderrHandler) for h in retries.handlers):
         handler = _StderrHandler()
-        handler.setLevel(logging.WARNING)
         handler.setFormatter(_RetryFormatter())
         retries.addHandler(handler)
+    for existing in retries.handlers:
+        if isinstance(existing, _StderrHandler):
+            existing.setLevel(logging.WARNING)  # again: an earlier run in this process may have quieted it
+
+
+def quiet_retries() -> None:
+    """No more retry lines: the tracking server is given up on and int8pipe has said so."""
+    # the handler stays, muted: without any, Python's last-resort handler would print urllib3's raw lines
+    for existing in logging.getLogger("urllib3.connectionpool").handlers:
+        if isinstance(existing, _StderrHandler):
+            existing.setLevel(logging.CRITICAL + 1)
 
 
 class _RetryFormatter(logging.Formatter):

@@ -125,3 +125,94 @@ def test_a_child_started_to_die_with_its_parent_ends_when_the_parent_is_killed(t
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the child outlived its killed parent by 10 s")
+
+
+def _trial_processes(driver: int) -> list[int]:
+    """The driver's children that are trials (not, say, the `git` MLflow runs to date a run)."""
+    try:
+        children = [int(c) for c in Path(f"/proc/{driver}/task/{driver}/children").read_text().split()]
+    except OSError:
+        return []
+    trials = []
+    for pid in children:
+        try:
+            if b"--under" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                trials.append(pid)
+        except OSError:
+            pass
+    return trials
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # exited, not yet reaped
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("moment", ["sweep run created", "trials launched", "trials starting", "a trial run created"])
+def test_ctrl_c_while_trials_start_is_one_line_each_and_no_run_left_running(
+    digits_copy: Path, tracking_uri: str, tmp_path: Path, moment: str
+) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) while a parallel sweep launches its trials.
+    Before: trials still starting their interpreter died with a traceback ('Fatal Python error:
+    init_import_site'), trials past it got the Ctrl-C and then the driver's SIGTERM in the middle of
+    closing their runs ('During handling of the above exception...', 'database is locked'), and a
+    trial's run stayed RUNNING. Moments are found by what the driver does, not by a delay a loaded
+    machine would shift."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import env_without_mlflow, run_args
+
+    cfg = yaml.safe_load((digits_copy / "pipeline.yaml").read_text())
+    for step in ("benchmark", "promote"):
+        cfg["steps"].pop(step)
+    cfg["sweep"] = {"grid": {"steps.calibrate.method": ["minmax", "entropy", "percentile"]}, "parallel": 2}
+    config = digits_copy / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    client = MlflowClient(tracking_uri)
+
+    def run_names() -> list[str]:
+        experiment = client.get_experiment_by_name(cfg["experiment"])
+        return [r.info.run_name for r in client.search_runs([experiment.experiment_id])] if experiment else []
+
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *run_args(config, tracking_uri, tmp_path / "s.json")],
+        env=env_without_mlflow(TMPDIR=str(tmp_path)),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # a process group of its own, as a shell gives a command: Ctrl-C's target
+    )
+    trials: set[int] = set()
+    deadline = time.monotonic() + 180
+    while driver.poll() is None and time.monotonic() < deadline:
+        trials.update(_trial_processes(driver.pid))
+        if moment == "sweep run created" and any(n.endswith("sweep (3 trials)") for n in run_names()):
+            break
+        if moment in ("trials launched", "trials starting") and len(trials) >= 2:
+            time.sleep(1.5 if moment == "trials starting" else 0)  # importing int8pipe, then creating runs
+            break
+        if moment == "a trial run created" and any(n.startswith("method=") for n in run_names()):
+            break
+        time.sleep(0.02)
+    assert driver.poll() is None, f"the sweep ended before '{moment}'"
+    trials.update(_trial_processes(driver.pid))
+    os.killpg(driver.pid, signal.SIGINT)
+    _, err = driver.communicate(timeout=120)
+    text = err.decode()
+    assert driver.returncode == 130, text[-3000:]
+    assert "Traceback" not in text and "During handling" not in text and "Fatal Python error" not in text, text[-4000:]
+    said = [ln for ln in text.splitlines() if ln.startswith("int8pipe:")]
+    assert said[-1] == "int8pipe: interrupted by SIGINT; open runs marked KILLED, temporary files removed", said
+    # each trial that got as far as int8pipe says so once, before the driver's last word
+    assert len(said) <= 1 + len(trials) and all("interrupted by SIGTERM" in ln for ln in said[:-1]), said
+    statuses = {r.info.run_name: r.info.status for r in client.search_runs([client.get_experiment_by_name(
+        cfg["experiment"]).experiment_id])}  # fmt: skip
+    assert "RUNNING" not in statuses.values(), statuses
+    assert statuses["digits-int8 sweep (3 trials)"] == "KILLED"
+    assert all(_gone(pid) for pid in trials), "a trial process outlived the interrupted sweep"

@@ -87,10 +87,39 @@ def _auth_headers(user: str, password: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {bearer}"} if bearer else {}
 
 
+OUTAGE_MARKS = ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out", "timeout exception")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
+
+
 def is_outage(exc: BaseException) -> bool:
-    """Whether ``exc`` is the tracking server not answering (after MLflow's own retries)."""
-    text = f"{type(exc).__name__}: {exc}"
-    return any(m in text for m in ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out"))
+    """Whether ``exc`` is the tracking server not answering (after MLflow's own retries), also when a
+    step wrapped MLflow's error in one of its own. MLflow words every failed request of its REST client
+    "API request to <url> failed ...": a connection error of anything else (a user's data source that
+    fetches over HTTP) is no outage, and its runs are closed as usual."""
+    return any(
+        "API request to" in str(e) and any(m in f"{type(e).__name__}: {e}" for m in OUTAGE_MARKS) for e in _chain(exc)
+    )
+
+
+def outage_cause(exc: BaseException) -> str:
+    """How the server failed ``exc``'s request, in words: it hung (took the connection, never answered)
+    or it was not there (refused)."""
+    text = " ".join(f"{type(e).__name__}: {e!r}" for e in _chain(exc))
+    tries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")) + 1
+    if "ReadTimeout" in text or "Read timed out" in text or "timed out" in text:
+        timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+        return f"it took the connection but sent no reply within {timeout} s, {tries} time(s): it hangs"
+    if "refused" in text.lower():
+        return f"it refused the connection {tries} time(s): it is not running"
+    return f"no answer after {tries} tries"
 
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -205,10 +234,24 @@ def closing(end: Any) -> Iterator[None]:
 
 def give_up_on_server() -> None:
     """After an outage: what MLflow still sends at exit (ending the runs it holds open) fails at once
-    instead of waiting out its retries again and printing them after int8pipe's last word. MLflow
-    reads these settings at every request."""
+    instead of waiting out its retries again, and no retry line follows int8pipe's last word (the
+    heartbeat thread may be half-way through its own retries). MLflow reads these settings at every
+    request."""
+    import atexit
+
+    from mlflow.tracking import fluent
+
+    from pipeline.log import quiet_retries
+
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "3"
+    quiet_retries()
+    # MLflow ends the active run at exit as FINISHED: a step cut short would be FINISHED, and reused by
+    # the next run, should that request reach a server that was slow rather than gone. Left RUNNING, the
+    # next run closes it KILLED (and exit does not wait on the server once more).
+    end_at_exit = getattr(fluent, "_safe_end_run", None)
+    if end_at_exit is not None:
+        atexit.unregister(end_at_exit)
 
 
 def process_start(pid: int) -> str:

@@ -46,10 +46,18 @@ from pipeline.tag_names import (
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0  # a run on another host whose heartbeat is this old belongs to a dead process
 
-# MLflow retries a failing HTTP request 7 times with exponential backoff (about 4 minutes, silently);
-# int8pipe bounds one request's retries to about 7 s unless the user set these themselves.
+# How long one tracking request may take before the server counts as gone, unless the user set these
+# themselves. MLflow's defaults (7 retries with backoff, 120 s per try) wait about 4 minutes for a server
+# that refuses connections and up to 16 for one that hangs (frozen, or a host that stopped routing: the
+# kernel still accepts the connection, nothing ever answers). Each try waits the timeout for *silence*,
+# not for the whole transfer: an upload of any size stays within it as long as the server takes data
+# and answers within 30 s of the last byte. 30 s is the margin for a server that proxies artifacts to
+# object storage (it answers only once S3 has the file: a few hundred MB on a slow link) or runs a
+# search on a busy database. One retry covers a connection a proxy dropped or a server restarting; more
+# tries do not help a hung server, each costs another 30 s. So a hung server ends the run about a
+# minute (2 x 30 s) after int8pipe's next request, a stopped one within seconds (README, Reliability).
 HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     # one tqdm bar per artifact download (restores, evidence) buried the log: a sweep printed 19

@@ -253,25 +253,48 @@ def _cache_show(args: argparse.Namespace) -> int:
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    # Once: a second SIGTERM while runs are being closed must not cut the clean-up short.
-    signal.signal(signum, signal.SIG_IGN)
+    # Once, whichever comes second: a Ctrl-C then a SIGTERM (`timeout`, Kubernetes) while the runs are
+    # being closed must not cut the clean-up short with a second traceback chained to the first.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _deaf)
     raise Interrupted(signum)
+
+
+def _deaf(signum: int, frame: object) -> None:
+    """After the first signal: further ones do nothing until the process exits. A Python handler, not
+    SIG_IGN, which would make Python print 'Signal 15 ignored due to race condition' for one already
+    on its way; and kept past main(), whose exit code says which signal stopped it (SIG_DFL back in
+    place, a late SIGTERM would kill it with another)."""
 
 
 def _tracking_outage(exc: BaseException) -> str | None:
     """The one-paragraph message for a tracking server that stopped answering mid-run, else None."""
-    from pipeline.mlflow_io.store import give_up_on_server, is_outage
+    from pipeline.mlflow_io.store import give_up_on_server, is_outage, outage_cause, redacted
+    from pipeline.mlflow_io.tracking import default_uri
 
     if not is_outage(exc):
         return None
+    cause = outage_cause(exc)  # before give_up_on_server() changes the settings it quotes
     give_up_on_server()
-    text = f"{type(exc).__name__}: {exc}"
+    request = re.search(r"/api/[\w./-]+", str(exc))
+    last = f" (the request: {request.group(0)})" if request else ""
     return (
-        "the MLflow tracking server stopped answering during the run "
-        f"({text.splitlines()[0][:300]}). Runs it could not close stay RUNNING on the server; the next "
-        "int8pipe run against that experiment closes them as KILLED. Restart the server and run again: "
-        "finished steps are reused."
+        f"the MLflow tracking server {redacted(default_uri())} stopped answering during the run: {cause}{last}. "
+        "Runs of the steps that finished before stay as they are (FINISHED, reused by the next run); the runs "
+        "it could not close stay RUNNING on the server until the next int8pipe run against that experiment "
+        "closes them as KILLED. Check the server (restart it if it hangs or is down) and run again. How long "
+        "int8pipe waits for an answer: MLFLOW_HTTP_REQUEST_TIMEOUT seconds per try (default 30), "
+        "1 + MLFLOW_HTTP_REQUEST_MAX_RETRIES tries (default 2)."
     )
+
+
+def _quiet_if_outage(exc: BaseException) -> None:
+    """An error of int8pipe's own that an outage caused (a step wrapped MLflow's error): its message
+    stays, and what MLflow sends at exit neither waits nor prints retries after it."""
+    from pipeline.mlflow_io.store import give_up_on_server, is_outage
+
+    if is_outage(exc):
+        give_up_on_server()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"int8pipe: {exc}", file=sys.stderr)
         return EXIT_GATE_FAILED
     except Int8PipeError as exc:
+        _quiet_if_outage(exc)
         if isinstance(exc, UserCodeError) and exc.user_traceback:
             print(exc.user_traceback, file=sys.stderr, end="")
         print(f"int8pipe: error: {exc}", file=sys.stderr)
@@ -312,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     finally:
         for sig, previous in handlers.items():
-            signal.signal(sig, previous)
+            if signal.getsignal(sig) is not _deaf:
+                signal.signal(sig, previous)
 
 
 if __name__ == "__main__":

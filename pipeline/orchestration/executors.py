@@ -15,6 +15,7 @@ validated from (``Trial.command``), so a trial's runs are the same whichever exe
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -124,7 +125,12 @@ class Processes(TrialExecutor):
                         out = Path(tmp) / f"trial{trials.index(trial)}.json"
                         cmd = trial.command(sweep.uri, sweep.sweep_run, out, sweep.reuse)
                         env = launch.die_with(trial.environment(sweep.uri))  # a kill -9 of this driver ends it
-                        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                        # its own session: a terminal's Ctrl-C reaches this driver alone, which stops the
+                        # trial with one SIGTERM. A trial that got the Ctrl-C itself died in its
+                        # interpreter's start-up with a traceback, or got the SIGTERM on top of it.
+                        proc = subprocess.Popen(
+                            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True
+                        )
                         running[proc] = (trial, out, _StderrTail(proc))
                     if not running:
                         break
@@ -138,9 +144,36 @@ class Processes(TrialExecutor):
             finally:
                 for proc in running:  # Ctrl-C: the trials get SIGTERM and mark their own runs KILLED
                     proc.terminate()
-                for proc in running:
-                    proc.wait()
+                for proc, (trial, out, tail) in running.items():
+                    _interrupted(proc, trial, out, tail, sweep)
         skip(pending, sweep)
+
+
+STOP_GRACE_S = 30.0  # for a trial to close its runs after SIGTERM (a long ONNX Runtime call delays it)
+
+
+def _interrupted(proc: subprocess.Popen[bytes], trial: Trial, out: Path, tail: _StderrTail, sweep: SweepRun) -> None:
+    """A trial running when the sweep was interrupted: its own outcome if it ended by itself meanwhile,
+    else ``killed``, its runs closed KILLED here when it could not (the signal came as it created them,
+    or it outlived the grace), or ``skipped`` when it stopped before creating any."""
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    words = tail.lines()  # its last line is printed before the driver's
+    if proc.returncode not in (128 + signal.SIGTERM, -signal.SIGTERM, -signal.SIGKILL):
+        trial.record(proc.returncode, json.loads(out.read_text()) if out.is_file() else {}, words)
+        return
+    try:
+        run_id = sweep.tracker.child_named(sweep.sweep_run, trial.label)
+        if run_id is None:
+            trial.gate = "skipped"
+            return
+        trial.run_id, trial.gate, trial.error = run_id, "killed", "stopped: the sweep's driver was interrupted"
+        sweep.tracker.close_stopped(run_id, "KILLED", grace_s=0)
+    except Exception as exc:  # the store failing now must not hide the interrupt behind a traceback
+        logger.warning("sweep: could not close the runs of trial %s: %s", trial.label, str(exc).splitlines()[0][:300])
 
 
 class _StderrTail:
