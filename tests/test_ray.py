@@ -29,6 +29,7 @@ from pipeline.calibration.sharded import shard_batches
 from pipeline.graph import model as onnx_model
 from pipeline.launch import BOOTSTRAP
 from pipeline.orchestration.cli import main
+from pipeline.settings.config import AUTO_SEARCH
 from pipeline.sources import data
 from pipeline.sources.python_fn import takes_shard_args
 from pipeline.sources.spec import DataSource, ImagesSource
@@ -118,6 +119,61 @@ def test_ray_sweep_matches_the_local_sweep(
         return [{c: v for c, v in zip(raw["columns"], row) if c != "run_id"} for row in raw["data"]]
 
     assert table(on_ray) == table(local)
+
+
+def test_stop_at_first_pass_submits_trials_in_order_a_cluster_worth_at_a_time(
+    ray_cluster: RayCluster, mlflow_server: str, digits_copy: Path, tmp_path: Path
+) -> None:
+    """``method: auto`` on Ray: with the cluster's 2 CPUs free the first two trials run, both pass, and
+    the rest never start. Then with one CPU held by a placement group (another user's work): one
+    trial at a time, the first fails its gate, the second passes, the third never starts."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    config = _edit(digits_copy / "pipeline.yaml", steps=["export", "calibrate", "quantize"])
+    cfg = yaml.safe_load(config.read_text())
+    cfg["steps"]["validate"] = {"metric": "cosine", "max_drop": 0.5}  # a drop of 0 fails, 0.5 passes
+    config.write_text(yaml.safe_dump(cfg))
+    client = MlflowClient(mlflow_server)
+
+    def sweep(*overrides: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+        """The summary, the trial runs by name and the trials table of one Ray sweep."""
+        where = f"sweep.ray.address={ray_cluster.address}"
+        s = run_pipeline(config, mlflow_server, tmp_path, "sweep.executor=ray", where, *overrides)
+        runs = client.search_runs([client.get_run(s["run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{s['run_id']}'")  # fmt: skip
+        path = client.download_artifacts(s["run_id"], "sweep/trials_table.json", str(tmp_path))
+        raw = json.loads(Path(path).read_text())
+        rows = [dict(zip(raw["columns"], row, strict=True)) for row in raw["data"]]
+        return s, {r.data.tags["mlflow.runName"]: r for r in runs}, rows
+
+    stop_text = "not run: an earlier trial passed the gate (stop_at_first_pass)"
+    ray.init(address=ray_cluster.address, log_to_driver=False)  # the sweeps' driver uses this connection
+    try:
+        _wait(lambda: ray.available_resources().get("CPU") == 2.0, "the cluster's 2 CPUs to be free", 60)
+        s, runs, rows = sweep("steps.calibrate.method=auto")  # a sweep section of only where: still the search
+        assert [t["overrides"] for t in s["trials"]] == AUTO_SEARCH
+        assert [t["gate"] for t in s["trials"]] == ["passed", "passed", "skipped", "skipped", "skipped"]
+        assert set(runs) == {"method=mse", "method=percentile"}  # the skipped ones never started
+        assert s["best"] in (s["trials"][0]["run_id"], s["trials"][1]["run_id"])
+        assert [r["why"] for r in rows if r["run_id"] == s["best"]] == ["selected: the first trial to pass the gate"]
+        assert [(r["gate"], r["why"], r["error"]) for r in rows[2:]] == [("skipped", stop_text, stop_text)] * 3
+
+        group = placement_group([{"CPU": 1.0}])
+        ray.get(group.ready(), timeout=60)
+        try:
+            _wait(lambda: ray.available_resources().get("CPU") == 1.0, "one CPU held", 60)
+            drops = [{"steps.validate.max_drop": 0}, {"steps.validate.max_drop": 0.5}]
+            order = [*drops, {"steps.calibrate.method": "minmax"}]
+            s, runs, rows = sweep(f"sweep.trials={json.dumps(order)}", "sweep.stop_at_first_pass=true")
+        finally:
+            remove_placement_group(group)
+    finally:
+        ray.shutdown()
+    assert [t["gate"] for t in s["trials"]] == ["failed", "passed", "skipped"] and s["best"] == s["trials"][1]["run_id"]
+    assert set(runs) == {"max_drop=0", "max_drop=0.5"} and rows[2]["error"] == stop_text
+    first, second = runs["max_drop=0"].info, runs["max_drop=0.5"].info
+    assert first.end_time <= second.start_time  # one at a time: the second submitted once the first ended
 
 
 def _trial_processes(marker: str) -> dict[str, tuple[int, int]]:
