@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,13 @@ def server_env() -> dict[str, str]:
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 (sqlite store, proxied artifacts), stopped at the end."""
+    with serve(tmp_path) as url:
+        yield url
+
+
+@contextmanager
+def serve(tmp_path: Path) -> Iterator[str]:
+    """`mlflow server` with its store, artifacts and log in ``tmp_path``: its URL while it runs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -29,10 +29,11 @@ from pipeline.calibration.sharded import shard_batches
 from pipeline.graph import model as onnx_model
 from pipeline.launch import BOOTSTRAP
 from pipeline.orchestration.cli import main
+from pipeline.settings.config import AUTO_SEARCH
 from pipeline.sources import data
 from pipeline.sources.python_fn import takes_shard_args
 from pipeline.sources.spec import DataSource, ImagesSource
-from tests.conftest import env_without_mlflow, run_args, run_pipeline
+from tests.conftest import env_without_mlflow, run_args, run_pipeline, serve
 from tests.models import build
 from tests.ray_cluster import RayCluster, start_cluster
 
@@ -53,6 +54,14 @@ def ray_cluster() -> Iterator[RayCluster]:
         if ray.is_initialized():
             ray.shutdown()
         assert cluster.stop() == []  # nothing of the cluster (nor any trial process) left running
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One tracking server for the sweeps that only read what they logged (each in its own experiment):
+    a server's start is ~20 s of this file's time."""
+    with serve(tmp_path_factory.mktemp("server")) as url:
+        yield url
 
 
 def _edit(config: Path, **changes: Any) -> Path:
@@ -88,8 +97,9 @@ def _best(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_ray_sweep_matches_the_local_sweep(
-    ray_cluster: RayCluster, mlflow_server: str, digits_copy: Path, tmp_path: Path
+    ray_cluster: RayCluster, ray_server: str, digits_copy: Path, tmp_path: Path
 ) -> None:
+    mlflow_server = ray_server
     config = _sweep_yaml(digits_copy, METHODS)
     local = run_pipeline(config, mlflow_server, tmp_path, "experiment=digits-local")
     # upload: the trials read Ray's copy of the YAML's folder, not this path
@@ -120,6 +130,80 @@ def test_ray_sweep_matches_the_local_sweep(
     assert table(on_ray) == table(local)
 
 
+def test_stop_at_first_pass_submits_trials_in_order_a_cluster_worth_at_a_time(
+    ray_cluster: RayCluster, ray_server: str, digits_copy: Path, tmp_path: Path
+) -> None:
+    """A cluster's worth is its free CPUs over a trial's. With one of the two CPUs held by a placement
+    group (another user's work), one trial at a time: ``method: auto``'s first trial passes and the
+    rest never start; a sweep whose first trial fails its gate stops after the second, which passes."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipeline.orchestration.ray_executor import room
+
+    config = _edit(digits_copy / "pipeline.yaml", steps=["export", "calibrate", "quantize"], experiment="digits-stop")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["steps"]["validate"] = {"metric": "cosine", "max_drop": 0.5, "layer_report": "never"}  # a drop of 0 fails
+    cfg["data"]["calibration"]["limit"] = cfg["data"]["validation"]["limit"] = 128  # the gates, not the numbers
+    cfg["steps"]["calibrate"]["method"] = "mse"  # auto's first trial: the second sweep reuses its steps
+    config.write_text(yaml.safe_dump(cfg))
+    client = MlflowClient(ray_server)
+
+    def sweep(*overrides: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+        """The summary, the trial runs by name and the trials table of one Ray sweep."""
+        where = f"sweep.ray.address={ray_cluster.address}"
+        s = run_pipeline(config, ray_server, tmp_path, "sweep.executor=ray", where, *overrides)
+        runs = client.search_runs([client.get_run(s["run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{s['run_id']}'")  # fmt: skip
+        path = client.download_artifacts(s["run_id"], "sweep/trials_table.json", str(tmp_path))
+        raw = json.loads(Path(path).read_text())
+        rows = [dict(zip(raw["columns"], row, strict=True)) for row in raw["data"]]
+        return s, {r.data.tags["mlflow.runName"]: r for r in runs}, rows
+
+    def free_cpus(n: float) -> bool:
+        return bool(ray.available_resources().get("CPU") == n)
+
+    stop_text = "not run: an earlier trial passed the gate (stop_at_first_pass)"
+    ray.init(address=ray_cluster.address, log_to_driver=False)  # the sweeps' driver uses this connection
+    try:
+        _wait(lambda: free_cpus(2.0), "the cluster's 2 CPUs free", 60)
+        assert (room(ray, 1.0, 0.0), room(ray, 0.5, 0.0), room(ray, 0.0, 0.0) > 100, room(ray, 1.0, 1.0)) == (
+            2, 4, True, 1,  # no GPU on the cluster: still at least one
+        )  # fmt: skip
+        group = placement_group([{"CPU": 1.0}])
+        ray.get(group.ready(), timeout=60)
+        try:
+            _wait(lambda: free_cpus(1.0), "one CPU held", 60)
+            auto = sweep("steps.calibrate.method=auto")  # a sweep section of only where: still the search
+            drops = [{"steps.validate.max_drop": 0}, {"steps.validate.max_drop": 0.5}]
+            order = [*drops, {"steps.calibrate.method": "minmax"}]
+            s, runs, rows = sweep(f"sweep.trials={json.dumps(order)}", "sweep.stop_at_first_pass=true")
+        finally:
+            remove_placement_group(group)
+        # the time budget spent at once: nothing submitted, every trial skipped for it (no reason given)
+        spent = run_args(config, ray_server, tmp_path / "spent.json", "sweep.executor=ray",
+                         f"sweep.ray.address={ray_cluster.address}", "steps.calibrate.method=auto",
+                         "sweep.time_budget_s=0")  # fmt: skip
+        assert main(spent) == 3
+        spent_trials = json.loads((tmp_path / "spent.json").read_text())["trials"]
+        assert [(t["gate"], t["run_id"]) for t in spent_trials] == [("skipped", "")] * len(AUTO_SEARCH)
+        _wait(lambda: free_cpus(2.0), "the cluster's 2 CPUs free again", 60)  # for the next test's trials
+    finally:
+        ray.shutdown()
+    assert [t["gate"] for t in s["trials"]] == ["failed", "passed", "skipped"]
+    assert s["best"] == s["trials"][1]["run_id"] and rows[2]["error"] == stop_text
+    assert set(runs) == {"max_drop=0", "max_drop=0.5"}  # the third never started
+    first, second = runs["max_drop=0"].info, runs["max_drop=0.5"].info
+    assert first.end_time <= second.start_time  # one at a time: the second submitted once the first ended
+
+    s, runs, rows = auto
+    assert [t["overrides"] for t in s["trials"]] == AUTO_SEARCH
+    assert [t["gate"] for t in s["trials"]] == ["passed"] + ["skipped"] * 4
+    assert set(runs) == {"method=mse"} and s["best"] == s["trials"][0]["run_id"]
+    assert rows[0]["why"] == "selected: the first trial to pass the gate"
+    assert [(r["gate"], r["why"], r["error"]) for r in rows[1:]] == [("skipped", stop_text, stop_text)] * 4
+
+
 def _trial_processes(marker: str) -> dict[str, tuple[int, int]]:
     """Running trial processes of the sweep whose YAML is ``marker``: run name -> (pid, parent pid)."""
     out = {}
@@ -148,10 +232,13 @@ def _wait(predicate: Any, what: str, timeout_s: float = 120.0) -> Any:
 def test_a_dead_worker_fails_its_trial_and_ctrl_c_cancels_the_rest(
     ray_cluster: RayCluster, mlflow_server: str, digits_copy: Path, tmp_path: Path
 ) -> None:
-    """Two trials start (one per node); the worker running `minmax` is killed (kill -9), its trial is
-    FAILED with the reason and the third trial starts in its place; then Ctrl-C on the driver cancels
-    what is left, whose runs end KILLED, and no trial process survives."""
-    config = _sweep_yaml(digits_copy, ["minmax", "entropy", "percentile"], executor="ray")
+    """Two trials start (one per node, stop_at_first_pass: a cluster's worth of trials, the others
+    queued by the driver); the worker running `minmax` is killed (kill -9), its trial is FAILED with
+    the reason and the third trial starts in its place; then Ctrl-C on the driver cancels what is
+    left, whose runs end KILLED, the fourth never starts, and no trial process survives."""
+    config = _sweep_yaml(
+        digits_copy, ["minmax", "entropy", "percentile", "mse"], executor="ray", stop_at_first_pass=True
+    )
     # calibration data read slowly (16 batches, 2 s each): Ctrl-C lands inside a calibration, not in the
     # instant a run is being created, however slowly a loaded machine polls the tracking server
     (digits_copy / "slow.py").write_text(
@@ -197,8 +284,9 @@ def test_a_dead_worker_fails_its_trial_and_ctrl_c_cancels_the_rest(
     assert driver.returncode == 130, err.decode()[-3000:]
     s = json.loads(summary.read_text())
     gates = {t["overrides"]["steps.calibrate.method"]: t["gate"] for t in s["trials"]}
-    assert gates["minmax"] == "error" and gates["percentile"] == "killed"
+    assert gates["minmax"] == "error" and gates["percentile"] == "killed" and gates["mse"] == "skipped"
     runs = trial_runs()
+    assert "method=mse" not in runs
     dead = runs["method=minmax"]
     assert dead.info.status == "FAILED" and "died" in dead.data.tags["int8pipe.error"]
     assert runs["method=percentile"].info.status == "KILLED"

@@ -153,6 +153,12 @@ def test_auto_method_chooses_by_the_validate_metric(digits_copy: Path, tracking_
     assert [t["overrides"]["steps.calibrate.method"] for t in s["trials"]] == METHODS
     best = max(s["trials"], key=lambda t: t["metrics"]["int8_cosine"])  # equal coverage: the metric decides
     assert s["best"] == best["run_id"]
+    # a sweep section saying only how the trials run (no grid, no trials) keeps the search
+    cfg["sweep"] = {"parallel": 2, "time_budget_s": 600}
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load(path)
+    assert loaded.sweep is not None and (loaded.sweep.parallel, loaded.sweep.time_budget_s) == (2, 600)
+    assert loaded.sweep.stop_at_first_pass and [overrides for overrides, _ in loaded.trials] == AUTO_SEARCH
     cfg.pop("sweep")
     # without a validate step there is nothing to choose by: the default method
     cfg["steps"] = {k: v for k, v in cfg["steps"].items() if k in ("export", "calibrate", "quantize")}

@@ -9,6 +9,13 @@ filesystem, or the same checkout everywhere), or, with ``sweep.ray.upload``, fro
 YAML's folder Ray ships with the task (runtime_env ``working_dir``). Trials log to the tracking
 server themselves, so it must be reachable from every node: http(s):// only.
 
+Order: without ``sweep.stop_at_first_pass`` every trial is submitted at once and the cluster's free
+CPUs decide how many run. With it, trials go in their order, at most as many in flight as the
+cluster had room for when the sweep started (free CPUs, and GPUs, over what a trial reserves; at
+least 1), the next one only when one finishes and none finished has passed, so that no trial waits
+in Ray's queue to start after one has passed. What a pass leaves unsubmitted is skipped as the
+local executors skip it.
+
 Failures: a trial whose worker or node dies is an ``error`` trial, its run FAILED with the reason
 (tag ``int8pipe.error``), and the sweep goes on. Ctrl-C (or SIGTERM) on the driver cancels the
 outstanding tasks: queued ones never start, running ones pass SIGTERM to their trial process,
@@ -27,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +43,7 @@ from pipeline.execution.ray_cluster import connected, import_ray, resolve_addres
 from pipeline.log import logger
 from pipeline.mlflow_io.store import redacted
 from pipeline.mlflow_io.tracking import Tracker, default_uri
-from pipeline.orchestration.executors import SweepRun, TrialExecutor, skip
+from pipeline.orchestration.executors import SweepRun, TrialExecutor, skip, stopped
 from pipeline.orchestration.trials import Trial
 
 if TYPE_CHECKING:
@@ -156,7 +164,8 @@ def _mark_failed(tracker: Tracker, sweep_run: str, trial: Trial, reason: str) ->
 
 
 class RayTasks(TrialExecutor):
-    """Every trial as a Ray task, all submitted at once: the cluster's free CPUs decide how many run."""
+    """Every trial as a Ray task: all submitted at once, or in order a cluster's worth at a time
+    (``stop_at_first_pass``)."""
 
     name = "ray"
 
@@ -166,29 +175,45 @@ class RayTasks(TrialExecutor):
     def run(self, trials: list[Trial], sweep: SweepRun) -> None:
         cfg, tracker, sweep_run = sweep.config, sweep.tracker, sweep.sweep_run
         assert cfg.sweep is not None and cfg.source is not None
-        settings = cfg.sweep.ray
+        settings, source = cfg.sweep.ray, cfg.source
         address = resolve_address(settings.address, "sweep.ray.address")
         wall_deadline = time.time() + (sweep.deadline - time.monotonic())
         runtime_env = {"working_dir": str(cfg.base_dir)} if settings.upload else None  # uploaded on connecting
         with connected(address, "sweep.executor: ray", runtime_env) as ray:
             task = ray.remote(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_retries=0)(run_trial_process)
             env, cwd = forwarded_env(), None if settings.upload else os.getcwd()
+            window = room(ray, settings.num_cpus, settings.num_gpus) if cfg.sweep.stop_at_first_pass else len(trials)
+            queue = deque(trials)
             pending: dict[Any, Trial] = {}
-            for trial in trials:
-                args = trial.command(sweep.uri, sweep_run, SUMMARY, sweep.reuse)
-                if settings.upload:  # the task runs in Ray's copy of the YAML's folder
-                    args[args.index(str(cfg.source))] = str(cfg.source.relative_to(cfg.base_dir))
-                pending[task.remote(args, cwd, env, wall_deadline)] = trial
-            logger.info("sweep: %d trials submitted to the Ray cluster at %s", len(trials), address)
+
+            def submit() -> None:
+                if sweep.passed(trials):  # the ones in flight finish; no other starts
+                    stopped(list(queue))
+                    queue.clear()
+                while queue and len(pending) < window and time.monotonic() < sweep.deadline:
+                    args = queue[0].command(sweep.uri, sweep_run, SUMMARY, sweep.reuse)
+                    if settings.upload:  # the task runs in Ray's copy of the YAML's folder
+                        args[args.index(str(source))] = str(source.relative_to(cfg.base_dir))
+                    # popped once submitted: a Ctrl-C in between leaves it queued, hence skipped
+                    pending[task.remote(args, cwd, env, wall_deadline)] = queue[0]
+                    queue.popleft()
+
             try:
+                submit()
+                logger.info("sweep: %d trials for the Ray cluster at %s, %d at once", len(trials), address,
+                            min(window, len(trials)))  # fmt: skip
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
                     for ref in done:
                         _finish(ray, ref, pending.pop(ref), tracker, sweep_run)
-                    if pending and not done:
+                    if done:
+                        submit()
+                    elif pending:
                         time.sleep(0.5)  # waiting in Python, where a signal raises what the CLI's handler raises
             except KeyboardInterrupt:
                 logger.warning("sweep: interrupted; cancelling %d Ray trial(s)", len(pending))
+                for trial in queue:  # never submitted: as a cancelled task that had not started
+                    trial.gate = "skipped"
                 for ref in pending:
                     ray.cancel(ref)  # queued: never starts; running: KeyboardInterrupt in the task -> SIGTERM
                 _, stuck = ray.wait(list(pending), num_returns=len(pending), timeout=GENTLE_CANCEL_S)
@@ -199,9 +224,17 @@ class RayTasks(TrialExecutor):
                 for ref, trial in pending.items():
                     _cancelled(ray, ref, trial, tracker, sweep_run)
                 raise
-        skipped = [t for t in trials if t.gate == "skipped"]
-        if skipped:  # the tasks that found the deadline passed
-            skip(skipped, sweep)
+        # the time budget's: never submitted, or submitted but found the deadline passed (a trial
+        # stop_at_first_pass skipped says so in its error)
+        skip([*queue, *(t for t in trials if t.gate == "skipped" and not t.error)], sweep)
+
+
+def room(ray: Any, num_cpus: float, num_gpus: float) -> int:
+    """How many trials reserving ``num_cpus`` and ``num_gpus`` the cluster's free resources hold now (at least 1)."""
+    free = ray.available_resources()
+    # the epsilon: 0.3 / 0.1 is 2.9999999999999996, and three trials fit
+    fits = [int(free.get(k, 0.0) / need + 1e-9) for k, need in (("CPU", num_cpus), ("GPU", num_gpus)) if need > 0]
+    return max(1, min(fits, default=1 << 30))
 
 
 def _cancelled(ray: Any, ref: Any, trial: Trial, tracker: Tracker, sweep_run: str) -> None:

@@ -7,6 +7,7 @@ and checked here, and every step's section is parsed by that step's own ``Config
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ class SweepConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted key (as --set takes it) -> values to try
     # instead of a grid: the trials themselves, in the order they run (each {dotted key: value})
     trials: list[dict[str, Any]] = field(default_factory=list)
-    stop_at_first_pass: bool = False  # no trial starts once one has passed the gate (local executors)
+    stop_at_first_pass: bool = False  # no trial starts once one has passed the gate
     parallel: int = 1  # trials at once on this machine
     time_budget_s: float | None = None  # no trial starts after this; the best so far is kept
     executor: Literal["local", "ray"] = "local"  # ray: each trial a Ray task on the cluster
@@ -387,11 +388,14 @@ def _resolve_auto_method(cfg: PipelineConfig, top: RawPipeline) -> None:
     if "validate" not in cfg.steps:
         calibrate.method = AUTO_FALLBACK
         return
-    if top.sweep is not None:  # the user's grid, over the four methods too
+    if top.sweep is not None and (top.sweep.grid or top.sweep.trials):  # the user's grid, over the four methods too
         sweep = top.sweep
         sweep.grid = {**sweep.grid, "steps.calibrate.method": sweep.grid.get("steps.calibrate.method", AUTO_METHODS)}
     else:  # the search: most likely and cheapest first, until one passes
-        sweep = SweepConfig(trials=[dict(t) for t in AUTO_SEARCH], stop_at_first_pass=True)
+        # a sweep section saying only where and how trials run (executor: ray, parallel, a budget) keeps it
+        sweep = dataclasses.replace(
+            top.sweep or SweepConfig(), trials=[dict(t) for t in AUTO_SEARCH], stop_at_first_pass=True
+        )
     top.sweep = cfg.sweep = sweep
 
 

@@ -80,7 +80,8 @@ DESCRIPTIONS = {
     "steps.calibrate.method": "`minmax` (max |x|), `entropy` (TensorRT's EntropyCalibration2), `percentile`, "
     "`mse` (squared error of fake quantisation; the default, by measurement), or `auto`: with a validate "
     "step, a search that stops at the first trial passing the gate: mse (the defaults), percentile, percentile "
-    "with `weight_rounding: gptq`, entropy, minmax, in that order (one calibration serves every method); with a "
+    "with `weight_rounding: gptq`, entropy, minmax, in that order (one calibration serves every method; a `sweep` "
+    "section without `grid` or `trials`, e.g. `{executor: ray}`, says where the search runs); with a "
     "`sweep.grid` of yours, the four methods are added to it and the validate metric chooses.",
     "steps.calibrate.batch_size": "Samples per batch read from the data source.",
     "steps.calibrate.num_bins": "Bins of the |x| histogram (at least 128).",
@@ -242,7 +243,8 @@ DESCRIPTIONS = {
     "sweep.trials": "Instead of `grid`: the trials themselves, in the order they run, each a mapping of dotted "
     "keys to values, e.g. `[{steps.calibrate.method: mse}, {steps.quantize.weight_rounding: gptq}]`.",
     "sweep.stop_at_first_pass": "Start no trial once one has passed the gate (that one is selected); trials "
-    "already running finish. With `executor: ray` every trial is submitted at once, so it does not apply.",
+    "already running finish. With `executor: ray` the trials are submitted in order, at most as many at once as "
+    "the cluster's free CPUs (and GPUs) held when the sweep started (`sweep.ray.num_cpus` each, at least 1).",
     "sweep.parallel": "Trials run at once, as processes on this machine (`executor: local`).",
     "sweep.time_budget_s": "No trial starts after this many seconds; the finished ones are compared.",
     "sweep.executor": "`local` (this machine) or `ray` (each trial a Ray task on a cluster; needs the `[ray]` "
