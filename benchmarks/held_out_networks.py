@@ -95,8 +95,13 @@ def recogniser(key: str, title: str, path: Path, x_cal: np.ndarray, x_val: np.nd
     name = onnx.load(str(path)).graph.input[0].name
 
     def outputs(model: bytes, optimize: bool) -> list[list[int]]:
-        logits = bench.run_all(model, {name: x_val}, optimize, batch)[0] if time_axis == 1 else np.concatenate(
-            [bench.session(model, optimize).run(None, b)[0] for b in bench.val_batches({name: x_val}, batch)], axis=1
+        logits = (
+            bench.run_all(model, {name: x_val}, optimize, batch)[0]
+            if time_axis == 1
+            else np.concatenate(
+                [bench.session(model, optimize).run(None, b)[0] for b in bench.val_batches({name: x_val}, batch)],
+                axis=1,
+            )
         )
         per_sample = logits if time_axis == 1 else logits.transpose(1, 0, 2)
         classes = per_sample.shape[-1]

@@ -171,7 +171,9 @@ def test_unreachable_tracking_server_fails_fast(digits_copy: Path, tmp_path: Pat
         capture_output=True,
         timeout=120,
     )
-    assert time.monotonic() - start < 15 + 10  # the check itself is bounded at 10 s; python start-up aside
+    # the check itself is bounded at 10 s; MLflow's own retries would take minutes. The rest is python
+    # start-up, which takes 20-30 s on a 2-core machine under load
+    assert time.monotonic() - start < 60
     err = proc.stderr.decode()
     assert proc.returncode == 2 and f"the MLflow tracking server {uri} does not answer" in err
     assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("int8pipe:")]) == 1
