@@ -212,3 +212,27 @@ def test_a_tensor_an_if_body_reads_keeps_its_type() -> None:
     assert "If/Loop/Scan body" in lowered.kept_fp32["pre"]
     x = np.random.default_rng(6).normal(size=(3, 4)).astype(np.float32)
     assert np.allclose(run(model, {"x": x})[0], run(lowered.model, {"x": x})[0], atol=1e-2)
+
+
+@pytest.mark.parametrize(("precision", "version"), [("fp16", 19), ("bf16", 22)])
+def test_a_model_the_version_converter_refuses_is_a_model_error(precision: str, version: int) -> None:
+    """conv_bn_training_outputs runs in ONNX Runtime at opset 13, and ONNX's version converter has no way
+    past 14 for its BatchNormalization: the user reads both opsets, the converter's reason and the ways out."""
+    model = build("conv_bn_training_outputs")
+    x = np.random.default_rng(8).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    assert run(model, {"x": x})[0].shape == (2, 4, 8, 8)
+    with pytest.raises(ModelError) as caught:
+        float_precision.lower(model, precision)
+    message = str(caught.value)
+    assert f"float regions (steps.quantize.float_precision: {precision}) need ONNX opset {version}," in message
+    assert f"from opset 13 to {version}: BatchNormalization outputs 4 and 5 are not supported in Opset 14." in message
+    assert "float_precision: fp32" in message and f"opset {version} or later" in message
+    assert "Assertion" not in message and ".h:" not in message  # the converter's C++ location is not the user's
+    assert model == build("conv_bn_training_outputs")  # lower() works on a copy
+
+
+def test_fp8_on_a_model_the_version_converter_refuses_names_int8_as_the_way_out() -> None:
+    qdq = qdq_model("conv_bn_training_outputs", {"x": 4.0})
+    with pytest.raises(ModelError, match=r"FP8 Q/DQ \(steps.quantize.precision: fp8\) need ONNX opset 19.*"
+                                         r"from opset 13 to 19.*precision: int8"):  # fmt: skip
+        fp8.to_fp8(qdq, build("conv_bn_training_outputs"))

@@ -84,3 +84,35 @@ def test_fp16_overflow_on_validation_data_names_the_tensor(
     code = main(run_args(config, tracking_uri, tmp_path / "s2.json", "steps.quantize.keep_fp32_nodes=[outlier]"))
     err = capsys.readouterr().err
     assert code in (0, 3) and "float regions overflow" not in err, err
+
+
+def test_a_model_the_version_converter_refuses_fails_quantize_with_the_way_out(
+    tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FP16 regions need opset 19; conv_bn_training_outputs (opset 13, a BatchNormalization with its
+    training outputs) cannot be converted past 13. Quantize fails with a ModelError, not the converter's
+    traceback, and keeps what export and calibrate logged; float_precision: fp32, the way out it names,
+    quantizes the same model at its own opset."""
+    rng = np.random.default_rng(2)
+    cal = {"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)}
+    val = {"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)}
+    steps = {"export": {}, "calibrate": {"method": "minmax"}, "quantize": {}}
+    config = npz_pipeline(tmp_path, build("conv_bn_training_outputs"), cal, val, steps, name="converter")
+    summary = tmp_path / "s.json"
+    code = main(run_args(config, tracking_uri, summary))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "Assertion" not in err
+    assert ("FP16 float regions (steps.quantize.float_precision: fp16) need ONNX opset 19, and ONNX's version "
+            "converter cannot bring this model from opset 13 to 19: BatchNormalization outputs 4 and 5 are not "
+            "supported in Opset 14.") in " ".join(err.split())  # fmt: skip
+    assert "steps.quantize.float_precision: fp32" in err and "opset 19 or later" in err
+    s = json.loads(summary.read_text())
+    client = MlflowClient(tracking_uri)
+    statuses = {step: client.get_run(rid).info.status for step, rid in s["steps"].items()}
+    assert statuses == {"export": "FINISHED", "calibrate": "FINISHED", "quantize": "FAILED"}
+    assert client.get_run(s["run_id"]).info.status == "FAILED"
+    assert "model/model.onnx" in [a.path for a in client.list_artifacts(s["steps"]["export"], "model")]
+    done = run_pipeline(config, tracking_uri, tmp_path, "steps.quantize.float_precision=fp32")
+    model = onnx.load(artifact(tracking_uri, done["steps"]["quantize"], "model/model_int8.onnx", tmp_path / "fp32"))
+    assert next(o.version for o in model.opset_import if o.domain == "") == 13

@@ -22,6 +22,7 @@ op rules apply to it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.errors import ModelError, fail
 from pipeline.graph.model import drop_unused_initializers, opset_of, subgraph_inputs, tensor_types, toposort
 
 PRECISIONS = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
@@ -104,18 +106,49 @@ def lower(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     toposort(out)  # shape inference reads nodes in order: ORT's quantizer appends its Q/DQ nodes at the end
-    raise_opset(out, MIN_OPSET[precision])
+    version = MIN_OPSET[precision]
+    raise_opset(
+        out,
+        version,
+        f"{precision.upper()} float regions (steps.quantize.float_precision: {precision}) need",
+        "Set steps.quantize.float_precision: fp32 (FP32 float regions keep the model's opset), or export the "
+        f"model at opset {version} or later (torch.onnx.export(..., opset_version={version})).",
+    )
     return _Rewrite(out, PRECISIONS[precision], precision, activation_max or {}, keep_fp32 or {}).run()
 
 
-def raise_opset(model: onnx.ModelProto, version: int) -> None:
-    """Bring ``model``'s default-domain opset to at least ``version``, in place (ONNX's version converter)."""
-    if opset_of(model) >= version:
+def raise_opset(model: onnx.ModelProto, version: int, needed_by: str, remedy: str) -> None:
+    """Bring ``model``'s default-domain opset to at least ``version``, in place (ONNX's version converter).
+
+    The converter has no adapter for some ops and refuses some valid nodes (a BatchNormalization with its
+    training outputs cannot go past opset 13): that is a ModelError saying what needed the opset
+    (``needed_by``, a phrase ending before "opset N"), the converter's reason, and ``remedy``."""
+    have = opset_of(model)
+    if have >= version:
         return
     from onnx import version_converter
 
-    converted = version_converter.convert_version(model, version)
+    try:
+        converted = version_converter.convert_version(model, version)
+    except Exception as exc:  # RuntimeError (a failed adapter assertion), ConvertError, InferenceError, ...
+        fail(
+            ModelError,
+            f"{needed_by} ONNX opset {version}, and ONNX's version converter cannot bring this model from "
+            f"opset {have} to {version}: {converter_reason(exc)}. {remedy}",
+        )
     model.CopyFrom(converted)
+
+
+def converter_reason(exc: BaseException) -> str:
+    """The readable part of a version converter error: its C++ assertions read
+    ``/path/adapter.h:18: adapt_x: Assertion `cond` failed: reason``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    failed = re.search(r"Assertion `.*` failed: (.+)$", text)
+    if failed:
+        text = failed.group(1)
+    else:
+        text = re.sub(r"^\S+\.(?:h|cc|cpp):\d+: (?:\w+: )?", "", text)
+    return text.rstrip(". ")
 
 
 class _Rewrite:
