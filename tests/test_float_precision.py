@@ -6,6 +6,8 @@ int8pipe's session, which rounds through FP16/BF16 where ORT has no kernel)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -187,6 +189,25 @@ def test_cpu_sessions_round_through_the_narrow_type_where_ort_would_not() -> Non
     broken.graph.node[0].input[1] = "missing_weight"
     with pytest.raises(ModelError, match="cannot load the model"):
         runtime.session(broken.SerializeToString(), optimize=False)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_a_session_of_a_model_proto_computes_what_its_bytes_and_file_do(precision: str, tmp_path: Path) -> None:
+    """runtime.session reads a ModelProto's types as they are (the proto itself, not a parsed copy, decides
+    whether the rounding twin runs): the same numbers as from the bytes or the file, whose FP16/BF16
+    roundings show (the FP16 case differs from the FP32 model)."""
+    fp32 = build("conv_relu_gemm")
+    model = float_precision.lower_float_regions(fp32, precision)
+    assert (runtime.narrow_model(model) is model) == (precision != "fp32")  # no parse, no copy
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(9).normal(size=(3, 2, 4, 4)).astype(np.float32)
+    got = [runtime.run(runtime.session(m, optimize=False), {"x": x})[0]
+           for m in (model, model.SerializeToString(), tmp_path / "m.onnx")]  # fmt: skip
+    assert np.array_equal(got[0], got[1]) and np.array_equal(got[0], got[2])
+    if precision != "fp32":
+        assert not np.array_equal(got[0], run(fp32, {"x": x})[0])
+        narrow = np.float16 if precision == "fp16" else ml_dtypes.bfloat16
+        assert np.array_equal(got[0], got[0].astype(narrow).astype(np.float32))  # the output rounded, as Y is
 
 
 def test_overflowing_fp16_tensor_is_named() -> None:
