@@ -27,6 +27,7 @@ from pipeline.graph.layout import Layout
 from pipeline.graph.subgraphs import control_flow_report
 from pipeline.log import logger
 from pipeline.sources.data import search_dirs
+from pipeline.transforms import float_precision
 from steps.base import Step
 from steps.context import StepContext
 
@@ -168,7 +169,13 @@ def prepare(model: onnx.ModelProto, cfg: ExportConfig, layout: Layout | None, ou
     if opset < MIN_QDQ_OPSET:
         target = max(cfg.opset, MIN_QDQ_OPSET)
         logger.info("export: converting opset %d -> %d (per-channel Q/DQ needs %d+)", opset, target, MIN_QDQ_OPSET)
-        model = onnx.version_converter.convert_version(model, target)
+        float_precision.raise_opset(
+            model,
+            target,
+            f"export: per-channel Q/DQ (and steps.export.opset: {cfg.opset}) need",
+            f"Export the model at opset {MIN_QDQ_OPSET} or later yourself "
+            f"(torch.onnx.export(..., opset_version={target})).",
+        )
     if cfg.dynamic_batch:
         onnx_model.set_dynamic_batch(model, layout=layout)
     with tempfile.TemporaryDirectory() as tmp:

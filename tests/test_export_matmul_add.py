@@ -7,7 +7,9 @@ optimisations on ("Attempt to replace the existing tensor"; this small block doe
 the test checks the naming and that the INT8 model loads).
 
 A MatMul + Add whose addend is an activation (a streaming model's state) stays apart: fused into a
-Gemm, the addend passes for a bias, the Gemm stays float and such a model had nothing to quantize."""
+Gemm, the addend passes for a bias, the Gemm stays float and such a model had nothing to quantize.
+
+A source model at an opset ONNX's version converter cannot raise to per-channel Q/DQ's is a ModelError."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.calibration.calibrator import calibrate
+from pipeline.errors import ModelError
 from pipeline.execution import runtime
 from pipeline.graph.layout import Layout
 from pipeline.graph.model import toposort
@@ -168,3 +171,32 @@ def test_two_matmuls_added_stay_two_matmuls_and_an_add(tmp_path: Path) -> None:
     assert sorted((n.op_type, n.name, tuple(n.output)) for n in fp32.graph.node) == [
         ("Add", "sum", ("c",)), ("MatMul", "mh", ("b",)), ("MatMul", "mx", ("a",)),
     ]  # fmt: skip
+
+
+def test_an_old_opset_the_version_converter_refuses_is_a_model_error(tmp_path: Path) -> None:
+    """A Scan of opset 8 with sequence lengths (valid, and ONNX Runtime runs it) has no conversion to
+    opset 9: export says so and how to export instead of the converter's traceback."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["s_in", "xi"], ["s_out"]), helper.make_node("Identity", ["s_out"], ["yi"])],
+        "body",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in ("s_in", "xi")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in ("s_out", "yi")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Scan", ["lens", "s0", "x"], ["s", "y"], body=body, num_scan_inputs=1, name="scan")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])],
+        [numpy_helper.from_array(np.array([3], np.int64), "lens"),
+         numpy_helper.from_array(np.zeros((1, 4), np.float32), "s0")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    onnx.checker.check_model(model, full_check=True)
+    x = np.ones((1, 3, 4), np.float32)
+    assert runtime.run(runtime.session(model.SerializeToString()), {"x": x})[0].tolist() == [[3.0] * 4]
+    with pytest.raises(ModelError) as caught:
+        prepare(model, ExportConfig(), None, tmp_path / "scan.onnx", "scan")
+    message = str(caught.value)
+    assert "need ONNX opset 17, and ONNX's version converter cannot bring this model from opset 8 to 17" in message
+    assert "Unsupported conversion to opset 9" in message and "opset 13 or later" in message

@@ -6,6 +6,8 @@ int8pipe's session, which rounds through FP16/BF16 where ORT has no kernel)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -189,6 +191,25 @@ def test_cpu_sessions_round_through_the_narrow_type_where_ort_would_not() -> Non
         runtime.session(broken.SerializeToString(), optimize=False)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_a_session_of_a_model_proto_computes_what_its_bytes_and_file_do(precision: str, tmp_path: Path) -> None:
+    """runtime.session reads a ModelProto's types as they are (the proto itself, not a parsed copy, decides
+    whether the rounding twin runs): the same numbers as from the bytes or the file, whose FP16/BF16
+    roundings show (the FP16 case differs from the FP32 model)."""
+    fp32 = build("conv_relu_gemm")
+    model = float_precision.lower_float_regions(fp32, precision)
+    assert (runtime.narrow_model(model) is model) == (precision != "fp32")  # no parse, no copy
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(9).normal(size=(3, 2, 4, 4)).astype(np.float32)
+    got = [runtime.run(runtime.session(m, optimize=False), {"x": x})[0]
+           for m in (model, model.SerializeToString(), tmp_path / "m.onnx")]  # fmt: skip
+    assert np.array_equal(got[0], got[1]) and np.array_equal(got[0], got[2])
+    if precision != "fp32":
+        assert not np.array_equal(got[0], run(fp32, {"x": x})[0])
+        narrow = np.float16 if precision == "fp16" else ml_dtypes.bfloat16
+        assert np.array_equal(got[0], got[0].astype(narrow).astype(np.float32))  # the output rounded, as Y is
+
+
 def test_overflowing_fp16_tensor_is_named() -> None:
     lowered = float_precision.lower_float_regions(build("conv_relu_gemm"), "fp16")
     x = np.full((1, 2, 4, 4), 30000.0, np.float32)  # the 3x3 sums pass 65504
@@ -212,3 +233,27 @@ def test_a_tensor_an_if_body_reads_keeps_its_type() -> None:
     assert "If/Loop/Scan body" in lowered.kept_fp32["pre"]
     x = np.random.default_rng(6).normal(size=(3, 4)).astype(np.float32)
     assert np.allclose(run(model, {"x": x})[0], run(lowered.model, {"x": x})[0], atol=1e-2)
+
+
+@pytest.mark.parametrize(("precision", "version"), [("fp16", 19), ("bf16", 22)])
+def test_a_model_the_version_converter_refuses_is_a_model_error(precision: str, version: int) -> None:
+    """conv_bn_training_outputs runs in ONNX Runtime at opset 13, and ONNX's version converter has no way
+    past 14 for its BatchNormalization: the user reads both opsets, the converter's reason and the ways out."""
+    model = build("conv_bn_training_outputs")
+    x = np.random.default_rng(8).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    assert run(model, {"x": x})[0].shape == (2, 4, 8, 8)
+    with pytest.raises(ModelError) as caught:
+        float_precision.lower(model, precision)
+    message = str(caught.value)
+    assert f"float regions (steps.quantize.float_precision: {precision}) need ONNX opset {version}," in message
+    assert f"from opset 13 to {version}: BatchNormalization outputs 4 and 5 are not supported in Opset 14." in message
+    assert "float_precision: fp32" in message and f"opset {version} or later" in message
+    assert "Assertion" not in message and ".h:" not in message  # the converter's C++ location is not the user's
+    assert model == build("conv_bn_training_outputs")  # lower() works on a copy
+
+
+def test_fp8_on_a_model_the_version_converter_refuses_names_int8_as_the_way_out() -> None:
+    qdq = qdq_model("conv_bn_training_outputs", {"x": 4.0})
+    with pytest.raises(ModelError, match=r"FP8 Q/DQ \(steps.quantize.precision: fp8\) need ONNX opset 19.*"
+                                         r"from opset 13 to 19.*precision: int8"):  # fmt: skip
+        fp8.to_fp8(qdq, build("conv_bn_training_outputs"))

@@ -74,8 +74,10 @@ def test_fp16_overflow_on_validation_data_names_the_tensor(
     code = main(run_args(config, tracking_uri, tmp_path / "s.json"))
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "FP16 float regions overflow on the validation data (inf or NaN first in h)" in err
-    assert "keep_fp32_nodes" in err and "Traceback" not in err
+    assert "FP16 float regions overflow on the validation data (inf or NaN first in h, on validation samples 0-3)" in (
+        " ".join(err.split())
+    )
+    assert "steps.quantize.keep_fp32_nodes: [outlier]" in err and "Traceback" not in err
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("overflow").experiment_id])
     statuses = {r.data.tags.get("int8pipe.step"): r.info.status for r in runs}
@@ -84,3 +86,82 @@ def test_fp16_overflow_on_validation_data_names_the_tensor(
     code = main(run_args(config, tracking_uri, tmp_path / "s2.json", "steps.quantize.keep_fp32_nodes=[outlier]"))
     err = capsys.readouterr().err
     assert code in (0, 3) and "float regions overflow" not in err, err
+
+
+def test_fp16_overflow_on_a_later_validation_sample_names_the_tensor_and_the_node(
+    tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first 40 validation samples stay in range and the last 24 overflow an FP16 region whose inf
+    reaches the output: y = (x W) / scale, the scale a second input (as PaddleDetection's scale_factor)
+    that turns tiny on the later samples, and the Div computes in FP16. The probe of the first samples
+    finds nothing; the outputs point at sample 40, whose FP16 tensors are read to name the tensor and
+    the node."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(8, 4)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+         onnx.helper.make_node("Div", ["h", "scale"], ["y"], name="rescale")],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8]),
+         onnx.helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, ["batch", 1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    cal = {"x": rng.normal(size=(64, 8)).astype(np.float32),
+           "scale": rng.uniform(0.5, 2.0, size=(64, 1)).astype(np.float32)}  # fmt: skip
+    scale = rng.uniform(0.5, 2.0, size=(64, 1)).astype(np.float32)
+    scale[40:] = 1e-5  # |x W| of a few units / 1e-5 passes 65504
+    val = {"x": rng.normal(size=(64, 8)).astype(np.float32), "scale": scale}
+    steps = {"export": {}, "calibrate": {"method": "minmax"}, "quantize": {},
+             "validate": {"metric": "cosine", "max_drop": 0.05, "batch_size": 16}}  # fmt: skip
+    config = npz_pipeline(tmp_path, model, cal, val, steps, name="late-overflow")
+    summary = tmp_path / "s.json"
+    code = main(run_args(config, tracking_uri, summary))
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2, err
+    assert "Traceback" not in err and "RuntimeWarning" not in err
+    assert ("the model's FP16 float regions overflow on the validation data (inf or NaN first in y_fp16, on "
+            "validation samples 40-43)") in err  # fmt: skip
+    assert "steps.quantize.keep_fp32_nodes: [rescale]" in err and "float_precision: bf16" in err
+    s = json.loads(summary.read_text())
+    client = MlflowClient(tracking_uri)
+    statuses = {step: client.get_run(rid).info.status for step, rid in s["steps"].items()}
+    assert statuses == {"export": "FINISHED", "calibrate": "FINISHED", "quantize": "FINISHED", "validate": "FAILED"}
+    # the way out it names works
+    code = main(run_args(config, tracking_uri, tmp_path / "s2.json", "steps.quantize.keep_fp32_nodes=[rescale]"))
+    err = capsys.readouterr().err
+    assert code in (0, 3) and "float regions overflow" not in err, err
+
+
+def test_a_model_the_version_converter_refuses_fails_quantize_with_the_way_out(
+    tmp_path: Path, tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FP16 regions need opset 19; conv_bn_training_outputs (opset 13, a BatchNormalization with its
+    training outputs) cannot be converted past 13. Quantize fails with a ModelError, not the converter's
+    traceback, and keeps what export and calibrate logged; float_precision: fp32, the way out it names,
+    quantizes the same model at its own opset."""
+    rng = np.random.default_rng(2)
+    cal = {"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)}
+    val = {"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)}
+    steps = {"export": {}, "calibrate": {"method": "minmax"}, "quantize": {}}
+    config = npz_pipeline(tmp_path, build("conv_bn_training_outputs"), cal, val, steps, name="converter")
+    summary = tmp_path / "s.json"
+    code = main(run_args(config, tracking_uri, summary))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "Assertion" not in err
+    assert ("FP16 float regions (steps.quantize.float_precision: fp16) need ONNX opset 19, and ONNX's version "
+            "converter cannot bring this model from opset 13 to 19: BatchNormalization outputs 4 and 5 are not "
+            "supported in Opset 14.") in " ".join(err.split())  # fmt: skip
+    assert "steps.quantize.float_precision: fp32" in err and "opset 19 or later" in err
+    s = json.loads(summary.read_text())
+    client = MlflowClient(tracking_uri)
+    statuses = {step: client.get_run(rid).info.status for step, rid in s["steps"].items()}
+    assert statuses == {"export": "FINISHED", "calibrate": "FINISHED", "quantize": "FAILED"}
+    assert client.get_run(s["run_id"]).info.status == "FAILED"
+    assert "model/model.onnx" in [a.path for a in client.list_artifacts(s["steps"]["export"], "model")]
+    done = run_pipeline(config, tracking_uri, tmp_path, "steps.quantize.float_precision=fp32")
+    model = onnx.load(artifact(tracking_uri, done["steps"]["quantize"], "model/model_int8.onnx", tmp_path / "fp32"))
+    assert next(o.version for o in model.opset_import if o.domain == "") == 13

@@ -68,9 +68,12 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     is all zeros and the other is not (an INT8 output wiped to zero is no match)."""
     a = a.reshape(len(a), -1).astype(np.float64)
     b = b.reshape(len(b), -1).astype(np.float64)
-    num = (a * b).sum(axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.clip(np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0), -1.0, 1.0)
+    # a row holding inf (an FP16 region that overflowed, which validate names right after scoring)
+    # scores NaN; numpy's RuntimeWarning would only precede that message with noise
+    with np.errstate(invalid="ignore", over="ignore"):
+        num = (a * b).sum(axis=1)
+        den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cos = np.clip(np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0), -1.0, 1.0)
     return np.where((a == b).all(axis=1), 1.0, cos)
 
 

@@ -185,7 +185,7 @@ def compare(
     full.CopyFrom(exact_model)
     have = {o.name for o in full.graph.output}
     full.graph.output.extend(helper.make_value_info(t, onnx.TypeProto()) for t in wanted if t not in have)
-    exact_run = runtime.session(full.SerializeToString(), optimize=False)
+    exact_run = runtime.session(full, optimize=False)
     scales = kernels.arrays
     pairs: list[tuple[Any, Any]] = []  # per unit: its kernel session and its exact one, built on the first feed
     # per unit: sum of squared error, of squared exact value, elements more than 1 LSB off, elements
@@ -235,8 +235,8 @@ def _unit_sessions(
         probe = helper.make_node("DequantizeLinear", [p.tensor, *q.input[1:]], [output])
         nodes, exact_nodes = [*nodes, probe], [*exact_nodes, probe]
     example = {k: values[k] for k in inputs}
-    fast = runtime.session(_unit_model(kernels_model, nodes, example, output).SerializeToString(), optimize=True)
-    slow = runtime.session(_unit_model(exact_model, exact_nodes, example, output).SerializeToString(), optimize=False)
+    fast = runtime.session(_unit_model(kernels_model, nodes, example, output), optimize=True)
+    slow = runtime.session(_unit_model(exact_model, exact_nodes, example, output), optimize=False)
     return fast, slow
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 
 from pipeline.analysis import evaluation
-from pipeline.calibration.collect import expose
+from pipeline.calibration.collect import exposed
 from pipeline.execution import runtime
 from pipeline.graph import model as onnx_model
 from pipeline.graph.graph_index import GraphIndex
@@ -158,8 +158,8 @@ def _compare(
     is logged under ``label``."""
     fetch = [int8_name[t] for t in tensors]
     fetch = list(dict.fromkeys([*fetch, *(before_q[t] for t in tensors if t in before_q)]))
-    a = runtime.session(expose(fp32_model, tensors))
-    b = runtime.session(expose(int8_model, fetch), optimize=int8_optimize)
+    a = runtime.session(exposed(fp32_model, tensors))
+    b = runtime.session(exposed(int8_model, fetch), optimize=int8_optimize)
     parts = _first_samples(data.rechunk(feeds, chunk, layout), samples, layout)
     for part in progress(parts, label, total=samples, size=layout.count, unit="samples"):
         got = dict(zip(fetch, b.run(fetch, part)))

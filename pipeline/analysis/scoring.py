@@ -248,8 +248,8 @@ class Scorer:
         """An ONNX Runtime session for an INT8 model: a session, a path, serialized bytes or a ModelProto."""
         if hasattr(model, "run"):
             return model
-        if isinstance(model, onnx.ModelProto):
-            model = (self.prepare(model) if self.prepare is not None else model).SerializeToString()
+        if isinstance(model, onnx.ModelProto) and self.prepare is not None:
+            model = self.prepare(model)
         return runtime.session(model, optimize=self.int8_optimize)
 
     def first(self, int8: Any, keep: int = SAMPLES) -> Scores:

@@ -71,7 +71,7 @@ def activation_sizes(model: onnx.ModelProto, first: Batch, layout: Layout) -> di
     from pipeline.graph.model import activation_tensors
 
     names = activation_tensors(model)
-    sess = runtime.session(expose(model, names), "cpu")
+    sess = runtime.session(exposed(model, names), "cpu")
     feeds = layout.take({k: first[k] for k in (i.name for i in sess.get_inputs())}, 0, 1)
     return {name: int(v.nbytes) for name, v in zip(names, sess.run(names, feeds))}
 
@@ -119,12 +119,18 @@ def budgeted_chunks(
 
 
 def expose(model: onnx.ModelProto, tensors: list[str]) -> bytes:
-    """A copy of ``model`` whose graph outputs are exactly ``tensors``."""
+    """A copy of ``model`` whose graph outputs are exactly ``tensors``, serialized."""
+    return exposed(model, tensors).SerializeToString()
+
+
+def exposed(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs are exactly ``tensors`` (for runtime.session, which
+    reads a ModelProto without parsing it back)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.output[:]
     m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors)
-    return m.SerializeToString()
+    return m
 
 
 def prefetched(items: Iterable[Batch], digest: Any) -> Iterator[Batch]:
@@ -238,7 +244,7 @@ def run_pass(
     if all(n in inputs for n in names):  # nothing to compute (e.g. only a graph input is histogrammed)
         outputs = InputsOnly(names)
     else:
-        outputs = BoundOutputs(runtime.session(expose(model, names), "cpu", spin=False), names)
+        outputs = BoundOutputs(runtime.session(exposed(model, names), "cpu", spin=False), names)
     sample_bytes = 0
     if chunk is None:
         if isinstance(outputs, BoundOutputs):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from pipeline.errors import BackendUnavailable, ModelError, fail
 from pipeline.graph import emulation
@@ -35,13 +36,18 @@ def ort() -> Any:
 
 
 def session(
-    model: str | Path | bytes,
+    model: str | Path | bytes | onnx.ModelProto,
     provider: str = "cpu",
     optimize: bool = True,
     threads: int | None = None,
     spin: bool = True,
 ) -> Any:
     """An InferenceSession on ``provider`` only; raises BackendUnavailable if it would fall back.
+
+    ``model``: a path, serialized bytes or a ModelProto. A caller holding the ModelProto passes it: a
+    session first finds out whether the model has FP16/BF16 tensors, which for bytes means parsing
+    them again (6-8 ms of a 110-120 ms session for EfficientNet-Lite0's FP32 weights,
+    benchmarks/session_cost.py), for a ModelProto a glance at its types.
 
     ``optimize=False`` turns graph optimisations off, so a Q/DQ graph is executed node by node in
     float (the exact quantised arithmetic) instead of through ORT's fused int8 kernels.
@@ -68,7 +74,7 @@ def session(
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
-    proto = _narrow_model(model)
+    proto = narrow_model(model)
     if proto is not None:
         for key, value in NARROW_FLOAT_SESSION_CONFIG.items():
             so.add_session_config_entry(key, value)
@@ -76,6 +82,8 @@ def session(
             twin, count = emulation.emulated(proto)
             logger.debug("onnxruntime: %d FP16/BF16 node(s) computed in FP32 between explicit roundings", count)
             model = twin.SerializeToString()
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
     try:
         sess = rt.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
@@ -87,11 +95,11 @@ def session(
     return sess
 
 
-def _narrow_model(model: str | Path | bytes) -> Any:
+def narrow_model(model: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto | None:
     """``model`` parsed when it has FP16/BF16 tensors, else None. On the CPU provider such a model runs
     as its twin that rounds through them explicitly (ORT's would drop the roundings: graph/emulation.py)."""
-    import onnx
-
+    if isinstance(model, onnx.ModelProto):
+        return model if emulation.has_narrow_floats(model) else None
     if isinstance(model, bytes):
         proto = onnx.load_from_string(model)
     else:

@@ -22,13 +22,16 @@ op rules apply to it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.errors import ModelError, fail
 from pipeline.graph.model import drop_unused_initializers, opset_of, subgraph_inputs, tensor_types, toposort
 
 PRECISIONS = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
@@ -104,18 +107,49 @@ def lower(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     toposort(out)  # shape inference reads nodes in order: ORT's quantizer appends its Q/DQ nodes at the end
-    raise_opset(out, MIN_OPSET[precision])
+    version = MIN_OPSET[precision]
+    raise_opset(
+        out,
+        version,
+        f"{precision.upper()} float regions (steps.quantize.float_precision: {precision}) need",
+        "Set steps.quantize.float_precision: fp32 (FP32 float regions keep the model's opset), or export the "
+        f"model at opset {version} or later (torch.onnx.export(..., opset_version={version})).",
+    )
     return _Rewrite(out, PRECISIONS[precision], precision, activation_max or {}, keep_fp32 or {}).run()
 
 
-def raise_opset(model: onnx.ModelProto, version: int) -> None:
-    """Bring ``model``'s default-domain opset to at least ``version``, in place (ONNX's version converter)."""
-    if opset_of(model) >= version:
+def raise_opset(model: onnx.ModelProto, version: int, needed_by: str, remedy: str) -> None:
+    """Bring ``model``'s default-domain opset to at least ``version``, in place (ONNX's version converter).
+
+    The converter has no adapter for some ops and refuses some valid nodes (a BatchNormalization with its
+    training outputs cannot go past opset 13): that is a ModelError saying what needed the opset
+    (``needed_by``, a phrase ending before "opset N"), the converter's reason, and ``remedy``."""
+    have = opset_of(model)
+    if have >= version:
         return
     from onnx import version_converter
 
-    converted = version_converter.convert_version(model, version)
+    try:
+        converted = version_converter.convert_version(model, version)
+    except Exception as exc:  # RuntimeError (a failed adapter assertion), ConvertError, InferenceError, ...
+        fail(
+            ModelError,
+            f"{needed_by} ONNX opset {version}, and ONNX's version converter cannot bring this model from "
+            f"opset {have} to {version}: {converter_reason(exc)}. {remedy}",
+        )
     model.CopyFrom(converted)
+
+
+def converter_reason(exc: BaseException) -> str:
+    """The readable part of a version converter error: its C++ assertions read
+    ``/path/adapter.h:18: adapt_x: Assertion `cond` failed: reason``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    failed = re.search(r"Assertion `.*` failed: (.+)$", text)
+    if failed:
+        text = failed.group(1)
+    else:
+        text = re.sub(r"^\S+\.(?:h|cc|cpp):\d+: (?:\w+: )?", "", text)
+    return text.rstrip(". ")
 
 
 class _Rewrite:
@@ -320,9 +354,35 @@ def _as_type(values: np.ndarray, elem_type: int) -> np.ndarray:
     return values.astype(np.float32)
 
 
+class Overflow(NamedTuple):
+    """Where a model's FP16/BF16 regions first held inf or NaN on a stream of batches."""
+
+    tensors: list[str]  # the first few narrow tensors (graph order) that did, in the first batch that did
+    first_sample: int  # that batch's first sample, counted from 0 over the stream
+    samples: int  # that batch's samples
+
+
 def nonfinite_tensors(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], limit: int = 5) -> list[str]:
     """The first ``limit`` FP16/BF16 tensors of ``model`` (graph order) that hold inf or NaN on ``feeds``:
     where a narrow region overflowed."""
+    found = first_overflow(model, [dict(feeds)], lambda _: 1, limit)
+    return found.tensors if found is not None else []
+
+
+def first_overflow(
+    model: onnx.ModelProto,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    count: Callable[[Mapping[str, np.ndarray]], int],
+    limit: int = 5,
+) -> Overflow | None:
+    """The first batch of ``batches`` on which an FP16/BF16 tensor of ``model`` holds inf or NaN, and
+    the first ``limit`` such tensors in graph order (the first is where the overflow started; the
+    others mostly carry it on); None when every narrow tensor stays finite. ``count``: a batch's samples.
+
+    Every narrow tensor gets a reader that sums it in FP32 to one number, finite exactly when the
+    tensor is (FP16 values cannot overflow an FP32 sum): the probe hands back a few bytes per tensor
+    and batch instead of every activation. It still runs the whole model (its explicit-rounding twin,
+    unoptimised): callers choose the samples."""
     from pipeline.execution import runtime
 
     probe = onnx.ModelProto()
@@ -333,8 +393,33 @@ def nonfinite_tensors(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], l
         t for n in probe.graph.node for t in n.output
         if t and t not in outputs and types.get(t) in (TensorProto.FLOAT16, TensorProto.BFLOAT16)
     ]  # fmt: skip
-    probe.graph.output.extend(helper.make_tensor_value_info(t, types[t], None) for t in narrow)
-    sess = runtime.session(probe.SerializeToString(), optimize=False)
-    values = sess.run(narrow, dict(feeds))
-    bad = [t for t, v in zip(narrow, values) if not np.all(np.isfinite(np.asarray(v, np.float32)))]
-    return bad[:limit]
+    if not narrow:
+        return None
+    taken = {t for n in probe.graph.node for t in [*n.input, *n.output]} | {i.name for i in probe.graph.initializer}
+
+    def fresh(base: str) -> str:
+        name = base
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    sums = []
+    for t in narrow:
+        wide, total = fresh(f"{t}_overflow_probe_fp32"), fresh(f"{t}_overflow_probe_sum")
+        probe.graph.node.extend([
+            helper.make_node("Cast", [t], [wide], to=TensorProto.FLOAT, name=fresh(f"{wide}_cast")),
+            helper.make_node("ReduceSum", [wide], [total], keepdims=0, name=fresh(f"{total}_reduce")),
+        ])  # fmt: skip
+        probe.graph.output.append(helper.make_tensor_value_info(total, TensorProto.FLOAT, []))
+        sums.append(total)
+    sess = runtime.session(probe, optimize=False)
+    start = 0
+    for feeds in batches:
+        values = sess.run(sums, dict(feeds))
+        bad = [t for t, v in zip(narrow, values) if not np.isfinite(v)]
+        n = count(feeds)
+        if bad:
+            return Overflow(bad[:limit], start, n)
+        start += n
+    return None

@@ -21,6 +21,12 @@ from pipeline.transforms.float_precision import raise_opset
 E4M3_MAX = 448.0
 INT8_MAX = 127.0
 FP8_OPSET = 19
+# what raise_opset says when the version converter cannot bring a model to FP8_OPSET
+FP8_NEEDS = "FP8 Q/DQ (steps.quantize.precision: fp8) need"
+FP8_REMEDY = (
+    f"Set steps.quantize.precision: int8 (INT8 Q/DQ with FP32 float regions keep the model's opset), or export "
+    f"the model at opset {FP8_OPSET} or later (torch.onnx.export(..., opset_version={FP8_OPSET}))."
+)
 
 
 def to_fp8(qdq: onnx.ModelProto, source: onnx.ModelProto) -> int:
@@ -28,7 +34,7 @@ def to_fp8(qdq: onnx.ModelProto, source: onnx.ModelProto) -> int:
     and weight DQs changed. ``source`` is the float model ``qdq`` was built from (its weights)."""
     import ml_dtypes  # installed with onnx >= 1.18; only FP8 needs it
 
-    raise_opset(qdq, FP8_OPSET)
+    raise_opset(qdq, FP8_OPSET, FP8_NEEDS, FP8_REMEDY)
     index = GraphIndex(qdq)
     inits = {i.name: i for i in qdq.graph.initializer}
     source_nodes = {n.name: n for n in source.graph.node if n.name}

@@ -88,7 +88,7 @@ def quantize_static(fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, sampl
     qdq = keep_float_inputs(qdq, fp32, kept_float)
     if recipe.precision == "fp8":  # same placement and thresholds, E4M3 grids; before the stages that measure
         counts["fp8_quantizers"] = fp8.to_fp8(qdq, source)
-        source = _with_opset(source, fp8.FP8_OPSET)  # bias correction copies FP8 quantizers into it
+        source = _with_fp8_opset(source)  # bias correction copies FP8 quantizers into it
     # on at most the samples calibration saw (a true progress total)
     seen = ranges.num_samples or max(recipe.weight_rounding_samples, recipe.bias_correction_samples)
     counts["gptq_rounded_nodes"] = 0
@@ -124,10 +124,10 @@ def lowered_like(qdq: onnx.ModelProto, record: dict[str, Any]) -> onnx.ModelProt
     return float_precision.lower(qdq, precision, keep_fp32=dict(record.get("kept_fp32", {}))).model
 
 
-def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+def _with_fp8_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    float_precision.raise_opset(out, version)
+    float_precision.raise_opset(out, fp8.FP8_OPSET, fp8.FP8_NEEDS, fp8.FP8_REMEDY)
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks, expose
+from pipeline.calibration.collect import DEFAULT_MEMORY_MB, budgeted_chunks, exposed
 from pipeline.calibration.ranges import TensorRange
 from pipeline.execution import runtime
 from pipeline.graph.layout import Layout
@@ -56,11 +56,11 @@ def run(
     inputs = {i.name for i in model.graph.input}
     if graph is not None:
         fetch, direct = list(tensors), []
-        sess = runtime.session(graph.SerializeToString(), "cpu", optimize=optimize)
+        sess = runtime.session(graph, "cpu", optimize=optimize)
     else:
         fetch = [t for t in tensors if t not in inputs]
         direct = [t for t in tensors if t in inputs]
-        sess = runtime.session(expose(model, fetch), "cpu", optimize=optimize) if fetch else None
+        sess = runtime.session(exposed(model, fetch), "cpu", optimize=optimize) if fetch else None
     feed_names = [i.name for i in sess.get_inputs()] if sess is not None else []
     seen = 0
     for feeds, n in budgeted_chunks(model, batches, samples, layout, memory_mb, copies, label):

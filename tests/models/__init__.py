@@ -71,6 +71,24 @@ def conv_bn() -> onnx.ModelProto:
 
 
 @register
+def conv_bn_training_outputs() -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(4 ch, 3x3, pad 1) -> BatchNormalization with its five outputs -> y, opset 13.
+
+    A BatchNormalization exported in training mode writes its running and saved statistics too
+    (unread here). ONNX Runtime runs it; ONNX's version converter cannot take it past opset 13
+    (opset 14 dropped those outputs), so nothing that needs opset 19 can be written from it."""
+    rng = np.random.default_rng(13)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    stats = [(np.ones(4), "s"), (np.zeros(4), "bb"), (np.zeros(4), "m"), (np.ones(4), "v")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["y", "rm", "rv", "sm", "sv"], name="bn"),
+    ]
+    inits = [numpy_helper.from_array(w, "w"), *(numpy_helper.from_array(a.astype(np.float32), n) for a, n in stats)]
+    return _model(nodes, [_t("x", ["batch", 3, 8, 8])], [_t("y", ["batch", 4, 8, 8])], inits, opset=13)
+
+
+@register
 def matmul_two_inputs() -> onnx.ModelProto:
     """a[N,3], b[N,3] -> Add -> MatMul(W[3,2]) -> y: a model with two inputs."""
     w = np.arange(6, dtype=np.float32).reshape(3, 2) / 6.0
