@@ -19,7 +19,7 @@ from pipeline.execution import runtime
 from pipeline.graph import emulation
 from pipeline.graph.model import subgraph_inputs, tensor_types, toposort
 from pipeline.transforms import float_precision, fp8
-from pipeline.transforms.quantization import QuantizeOptions, quantize
+from pipeline.transforms.quantization import QuantizeOptions, node_table, quantize
 from tests.models import build
 
 
@@ -257,3 +257,37 @@ def test_fp8_on_a_model_the_version_converter_refuses_names_int8_as_the_way_out(
     with pytest.raises(ModelError, match=r"FP8 Q/DQ \(steps.quantize.precision: fp8\) need ONNX opset 19.*"
                                          r"from opset 13 to 19.*precision: int8"):  # fmt: skip
         fp8.to_fp8(qdq, build("conv_bn_training_outputs"))
+
+
+def test_weight_channels_scaled_below_fp16_normal_keep_their_conv_int8() -> None:
+    """EfficientNet-Lite2's dead channels (INT8 scales of 1e-10) and a Shape reading the quantized input
+    once kept DQs FP32 behind a Cast, and TensorRT runs a Conv behind a Cast in FP16, not INT8."""
+    fp32 = build("conv_quiet_channels")
+    qdq = quantize(fp32, {"x": 3.0}, QuantizeOptions(target="tensorrt"), None)
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    w_dq = next(n for n in qdq.graph.node if n.output[0] == "w_DequantizeLinear_Output")
+    q, s = inits[w_dq.input[0]].astype(np.float32), inits[w_dq.input[1]]
+    assert s[1] < 1e-9 and float_precision.FP16_NORMAL / 4 < s[2] < float_precision.FP16_NORMAL
+    assert any(n.op_type == "Shape" and n.input[0] == "x_DequantizeLinear_Output" for n in qdq.graph.node)
+
+    lowered = float_precision.lower_float_regions(qdq, "fp16")
+    onnx.checker.check_model(lowered, full_check=True)
+    outputs = {o.name for o in lowered.graph.output}
+    assert not [n.name for n in lowered.graph.node if n.op_type == "Cast" and n.output[0] not in outputs]
+    assert {r["node"]: r["precision"] for r in node_table(fp32, lowered)}["conv"] == "int8"
+    producers = {o: n for n in lowered.graph.node for o in n.output}
+    conv = next(n for n in lowered.graph.node if n.name == "conv")
+    dq = producers[conv.input[1]]
+    lowered_inits = {i.name: i for i in lowered.graph.initializer}
+    assert lowered_inits[dq.input[1]].data_type == TensorProto.FLOAT16
+    q2 = numpy_helper.to_array(lowered_inits[dq.input[0]]).astype(np.float32)
+    s2 = numpy_helper.to_array(lowered_inits[dq.input[1]]).astype(np.float32)
+    assert np.all(s2 >= s) and np.all(s2 > 0)  # rounded up: nothing clips
+    # every dequantized weight moves by at most half its new scale; normal channels keep q exactly
+    moved = np.abs(q2 * s2[:, None, None, None] - q * s[:, None, None, None])
+    assert np.all(moved <= s2[:, None, None, None] / 2 + 1e-12)
+    assert np.array_equal(q2[[0, 3]], q[[0, 3]]) and np.array_equal(q2[2] != 0, q[2] != 0)
+    # and the model computes what the FP32-region Q/DQ model does, to FP16's rounding
+    x = np.random.default_rng(5).normal(size=(3, 2, 4, 4)).astype(np.float32)
+    want, got = run(qdq, {"x": x})[0], run(lowered, {"x": x})[0]
+    assert got.shape == (3, 64) and np.max(np.abs(want - got)) <= 1e-2 * np.max(np.abs(want))

@@ -14,8 +14,10 @@ plain) to FP16 or BF16 and keeps in FP32 what the narrow type cannot hold:
 - ops without a rule here: an unknown op is never guessed into a narrow type.
 
 Typing follows the ONNX (and TensorRT strongly typed) rules: a DequantizeLinear outputs its scale's
-type, so a DQ whose readers all compute in FP16 gets an FP16 scale; a QuantizeLinear's scale has its
-input's type; a Cast is inserted wherever a tensor crosses between regions. Graph inputs and outputs
+type, so a DQ whose readers all compute in FP16 gets an FP16 scale (a weight's channels scaled below
+FP16's normal range are refitted to a scale FP16 holds: a Cast between a DQ and its Conv would make
+TensorRT run that Conv in FP16, not INT8); a QuantizeLinear's scale has its input's type; a Cast is
+inserted wherever a tensor crosses between regions. Graph inputs and outputs
 stay FP32 so a caller feeds and reads what it did before. BF16 has FP32's exponent range, so only the
 op rules apply to it.
 """
@@ -198,6 +200,8 @@ class _Rewrite:
         for k, node in enumerate(self.graph.node):
             self._retype_inputs(node, k in low, arrival)
             if k in low_dq:
+                if self.low == TensorProto.FLOAT16:
+                    self._fit_weight_scale(node)
                 node.input[1] = self._typed(node.input[1], self.low, arrival)
             elif node.op_type == "QuantizeLinear":
                 node.input[1] = self._typed(node.input[1], arrival.get(node.input[0], TensorProto.FLOAT), arrival)
@@ -249,7 +253,9 @@ class _Rewrite:
 
     def _dq_low(self, dq: onnx.NodeProto, low: set[int]) -> bool:
         """A DequantizeLinear outputs low when every reader computes low and its scale fits the type."""
-        readers = self.readers.get(dq.output[0], [])
+        # a Shape reads any element type: it must not keep its tensor FP32 (a Cast between a DequantizeLinear
+        # and its Conv is a Conv TensorRT runs in FP16, not INT8)
+        readers = [r for r in self.readers.get(dq.output[0], []) if r.op_type not in SHAPE_READERS]
         if not readers or any(self.positions[id(r)] not in low for r in readers) or dq.output[0] in self.read_by_bodies:
             return False
         if dq.output[0] in {o.name for o in self.graph.output}:
@@ -259,8 +265,53 @@ class _Rewrite:
             return False
         if self.low == TensorProto.FLOAT16:
             s = np.abs(numpy_helper.to_array(scale))
-            return bool(np.all((s >= FP16_NORMAL) & (s <= FP16_MAX)))
+            return bool(np.all(s <= FP16_MAX) and (np.all(s >= FP16_NORMAL) or self._weight_of(dq) is not None))
         return True
+
+    def _weight_of(self, dq: onnx.NodeProto) -> onnx.TensorProto | None:
+        """The INT8 initializer ``dq`` dequantizes symmetrically (zero point 0, per tensor or per channel),
+        read by nothing else; None for anything else (an activation, a zero point, blocks)."""
+        q = self.inits.get(dq.input[0])
+        if q is None or q.data_type != TensorProto.INT8 or len(self.readers.get(q.name, [])) != 1:
+            return None
+        if any(a.name == "block_size" and a.i for a in dq.attribute):
+            return None
+        zero = self.inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if zero is not None and np.any(numpy_helper.to_array(zero)):
+            return None
+        return q
+
+    def _fit_weight_scale(self, dq: onnx.NodeProto) -> None:
+        """Give a weight DequantizeLinear whose scale has channels below FP16's normal range a scale FP16 holds.
+
+        A channel whose weights all sit near 0 (dead after BatchNorm folding: scales of 1e-10 in
+        EfficientNet-Lite2) has a scale FP16 rounds to 0 or to a subnormal far from it, and keeping that
+        DequantizeLinear FP32 instead puts a Cast before its Conv, which TensorRT then runs in FP16, not
+        INT8. So each scale s becomes s', the smallest FP16 value >= s, and the channel's INT8 values
+        q become round(q * s / s'): |q'| <= |q|, nothing clips, and each dequantized weight moves by at most
+        s' / 2, the spacing FP16 itself has around such a weight. Channels in FP16's normal range keep
+        their q (q * s / s' is within 127 * 2^-11 of q) and their scale up to FP16's own rounding."""
+        q = self._weight_of(dq)
+        if q is None:
+            return
+        s = numpy_helper.to_array(self.inits[dq.input[1]]).astype(np.float32)
+        if np.all(np.abs(s) >= FP16_NORMAL):
+            return
+        up = s.astype(np.float16)
+        below = up.astype(np.float32) < s
+        up[below] = np.nextafter(up[below], np.float16(np.inf))
+        up[up == 0] = np.nextafter(np.float16(0), np.float16(1))  # the smallest subnormal, 2^-24
+        values = numpy_helper.to_array(q).astype(np.float32)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % values.ndim
+        shape = [-1 if d == axis else 1 for d in range(values.ndim)] if s.ndim else []
+        ratio = (s / up.astype(np.float32)).reshape(shape)
+        refit = np.clip(np.round(values * ratio), -127, 127).astype(np.int8)
+        fitted: list[tuple[str, np.ndarray]] = [(q.name, refit), (dq.input[1], up.astype(np.float32))]
+        for i, (name, array) in enumerate(fitted):
+            fresh = self._fresh(f"{name}_fp16_fit")
+            self.graph.initializer.append(numpy_helper.from_array(array, fresh))
+            self.inits[fresh] = self.graph.initializer[-1]
+            dq.input[i] = fresh
 
     # typing
 

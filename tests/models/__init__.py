@@ -638,3 +638,27 @@ def layernorm_by_hand() -> onnx.ModelProto:
     ]
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(1e-12, np.float32), "eps")]
     return _model(nodes, [_t("x", ["batch", 4, 8])], [_t("y", ["batch", 4, 8])], inits)
+
+
+@register
+def conv_quiet_channels() -> onnx.ModelProto:
+    """x[N,2,4,4] -> Conv(4 ch, 3x3, pad 1, bias) -> Reshape to [N, 64] (the batch read by Shape of x) -> y.
+
+    Channel 1's weights are ~1e-9 (dead after BatchNorm folding) and channel 2's ~1e-3: their INT8
+    scales (max |w| / 127) fall below FP16's normal range (2^-14), as in EfficientNet-Lite2. And x is
+    also read by a Shape, as PyTorch's flatten exports it."""
+    rng = np.random.default_rng(72)
+    gains = np.array([1.0, 1e-9, 1e-3, 0.5], np.float32)[:, None, None, None]
+    w = rng.normal(size=(4, 2, 3, 3)).astype(np.float32) * gains
+    b = rng.normal(size=4).astype(np.float32)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "zero"], ["n"], name="batch", axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"], name="batch_1d"),
+        helper.make_node("Concat", ["n1", "rest"], ["flat_shape"], name="flat_shape", axis=0),
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["conv", "flat_shape"], ["y"], name="flatten"),
+    ]
+    consts = [(np.array(0, np.int64), "zero"), (np.array([0], np.int64), "axes"), (np.array([64], np.int64), "rest")]
+    inits = [numpy_helper.from_array(a, k) for a, k in [(w, "w"), (b, "b"), *consts]]
+    return _model(nodes, [_t("x", ["batch", 2, 4, 4])], [_t("y", ["batch", 64])], inits)
