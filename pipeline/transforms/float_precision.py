@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.errors import ModelError, fail
 from pipeline.graph.model import drop_unused_initializers, opset_of, subgraph_inputs, tensor_types, toposort
+from pipeline.transforms import scale_grid
 
 PRECISIONS = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 FP16_MAX = 65504.0
@@ -269,17 +270,10 @@ class _Rewrite:
         return True
 
     def _weight_of(self, dq: onnx.NodeProto) -> onnx.TensorProto | None:
-        """The INT8 initializer ``dq`` dequantizes symmetrically (zero point 0, per tensor or per channel),
-        read by nothing else; None for anything else (an activation, a zero point, blocks)."""
-        q = self.inits.get(dq.input[0])
-        if q is None or q.data_type != TensorProto.INT8 or len(self.readers.get(q.name, [])) != 1:
+        """The INT8 initializer ``dq`` dequantizes symmetrically, read by nothing else; else None."""
+        if not scale_grid.symmetric_int8_weight(dq, self.inits) or len(self.readers.get(dq.input[0], [])) != 1:
             return None
-        if any(a.name == "block_size" and a.i for a in dq.attribute):
-            return None
-        zero = self.inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-        if zero is not None and np.any(numpy_helper.to_array(zero)):
-            return None
-        return q
+        return self.inits[dq.input[0]]
 
     def _fit_weight_scale(self, dq: onnx.NodeProto) -> None:
         """Give a weight DequantizeLinear whose scale has channels below FP16's normal range a scale FP16 holds.
@@ -287,26 +281,21 @@ class _Rewrite:
         A channel whose weights all sit near 0 (dead after BatchNorm folding: scales of 1e-10 in
         EfficientNet-Lite2) has a scale FP16 rounds to 0 or to a subnormal far from it, and keeping that
         DequantizeLinear FP32 instead puts a Cast before its Conv, which TensorRT then runs in FP16, not
-        INT8. So each scale s becomes s', the smallest FP16 value >= s, and the channel's INT8 values
-        q become round(q * s / s'): |q'| <= |q|, nothing clips, and each dequantized weight moves by at most
-        s' / 2, the spacing FP16 itself has around such a weight. Channels in FP16's normal range keep
-        their q (q * s / s' is within 127 * 2^-11 of q) and their scale up to FP16's own rounding."""
+        INT8. So each scale moves up to the next FP16 value and the channel's INT8 values are refitted
+        (scale_grid.refit): each dequantized weight moves by at most half its new scale, the spacing FP16
+        itself has around such a weight. A model whose scales the recipe already fitted is unchanged."""
         q = self._weight_of(dq)
         if q is None:
             return
         s = numpy_helper.to_array(self.inits[dq.input[1]]).astype(np.float32)
         if np.all(np.abs(s) >= FP16_NORMAL):
             return
-        up = s.astype(np.float16)
-        below = up.astype(np.float32) < s
-        up[below] = np.nextafter(up[below], np.float16(np.inf))
-        up[up == 0] = np.nextafter(np.float16(0), np.float16(1))  # the smallest subnormal, 2^-24
-        values = numpy_helper.to_array(q).astype(np.float32)
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % values.ndim
-        shape = [-1 if d == axis else 1 for d in range(values.ndim)] if s.ndim else []
-        ratio = (s / up.astype(np.float32)).reshape(shape)
-        refit = np.clip(np.round(values * ratio), -127, 127).astype(np.int8)
-        fitted: list[tuple[str, np.ndarray]] = [(q.name, refit), (dq.input[1], up.astype(np.float32))]
+        up = scale_grid.on_grid(s, "fp16", up=True)
+        if np.array_equal(up, s):
+            return
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        refitted = scale_grid.refit(numpy_helper.to_array(q), s, up, axis)
+        fitted: list[tuple[str, np.ndarray]] = [(q.name, refitted), (dq.input[1], up)]
         for i, (name, array) in enumerate(fitted):
             fresh = self._fresh(f"{name}_fp16_fit")
             self.graph.initializer.append(numpy_helper.from_array(array, fresh))

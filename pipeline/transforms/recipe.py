@@ -23,7 +23,16 @@ from pipeline.graph.layout import Layout
 from pipeline.graph.model import drop_unused_initializers
 from pipeline.limits import DEFAULT_MEMORY_MB
 from pipeline.log import logger
-from pipeline.transforms import bias_correction, equalization, float_precision, fp8, shift, smoothing, weight_rounding
+from pipeline.transforms import (
+    bias_correction,
+    equalization,
+    float_precision,
+    fp8,
+    scale_grid,
+    shift,
+    smoothing,
+    weight_rounding,
+)
 from pipeline.transforms.keep_float import keep_float_inputs
 from pipeline.transforms.quantization import QuantizeOptions, float_nodes, quantize
 
@@ -89,6 +98,12 @@ def quantize_static(fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, sampl
     if recipe.precision == "fp8":  # same placement and thresholds, E4M3 grids; before the stages that measure
         counts["fp8_quantizers"] = fp8.to_fp8(qdq, source)
         source = _with_fp8_opset(source)  # bias correction copies FP8 quantizers into it
+    # FP16/BF16 regions: every scale on that grid before a stage folds one large term against another
+    # (GPTQ and the shift read the weights' scales, bias correction the shifted inputs')
+    narrow = recipe.float_precision != "fp32"
+    grid = f"{recipe.float_precision}_grid_scales"
+    if narrow:
+        counts[grid] = scale_grid.fit_scales(qdq, recipe.float_precision)
     # on at most the samples calibration saw (a true progress total)
     seen = ranges.num_samples or max(recipe.weight_rounding_samples, recipe.bias_correction_samples)
     counts["gptq_rounded_nodes"] = 0
@@ -98,6 +113,8 @@ def quantize_static(fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, sampl
                                                    qdq, samples, limit)  # fmt: skip
     if recipe.shift_activations:
         counts["shifted_inputs"] = len(shift.shift_inputs(qdq, observed))
+        if narrow:
+            counts[grid] += scale_grid.fit_scales(qdq, recipe.float_precision)
     counts["bias_corrected_nodes"] = 0
     if recipe.bias_correction:  # after the shift: it measures the grid used
         limit = min(recipe.bias_correction_samples, seen)
