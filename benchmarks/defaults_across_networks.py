@@ -634,7 +634,8 @@ class Row:
     peer: bool = False
 
 
-def benchmark(net: Net, folder: Path, ort_rows: bool, nncf_on: bool) -> list[Row]:
+def benchmark(net: Net, folder: Path, ort_rows: bool, nncf_on: bool, only: str = "") -> list[Row]:
+    """Every candidate (or those whose name contains a comma-separated part of ``only``) and the peers."""
     from peers import nncf_builds, ort_quantize_static, ort_static_variants
 
     from pipeline.calibration.calibrator import calibrate
@@ -698,7 +699,10 @@ def benchmark(net: Net, folder: Path, ort_rows: bool, nncf_on: bool) -> list[Row
     progress(f"{net.key}: int8pipe calibration (mse histograms, TensorRT's quantized tensors)")
     cal, cal_cost = calibrated("tensorrt")
     convs = any(n.op_type == "Conv" for n in fp32.graph.node)
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
     for c in candidates(attention):
+        if wanted and not any(w in c.name for w in wanted):
+            continue
         if c.gptq and not convs:
             continue  # GPTQ rounds Conv weights only
         progress(f"{net.key}: int8pipe {c.name}")
@@ -802,6 +806,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=256, help="encoder query sentences")
     ap.add_argument("--no-ort-target", action="store_true", help="skip the target onnxruntime rows")
     ap.add_argument("--no-nncf", action="store_true", help="skip NNCF")
+    ap.add_argument("--candidates", default="", help="comma-separated parts of candidate names: only those (and peers)")
     args = ap.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -824,7 +829,7 @@ def main() -> None:
           "optimisations on, this machine's int8 kernels")  # fmt: skip
     start = resource.getrusage(resource.RUSAGE_SELF)
     for net in loaded(args, folder):
-        benchmark(net, folder, not args.no_ort_target, not args.no_nncf)
+        benchmark(net, folder, not args.no_ort_target, not args.no_nncf, args.candidates)
     end = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"\n# parent CPU {end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime:.0f} s, children CPU "
