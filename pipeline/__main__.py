@@ -1,5 +1,5 @@
 import sys
 
-from pipeline.orchestration.cli import main
+from pipeline.orchestration.entry import main
 
 sys.exit(main())

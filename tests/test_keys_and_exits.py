@@ -129,3 +129,47 @@ def test_a_trial_process_counts_by_what_its_summary_says() -> None:
     assert (ungated.gate, passed.gate) == ("not run", "passed") and not ungated.error
     assert select_best([vanished, errored, ungated, passed]) is passed  # a gated pass beats any ungated trial
     assert select_best([vanished, errored, ungated]) is ungated  # a sweep without validate still picks one
+
+
+# Each child sends itself a real SIGINT at the moment named: while the command line's modules import
+# (before any handler of int8pipe's exists), and while its arguments parse.
+CTRL_C_WHILE_LOADING = """
+import builtins, os, signal
+real = builtins.__import__
+def hooked(name, *args, **kwargs):
+    if name == "pipeline.orchestration.cli":
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(name, *args, **kwargs)
+builtins.__import__ = hooked
+from pipeline.orchestration.entry import main
+raise SystemExit(main())
+"""
+CTRL_C_WHILE_PARSING = """
+import os, signal
+from pipeline.orchestration import cli
+build = cli._parser
+def parser():
+    p = build()
+    parse = p.parse_args
+    p.parse_args = lambda argv=None: (os.kill(os.getpid(), signal.SIGINT), parse(argv))[1]
+    return p
+cli._parser = parser
+raise SystemExit(cli.main(["reference"]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (CTRL_C_WHILE_LOADING, "int8pipe: interrupted by SIGINT while starting; nothing ran"),
+        (CTRL_C_WHILE_PARSING, "int8pipe: interrupted by SIGINT; open runs marked KILLED, temporary files removed"),
+    ],
+)
+def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(code: str, said: str) -> None:
+    """Before: a KeyboardInterrupt traceback (the handlers were installed after the imports and parsing)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1] == said, proc.stderr[-2000:]

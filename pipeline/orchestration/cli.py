@@ -298,12 +298,12 @@ def _quiet_if_outage(exc: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    log.configure(args.verbose)
     handlers = {}
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():  # first: a Ctrl-C while parsing is one line too
         handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        args = _parser().parse_args(argv)
+        log.configure(args.verbose)
         if args.command == "run":
             return _run(args)
         if args.command == "reference":
