@@ -567,7 +567,9 @@ class Candidate:
 CURRENT = "mse, bias correction (the default before shift_activations)"
 
 
-def candidates(attention: bool) -> list[Candidate]:
+def candidates(attention: bool, transformer: bool) -> list[Candidate]:
+    """The grid (``attention``: the graph multiplies activations) and what ``int8pipe run`` writes with no
+    option set (``transformer``: pipeline.transforms.roles.graph_kind says attention, i.e. no Conv)."""
     grid = [
         Candidate(CURRENT),
         Candidate("percentile 99.99, bias correction", method="percentile"),
@@ -580,9 +582,9 @@ def candidates(attention: bool) -> list[Candidate]:
     ]
     # what `int8pipe run` writes for target tensorrt with no option set: the float layers in FP16
     grid.append(Candidate(
-        "pipeline default: mse + " + ("smoothing {}, no bias correction" if attention else "shift_activations")
+        "pipeline default: mse + " + ("smoothing {}, no bias correction" if transformer else "shift_activations")
         + ", FP16 float regions",
-        shift=not attention, smoothing=attention, bias_correction=not attention, float_precision="fp16",
+        shift=not transformer, smoothing=transformer, bias_correction=not transformer, float_precision="fp16",
     ))  # fmt: skip
     if attention:
         grid += [
@@ -640,7 +642,7 @@ def benchmark(net: Net, folder: Path, ort_rows: bool, nncf_on: bool, only: str =
 
     from pipeline.calibration.calibrator import calibrate
     from pipeline.transforms.quantization import node_table, quantized_activations
-    from pipeline.transforms.roles import activation_matmuls
+    from pipeline.transforms.roles import activation_matmuls, graph_kind
 
     fp32 = net.fp32
     attention = bool(activation_matmuls(fp32))
@@ -700,7 +702,7 @@ def benchmark(net: Net, folder: Path, ort_rows: bool, nncf_on: bool, only: str =
     cal, cal_cost = calibrated("tensorrt")
     convs = any(n.op_type == "Conv" for n in fp32.graph.node)
     wanted = [w.strip() for w in only.split(",") if w.strip()]
-    for c in candidates(attention):
+    for c in candidates(attention, graph_kind(fp32) == "attention"):
         if wanted and not any(w in c.name for w in wanted):
             continue
         if c.gptq and not convs:
