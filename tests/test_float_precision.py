@@ -282,7 +282,7 @@ def test_weight_channels_scaled_below_fp16_normal_keep_their_conv_int8() -> None
     assert lowered_inits[dq.input[1]].data_type == TensorProto.FLOAT16
     q2 = numpy_helper.to_array(lowered_inits[dq.input[0]]).astype(np.float32)
     s2 = numpy_helper.to_array(lowered_inits[dq.input[1]]).astype(np.float32)
-    assert np.all(s2 >= s) and np.all(s2 > 0)  # rounded up: nothing clips
+    assert np.all(s2[[1, 2]] >= s[[1, 2]]) and np.all(s2 > 0)  # the two tiny channels' rounded up: nothing clips
     # every dequantized weight moves by at most half its new scale; normal channels keep q exactly
     moved = np.abs(q2 * s2[:, None, None, None] - q * s[:, None, None, None])
     assert np.all(moved <= s2[:, None, None, None] / 2 + 1e-12)

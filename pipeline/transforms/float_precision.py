@@ -281,20 +281,17 @@ class _Rewrite:
         A channel whose weights all sit near 0 (dead after BatchNorm folding: scales of 1e-10 in
         EfficientNet-Lite2) has a scale FP16 rounds to 0 or to a subnormal far from it, and keeping that
         DequantizeLinear FP32 instead puts a Cast before its Conv, which TensorRT then runs in FP16, not
-        INT8. So each scale moves up to the next FP16 value and the channel's INT8 values are refitted
-        (scale_grid.refit): each dequantized weight moves by at most half its new scale, the spacing FP16
-        itself has around such a weight. A model whose scales the recipe already fitted is unchanged."""
+        INT8. So such a channel's scale moves up to the next FP16 value and its INT8 values are refitted
+        (scale_grid.fit_weight): each dequantized weight moves by at most half its new scale, the spacing
+        FP16 itself has around such a weight. A model whose scales the recipe already fitted is unchanged."""
         q = self._weight_of(dq)
         if q is None:
             return
         s = numpy_helper.to_array(self.inits[dq.input[1]]).astype(np.float32)
         if np.all(np.abs(s) >= FP16_NORMAL):
             return
-        up = scale_grid.on_grid(s, "fp16", up=True)
-        if np.array_equal(up, s):
-            return
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        refitted = scale_grid.refit(numpy_helper.to_array(q), s, up, axis)
+        refitted, up = scale_grid.fit_weight(numpy_helper.to_array(q), s, axis, "fp16")
         fitted: list[tuple[str, np.ndarray]] = [(q.name, refitted), (dq.input[1], up)]
         for i, (name, array) in enumerate(fitted):
             fresh = self._fresh(f"{name}_fp16_fit")

@@ -112,7 +112,8 @@ def quantize_static(fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, sampl
         counts["gptq_rounded_nodes"] = _on_samples(weight_rounding.round_weights, "GPTQ weight rounding", source,
                                                    qdq, samples, limit)  # fmt: skip
     if recipe.shift_activations:
-        counts["shifted_inputs"] = len(shift.shift_inputs(qdq, observed))
+        on = recipe.float_precision if narrow else None
+        counts["shifted_inputs"] = len(shift.shift_inputs(qdq, observed, narrow=on))
         if narrow:
             counts[grid] += scale_grid.fit_scales(qdq, recipe.float_precision)
     counts["bias_corrected_nodes"] = 0

@@ -10,9 +10,12 @@ channel whose whole range is 20 (held-out top-1 agreement 0.945 with FP32 region
 So the scales are put on the narrow grid right after quantization, and the shift, GPTQ and bias
 correction measure and compensate the model that will run.
 
-A weight's scale moves up to the next value on the grid and its INT8 values are refitted to it (nothing
-clips); an activation's scale, shared by its QuantizeLinear and DequantizeLinear, moves to the nearest
-value. Scales beyond the type's range are left for the float-regions rewrite to keep FP32.
+Each scale moves to the nearest value on the grid: a weight's dequantized values move with it by at
+most half a unit of the type's last place, and an activation's scale stays shared by its QuantizeLinear
+and DequantizeLinear. Only a weight channel scaled below FP16's normal range (a channel dead after
+BatchNorm folding: 1e-10), where FP16's nearest value is far off, moves up to the next value and has
+its INT8 values refitted (:func:`refit`). Activation scales FP16 cannot hold (beyond its range, or below
+its normal range) are left alone: the float-regions rewrite keeps those quantizers FP32.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from pipeline.graph.model import attribute
+from pipeline.graph.model import attribute, subgraph_inputs
 
 _MAX = {"fp16": 65504.0, "bf16": 3.38e38}
+FP16_NORMAL = 2.0**-14  # FP16's smallest normal value: below it a scale keeps only a few significant bits
 
 
 def on_grid(scale: np.ndarray, precision: str, up: bool) -> np.ndarray:
@@ -50,7 +54,19 @@ def refit(q: np.ndarray, scale: np.ndarray, new_scale: np.ndarray, axis: int) ->
     dequantized value moves by at most half the new scale, and |q| can only shrink, so nothing clips."""
     shape = [-1 if d == axis % q.ndim else 1 for d in range(q.ndim)] if scale.size > 1 else []
     ratio = (scale.astype(np.float64) / new_scale.astype(np.float64)).reshape(shape)
-    return np.clip(np.round(q.astype(np.float64) * ratio), -127, 127).astype(np.int8)
+    return np.clip(np.round(q.astype(np.float64) * ratio), -128, 127).astype(np.int8)
+
+
+def fit_weight(q: np.ndarray, scale: np.ndarray, axis: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """A symmetric INT8 weight's values and scale on ``precision``'s grid: the nearest scale where the type
+    holds it (the INT8 values stay), else (below FP16's normal range) the next one up, with that channel's
+    INT8 values refitted."""
+    tiny = scale < FP16_NORMAL if precision == "fp16" else np.zeros(scale.shape, bool)
+    fitted = np.where(tiny, on_grid(scale, precision, up=True), on_grid(scale, precision, up=False))
+    fitted = fitted.astype(np.float32)
+    if np.any(tiny):  # only those channels are refitted; the others keep their INT8 values
+        q = refit(q, scale, np.where(tiny, fitted, scale), axis)
+    return q, fitted
 
 
 def symmetric_int8_weight(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
@@ -66,7 +82,7 @@ def fit_scales(model: onnx.ModelProto, precision: str) -> int:
     """Put ``model``'s FP32 Q/DQ scales on ``precision``'s grid, in place; the number of scales changed.
 
     Only scales read by nothing but Q/DQ nodes, and INT8 weights read by nothing but their DequantizeLinear,
-    are changed: anything else reading them would see other values."""
+    are changed (not a graph output, nothing an If/Loop body reads): anything else would see other values."""
     if precision not in _MAX:
         return 0
     graph = model.graph
@@ -75,6 +91,7 @@ def fit_scales(model: onnx.ModelProto, precision: str) -> int:
     for node in graph.node:
         for t in node.input:
             readers.setdefault(t, []).append(node)
+    elsewhere = {o.name for o in graph.output}.union(*(subgraph_inputs(n) for n in graph.node))
     changed = 0
     done: set[str] = set()
     for node in graph.node:
@@ -82,7 +99,7 @@ def fit_scales(model: onnx.ModelProto, precision: str) -> int:
             continue
         name = node.input[1]
         init = inits.get(name)
-        if name in done or init is None or init.data_type != TensorProto.FLOAT:
+        if name in done or init is None or init.data_type != TensorProto.FLOAT or name in elsewhere:
             continue
         if any(r.op_type not in ("QuantizeLinear", "DequantizeLinear") or r.input[1] != name for r in readers[name]):
             continue
@@ -91,17 +108,22 @@ def fit_scales(model: onnx.ModelProto, precision: str) -> int:
         if not scale.size or np.any(~np.isfinite(scale)) or np.any(scale <= 0) or np.any(scale > _MAX[precision]):
             continue
         weight = node.op_type == "DequantizeLinear" and symmetric_int8_weight(node, inits)
-        if weight and (len(readers[name]) != 1 or len(readers[node.input[0]]) != 1):
+        if weight and (len(readers[name]) != 1 or len(readers[node.input[0]]) != 1 or node.input[0] in elsewhere):
             continue
         if not weight and node.input[0] in inits:
             continue  # a constant's quantizer other than a symmetric INT8 weight: its values would move
-        fitted = on_grid(scale, precision, up=weight)
-        if np.array_equal(fitted, scale):
-            continue
         if weight:
             q = inits[node.input[0]]
-            values = refit(numpy_helper.to_array(q), scale, fitted, int(attribute(node, "axis", 1)))
-            q.CopyFrom(numpy_helper.from_array(values, q.name))
-        init.CopyFrom(numpy_helper.from_array(fitted.astype(np.float32), name))
+            values = numpy_helper.to_array(q)
+            refitted, fitted = fit_weight(values, scale, int(attribute(node, "axis", 1)), precision)
+            if not np.array_equal(refitted, values):
+                q.CopyFrom(numpy_helper.from_array(refitted, q.name))
+        elif precision == "fp16" and np.any(scale < FP16_NORMAL):
+            continue  # the float-regions rewrite keeps this quantizer FP32
+        else:
+            fitted = on_grid(scale, precision, up=False)
+        if np.array_equal(fitted, scale):
+            continue
+        init.CopyFrom(numpy_helper.from_array(fitted, name))
         changed += 1
     return changed

@@ -29,6 +29,7 @@ from onnx import helper, numpy_helper
 from pipeline.graph.graph_index import GraphIndex
 from pipeline.graph.model import attribute, dequantized, toposort
 from pipeline.log import logger
+from pipeline.transforms.scale_grid import on_grid
 
 MIN_GAIN = 1.25  # shift only where the step gets at least this much finer
 SHIFT_SUFFIX = "_shift_sub"  # the Sub's name ends so: shift_of recognises a shifted input by it
@@ -43,9 +44,15 @@ class Shifted:
 
 
 def shift_inputs(
-    qdq: onnx.ModelProto, observed: dict[str, tuple[float, float]], min_gain: float = MIN_GAIN
+    qdq: onnx.ModelProto,
+    observed: dict[str, tuple[float, float]],
+    min_gain: float = MIN_GAIN,
+    narrow: str | None = None,
 ) -> list[Shifted]:
     """Shift, in place, the INT8 input of every Conv of ``qdq`` that gains at least ``min_gain`` in step.
+
+    ``narrow`` (fp16 | bf16): the float regions' type; c is then a value of it, so the Sub and Pad that
+    run in it subtract exactly the c the bias pays back (c·ΣW reaches ~1000: any rounding would show).
 
     A candidate Conv reads ``DequantizeLinear(QuantizeLinear(x))`` with an int8 zero point 0, that
     DequantizeLinear feeds nothing else, its weights are INT8 initializers and its bias (if any) a
@@ -85,7 +92,10 @@ def shift_inputs(
         lo, hi = max(observed[x][0], -amax), min(observed[x][1], amax)
         if amax <= 0 or hi <= lo or amax / ((hi - lo) / 2) < min_gain:
             continue
-        c, half = (hi + lo) / 2, (hi - lo) / 2
+        c = (hi + lo) / 2
+        if narrow is not None:
+            c = float(np.sign(c) * on_grid(np.array(abs(c), np.float32), narrow, up=False))
+        half = max(hi - c, c - lo)
         p = f"{conv.name}_shift"
         graph.initializer.append(numpy_helper.from_array(np.array(c, np.float32), f"{p}_c"))
         graph.node.append(helper.make_node("Sub", [x, f"{p}_c"], [f"{p}_x"], name=f"{conv.name}{SHIFT_SUFFIX}"))
