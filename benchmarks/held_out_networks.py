@@ -34,6 +34,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import defaults_across_networks as bench  # noqa: E402
+from ocr_rec_vs_peers import edit_distance  # noqa: E402
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 FONTS = sorted(Path("/usr/share/fonts/truetype/dejavu").glob("DejaVuSans*.ttf"))
@@ -72,15 +73,6 @@ def ctc_greedy(logits: np.ndarray, blank: int) -> list[int]:
     """Greedy CTC over [T, C] logits: repeats merged, blanks dropped."""
     best = logits.argmax(-1)
     return [int(c) for k, c in enumerate(best) if c != blank and (k == 0 or c != best[k - 1])]
-
-
-def edit_distance(a: list[int], b: list[int]) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
 
 
 def string_score(out: list[list[int]], ref: list[list[int]]) -> bench.Score:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow  # pipelines, MLflow servers and racing processes 
 SLOW_SOURCE = """
 import time
 from pathlib import Path
+from typing import IO
 import numpy as np
 
 def batches(started, delay):
@@ -193,17 +194,23 @@ def _wait_healthy(uri: str, server: subprocess.Popen[bytes]) -> None:
     raise AssertionError("mlflow server did not start")
 
 
-def test_tracking_server_outage_mid_run_is_bounded(digits_copy: Path, tmp_path: Path) -> None:
+def _mlflow_server(port: int, tmp_path: Path, log: IO[str], new_session: bool = False) -> subprocess.Popen[bytes]:
+    """A real ``mlflow server`` on 127.0.0.1 with a sqlite store under ``tmp_path``, its output in ``log``."""
     from tests.conftest import BIN
 
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
+    return subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=server_env(), cwd=tmp_path,
+        stdout=log, stderr=subprocess.STDOUT, env=server_env(), cwd=tmp_path, start_new_session=new_session,
     )  # fmt: skip
+
+
+def test_tracking_server_outage_mid_run_is_bounded(digits_copy: Path, tmp_path: Path) -> None:
+
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = _mlflow_server(port, tmp_path, log)
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(uri, server)
@@ -233,17 +240,10 @@ def test_a_hung_tracking_server_ends_the_run_in_bounded_time(digits_copy: Path, 
     """A server frozen mid-run (SIGSTOP): the kernel still accepts connections, nothing answers. Before,
     the run waited out every retry of every request (259 s) and printed retries after its last word.
     The settings are the user's (small, so the test is quick): int8pipe's defaults must not override them."""
-    from tests.conftest import BIN
 
     port, timeout_s, retries = _free_port(), 4, 1
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=server_env(), cwd=tmp_path,
-        start_new_session=True,  # its own group: SIGSTOP reaches the uvicorn worker that answers too
-    )  # fmt: skip
+    server = _mlflow_server(port, tmp_path, log, new_session=True)  # SIGSTOP to its group reaches the worker
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(uri, server)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from pipeline.graph.model import tensor_types, toposort
+from pipeline.graph.model import name_taker, tensor_types, toposort
 
 NARROW = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
@@ -38,14 +38,7 @@ def emulated(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     toposort(out)
     types = tensor_types(out)
     types.update({i.name: i.data_type for i in out.graph.initializer})
-    taken = {t for n in out.graph.node for t in [*n.input, *n.output]} | {i.name for i in out.graph.initializer}
-
-    def fresh(base: str) -> str:
-        name = base
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        return name
+    fresh = name_taker(out)
 
     added: list[onnx.NodeProto] = []
     count = 0

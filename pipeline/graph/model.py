@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,22 @@ def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str], np.d
         dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
         specs[vi.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
     return specs
+
+
+def name_taker(model: onnx.ModelProto) -> Callable[[str], str]:
+    """A function that returns ``base``, or ``base`` with underscores appended, unused by ``model``'s
+    tensors and initializers and by the names it returned before."""
+    graph = model.graph
+    taken = {t for n in graph.node for t in [*n.input, *n.output]} | {i.name for i in graph.initializer}
+
+    def take(base: str) -> str:
+        name = base
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    return take
 
 
 def attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:

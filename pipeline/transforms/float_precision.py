@@ -34,7 +34,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.errors import ModelError, fail
-from pipeline.graph.model import drop_unused_initializers, opset_of, subgraph_inputs, tensor_types, toposort
+from pipeline.graph.model import (
+    drop_unused_initializers,
+    name_taker,
+    opset_of,
+    subgraph_inputs,
+    tensor_types,
+    toposort,
+)
 from pipeline.transforms import scale_grid
 
 PRECISIONS = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
@@ -432,14 +439,7 @@ def first_overflow(
     ]  # fmt: skip
     if not narrow:
         return None
-    taken = {t for n in probe.graph.node for t in [*n.input, *n.output]} | {i.name for i in probe.graph.initializer}
-
-    def fresh(base: str) -> str:
-        name = base
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        return name
+    fresh = name_taker(probe)
 
     sums = []
     for t in narrow:
