@@ -135,6 +135,7 @@ def test_a_trial_process_counts_by_what_its_summary_says() -> None:
 # (before any handler of int8pipe's exists), and while its arguments parse.
 CTRL_C_WHILE_LOADING = """
 import builtins, os, signal
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a background job ignores it
 real = builtins.__import__
 def hooked(name, *args, **kwargs):
     if name == "pipeline.orchestration.cli":
@@ -146,6 +147,7 @@ raise SystemExit(main())
 """
 CTRL_C_WHILE_PARSING = """
 import os, signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pipeline.orchestration import cli
 build = cli._parser
 def parser():

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.log import logger
 from pipeline.tag_names import HEARTBEAT_TAG, HOST_TAG, PID_NAMESPACE_TAG, PID_TAG
 
 
@@ -229,7 +230,37 @@ def closing(end: Any) -> Iterator[None]:
         raise
     finally:
         if status:
+            _end_despite_locks(end, status)
+
+
+LOCK_RETRIES = (0.2, 0.5, 1.0, 2.0, 4.0)  # seconds between tries of a write a locked sqlite store refused
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is a sqlite store busy with another process's write (concurrent runs, or a sweep's
+    trials all closing their runs at the same Ctrl-C)."""
+    return any("database is locked" in str(e) for e in _chain(exc))
+
+
+def _end_despite_locks(end: Any, status: str) -> None:
+    """``end(status)``, tried again while the sqlite store is locked. An interrupted run that still cannot
+    be closed is left RUNNING with a warning (the next run against the experiment closes it as KILLED):
+    a second traceback chained to the interruption would bury its one line."""
+    for wait in (*LOCK_RETRIES, None):
+        try:
             end(status)
+            return
+        except Exception as exc:
+            if not is_locked(exc) or wait is None:
+                if status == "KILLED":
+                    logger.warning(
+                        "could not mark a run KILLED (%s); the next int8pipe run against this experiment "
+                        "closes it as KILLED",
+                        str(exc).splitlines()[0][:200],
+                    )
+                    return
+                raise
+            time.sleep(wait)
 
 
 def give_up_on_server() -> None:
