@@ -1,5 +1,5 @@
 """What FP16 float regions cost an INT8 model, with the Q/DQ scales rounded to FP16 after the shift and
-bias correction folded terms against them (before) or put on FP16's grid first (now).
+bias correction folded terms against them (before) or put on FP16's grid first (now); and BF16 regions.
 
 EfficientNet-Lite2 (held out from choosing the defaults, see held_out_networks.py), photo crops as in
 defaults_across_networks.py, the default recipe for target tensorrt (mse, shift_activations, bias
@@ -54,6 +54,7 @@ def main() -> None:
             fp32_regions, "fp16", seen
         ).model,
         "INT8, FP16 regions, scales on FP16's grid first (now, the default)": build("fp16"),
+        "INT8, BF16 regions, scales on BF16's grid first": build("bf16"),
     }
     n_val = len(next(iter(net.x_val.values())))
     print(f"\n{net.title}: {args.cal} calibration crops, {n_val} held out\n")
