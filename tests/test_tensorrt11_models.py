@@ -82,8 +82,14 @@ def test_fp16_overflow_on_validation_data_names_the_tensor(
     runs = client.search_runs([client.get_experiment_by_name("overflow").experiment_id])
     statuses = {r.data.tags.get("int8pipe.step"): r.info.status for r in runs}
     assert statuses["validate"] == "FAILED" and statuses["quantize"] == "FINISHED"
-    # the way out the message gives works: the node writing h kept FP32
-    code = main(run_args(config, tracking_uri, tmp_path / "s2.json", "steps.quantize.keep_fp32_nodes=[outlier]"))
+    _keeping_fp32_ends_the_overflow(config, tracking_uri, tmp_path, capsys, "outlier")  # the node writing h
+
+
+def _keeping_fp32_ends_the_overflow(
+    config: Path, tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], node: str
+) -> None:
+    """The way out the overflow message names works: ``node`` kept FP32, the pipeline runs through."""
+    code = main(run_args(config, tracking_uri, tmp_path / "s2.json", f"steps.quantize.keep_fp32_nodes=[{node}]"))
     err = capsys.readouterr().err
     assert code in (0, 3) and "float regions overflow" not in err, err
 
@@ -129,10 +135,7 @@ def test_fp16_overflow_on_a_later_validation_sample_names_the_tensor_and_the_nod
     client = MlflowClient(tracking_uri)
     statuses = {step: client.get_run(rid).info.status for step, rid in s["steps"].items()}
     assert statuses == {"export": "FINISHED", "calibrate": "FINISHED", "quantize": "FINISHED", "validate": "FAILED"}
-    # the way out it names works
-    code = main(run_args(config, tracking_uri, tmp_path / "s2.json", "steps.quantize.keep_fp32_nodes=[rescale]"))
-    err = capsys.readouterr().err
-    assert code in (0, 3) and "float regions overflow" not in err, err
+    _keeping_fp32_ends_the_overflow(config, tracking_uri, tmp_path, capsys, "rescale")
 
 
 def test_a_model_the_version_converter_refuses_fails_quantize_with_the_way_out(
