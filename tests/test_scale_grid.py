@@ -7,6 +7,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.calibration.calibrator import calibrate
@@ -128,3 +129,10 @@ def test_fp16_model_computes_the_fp32_regions_arithmetic_in_fp16_storage(tmp_pat
     got = runtime.run(runtime.session(done.model.SerializeToString(), optimize=False), {"x": x})[0]
     # one FP16 step of the output (the order of a 256-term sum differs from numpy's)
     assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1.0)) <= 2.0**-10
+
+
+def test_a_grid_is_fp16_or_bf16_only() -> None:
+    with pytest.raises(ValueError, match="no grid for 'fp8'"):
+        scale_grid.on_grid(np.array([0.5], np.float32), "fp8", up=False)
+    qdq = quantize(build("conv_relu_gemm"), {"x": 3.0, "flat": 4.0}, QuantizeOptions(target="tensorrt"), None)
+    assert scale_grid.fit_scales(qdq, "fp32") == 0  # FP32 regions: nothing to fit

@@ -203,3 +203,36 @@ def test_an_interrupted_run_is_closed_despite_a_locked_store_or_left_with_one_wa
     else:
         assert still_held and status == "RUNNING"
         assert "could not mark a run KILLED" in caplog.text and "closes it as KILLED" in caplog.text
+
+
+def test_a_locked_write_is_retried_and_other_errors_or_a_lasting_lock_on_a_finished_run_raise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The retry around closing a run: sqlite's own error for a busy store, raised by ``end`` itself."""
+    from pipeline.mlflow_io import store
+
+    monkeypatch.setattr(store, "LOCK_RETRIES", (0.0, 0.0))
+    calls: list[str] = []
+
+    def end_after(failures: int, error: Exception):  # type: ignore[no-untyped-def]
+        def end(status: str) -> None:
+            calls.append(status)
+            if len(calls) <= failures:
+                raise error
+
+        return end
+
+    locked = sqlite3.OperationalError("database is locked")
+    with store.closing(end_after(2, locked)):  # two refusals, then the write goes through
+        pass
+    assert calls == ["FINISHED"] * 3
+    calls.clear()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # still locked after every retry: raised
+        with store.closing(end_after(9, locked)):
+            pass
+    assert calls == ["FINISHED"] * 3
+    calls.clear()
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):  # not a lock: raised at once
+        with store.closing(end_after(9, sqlite3.OperationalError("no such table: runs"))):
+            pass
+    assert calls == ["FINISHED"]
