@@ -72,6 +72,20 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def interruption(exc: BaseException) -> Interrupted | None:
+    """The Interrupted that ``exc`` is or was caused by: a library may turn one into its own error (a
+    SIGTERM landing while onnxruntime's C extension initialises becomes "ImportError: initialization
+    failed"), and such an error is the interruption, not a failure."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, Interrupted):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
+
+
 class GateFailed(Int8PipeError):
     """The accuracy gate failed: the INT8 model dropped more than ``max_drop``."""
 

@@ -400,3 +400,51 @@ def test_a_run_from_another_pid_namespace_with_our_hostname_is_judged_by_its_hea
     closed = set(tracker.close_abandoned())
     assert closed == {ours_dead, neighbour_stale}
     assert client.get_run(neighbour).info.status == "RUNNING"
+
+
+# A calibration source that, like onnxruntime's C extension initialising when a SIGTERM lands, turns the
+# interruption into an error of its own ("ImportError: initialization failed"), the interruption its cause.
+WRAPPING_SOURCE = """
+import os, signal, time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+
+
+def batches():
+    if not (HERE / "checked").exists():  # the first call is the start-up check of the data: real samples
+        (HERE / "checked").write_text("")
+        data = np.load(HERE / "data" / "calibration.npz")
+        yield {k: data[k][:8] for k in data.files}
+        return
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    except BaseException as exc:
+        raise ImportError("initialization failed") from exc
+    yield {}
+"""
+
+
+def test_an_interruption_a_library_wraps_in_its_own_error_is_still_an_interruption(
+    digits_copy: Path, tmp_path: Path, tracking_uri: str
+) -> None:
+    """Seen in a sweep trial stopped while importing onnxruntime: exit 1 and a traceback, its run FAILED."""
+    (digits_copy / "wrapping.py").write_text(WRAPPING_SOURCE)
+    path = digits_copy / "pipeline.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["calibration"] = {"python": "wrapping:batches", "deps": ["wrapping.py"]}
+    path.write_text(yaml.safe_dump(cfg))
+    proc = _start(path, tracking_uri, tmp_path, tmp_path / "s.json")
+    _, err = proc.communicate(timeout=300)
+    text = err.decode()
+    assert proc.returncode == 143, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == (
+        "int8pipe: interrupted by SIGTERM; open runs marked KILLED, temporary files removed"
+    )
+    runs = _runs(MlflowClient(tracking_uri))
+    assert runs.get("export") == "FINISHED" and runs.get("calibrate") == "KILLED", runs
+    assert runs["digits-int8 (entropy, tensorrt)"] == "KILLED", runs

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import interruption
 from pipeline.log import logger
 from pipeline.tag_names import HEARTBEAT_TAG, HOST_TAG, PID_NAMESPACE_TAG, PID_TAG
 
@@ -225,7 +226,9 @@ def closing(end: Any) -> Iterator[None]:
         status = "KILLED"
         raise
     except Exception as exc:
-        if is_outage(exc):
+        if interruption(exc) is not None:
+            status = "KILLED"
+        elif is_outage(exc):
             status = ""
         raise
     finally:

@@ -21,6 +21,7 @@ from pipeline.errors import (
     TrackingError,
     UserCodeError,
     fail,
+    interruption,
 )
 
 EXIT_USER_ERROR = 2
@@ -318,17 +319,18 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as exc:
         print(f"int8pipe: {exc}", file=sys.stderr)
         return EXIT_GATE_FAILED
-    except Int8PipeError as exc:
-        _quiet_if_outage(exc)
-        if isinstance(exc, UserCodeError) and exc.user_traceback:
-            print(exc.user_traceback, file=sys.stderr, end="")
-        print(f"int8pipe: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except Interrupted as exc:
-        name = signal.Signals(exc.signum).name
-        print(f"int8pipe: interrupted by {name}; open runs marked KILLED, temporary files removed", file=sys.stderr)
-        return 128 + exc.signum
+        return _interrupted(exc)
     except Exception as exc:
+        stopped = interruption(exc)  # a library that turned the interruption into an error of its own
+        if stopped is not None:
+            return _interrupted(stopped)
+        if isinstance(exc, Int8PipeError):
+            _quiet_if_outage(exc)
+            if isinstance(exc, UserCodeError) and exc.user_traceback:
+                print(exc.user_traceback, file=sys.stderr, end="")
+            print(f"int8pipe: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
         message = _tracking_outage(exc)
         if message is None:
             raise  # a bug: keep the traceback
@@ -338,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         for sig, previous in handlers.items():
             if signal.getsignal(sig) is not _deaf:
                 signal.signal(sig, previous)
+
+
+def _interrupted(exc: Interrupted) -> int:
+    name = signal.Signals(exc.signum).name
+    print(f"int8pipe: interrupted by {name}; open runs marked KILLED, temporary files removed", file=sys.stderr)
+    return 128 + exc.signum
 
 
 if __name__ == "__main__":
