@@ -559,6 +559,7 @@ class Candidate:
     bias_correction: bool = True
     gptq: bool = False
     smoothing: bool = False
+    depthwise: bool = False  # per-channel scales for depthwise Conv inputs (steps.quantize.depthwise_scales)
     target: str = "tensorrt"
     weights: str = "int8"
     float_precision: str = "fp32"  # what the layers left float compute in
@@ -577,14 +578,16 @@ def candidates(attention: bool, transformer: bool) -> list[Candidate]:
         Candidate("minmax, bias correction", method="minmax"),
         Candidate("mse, no bias correction", bias_correction=False),
         Candidate("mse + shift_activations", shift=True),
+        Candidate("mse + shift_activations + depthwise_scales", shift=True, depthwise=True),
         Candidate("percentile + shift_activations", method="percentile", shift=True),
         Candidate("percentile + shift_activations + GPTQ", method="percentile", shift=True, gptq=True),
     ]
     # what `int8pipe run` writes for target tensorrt with no option set: the float layers in FP16
     grid.append(Candidate(
         "pipeline default: mse + " + ("smoothing {}, no bias correction" if transformer else "shift_activations")
-        + ", FP16 float regions",
+        + ", depthwise_scales, FP16 float regions",
         shift=not transformer, smoothing=transformer, bias_correction=not transformer, float_precision="fp16",
+        depthwise=True,
     ))  # fmt: skip
     if attention:
         grid += [
@@ -600,8 +603,13 @@ def ort_target_candidates() -> list[Candidate]:
             "target onnxruntime (mse, u8 asymmetric, int7 weights: the default fleet incl. AVX2)",
             target="onnxruntime",
             weights="int7",
+            depthwise=True,
         ),  # fmt: skip
-        Candidate("target onnxruntime (mse, u8 asymmetric, int8 weights: a VNNI-only fleet)", target="onnxruntime"),
+        Candidate(
+            "target onnxruntime (mse, u8 asymmetric, int8 weights: a VNNI-only fleet)",
+            target="onnxruntime",
+            depthwise=True,
+        ),  # fmt: skip
     ]
 
 
@@ -616,7 +624,7 @@ def build_int8pipe(net: Net, cal: Any, c: Candidate) -> onnx.ModelProto:
     r = recipe.Recipe(
         quantize=opts, shift_activations=c.shift, bias_correction=c.bias_correction,
         weight_rounding="gptq" if c.gptq else "nearest", smoothing=recipe.Smoothing() if c.smoothing else None,
-        float_precision=c.float_precision,
+        float_precision=c.float_precision, depthwise_scales=c.depthwise,
     )  # fmt: skip
     done = recipe.quantize_static(net.fp32, ranges, r, recipe.Samples(net.cal_batches))
     progress(f"  {c.name}: {done.counts}")

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
     from pipeline.settings.facts import Facts
 
 
+# the keys whose ``auto`` QuantizeConfig.for_graph decides, in the order the run's tag lists them
+AUTO_KEYS = ("shift_activations", "bias_correction", "smoothing", "depthwise_scales")
+
+
 @dataclass
 class Exclude:
     nodes: list[str] = field(default_factory=list)
@@ -73,6 +77,10 @@ class QuantizeConfig:
     # per-channel activation outliers moved into the weights (SmoothQuant); null: off; auto: with its
     # defaults on attention graphs, off on the others
     smoothing: Smoothing | Literal["auto"] | None = "auto"
+    # depthwise Conv inputs get one scale per channel: each channel divided by its max |x| before the
+    # quantizer, the depthwise weights multiplied back (pipeline/transforms/depthwise_scales.py);
+    # auto: on with per-channel INT8 weights and calibration samples
+    depthwise_scales: bool | Literal["auto"] = "auto"
     # Conv inputs that are (almost) one-signed quantized as x - c, c paid back in the bias: 8 bits, not 7;
     # auto: on wherever activations are symmetric (target tensorrt)
     shift_activations: bool | Literal["auto"] = "auto"
@@ -112,7 +120,12 @@ class QuantizeConfig:
         bias = self.bias_correction
         if bias == "auto":
             bias = not attention and has_samples
-        return dataclasses.replace(self, smoothing=smoothing, shift_activations=shift, bias_correction=bias)
+        depthwise = self.depthwise_scales
+        if depthwise == "auto":  # a no-op on graphs without depthwise Convs
+            depthwise = self.per_channel and self.precision == "int8" and has_samples
+        return dataclasses.replace(
+            self, smoothing=smoothing, shift_activations=shift, bias_correction=bias, depthwise_scales=depthwise
+        )
 
     def auto_choices(self, kind: str, has_samples: bool = True) -> str:
         """What ``auto`` became for this graph, for the run's tag and log line."""
@@ -120,7 +133,7 @@ class QuantizeConfig:
 
     def decided(self, done: QuantizeConfig) -> str:
         """``key=on|off`` for each of this config's ``auto`` keys, as ``done`` (its for_graph) set them."""
-        keys = [k for k in ("shift_activations", "bias_correction", "smoothing") if getattr(self, k) == "auto"]
+        keys = [k for k in AUTO_KEYS if getattr(self, k) == "auto"]
         return ", ".join(f"{k}={'off' if getattr(done, k) in (None, False) else 'on'}" for k in keys)
 
     def as_recipe(self, facts: Facts) -> recipe.Recipe:
@@ -138,13 +151,14 @@ class QuantizeConfig:
             weights=facts.weight_scheme.name,
         )
         s = self.smoothing
-        if isinstance(s, str) or self.shift_activations == "auto" or self.bias_correction == "auto":
+        if isinstance(s, str) or any(getattr(self, k) == "auto" for k in AUTO_KEYS):
             raise ValueError("QuantizeConfig.as_recipe: decide the auto keys first, with for_graph(kind)")
         return recipe.Recipe(
             quantize=opts,
             equalization=self.equalization,
             shift_activations=bool(self.shift_activations),
             smoothing=recipe.Smoothing(s.alpha, tuple(s.op_types), s.samples, s.method) if s is not None else None,
+            depthwise_scales=bool(self.depthwise_scales),
             bias_correction=bool(self.bias_correction),
             bias_correction_samples=self.bias_correction_samples,
             weight_rounding=self.weight_rounding,
@@ -238,6 +252,13 @@ class Quantize(Step):
             fail(ConfigError, f"steps.quantize.smoothing.alpha: expected a number in [0, 1], got {smooth.alpha}.")
         if smooth is not None and smooth.samples <= 0:
             fail(ConfigError, f"steps.quantize.smoothing.samples: expected a positive number, got {smooth.samples}.")
+        if cfg.depthwise_scales is True and not cfg.per_channel:
+            fail(
+                ConfigError,
+                "steps.quantize.depthwise_scales: moves each input channel's range into its depthwise weights, "
+                "which needs one weight scale per channel, but per_channel is false. Set per_channel: true, or "
+                "depthwise_scales: false.",
+            )
         if cfg.weight_rounding_samples <= 0:
             fail(
                 ConfigError,
@@ -396,7 +417,7 @@ class Quantize(Step):
     def key_material(self, ctx: StepContext, cfg: QuantizeConfig) -> dict[str, Any]:
         src = ctx.pipeline.data.calibration
         # auto counts as using data: whether it does depends on the model (an input of the key anyway)
-        uses_data = cfg.bias_correction or cfg.smoothing or cfg.weight_rounding == "gptq"
+        uses_data = cfg.bias_correction or cfg.smoothing or cfg.depthwise_scales or cfg.weight_rounding == "gptq"
         if not uses_data or cfg.mode == "dynamic" or src is None:
             return {}
         return {"data": data.source_digest(src, data.search_dirs(ctx.pipeline.base_dir))}

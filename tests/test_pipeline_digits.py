@@ -390,4 +390,6 @@ def test_the_pipeline_run_links_its_registered_version(digits_run: dict[str, Any
 def test_quantize_records_the_graph_kind_and_what_auto_became(digits_run: dict[str, Any]) -> None:
     tags = digits_run["client"].get_run(digits_run["summary"]["steps"]["quantize"]).data.tags
     assert tags["int8pipe.graph_kind"] == "convolutional"
-    assert tags["int8pipe.auto_choices"] == "shift_activations=on, bias_correction=on, smoothing=off"
+    assert tags["int8pipe.auto_choices"] == (
+        "shift_activations=on, bias_correction=on, smoothing=off, depthwise_scales=on"
+    )

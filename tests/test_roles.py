@@ -64,12 +64,16 @@ def test_quantize_defaults_follow_the_graph_kind() -> None:
     conv, attention = cfg.for_graph("convolutional"), cfg.for_graph("attention")
     assert (conv.shift_activations, conv.bias_correction, conv.smoothing) == (True, True, None)
     assert (attention.shift_activations, attention.bias_correction, attention.smoothing) == (True, False, Smoothing())
-    assert cfg.auto_choices("attention") == "shift_activations=on, bias_correction=off, smoothing=on"
+    assert cfg.auto_choices("attention") == (
+        "shift_activations=on, bias_correction=off, smoothing=on, depthwise_scales=on"
+    )
     ort = QuantizeConfig(target="onnxruntime").for_graph("convolutional")  # asymmetric: the grid is used whole
     assert ort.shift_activations is False and ort.bias_correction is True
     cached = cfg.for_graph("attention", has_samples=False)  # from_cache: nothing to measure on
     assert (cached.bias_correction, cached.smoothing) == (False, None)
-    explicit = QuantizeConfig(shift_activations=False, bias_correction=True, smoothing=None).for_graph("attention")
+    explicit = QuantizeConfig(
+        shift_activations=False, bias_correction=True, smoothing=None, depthwise_scales=False
+    ).for_graph("attention")
     assert (explicit.shift_activations, explicit.bias_correction, explicit.smoothing) == (False, True, None)
     assert explicit.auto_choices("attention") == ""
 

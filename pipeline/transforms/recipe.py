@@ -1,11 +1,11 @@
 """The static quantize recipe, model in, model out: everything ``steps.quantize`` does to a float model,
 callable without MLflow (benchmarks, notebooks), so what is measured is what ships.
 
-In order: cross-layer equalization and activation smoothing (each calibrates the tensors it
-renames), the Q/DQ model (:mod:`pipeline.transforms.quantization`), float paths for the nodes kept float
-(:mod:`pipeline.transforms.keep_float`), GPTQ weight rounding, shifted activations, bias correction. The steps
-that measure on calibration samples are skipped, with a warning, when there are none (a pipeline
-calibrated from a TensorRT cache).
+In order: cross-layer equalization, activation smoothing and per-channel depthwise input scales (each
+calibrates the tensors it renames), the Q/DQ model (:mod:`pipeline.transforms.quantization`), float paths
+for the nodes kept float (:mod:`pipeline.transforms.keep_float`), GPTQ weight rounding, shifted activations,
+bias correction. The steps that measure on calibration samples are skipped, with a warning, when there are
+none (a pipeline calibrated from a TensorRT cache).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import onnx
 from pipeline.calibration.methods import METHODS
 from pipeline.calibration.ranges import Ranges, TensorRange
 from pipeline.graph.layout import Layout
-from pipeline.graph.model import drop_unused_initializers
+from pipeline.graph.model import drop_unused_initializers, toposort
 from pipeline.limits import DEFAULT_MEMORY_MB
 from pipeline.log import logger
 from pipeline.transforms import (
     bias_correction,
+    depthwise_scales,
     equalization,
     float_precision,
     fp8,
@@ -54,6 +55,8 @@ class Recipe:
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
     equalization: bool = False
     smoothing: Smoothing | None = None
+    depthwise_scales: bool = False  # depthwise Conv inputs divided per channel, the weights multiplied back
+    depthwise_samples: int = 64  # calibration samples the per-channel maxima and new ranges come from
     shift_activations: bool = False
     bias_correction: bool = True
     bias_correction_samples: int = 128
@@ -76,7 +79,7 @@ class Samples:
 @dataclass
 class Quantized:
     model: onnx.ModelProto  # the Q/DQ model
-    float_model: onnx.ModelProto | None  # the float model it was built from, when equalization or smoothing changed it
+    float_model: onnx.ModelProto | None  # the float model it was built from, when a rewrite above changed it
     counts: dict[str, int]  # what each stage changed, named as the quantize step's metrics
     # float regions lowered to FP16/BF16: the record, and the Q/DQ model before (recovery reverts on it)
     regions: float_precision.Lowered | None = None
@@ -91,6 +94,7 @@ def quantize_static(fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, sampl
     kept_float = float_nodes(fp32, opts)
     source = _equalized(fp32, ranges, recipe, samples, kept_float, tensors, counts)
     source = _smoothed(source, ranges, recipe, samples, kept_float, tensors, counts)
+    source = _depthwise_scaled(source, ranges, recipe, samples, kept_float, tensors, counts)
     observed = {k: (v.min, v.max) for k, v in tensors.items()}
     qdq = quantize(source, {k: v.amax for k, v in tensors.items()}, opts, observed)
     # excluded means float: also where an excluded node shares an input or weight with a quantized one
@@ -122,6 +126,7 @@ def quantize_static(fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, sampl
         counts["bias_corrected_nodes"] = _on_samples(bias_correction.correct, "bias correction", source, qdq, samples,
                                                      limit)  # fmt: skip
     drop_unused_initializers(qdq)  # e.g. an int32 bias bias correction replaced
+    toposort(qdq)  # ORT's quantizer appends its Q/DQ nodes at the end; a caller may save or check it as is
     float_model = source if source is not fp32 else None
     if recipe.float_precision == "fp32":
         return Quantized(qdq, float_model, counts)
@@ -208,3 +213,22 @@ def _smoothed(
     tensors.update(new)
     counts["smoothed_inputs"] = len(new)
     return smoothed
+
+
+def _depthwise_scaled(
+    fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, samples: Samples, skip: list[str],
+    tensors: dict[str, TensorRange], counts: dict[str, int],
+) -> onnx.ModelProto:  # fmt: skip
+    """``fp32`` with its depthwise Conv inputs scaled per channel (their ranges added to ``tensors``), or ``fp32``."""
+    if not recipe.depthwise_scales or not _have(samples, "per-channel depthwise input scales"):
+        return fp32
+    assert samples.batches is not None
+    method = ranges.method if ranges.method in METHODS else "mse"  # from_cache: no method to repeat
+    limit = min(recipe.depthwise_samples, ranges.num_samples or recipe.depthwise_samples)
+    scaled, new = depthwise_scales.scale_and_calibrate(
+        fp32, samples.batches, skip, limit, method, float(ranges.params.get("percentile", 99.99)), samples.memory_mb,
+        samples.layout or Layout(),
+    )  # fmt: skip
+    tensors.update(new)
+    counts["depthwise_scaled_inputs"] = len(new)
+    return scaled

@@ -37,22 +37,22 @@ Batch = dict[str, np.ndarray]
 
 
 @dataclass
-class _Consumer:
+class Consumer:
     node: onnx.NodeProto
     weight: str  # initializer name
     axis: int  # the weight's input-channel axis
 
 
 @dataclass
-class _Input:
+class LayerInput:
     tensor: str
     channel_axis: int  # 1 for a Conv's NCHW input, -1 for a MatMul/Gemm's last axis
     rank: int  # of a Conv input (the weight's); 0 when unknown (MatMul)
     channels: int
-    consumers: list[_Consumer] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
 
 
-def candidates(model: onnx.ModelProto, op_types: Iterable[str], skip: Iterable[str] = ()) -> list[_Input]:
+def candidates(model: onnx.ModelProto, op_types: Iterable[str], skip: Iterable[str] = ()) -> list[LayerInput]:
     """Activation tensors read by smoothable layers, with those layers.
 
     Smoothable: a Conv without groups, a MatMul whose second operand is a constant [K, N] matrix, a
@@ -63,7 +63,7 @@ def candidates(model: onnx.ModelProto, op_types: Iterable[str], skip: Iterable[s
     # graph inputs keep their preprocessing's fixed range (calibrated minmax, see calibrator.py): left alone
     const = constant_tensors(model) | index.inputs
     wanted, skipped = set(op_types), {*skip, *activation_matmuls(model)}
-    found: dict[str, _Input] = {}
+    found: dict[str, LayerInput] = {}
     for node in model.graph.node:
         if node.op_type not in wanted or node.name in skipped or len(node.input) < 2:
             continue
@@ -75,25 +75,25 @@ def candidates(model: onnx.ModelProto, op_types: Iterable[str], skip: Iterable[s
         if node.op_type == "Conv":
             if int(attribute(node, "group", 1)) != 1:
                 continue
-            entry = found.setdefault(x, _Input(x, 1, len(dims), dims[1]))
+            entry = found.setdefault(x, LayerInput(x, 1, len(dims), dims[1]))
             axis = 1
         elif node.op_type == "MatMul" and len(dims) == 2:
-            entry = found.setdefault(x, _Input(x, -1, 0, dims[0]))
+            entry = found.setdefault(x, LayerInput(x, -1, 0, dims[0]))
             axis = 0
         elif node.op_type == "Gemm" and len(dims) == 2 and not int(attribute(node, "transA", 0)):
             axis = 1 if int(attribute(node, "transB", 0)) else 0
-            entry = found.setdefault(x, _Input(x, -1, 2, dims[axis]))
+            entry = found.setdefault(x, LayerInput(x, -1, 2, dims[axis]))
         else:
             continue
         if entry.channel_axis != (1 if node.op_type == "Conv" else -1) or dims[axis] != entry.channels:
             continue  # one tensor read as NCHW by one layer and as [.., K] by another: leave it
-        entry.consumers.append(_Consumer(node, w, axis))
+        entry.consumers.append(Consumer(node, w, axis))
     return list(found.values())
 
 
 def channel_max(
     model: onnx.ModelProto,
-    inputs: list[_Input],
+    inputs: list[LayerInput],
     batches: Iterable[Batch],
     samples: int,
     layout: Layout | None = None,
@@ -145,11 +145,13 @@ def factors(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def smooth(
-    model: onnx.ModelProto, inputs: list[_Input], maxima: list[np.ndarray], alpha: float
-) -> tuple[onnx.ModelProto, list[str]]:
+    model: onnx.ModelProto, inputs: list[LayerInput], maxima: list[np.ndarray], alpha: float,
+    suffix: str = "_smoothed",
+) -> tuple[onnx.ModelProto, list[str]]:  # fmt: skip
     """A copy of ``model`` with each input divided by its factors and its consumers' weights multiplied.
 
-    Returns the model and the new (smoothed) activation tensors, which need ranges of their own.
+    Returns the model and the new (smoothed) activation tensors, named ``<tensor><suffix>``, which need
+    ranges of their own.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -163,16 +165,16 @@ def smooth(
             continue
         s = factors(x_max, w_max, alpha)
         shape = [-1] if item.channel_axis == -1 else [1, -1, *([1] * (item.rank - 2))]
-        smoothed, inverse = f"{item.tensor}_smoothed", f"{item.tensor}_smoothing_inverse"
+        smoothed, inverse = f"{item.tensor}{suffix}", f"{item.tensor}{suffix}_inverse"
         graph.initializer.append(numpy_helper.from_array((1.0 / s).reshape(shape).astype(np.float32), inverse))
-        mul = helper.make_node("Mul", [item.tensor, inverse], [smoothed], name=f"{item.tensor}_smoothed_mul")
+        mul = helper.make_node("Mul", [item.tensor, inverse], [smoothed], name=f"{item.tensor}{suffix}_mul")
         graph.node.append(mul)
         for c in item.consumers:
             node = by_name[c.node.name]
             w = inits[c.weight]
             bshape = [1] * w.ndim
             bshape[c.axis] = -1
-            name = f"{node.name}_smoothed_weight"
+            name = f"{node.name}{suffix}_weight"
             graph.initializer.append(numpy_helper.from_array((w * s.reshape(bshape)).astype(np.float32), name))
             node.input[0], node.input[1] = smoothed, name
         new_tensors.append(smoothed)

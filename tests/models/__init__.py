@@ -662,3 +662,29 @@ def conv_quiet_channels() -> onnx.ModelProto:
     consts = [(np.array(0, np.int64), "zero"), (np.array([0], np.int64), "axes"), (np.array([64], np.int64), "rest")]
     inits = [numpy_helper.from_array(a, k) for a, k in [(w, "w"), (b, "b"), *consts]]
     return _model(nodes, [_t("x", ["batch", 2, 4, 4])], [_t("y", ["batch", 64])], inits)
+
+
+@register
+def hardswish_depthwise() -> onnx.ModelProto:
+    """x[N,3,6,6] -> 1x1 Conv "stem" (4 ch, bias) -> HardSwish -> h -> 3x3 depthwise Conv "dw" (pad 1, bias)
+    -> y; h is also read by GlobalAveragePool -> pooled (a second reader of the tensor "dw" reads).
+
+    The stem's output channels span 100x in scale, as BatchNorm folding leaves them: one INT8 scale
+    for all of h leaves the quiet channels a level or two. HardSwish is not homogeneous, so no scale
+    can move through it into the stem.
+    """
+    rng = np.random.default_rng(83)
+    spread = np.array([0.05, 0.3, 1.0, 5.0], np.float32)
+    w1 = rng.normal(size=(4, 3, 1, 1)).astype(np.float32) * spread[:, None, None, None]
+    b1 = rng.normal(size=4).astype(np.float32) * spread
+    w2 = rng.normal(size=(4, 1, 3, 3)).astype(np.float32)
+    b2 = rng.normal(size=4).astype(np.float32) * 0.1
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["s"], name="stem"),
+        helper.make_node("HardSwish", ["s"], ["h"], name="hardswish"),
+        helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="dw", group=4, pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["h"], ["pooled"], name="pool"),
+    ]
+    inits = [numpy_helper.from_array(a, k) for a, k in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]]
+    outputs = [_t("y", ["batch", 4, 6, 6]), _t("pooled", ["batch", 4, 1, 1])]
+    return _model(nodes, [_t("x", ["batch", 3, 6, 6])], outputs, inits)

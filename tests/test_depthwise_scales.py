@@ -1,0 +1,165 @@
+"""Per-channel scales for depthwise Conv inputs: exact in float, and in INT8 the per-channel quantization
+of the input computed independently in numpy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from pipeline.calibration.calibrator import calibrate
+from pipeline.execution import runtime
+from pipeline.transforms import depthwise_scales, recipe
+from pipeline.transforms.quantization import QuantizeOptions
+from tests.models import build
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    return runtime.run(runtime.session(model.SerializeToString(), optimize=False), {"x": x})
+
+
+def samples(n: int = 64, seed: int = 5) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3, 6, 6)).astype(np.float32)
+
+
+def hidden(x: np.ndarray) -> np.ndarray:
+    """The depthwise Conv's input h, from the FP32 model."""
+    from pipeline.calibration.collect import expose
+
+    return runtime.run(runtime.session(expose(build("hardswish_depthwise"), ["h"])), {"x": x})[0]
+
+
+def test_only_computed_inputs_of_depthwise_convs_are_candidates() -> None:
+    (item,) = depthwise_scales.candidates(build("hardswish_depthwise"))
+    assert (item.tensor, [c.node.name for c in item.consumers], item.channels) == ("h", ["dw"], 4)
+    assert [i.tensor for i in depthwise_scales.candidates(build("mobile_block"))] == ["e6"]
+    assert depthwise_scales.candidates(build("depthwise_conv")) == []  # reads the graph input
+    assert depthwise_scales.candidates(build("hardswish_depthwise"), skip=["dw"]) == []  # kept float
+    grouped = build("hardswish_depthwise")  # two input channels per filter: channels mix
+    dw = next(n for n in grouped.graph.node if n.name == "dw")
+    next(a for a in dw.attribute if a.name == "group").i = 2
+    w = next(i for i in grouped.graph.initializer if i.name == "w2")
+    w.CopyFrom(numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float32), "w2"))
+    assert depthwise_scales.candidates(grouped) == []
+    assert depthwise_scales.candidates(build("dilated_grouped_conv")) == []
+
+
+def test_scaling_is_exact_in_float_and_divides_each_channel_by_its_max(tmp_path: Path) -> None:
+    fp32, x = build("hardswish_depthwise"), samples()
+    batches = lambda: iter([{"x": x[:40]}, {"x": x[40:]}])  # noqa: E731
+    scaled, ranges = depthwise_scales.scale_and_calibrate(fp32, batches, [], 64, "minmax", 99.99, 512)
+    onnx.checker.check_model(scaled, full_check=True)
+    (tensor,) = ranges
+    assert tensor == "h" + depthwise_scales.SUFFIX
+    mul = next(n for n in scaled.graph.node if n.op_type == "Mul")
+    factors = numpy_helper.to_array(next(i for i in scaled.graph.initializer if i.name == mul.input[1])).ravel()
+    channel_max = np.abs(hidden(x)).max(axis=(0, 2, 3))
+    np.testing.assert_allclose(factors, 1.0 / channel_max, rtol=1e-6)
+    assert channel_max.max() / channel_max.min() > 20  # the spread the test model is built to have
+    # every channel of the divided tensor reaches 1: its minmax threshold
+    assert ranges[tensor].amax == pytest.approx(1.0, rel=1e-6)
+    # the second reader of h still reads h; the outputs are the FP32 model's
+    assert next(n for n in scaled.graph.node if n.name == "pool").input[0] == "h"
+    for a, b in zip(run(scaled, x), run(fp32, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def depthwise_reference(h: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """3x3 depthwise convolution with padding 1, in numpy."""
+    padded = np.pad(h, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros_like(h, dtype=np.float64)
+    for i in range(3):
+        for j in range(3):
+            out += padded[:, :, i : i + h.shape[2], j : j + h.shape[3]] * w[None, :, 0, i, j, None, None]
+    return out + b[None, :, None, None]
+
+
+def per_channel_int8(a: np.ndarray, amax: np.ndarray, axis: int) -> np.ndarray:
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    scale = (amax / 127.0).reshape(shape)
+    return np.clip(np.round(a / scale), -127, 127) * scale
+
+
+def test_the_depthwise_conv_computes_with_per_channel_input_scales(tmp_path: Path) -> None:
+    """Known answer: with minmax thresholds (and the stem kept float, so h is the FP32 h) the INT8 model's
+    output is the depthwise convolution of h quantized with one scale per channel (max |h[c]| / 127) and
+    the weights with one per filter, computed here without the model. Without the scales the quietest
+    channel is left a level or two."""
+    fp32, x = build("hardswish_depthwise"), samples()
+    onnx.save(fp32, str(tmp_path / "m.onnx"))
+    batches = lambda: iter([{"x": x}])  # noqa: E731
+    ranges = calibrate(tmp_path / "m.onnx", batches, "minmax").ranges
+
+    def int8(on: bool) -> np.ndarray:
+        r = recipe.Recipe(
+            quantize=QuantizeOptions(target="tensorrt", exclude_nodes=("stem",)), depthwise_scales=on,
+            bias_correction=False, shift_activations=False,
+        )  # fmt: skip
+        done = recipe.quantize_static(fp32, ranges, r, recipe.Samples(batches))
+        onnx.checker.check_model(done.model, full_check=True)
+        assert done.counts.get("depthwise_scaled_inputs", 0) == int(on)
+        return run(done.model, x)[0]
+
+    weights = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    w2, b2 = weights["w2"], weights["b2"]
+    h = hidden(x)
+    h_q = per_channel_int8(h, np.abs(h).max(axis=(0, 2, 3)), 1)
+    w_q = per_channel_int8(w2, np.abs(w2).max(axis=(1, 2, 3)), 0)
+    expected = depthwise_reference(h_q, w_q, b2)
+    got = int8(True)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    ref = depthwise_reference(h, w2, b2)
+    quiet = int(np.argmin(np.abs(h).max(axis=(0, 2, 3))))
+    error = lambda y: float(np.abs(y - ref)[:, quiet].mean() / np.abs(ref[:, quiet]).mean())  # noqa: E731
+    assert error(got) < error(int8(False)) / 5, (error(got), error(int8(False)))
+
+
+@pytest.mark.slow
+def test_the_quantize_step_scales_depthwise_inputs_by_default(tmp_path: Path, tracking_uri: str) -> None:
+    """No option set: the step scales the depthwise input, says so in its metric and auto tag, writes the
+    float model it was built from, and the validated INT8 model beats the one with depthwise_scales off."""
+    import mlflow
+    import yaml
+
+    from tests.conftest import run_pipeline
+
+    onnx.save(build("hardswish_depthwise"), str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "cal.npz", x=samples(48, 6))
+    np.savez(tmp_path / "val.npz", x=samples(32, 7))
+    steps = {"export": {}, "calibrate": {"method": "minmax"}, "quantize": {},
+             "validate": {"metric": "cosine", "max_drop": 0.5}}  # fmt: skip
+    data = {"calibration": {"npz": "cal.npz"}, "validation": {"npz": "val.npz"}}
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"name": "dw", "model": {"onnx": "model.onnx"}, "data": data, "steps": steps}))
+    client = mlflow.MlflowClient(tracking_uri)
+    on = run_pipeline(config, tracking_uri, tmp_path)
+    run = client.get_run(on["steps"]["quantize"])
+    assert run.data.metrics["depthwise_scaled_inputs"] == 1
+    assert "depthwise_scales=on" in run.data.tags["int8pipe.auto_choices"]
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="model/model_float.onnx", dst_path=str(tmp_path),
+        tracking_uri=tracking_uri,
+    )  # fmt: skip
+    assert any(n.name.endswith(depthwise_scales.SUFFIX + "_mul") for n in onnx.load(path).graph.node)
+    off = run_pipeline(config, tracking_uri, tmp_path, "steps.quantize.depthwise_scales=false")
+    assert "depthwise_scaled_inputs" not in client.get_run(off["steps"]["quantize"]).data.metrics
+    cosine = lambda s: client.get_run(s["steps"]["validate"]).data.metrics["int8_cosine"]  # noqa: E731
+    assert cosine(on) > cosine(off)
+
+
+def test_depthwise_scales_need_per_channel_weights() -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.orchestration.runner import load_config as load
+    from steps.quantize import QuantizeConfig
+
+    digits = Path(__file__).parent.parent / "examples" / "digits" / "pipeline.yaml"
+    with pytest.raises(ConfigError, match=r"depthwise_scales: .*per_channel is false\. Set per_channel: true"):
+        load(digits, ["steps.quantize.per_channel=false", "steps.quantize.depthwise_scales=true"])
+    # auto follows the weights: off with one weight scale per tensor, or without calibration samples
+    assert QuantizeConfig(per_channel=False).for_graph("convolutional").depthwise_scales is False
+    assert QuantizeConfig().for_graph("convolutional", has_samples=False).depthwise_scales is False
+    assert QuantizeConfig().for_graph("convolutional").depthwise_scales is True
