@@ -603,12 +603,10 @@ def ort_target_candidates() -> list[Candidate]:
             "target onnxruntime (mse, u8 asymmetric, int7 weights: the default fleet incl. AVX2)",
             target="onnxruntime",
             weights="int7",
-            depthwise=True,
         ),  # fmt: skip
         Candidate(
             "target onnxruntime (mse, u8 asymmetric, int8 weights: a VNNI-only fleet)",
             target="onnxruntime",
-            depthwise=True,
         ),  # fmt: skip
     ]
 
