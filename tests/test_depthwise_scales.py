@@ -189,3 +189,25 @@ def test_with_fp16_float_layers_the_scales_stay_tensorrt_clean(tmp_path: Path) -
     assert mul.name in done.regions.low_nodes  # type: ignore[union-attr]
     low, high = run(done.model, x)[0], run(done.fp32_regions, x)[0]
     np.testing.assert_allclose(low, high, atol=0.02 * np.abs(high).max())
+
+
+def test_recovery_reverts_a_scaled_depthwise_conv_to_its_float_model(tmp_path: Path) -> None:
+    """Recovery reverts on the float model the Q/DQ one was built from (model/model_float.onnx): the
+    reverted depthwise Conv reads the divided tensor with the multiplied weights, which is exact; reverting
+    every quantized node gives the FP32 outputs back."""
+    from pipeline.analysis import recovery
+
+    fp32, x = build("hardswish_depthwise"), samples()
+    onnx.save(fp32, str(tmp_path / "m.onnx"))
+    batches = lambda: iter([{"x": x}])  # noqa: E731
+    ranges = calibrate(tmp_path / "m.onnx", batches, "mse").ranges
+    r = recipe.Recipe(quantize=QuantizeOptions(target="tensorrt"), depthwise_scales=True)
+    done = recipe.quantize_static(fp32, ranges, r, recipe.Samples(batches))
+    assert done.float_model is not None
+    ref = run(fp32, x)[0]
+    error = lambda m: float(np.abs(run(m, x)[0] - ref).mean())  # noqa: E731
+    one = recovery.revert(done.model, done.float_model, ["dw"])
+    onnx.checker.check_model(one, full_check=True)
+    assert error(one) < error(done.model)
+    every = recovery.revert(done.model, done.float_model, ["stem", "dw"])
+    np.testing.assert_allclose(run(every, x)[0], ref, rtol=1e-4, atol=1e-4)
