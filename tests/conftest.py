@@ -25,6 +25,19 @@ DIGITS = ROOT / "examples" / "digits"
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def _int8pipe_logger_restored() -> Iterator[None]:
+    """An in-process ``int8pipe run`` sends int8pipe's log to stderr only (pipeline.log.configure stops it
+    propagating): put the logger back as it was, so that a later test's caplog in the same worker sees it."""
+    import logging
+
+    log = logging.getLogger("int8pipe")
+    handlers, propagate, level = list(log.handlers), log.propagate, log.level
+    yield
+    log.handlers[:] = handlers
+    log.propagate, log.level = propagate, level
+
+
 def env_without_mlflow(**extra: str) -> dict[str, str]:
     """The environment for a subprocess: no inherited MLflow settings, this venv's tools first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
