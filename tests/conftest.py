@@ -35,7 +35,8 @@ def _int8pipe_logger_restored() -> Iterator[None]:
     handlers, propagate, level = list(log.handlers), log.propagate, log.level
     yield
     log.handlers[:] = handlers
-    log.propagate, log.level = propagate, level
+    log.propagate = propagate
+    log.setLevel(level)  # not .level =: setLevel also clears the loggers' cached isEnabledFor answers
 
 
 def env_without_mlflow(**extra: str) -> dict[str, str]:

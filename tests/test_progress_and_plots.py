@@ -21,8 +21,10 @@ def int8pipe_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPat
     """int8pipe's INFO lines, with a progress line after every item."""
     monkeypatch.setattr(log, "EVERY_S", 0.0)
     log.logger.addHandler(caplog.handler)  # the CLI's configure() stops propagation to the root logger
-    monkeypatch.setattr(log.logger, "level", logging.INFO)
+    level = log.logger.level
+    log.logger.setLevel(logging.INFO)  # setLevel, not .level =: an earlier test's cached "INFO is off" stays
     yield caplog
+    log.logger.setLevel(level)
     log.logger.removeHandler(caplog.handler)
 
 

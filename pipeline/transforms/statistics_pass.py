@@ -116,10 +116,11 @@ def calibrate_streaming(
     from pipeline.graph.model import producers
 
     stats = {t: TensorStats() for t in tensors}
+    fed = {i.name for i in model.graph.input}  # the caller's arrays: copied, as update may write into them
 
     def fold(values: dict[str, np.ndarray], _: int) -> None:
         for t in tensors:
-            stats[t].update(np.array(values[t], np.float32))
+            stats[t].update(np.array(values[t], np.float32) if t in fed else values[t])
 
     run(model, tensors, batches, samples, fold, label=label, copies=1, layout=layout, memory_mb=memory_mb)
     check_finite(stats)
