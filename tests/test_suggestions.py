@@ -63,3 +63,20 @@ def test_no_shift_where_it_cannot_apply() -> None:
         settings = [a.setting for a in suggest(fp32, int8, nodes, ranges, target)]
         assert settings == ["steps.validate.recover: {max_fp_nodes: 1}"], target
     assert suggest(fp32, fp32, [], _ranges(), "tensorrt") == []
+
+
+def test_depthwise_scales_are_suggested_where_they_are_off() -> None:
+    """The depthwise Conv adds 0.01 of the signal power as noise, the stem 0.001: per-channel scales address
+    the depthwise share, 0.01 / 0.011; where the model already has them, nothing is suggested."""
+    from tests.models import build
+
+    fp32 = build("hardswish_depthwise")
+    nodes = [{"node": "dw", "added_sqnr_db": 20.0}, {"node": "stem", "added_sqnr_db": 30.0}]
+    advice = {a.setting: a for a in suggest(fp32, fp32, nodes, None, "tensorrt")}
+    dw = advice["steps.quantize.depthwise_scales: true"]
+    np.testing.assert_allclose(dw.share, 0.01 / 0.011)
+    assert dw.why.startswith("1 depthwise Conv(s) read an input with one scale for all its channels and add 91%")
+    assert "latency" in {a.setting: a for a in suggest(fp32, fp32, nodes, None, "onnxruntime")}[dw.setting].why
+    scaled = build("hardswish_depthwise")
+    scaled.graph.node.append(helper.make_node("Identity", ["h"], ["hs"], name="h_dw_scaled_mul"))
+    assert dw.setting not in {a.setting for a in suggest(fp32, scaled, nodes, None, "tensorrt")}

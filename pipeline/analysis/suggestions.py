@@ -4,7 +4,9 @@ Each suggestion is a setting with the share of the measured quantization noise i
 noise each quantized node adds (``added_sqnr_db`` of :func:`pipeline.analysis.layers.rank_quantized_nodes`,
 as relative noise power). Keeping a node float removes its share; shifted activations
 (``shift_activations``) halve the step of a one-sided activation (post-ReLU/SiLU: a symmetric INT8
-grid spends half its levels on values it never takes), about three quarters of the noise it adds.
+grid spends half its levels on values it never takes), about three quarters of the noise it adds;
+per-channel depthwise input scales (``depthwise_scales``, where they are off) address the noise the
+depthwise Convs add, the part due to channels quieter than the loudest.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import onnx
 from pipeline.analysis import evaluation
 from pipeline.calibration.ranges import Ranges
 from pipeline.graph.graph_index import GraphIndex
+from pipeline.transforms.depthwise_scales import SUFFIX as DEPTHWISE_SUFFIX
+from pipeline.transforms.depthwise_scales import candidates as depthwise_candidates
 from pipeline.transforms.shift import SHIFT_SUFFIX
 
 ONE_SIDED = 0.05  # a tensor whose minimum is above -5% of its amax has (almost) no negative values
@@ -73,6 +77,22 @@ def suggest(
                     f"{len(one_sided)} of {len(ordered)} quantized nodes read a one-sided activation "
                     f"(post-ReLU/SiLU) on a symmetric grid that wastes half its levels; they add {share:.0%} "
                     "of the error",
+                )
+            )
+    scaled = any(n.name.endswith(DEPTHWISE_SUFFIX + "_mul") for n in int8_model.graph.node)
+    if not scaled:
+        depthwise = {c.node.name for item in depthwise_candidates(fp32_model) for c in item.consumers}
+        ranked = [n for n in ordered if n in depthwise]
+        if ranked:
+            share = sum(noise[n] for n in ranked) / total
+            cost = " (on ONNX Runtime's CPU kernels a float Mul per depthwise Conv costs latency)" if (
+                target == "onnxruntime") else ""  # fmt: skip
+            out.append(
+                Suggestion(
+                    "steps.quantize.depthwise_scales: true",
+                    share,
+                    f"{len(ranked)} depthwise Conv(s) read an input with one scale for all its channels and add "
+                    f"{share:.0%} of the error; per-channel scales give the quiet channels their own{cost}",
                 )
             )
     return sorted(out, key=lambda s: s.share, reverse=True)
