@@ -16,21 +16,20 @@ with it. The scales add one float Mul per depthwise Conv.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from accuracy_vs_peers import agreement, cpu_flags, logits
+from peers import add_latency_args, interleaved_p50
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=256, help="calibration crops (seed 0)")
     ap.add_argument("--validation", type=int, default=1024, help="held-out scoring crops (seed 1)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
-    ap.add_argument("--runs", type=int, default=60, help="timed runs per model and round")
+    add_latency_args(ap)
     args = ap.parse_args()
 
     import onnx
@@ -39,7 +38,6 @@ def main() -> None:
     from peers import ort_quantize_static
 
     from pipeline.calibration.calibrator import calibrate
-    from pipeline.execution import runtime
     from pipeline.transforms import recipe
     from pipeline.transforms.quantization import QuantizeOptions, quantized_activations
 
@@ -69,28 +67,21 @@ def main() -> None:
     peer = ort_quantize_static(path, folder / "ort.onnx", batches)
     models["ORT quantize_static MinMax (its defaults)"] = peer.SerializeToString()
 
-    x1 = x_val[:1]
-    times: dict[str, list[float]] = {name: [] for name in ["FP32", *models]}
-    sessions = {"FP32": runtime.session(fp32.SerializeToString(), "cpu", optimize=True)}
-    sessions.update({name: runtime.session(m, "cpu", optimize=True) for name, m in models.items()})
-    for r in range(args.rounds):
-        print(f"latency round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        for name, sess in sessions.items():
-            times[name].append(float(np.median(runtime.time_session(sess, {"input": x1}, args.runs, 10))))
+    p50 = interleaved_p50({"FP32": fp32.SerializeToString(), **models}, {"input": x_val[:1]}, args.rounds, args.runs)
 
     print(f"# EfficientNet-Lite0: {args.samples} calibration crops, {args.validation} held-out crops")
     print(f"# CPU flags: {cpu_flags()}; accuracy computed exactly (ORT graph optimisations off); latency with")
     print(f"# optimisations on, batch 1, median of {args.rounds} interleaved rounds of {args.runs} runs\n")
     print("| model | top-1 agreement ± s.e. | cosine mean | recipe CPU s | p50 ms |")
     print("| --- | --- | --- | --- | --- |")
-    print(f"| FP32 | 1.000 | 1.0000 | | {np.median(times['FP32']):.2f} |")
+    print(f"| FP32 | 1.000 | 1.0000 | | {p50['FP32']:.2f} |")
     for name, model in models.items():
         out = logits(model, x_val)
         cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
         a = agreement(out, ref)
         se = np.sqrt(a * (1 - a) / len(x_val))
         cpu = f"{seconds[name]:.1f}" if name in seconds else ""
-        print(f"| {name} | {a:.3f} ± {se:.3f} | {cos.mean():.4f} | {cpu} | {np.median(times[name]):.2f} |", flush=True)
+        print(f"| {name} | {a:.3f} ± {se:.3f} | {cos.mean():.4f} | {cpu} | {p50[name]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

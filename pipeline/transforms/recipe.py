@@ -174,6 +174,12 @@ def _on_samples(
     return int(changed)
 
 
+def _calibration_method(ranges: Ranges) -> tuple[str, float]:
+    """The calibrate step's method and percentile, for the tensors a rewrite creates."""
+    method = ranges.method if ranges.method in METHODS else "mse"  # from_cache: no method to repeat
+    return method, float(ranges.params.get("percentile", 99.99))
+
+
 def _equalized(
     fp32: onnx.ModelProto, ranges: Ranges, recipe: Recipe, samples: Samples, skip: list[str],
     tensors: dict[str, TensorRange], counts: dict[str, int],
@@ -187,11 +193,9 @@ def _equalized(
             "quantize: equalization with per_channel: true moves range into the activations, where one "
             "scale per tensor pays for it; it is meant for per_channel: false (see docs/yaml-reference.md)"
         )
-    method = ranges.method if ranges.method in METHODS else "mse"  # from_cache: no method to repeat
     equalized, new, count = equalization.equalize_and_calibrate(
-        fp32, samples.batches, skip, method, float(ranges.params.get("percentile", 99.99)), samples.memory_mb,
-        samples.layout or Layout(),
-    )  # fmt: skip
+        fp32, samples.batches, skip, *_calibration_method(ranges), samples.memory_mb, samples.layout or Layout()
+    )
     tensors.update(new)
     counts["equalized_pairs"] = count
     return equalized
@@ -223,12 +227,10 @@ def _depthwise_scaled(
     if not recipe.depthwise_scales or not _have(samples, "per-channel depthwise input scales"):
         return fp32
     assert samples.batches is not None
-    method = ranges.method if ranges.method in METHODS else "mse"  # from_cache: no method to repeat
     limit = min(recipe.depthwise_samples, ranges.num_samples or recipe.depthwise_samples)
     scaled, new = depthwise_scales.scale_and_calibrate(
-        fp32, samples.batches, skip, limit, method, float(ranges.params.get("percentile", 99.99)), samples.memory_mb,
-        samples.layout or Layout(),
-    )  # fmt: skip
+        fp32, samples.batches, skip, limit, *_calibration_method(ranges), samples.memory_mb, samples.layout or Layout()
+    )
     tensors.update(new)
     counts["depthwise_scaled_inputs"] = len(new)
     return scaled
