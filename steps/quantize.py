@@ -87,7 +87,7 @@ class QuantizeConfig:
     # the mean output shift of each INT8 Conv/Gemm, measured on calibration samples, folded into its bias;
     # auto: on, except on attention graphs (where it measured worse)
     bias_correction: bool | Literal["auto"] = "auto"
-    bias_correction_samples: int = 128
+    bias_correction_samples: int = 64  # the networks that chose the defaults measured on at most 64
     # nearest: each weight to its nearest INT8 value; gptq: each Conv's weights rounded together for the
     # least output error on calibration samples (pipeline/transforms/weight_rounding.py)
     weight_rounding: Literal["nearest", "gptq"] = "nearest"

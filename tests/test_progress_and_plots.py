@@ -48,8 +48,8 @@ def test_calibration_progress_counts_samples(tmp_path: Path, int8pipe_log: pytes
 def test_bias_correction_progress_counts_the_samples_calibration_saw(
     tmp_path: Path, int8pipe_log: pytest.LogCaptureFixture
 ) -> None:
-    """40 calibration samples and bias_correction_samples 128 (the default): it measures on the 40
-    and says so, rather than counting towards 128; and a cap under the data ends with its line too."""
+    """40 calibration samples and bias_correction_samples 64 (the default): it measures on the 40
+    and says so, rather than counting towards 64; and a cap under the data ends with its line too."""
     import yaml
 
     from pipeline.orchestration.cli import main

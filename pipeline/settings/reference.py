@@ -170,7 +170,9 @@ DESCRIPTIONS = {
     "inference; on EfficientNet-Lite0 top-1 agreement 0.81 -> 0.88-0.91. It hurt a transformer (all-MiniLM-L6-v2: "
     "embedding cosine 0.978 -> 0.967). `auto` (default): on, except for a transformer (activations multiplied "
     "together, no Conv). Needs `data.calibration`; off when calibrating `from_cache`.",
-    "steps.quantize.bias_correction_samples": "Calibration samples the shift is measured on (whole batches).",
+    "steps.quantize.bias_correction_samples": "Calibration samples the shift is measured on (whole batches). 64: "
+    "every network the defaults were chosen on measured on at most 64, and on EfficientNet-Lite0 (1024 held-out "
+    "crops, the default as written) 128, 64 and 32 samples scored 0.923, 0.925 and 0.922 top-1 agreement.",
     "steps.quantize.weight_rounding": "`nearest`: every weight to its nearest INT8 value. `gptq`: each INT8 Conv's "
     "weights rounded together so that its output error on calibration samples is smallest (GPTQ: one input "
     "position at a time, the rounding error moved onto the positions not yet rounded, weighted by the inverse "

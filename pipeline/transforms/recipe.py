@@ -59,7 +59,7 @@ class Recipe:
     depthwise_samples: int = 64  # calibration samples the per-channel maxima and new ranges come from
     shift_activations: bool = False
     bias_correction: bool = True
-    bias_correction_samples: int = 128
+    bias_correction_samples: int = 64
     weight_rounding: str = "nearest"  # nearest | gptq
     weight_rounding_samples: int = 128
     precision: str = "int8"  # what the quantized layers compute in: int8 | fp8 (E4M3, target tensorrt)
