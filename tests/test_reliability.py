@@ -206,6 +206,20 @@ def _mlflow_server(port: int, tmp_path: Path, log: IO[str], new_session: bool = 
     )  # fmt: skip
 
 
+def _stop_group(server: subprocess.Popen[bytes]) -> None:
+    """Stop a server started in its own session, worker included: killing only ``mlflow server`` left its
+    uvicorn worker running after the test (found still serving after a CI run)."""
+    os.killpg(server.pid, signal.SIGCONT)
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGKILL)  # whatever of the group is still there
+        except ProcessLookupError:
+            pass
+
+
 def test_tracking_server_outage_mid_run_is_bounded(digits_copy: Path, tmp_path: Path) -> None:
 
     port = _free_port()
@@ -265,9 +279,7 @@ def test_a_hung_tracking_server_ends_the_run_in_bounded_time(digits_copy: Path, 
         time.sleep(3)  # for whatever queued while it slept
         runs = _runs(MlflowClient(uri))
     finally:
-        os.killpg(server.pid, signal.SIGCONT)
-        server.kill()
-        server.wait(timeout=30)
+        _stop_group(server)
         log.close()
     text = err.decode()
     # the rest of the calibration (~3 s), one request's 2 tries of 4 s, exit; with MLflow's own
