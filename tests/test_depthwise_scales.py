@@ -211,3 +211,64 @@ def test_recovery_reverts_a_scaled_depthwise_conv_to_its_float_model(tmp_path: P
     assert error(one) < error(done.model)
     every = recovery.revert(done.model, done.float_model, ["stem", "dw"])
     np.testing.assert_allclose(run(every, x)[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def _conv1d_depthwise() -> onnx.ModelProto:
+    """x[N,2,16] -> 1x1 Conv1d "mix" (4 ch, spread 0.05..5) -> Relu -> 5-tap depthwise Conv1d "dw" (pad 2)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(9)
+    w1 = rng.normal(size=(4, 2, 1)).astype(np.float32) * np.array([0.05, 0.5, 1.0, 5.0], np.float32)[:, None, None]
+    w2 = rng.normal(size=(4, 1, 5)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["m"], name="mix"),
+        helper.make_node("Relu", ["m"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="dw", group=4, pads=[2, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 16])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize(
+    ("case", "target"), [("conv1d", "tensorrt"), ("hardswish", "onnxruntime")], ids=["conv1d-tensorrt", "asym-ort"]
+)
+def test_other_ranks_and_asymmetric_activations(
+    tmp_path: Path, case: str, target: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 1-D depthwise Conv (rank-3 factors): a checked model whose depthwise input is the divided tensor,
+    closer to FP32 than without. An explicit ``true`` with ORT's asymmetric uint8 activations: built and
+    checked too, with a warning, since [-1, 1] per channel leaves the zero point nothing to fit (no gain)."""
+    if case == "conv1d":
+        fp32, x = _conv1d_depthwise(), np.random.default_rng(3).normal(size=(64, 2, 16)).astype(np.float32)
+    else:
+        fp32, x = build("hardswish_depthwise"), samples()
+    onnx.save(fp32, str(tmp_path / "m.onnx"))
+    batches = lambda: iter([{"x": x[:32]}, {"x": x[32:]}])  # noqa: E731
+    ranges = calibrate(tmp_path / "m.onnx", batches, "mse").ranges
+    activations = "asymmetric" if target == "onnxruntime" else "symmetric"
+    opts = QuantizeOptions(target=target, activations=activations)
+    ref = runtime.run(runtime.session(fp32.SerializeToString()), {"x": x})[0]
+
+    def error(on: bool) -> float:
+        r = recipe.Recipe(quantize=opts, depthwise_scales=on, shift_activations=False)
+        done = recipe.quantize_static(fp32, ranges, r, recipe.Samples(batches))
+        onnx.checker.check_model(done.model, full_check=True)
+        dw = next(n for n in done.model.graph.node if n.name == "dw")
+        made_by = {o: n for n in done.model.graph.node for o in n.output}
+        quantized = made_by[made_by[dw.input[0]].input[0]].input[0]  # DequantizeLinear <- QuantizeLinear <- this
+        assert quantized.endswith(depthwise_scales.SUFFIX) == on
+        y = runtime.run(runtime.session(done.model.SerializeToString(), optimize=False), {"x": x})[0]
+        return float(np.abs(y - ref).mean())
+
+    with caplog.at_level("WARNING", logger="int8pipe"):
+        scaled = error(True)
+    if target == "onnxruntime":
+        assert "depthwise_scales with asymmetric activations" in caplog.text
+    else:
+        assert scaled < error(False) and not caplog.text

@@ -227,6 +227,12 @@ def _depthwise_scaled(
     if not recipe.depthwise_scales or not _have(samples, "per-channel depthwise input scales"):
         return fp32
     assert samples.batches is not None
+    if recipe.quantize.activations == "asymmetric":
+        logger.warning(
+            "quantize: depthwise_scales with asymmetric activations: dividing each channel by its max |x| "
+            "gives every channel [-1, 1], so the zero point no longer fits the quiet channels; on "
+            "EfficientNet-Lite0 it gained nothing and cost ONNX Runtime CPU latency (see docs/yaml-reference.md)"
+        )
     limit = min(recipe.depthwise_samples, ranges.num_samples or recipe.depthwise_samples)
     scaled, new = depthwise_scales.scale_and_calibrate(
         fp32, samples.batches, skip, limit, *_calibration_method(ranges), samples.memory_mb, samples.layout or Layout()
