@@ -157,8 +157,9 @@ DESCRIPTIONS = {
     "depthwise_scales.md). Metric `depthwise_scaled_inputs`. `auto` (default): on for `target: tensorrt` with "
     "per-channel INT8 weights and `data.calibration` samples (a no-op without depthwise Convs); off for `target: "
     "onnxruntime`, whose u8 activations gained nothing from it on EfficientNet-Lite0 while the Mul, which splits "
-    "ORT's fused int8 Conv chain, took batch-1 CPU latency from 2.4 to 4.1 ms (each channel divided by max |x| spans [-1, 1], which leaves "
-    "an asymmetric grid's zero point nothing to fit; `true` there warns). `true` needs `per_channel: true`.",
+    "ORT's fused int8 Conv chain, took batch-1 CPU latency from 2.4 to 4.1 ms (each channel divided by max |x| "
+    "spans [-1, 1], which leaves an asymmetric grid's zero point nothing to fit; `true` there warns). `true` "
+    "needs `per_channel: true`.",
     "steps.quantize.shift_activations": "Give (almost) one-signed Conv inputs, such as ReLU/ReLU6 outputs, the whole "
     "symmetric INT8 grid: quantize x - c over [-(hi-lo)/2, (hi-lo)/2] (c the middle of the calibrated [lo, hi]) "
     "and add c times the sum of the INT8 weights to the bias; a Conv that pads gets an explicit Pad with -c. "
