@@ -271,4 +271,4 @@ def test_other_ranks_and_asymmetric_activations(
     if target == "onnxruntime":
         assert "depthwise_scales with asymmetric activations" in caplog.text
     else:
-        assert scaled < error(False) and not caplog.text
+        assert scaled < error(False) and not [r for r in caplog.records if r.levelname == "WARNING"]

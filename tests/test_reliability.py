@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -209,15 +210,14 @@ def _mlflow_server(port: int, tmp_path: Path, log: IO[str], new_session: bool = 
 def _stop_group(server: subprocess.Popen[bytes]) -> None:
     """Stop a server started in its own session, worker included: killing only ``mlflow server`` left its
     uvicorn worker running after the test (found still serving after a CI run)."""
-    os.killpg(server.pid, signal.SIGCONT)
-    os.killpg(server.pid, signal.SIGTERM)
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+            os.killpg(server.pid, sig)
     try:
         server.wait(timeout=30)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)  # whatever of the group is still there
-        except ProcessLookupError:
-            pass
 
 
 def test_tracking_server_outage_mid_run_is_bounded(digits_copy: Path, tmp_path: Path) -> None:
