@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,32 @@ def fp32_model(folder: Path, samples: int) -> Path:
             run_id=run["export_run"], artifact_path="model/model.onnx", dst_path=str(folder), tracking_uri=run["uri"]
         )
     )
+
+
+def add_crop_args(ap: argparse.ArgumentParser, validation: int = 1024) -> None:
+    """``--samples`` (calibration crops, seed 0) and ``--validation`` (held-out crops, seed 1)."""
+    ap.add_argument("--samples", type=int, default=256, help="calibration crops (seed 0)")
+    ap.add_argument("--validation", type=int, default=validation, help="held-out scoring crops (seed 1)")
+
+
+@dataclass
+class Lite0:
+    folder: Path  # a new temporary folder the model was exported into
+    path: Path  # the FP32 model as the export step writes it
+    fp32: Any  # onnx.ModelProto
+    x_val: np.ndarray  # held-out crops (seed 1)
+    ref: np.ndarray  # the FP32 model's logits on them (ORT optimisations on)
+
+
+def lite0(prefix: str, samples: int, validation: int) -> Lite0:
+    """EfficientNet-Lite0 exported, its held-out crops and their FP32 logits: what the Lite0 benchmarks share."""
+    import onnx
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    path = fp32_model(folder, samples)
+    fp32 = onnx.load(str(path))
+    x_val = crop_array(validation, 1)
+    return Lite0(folder, path, fp32, x_val, logits(fp32.SerializeToString(), x_val, optimize=True))
 
 
 def crop_array(n: int, seed: int) -> np.ndarray:

@@ -58,8 +58,6 @@ def per_channel_activation_quantizers(qdq: onnx.ModelProto) -> list[str]:
 
 def recovered(fp32: onnx.ModelProto, qdq: onnx.ModelProto, net: bench.Net) -> tuple[list[str], onnx.ModelProto]:
     """What validate's recovery keeps float (at most 8 nodes), chosen on 16 pages the score never sees."""
-    import numpy as np
-
     from pipeline.analysis import layers, recovery, scoring
     from pipeline.execution import runtime
 
@@ -86,7 +84,7 @@ def main() -> None:
     from peers import nncf_builds
 
     from pipeline.calibration.calibrator import calibrate, rethreshold
-    from pipeline.transforms import recipe
+    from pipeline.transforms import depthwise_scales, recipe
     from pipeline.transforms.quantization import QuantizeOptions, quantized_activations
 
     net = bench.layout(Path(tempfile.mkdtemp(prefix="int8pipe-layout-")), args)
@@ -134,8 +132,7 @@ def main() -> None:
           f"{len(convs) - len(reverted[0])}/{len(convs)} | {score(reverted[1])} |", flush=True)  # fmt: skip
     if nncf_float:
         print(f"\nNNCF's float Convs (under TensorRT): {', '.join(nncf_float)}")
-        depthwise = [n.name for n in fp32.graph.node if n.op_type == "Conv" and any(
-            a.name == "group" and a.i > 1 for a in n.attribute)]  # fmt: skip
+        depthwise = [c.node.name for item in depthwise_scales.candidates(fp32) for c in item.consumers]
         print(f"NNCF's Convs with one activation scale per channel ({len(nncf_channel)}; "
               f"{len(set(nncf_channel) & set(depthwise))} of them depthwise, of {len(depthwise)} depthwise Convs): "
               f"{', '.join(nncf_channel)}")  # fmt: skip

@@ -14,23 +14,19 @@ medians; read the CPU flags printed with it.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import numpy as np
+from accuracy_vs_ort import add_crop_args, lite0
 from accuracy_vs_peers import agreement, cpu_flags, logits
 from peers import add_latency_args, interleaved_p50
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=256, help="calibration crops (seed 0)")
-    ap.add_argument("--validation", type=int, default=1024, help="held-out scoring crops (seed 1)")
+    add_crop_args(ap)
     add_latency_args(ap)
     args = ap.parse_args()
 
-    import onnx
-    from accuracy_vs_ort import crop_array, fp32_model
     from data import crops
     from peers import ort_quantize_static
 
@@ -38,11 +34,8 @@ def main() -> None:
     from pipeline.transforms import bias_correction, shift
     from pipeline.transforms.quantization import QuantizeOptions, quantize, quantized_activations
 
-    folder = Path(tempfile.mkdtemp(prefix="int8pipe-shift-"))
-    path = fp32_model(folder, args.samples)
-    fp32 = onnx.load(str(path))
-    x_val = crop_array(args.validation, 1)
-    ref = logits(fp32.SerializeToString(), x_val, optimize=True)
+    net = lite0("int8pipe-shift-", args.samples, args.validation)
+    folder, path, fp32, x_val, ref = net.folder, net.path, net.fp32, net.x_val, net.ref
     cal = calibrate(
         path, lambda: crops(args.samples, 32), "mse", histogram_tensors=quantized_activations(fp32, "tensorrt")
     )

@@ -272,3 +272,20 @@ def test_other_ranks_and_asymmetric_activations(
         assert "depthwise_scales with asymmetric activations" in caplog.text
     else:
         assert scaled < error(False) and not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_without_calibration_samples_the_scales_are_skipped_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ranges from a TensorRT cache (``from_cache``) come without samples: nothing to measure the channels
+    on, so an explicit ``true`` is skipped with a warning and the model is the unscaled one."""
+    fp32, x = build("hardswish_depthwise"), samples()
+    onnx.save(fp32, str(tmp_path / "m.onnx"))
+    ranges = calibrate(tmp_path / "m.onnx", lambda: iter([{"x": x}]), "minmax").ranges
+    r = recipe.Recipe(quantize=QuantizeOptions(target="tensorrt"), depthwise_scales=True, bias_correction=False)
+    with caplog.at_level("WARNING", logger="int8pipe"):
+        done = recipe.quantize_static(fp32, ranges, r, recipe.Samples())
+    assert "no per-channel depthwise input scales (it needs data.calibration samples)" in caplog.text
+    assert "depthwise_scaled_inputs" not in done.counts and done.float_model is None
+    onnx.checker.check_model(done.model, full_check=True)
+    assert not any(n.name.endswith(depthwise_scales.SUFFIX + "_mul") for n in done.model.graph.node)
