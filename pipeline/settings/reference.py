@@ -174,7 +174,8 @@ DESCRIPTIONS = {
     "together, no Conv). Needs `data.calibration`; off when calibrating `from_cache`.",
     "steps.quantize.bias_correction_samples": "Calibration samples the shift is measured on (whole batches). 64: "
     "every network the defaults were chosen on measured on at most 64, and on EfficientNet-Lite0 (1024 held-out "
-    "crops, the default as written) 128, 64 and 32 samples scored 0.923, 0.925 and 0.922 top-1 agreement.",
+    "crops, the default as written) 128, 64 and 32 samples scored 0.923, 0.925 and 0.922 top-1 agreement "
+    "(benchmarks/results/bias_correction_samples.md).",
     "steps.quantize.weight_rounding": "`nearest`: every weight to its nearest INT8 value. `gptq`: each INT8 Conv's "
     "weights rounded together so that its output error on calibration samples is smallest (GPTQ: one input "
     "position at a time, the rounding error moved onto the positions not yet rounded, weighted by the inverse "
